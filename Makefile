@@ -1,0 +1,35 @@
+# The two set-up commands (see README): `make demo` and `make test`. Both create .venv on first use.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN     = $(VENV)/bin
+
+.PHONY: demo test lint bench opencv-doc clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[demo,dev]'
+	touch $@
+
+demo: $(VENV)/.installed
+	$(BIN)/mmretrieve demo
+
+test: $(VENV)/.installed
+	$(BIN)/ruff check mmretrieve tests demos
+	$(BIN)/python -m pytest -q
+
+lint: $(VENV)/.installed
+	$(BIN)/ruff check mmretrieve tests demos
+
+bench: $(VENV)/.installed
+	$(BIN)/mmretrieve bench ingest
+	$(BIN)/mmretrieve bench search
+
+# Debian's opencv-doc ships ~90 sample photos used by the offline benchmarks (unpacked, not installed)
+opencv-doc: .cache/opencv-doc/usr/share/doc/opencv-doc/examples/data/fruits.jpg
+.cache/opencv-doc/usr/share/doc/opencv-doc/examples/data/fruits.jpg:
+	mkdir -p .cache/opencv-doc
+	cd .cache/opencv-doc && apt-get download opencv-doc && dpkg -x opencv-doc_*.deb . && rm -f opencv-doc_*.deb
+
+clean:
+	rm -rf $(VENV) demo-output .pytest_cache .ruff_cache

@@ -1,0 +1,316 @@
+"""``mmretrieve``: the command line. Each subcommand is one function over the Python API.
+
+    mmretrieve demo
+    mmretrieve index build NAME SOURCE [--encoder E] [--factory F] [--patches] [--strict]
+    mmretrieve index add NAME SOURCE | index rm NAME ITEM... | index info NAME | index list
+    mmretrieve search NAME --text "..." | --image PATH [--text "..." --fusion sum] [-k N] [--json]
+    mmretrieve encoders
+    mmretrieve bench ingest|search [...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("mmretrieve.cli")
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_SKIPPED = 0, 1, 2, 3
+
+
+def _setup_logging(verbosity: int) -> None:
+    level = logging.INFO if verbosity == 0 else (logging.DEBUG if verbosity > 0 else logging.WARNING)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("mmretrieve").setLevel(level)
+
+
+def _out(obj: Any) -> None:
+    print(json.dumps(obj, indent=2, default=str))
+
+
+# ---- demo ------------------------------------------------------------------------------------------
+def cmd_demo(args: argparse.Namespace) -> int:
+    from mmretrieve.demo import run_demo
+
+    summary = run_demo(args.out, index_dir=args.index_dir, encoder=args.encoder, k=args.k, preset=args.preset, print_fn=print)
+    if args.json:
+        _out(summary)
+    return EXIT_OK
+
+
+# ---- index -----------------------------------------------------------------------------------------
+def _patches_arg(args) -> bool | dict:
+    if not args.patches and not args.patch_grid and not args.patch_dim:
+        return False
+    cfg = {}
+    if args.patch_grid:
+        cfg["grid"] = args.patch_grid
+    if args.patch_dim:
+        cfg["dim"] = args.patch_dim
+    return cfg or True
+
+
+def _report_out(report, args) -> int:
+    if args.json:
+        _out(report.to_dict())
+    else:
+        print(report.summary())
+        for s in report.skipped[: args.show_skipped]:
+            print(f"  skipped {s.uri}: {s.reason}")
+        if len(report.skipped) > args.show_skipped:
+            print(f"  ... and {len(report.skipped) - args.show_skipped} more (see `mmretrieve index info NAME --skipped`)")
+    return EXIT_OK
+
+
+def cmd_index_build(args) -> int:
+    from mmretrieve.index import build_index
+
+    report = build_index(
+        args.name, args.source, encoder=args.encoder, index_dir=args.index_dir, factory=args.factory,
+        patches=_patches_arg(args), overwrite=args.overwrite, batch_size=args.batch_size, workers=args.workers,
+        on_bad_vectors=args.on_bad_vectors, strict=args.strict,
+    )
+    return _report_out(report, args)
+
+
+def cmd_index_add(args) -> int:
+    from mmretrieve.index import add_to_index
+
+    report = add_to_index(
+        args.name, args.source, index_dir=args.index_dir, batch_size=args.batch_size, workers=args.workers,
+        on_bad_vectors=args.on_bad_vectors, strict=args.strict,
+    )
+    return _report_out(report, args)
+
+
+def cmd_index_rm(args) -> int:
+    from mmretrieve.index import remove_from_index
+
+    n = remove_from_index(args.name, args.items, index_dir=args.index_dir)
+    print(f"removed {n} item(s)")
+    return EXIT_OK
+
+
+def cmd_index_info(args) -> int:
+    from mmretrieve.index import open_index
+
+    idx = open_index(args.name, index_dir=args.index_dir, verify=not args.no_verify)
+    info = idx.info()
+    if args.skipped:
+        info["skipped_items"] = [{"key": s.key, "uri": s.uri, "reason": s.reason} for s in idx.meta.skipped()]
+    if args.json:
+        _out(info)
+        return EXIT_OK
+    c = info["counts"]
+    print(f"index     {info['path']}")
+    print(f"version   {info['version']}")
+    print(f"encoder   {info['encoder']['name']} (dim {info['encoder']['dim']})")
+    print(f"faiss     {info['factory']} ({info['faiss']}), metric {info['metric']}")
+    print(f"items     {c['items']} ({c['images']} images, {c['videos']} videos), {c['skipped']} skipped, {c['tombstones']} tombstones")
+    p = info.get("patches")
+    patches = f"{p['grid']}x{p['grid']} grid, dim {p['dim']}, fp16" if p else "none"
+    print(f"patches   {patches}")
+    print(f"size      {info['bytes'] / 1e6:.2f} MB")
+    for s in info.get("skipped_items", []):
+        print(f"  skipped {s['uri']}: {s['reason']}")
+    return EXIT_OK
+
+
+def cmd_index_list(args) -> int:
+    from mmretrieve.index.store import default_index_dir, describe_manifest, read_manifest
+
+    base = Path(args.index_dir) if args.index_dir else default_index_dir()
+    rows = []
+    if base.is_dir():
+        for d in sorted(base.iterdir()):
+            if (d / "manifest.json").is_file():
+                try:
+                    rows.append((d.name, describe_manifest(read_manifest(d))))
+                except Exception as e:  # a broken index must not hide the others
+                    rows.append((d.name, f"unreadable: {e}"))
+    if args.json:
+        _out(dict(rows))
+    elif not rows:
+        print(f"no indexes under {base}")
+    else:
+        for name, desc in rows:
+            print(f"{name:24s} {desc}")
+    return EXIT_OK
+
+
+# ---- search ----------------------------------------------------------------------------------------
+def cmd_search(args) -> int:
+    from mmretrieve.config import parse_kv
+    from mmretrieve.index import open_index
+    from mmretrieve.query import Query
+
+    if args.text is None and args.image is None:
+        print("error: give --text, --image, or both (a composed query)", file=sys.stderr)
+        return EXIT_USAGE
+    idx = open_index(args.name, index_dir=args.index_dir, verify=not args.no_verify, encoder=args.encoder)
+    options = parse_kv(args.fusion_options) if args.fusion_options else {}
+    if args.weight is not None:
+        options["weight"] = args.weight
+    query = Query(text=args.text, image=args.image, fusion=args.fusion, options=options)
+    pipeline = None
+    if args.pipeline or args.rerank:
+        from mmretrieve.rerank.pipeline import Pipeline
+
+        pipeline = Pipeline.from_config(args.pipeline) if args.pipeline else Pipeline.from_specs(args.rerank)
+    res = idx.search(query, k=args.k, exclude_reference=not args.keep_reference, pipeline=pipeline)
+    if args.json:
+        _out(res.to_dict())
+    else:
+        print(res.table())
+    return EXIT_OK
+
+
+def cmd_encoders(args) -> int:
+    from mmretrieve.encoders import ENCODERS, encoder_presets
+
+    print("families:")
+    for name, doc in ENCODERS.describe().items():
+        print(f"  {name:18s} {doc}")
+    print("presets (configs/encoders):")
+    for name, p in sorted(encoder_presets().items()):
+        print(f"  {name:18s} {p.get('encoder')}  {p.get('description', '')}")
+    return EXIT_OK
+
+
+# ---- bench -----------------------------------------------------------------------------------------
+def cmd_bench(args) -> int:
+    from mmretrieve import bench
+
+    result = bench.run(args.bench, args)
+    if args.json:
+        _out(result)
+    return EXIT_OK
+
+
+# ---- parser ----------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    # common options work before or after the subcommand; SUPPRESS keeps a subparser from resetting a
+    # value given earlier on the line (defaults are applied once, in main)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--index-dir", default=argparse.SUPPRESS, help="home of named indexes (default: $MMRETRIEVE_INDEX_DIR or ./indexes)")
+    common.add_argument("--threads", type=int, default=argparse.SUPPRESS, help="torch + FAISS threads (default: all available cores)")
+    common.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS)
+    common.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS)
+
+    p = argparse.ArgumentParser(prog="mmretrieve", description="Multimodal retrieval and re-ranking.", parents=[common])
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    d = sub.add_parser("demo", parents=[common], help="index the packaged sample photos and run example queries (offline)")
+    d.add_argument("--out", default="demo-output", help="folder for the contact sheet (default: demo-output)")
+    d.add_argument("--encoder", default="embedded")
+    d.add_argument("-k", type=int, default=None, help="results per query (default: from configs/demo.yaml)")
+    d.add_argument("--preset", default="demo", help="queries preset (default: configs/demo.yaml)")
+    d.add_argument("--json", action="store_true")
+    d.set_defaults(func=cmd_demo)
+
+    ix = sub.add_parser("index", parents=[common], help="build, grow, shrink and inspect indexes")
+    isub = ix.add_subparsers(dest="index_cmd", required=True)
+    ingest_opts = argparse.ArgumentParser(add_help=False)
+    ingest_opts.add_argument("--batch-size", type=int, default=None)
+    ingest_opts.add_argument("--workers", type=int, default=None, help="decoder processes (default: cores - 1, at least 1)")
+    ingest_opts.add_argument("--strict", action="store_true", help="any skipped input is an error: nothing is written")
+    ingest_opts.add_argument("--on-bad-vectors", choices=["error", "drop"], default="error")
+    ingest_opts.add_argument("--json", action="store_true")
+    ingest_opts.add_argument("--show-skipped", type=int, default=20, metavar="N", help="list up to N skipped files")
+
+    b = isub.add_parser("build", parents=[common, ingest_opts], help="index a folder (recursive) or a CSV/JSONL manifest")
+    b.add_argument("name", help="index name (under the indexes home) or a path to an index directory")
+    b.add_argument("source", help="folder of images, or a manifest with path[,id][,caption] columns")
+    b.add_argument("--encoder", default="embedded", help="e.g. embedded, open_clip:ViT-B-32@laion2b_s34b_b79k, open_clip:local-dir:DIR")
+    b.add_argument("--factory", default="Flat", help='FAISS factory string, e.g. Flat, HNSW32, "IVF1024,PQ64"')
+    b.add_argument("--patches", action="store_true", help="store patch features (fp16) for the EMD reranker")
+    b.add_argument("--patch-grid", type=int, default=None, help="pool the patch grid to GxG (implies --patches)")
+    b.add_argument("--patch-dim", type=int, default=None, help="project patch features to D dims (implies --patches)")
+    b.add_argument("--overwrite", action="store_true", help="replace an existing index (atomically, as a new version)")
+    b.set_defaults(func=cmd_index_build)
+
+    a = isub.add_parser("add", parents=[common, ingest_opts], help="add new or changed files")
+    a.add_argument("name")
+    a.add_argument("source")
+    a.set_defaults(func=cmd_index_add)
+
+    r = isub.add_parser("rm", parents=[common], help="remove items by id, key or path")
+    r.add_argument("name")
+    r.add_argument("items", nargs="+")
+    r.set_defaults(func=cmd_index_rm)
+
+    i = isub.add_parser("info", parents=[common], help="show an index's manifest and counts")
+    i.add_argument("name")
+    i.add_argument("--skipped", action="store_true", help="list skipped inputs and their reasons")
+    i.add_argument("--no-verify", action="store_true", help="skip sha256 verification")
+    i.add_argument("--json", action="store_true")
+    i.set_defaults(func=cmd_index_info)
+
+    ls = isub.add_parser("list", parents=[common], help="list the indexes under the indexes home")
+    ls.add_argument("--json", action="store_true")
+    ls.set_defaults(func=cmd_index_list)
+
+    s = sub.add_parser("search", parents=[common], help="search by text, image, or image + text")
+    s.add_argument("name")
+    s.add_argument("--text", default=None)
+    s.add_argument("--image", default=None)
+    s.add_argument("--fusion", default="sum", help="composed queries: sum, weighted, intersection, text, image")
+    s.add_argument("--weight", type=float, default=None, help="text weight for --fusion weighted (0..1)")
+    s.add_argument("--fusion-options", default=None, help="e.g. 'k1=200,mode=product' for intersection")
+    s.add_argument("--keep-reference", action="store_true", help="composed queries: keep the reference image in results")
+    s.add_argument("-k", type=int, default=10)
+    s.add_argument("--encoder", default=None, help="query encoder (default: the index's own)")
+    s.add_argument("--rerank", action="append", default=None, help='reranker spec, e.g. "emd:k=100,alpha=0.7" (repeatable)')
+    s.add_argument("--pipeline", default=None, help="a pipeline preset (configs/pipelines/NAME) or YAML file")
+    s.add_argument("--no-verify", action="store_true", help="skip sha256 verification of the index files")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_search)
+
+    e = sub.add_parser("encoders", parents=[common], help="list encoder families")
+    e.set_defaults(func=cmd_encoders)
+
+    from mmretrieve import bench
+
+    bn = sub.add_parser("bench", parents=[common], help="benchmarks that print measured ratios")
+    bench.add_arguments(bn, common)
+    bn.set_defaults(func=cmd_bench)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for name, default in (("index_dir", None), ("threads", None), ("verbose", 0), ("quiet", False)):
+        if not hasattr(args, name):
+            setattr(args, name, default)
+    _setup_logging(-1 if args.quiet else args.verbose)
+    from mmretrieve.runtime import set_threads
+
+    set_threads(args.threads)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # one clear line for users; the traceback with -v
+        from mmretrieve.index.index import SkippedInputsError
+
+        if args.verbose:
+            log.exception("failed")
+        if isinstance(e, SkippedInputsError):
+            print(f"error: {e}", file=sys.stderr)
+            for s in e.report.skipped[:50]:
+                print(f"  skipped {s.uri}: {s.reason}", file=sys.stderr)
+            return EXIT_SKIPPED
+        msg = str(e) if not isinstance(e, KeyError) else (e.args[0] if e.args else str(e))
+        print(f"error: {msg}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+

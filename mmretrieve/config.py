@@ -1,0 +1,112 @@
+"""Presets as data (``configs/*.yaml``) and compact ``name:k=v,k=v`` specs from the command line.
+
+>>> parse_kv("k=100,alpha=0.7,weights=apc,exact=true")
+{'k': 100, 'alpha': 0.7, 'weights': 'apc', 'exact': True}
+>>> parse_spec("emd:k=100,solver=sinkhorn")
+('emd', {'k': 100, 'solver': 'sinkhorn'})
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+PACKAGE_ROOT = Path(__file__).resolve().parent
+REPO_CONFIGS = PACKAGE_ROOT.parent / "configs"
+
+
+def coerce(value: str) -> Any:
+    """'100' -> 100, '0.7' -> 0.7, 'true' -> True, 'none' -> None, anything else stays a string."""
+    v = value.strip()
+    low = v.lower()
+    if low in ("true", "yes", "on"):
+        return True
+    if low in ("false", "no", "off"):
+        return False
+    if low in ("none", "null"):
+        return None
+    for cast in (int, float):
+        try:
+            return cast(v)
+        except ValueError:
+            pass
+    return v
+
+
+def parse_kv(text: str | None) -> dict[str, Any]:
+    """Parse ``"a=1,b=x"``. Values may contain ':' and '/' (e.g. encoder names); a bare word is an error."""
+    out: dict[str, Any] = {}
+    if not text:
+        return out
+    parts: list[str] = []
+    for piece in text.split(","):
+        if "=" in piece or not parts:
+            parts.append(piece)
+        else:  # a comma inside a value, e.g. a FAISS factory string "IVF64,Flat"
+            parts[-1] += "," + piece
+    for piece in parts:
+        key, sep, val = piece.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"expected key=value in {text!r}, got {piece!r}")
+        out[key.strip()] = coerce(val)
+    return out
+
+
+def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """``"name:k=v,..."`` -> (name, options)."""
+    name, _, rest = spec.strip().partition(":")
+    if not name:
+        raise ValueError(f"empty name in spec {spec!r}")
+    return name, parse_kv(rest)
+
+
+def config_dirs() -> list[Path]:
+    dirs = []
+    env = os.environ.get("MMRETRIEVE_CONFIG_DIR")
+    if env:
+        dirs.append(Path(env))
+    dirs += [Path.cwd() / "configs", REPO_CONFIGS, PACKAGE_ROOT / "configs"]
+    seen, out = set(), []
+    for d in dirs:
+        r = d.resolve()
+        if r not in seen and r.is_dir():
+            seen.add(r)
+            out.append(r)
+    return out
+
+
+def find_config(name_or_path: str | os.PathLike) -> Path:
+    """A YAML path, or a preset name looked up in the config folders (with or without ``.yaml``)."""
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml") and p.is_file():
+        return p
+    candidates = [str(name_or_path)]
+    if p.suffix not in (".yaml", ".yml"):
+        candidates += [f"{name_or_path}.yaml", f"{name_or_path}.yml"]
+    for d in config_dirs():
+        for c in candidates:
+            if (d / c).is_file():
+                return d / c
+    searched = ", ".join(str(d) for d in config_dirs()) or "(no config folders found)"
+    raise FileNotFoundError(f"config {str(name_or_path)!r} not found as a file or a preset in: {searched}")
+
+
+def load_config(name_or_path: str | os.PathLike) -> dict[str, Any]:
+    path = find_config(name_or_path)
+    with open(path, encoding="utf-8") as fh:
+        data = yaml.safe_load(fh) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def list_presets(subdir: str = "") -> list[str]:
+    names = set()
+    for d in config_dirs():
+        base = d / subdir if subdir else d
+        if base.is_dir():
+            names.update(p.relative_to(d).with_suffix("").as_posix() for p in base.glob("*.y*ml"))
+    return sorted(names)

@@ -1,0 +1,124 @@
+"""``mmretrieve demo``: index the packaged sample photographs and run text, image and composed queries,
+offline, on the embedded encoder; write an HTML contact sheet of the results."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image
+
+from mmretrieve.index import build_index, open_index
+from mmretrieve.media.images import load_image
+from mmretrieve.query import Query
+from mmretrieve.results import SearchResults
+from mmretrieve.samples import sample_images, write_manifest
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DemoQuery:
+    title: str
+    text: str | None = None
+    image: str | None = None  # a sample id
+    fusion: str = "sum"
+
+
+def demo_queries(preset: str = "demo") -> tuple[list[DemoQuery], int]:
+    """The demo's queries and k, from ``configs/demo.yaml``."""
+    from mmretrieve.config import load_config
+
+    cfg = load_config(preset)
+    return [DemoQuery(**q) for q in cfg["queries"]], int(cfg.get("k", 4))
+
+
+def thumbnail_data_uri(path: str, size: int = 160) -> str:
+    try:
+        im = load_image(path)
+    except Exception:
+        im = Image.new("RGB", (size, size), (220, 220, 220))
+    im.thumbnail((size, size))
+    buf = io.BytesIO()
+    im.save(buf, "JPEG", quality=82)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def contact_sheet(rows: list[tuple[str, str | None, SearchResults]], path: Path, title: str) -> Path:
+    """Self-contained HTML: each query (text and/or thumbnail) beside its results with scores."""
+    parts = [
+        "<!doctype html><meta charset='utf-8'>",
+        f"<title>{html.escape(title)}</title>",
+        "<style>body{font-family:system-ui,sans-serif;margin:24px;color:#222}"
+        ".row{display:flex;gap:12px;align-items:flex-start;margin:18px 0;padding-bottom:12px;border-bottom:1px solid #ddd}"
+        ".q{width:190px;flex:none}.q .k{font-size:12px;color:#777;text-transform:uppercase}"
+        ".hit{width:164px;font-size:12px;text-align:center}.hit img,.q img{max-width:160px;max-height:160px;display:block;margin:auto}"
+        ".s{color:#555}</style>",
+        f"<h1>{html.escape(title)}</h1>",
+    ]
+    for label, qimage, res in rows:
+        q = res.query
+        parts.append("<div class='row'><div class='q'>")
+        parts.append(f"<div class='k'>{html.escape(label)}</div>")
+        if qimage:
+            parts.append(f"<img src='{thumbnail_data_uri(qimage)}' alt='query image'>")
+        if q.get("text"):
+            parts.append(f"<p><b>&ldquo;{html.escape(q['text'])}&rdquo;</b></p>")
+        parts.append("</div>")
+        for h in res.hits:
+            parts.append(
+                f"<div class='hit'><img src='{thumbnail_data_uri(h.uri)}' alt=''>"
+                f"<div>#{h.rank} {html.escape(h.key)}</div><div class='s'>score {h.score:.3f}</div></div>"
+            )
+        parts.append("</div>")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(parts), encoding="utf-8")
+    return path
+
+
+def run_demo(
+    out_dir: str | Path = "demo-output",
+    *,
+    index_dir: str | Path | None = None,
+    encoder: str = "embedded",
+    k: int | None = None,
+    preset: str = "demo",
+    print_fn=None,
+) -> dict:
+    """Build the demo index, run the demo queries, write ``contact_sheet.html``. Returns a summary."""
+    print_fn = print_fn or log.info
+    out = Path(out_dir)
+    samples = sample_images()
+    if len(samples) < 5:
+        raise RuntimeError(
+            "the demo indexes sample photographs shipped by scikit-image, scikit-learn and matplotlib; "
+            "install them with `pip install 'mmretrieve[demo]'`"
+        )
+    by_id = {s.id: s for s in samples}
+    queries, default_k = demo_queries(preset)
+    k = k or default_k
+    manifest = write_manifest(samples, out / "gallery.csv")
+    t0 = time.perf_counter()
+    report = build_index("demo", manifest, encoder=encoder, index_dir=index_dir, overwrite=True, patches=True)
+    print_fn(f"indexed {report.added} sample images in {time.perf_counter() - t0:.1f}s -> {report.index_path}")
+    idx = open_index(report.index_path)
+    rows = []
+    results = []
+    for dq in queries:
+        if dq.image and dq.image not in by_id:
+            continue
+        img = by_id[dq.image].path if dq.image else None
+        res = idx.search(Query(text=dq.text, image=img, fusion=dq.fusion), k=k)
+        desc = " + ".join(x for x in [f"[{dq.image}]" if dq.image else None, f'"{dq.text}"' if dq.text else None] if x)
+        print_fn(f"\n{dq.title}: {desc}")
+        print_fn(res.table())
+        rows.append((dq.title, img, res))
+        results.append({"title": dq.title, "query": res.query, "top": res.keys})
+    sheet = contact_sheet(rows, out / "contact_sheet.html", "mmretrieve demo (embedded offline encoder)")
+    print_fn(f"\ncontact sheet: {sheet.resolve()}")
+    return {"index": report.index_path, "contact_sheet": str(sheet.resolve()), "queries": results}

@@ -1,0 +1,259 @@
+"""``open_clip:...``: any open_clip model, the real path for users.
+
+Names carry their source:
+
+- ``open_clip:ViT-B-32@laion2b_s34b_b79k`` -- a built-in architecture and a pretrained tag (weights from
+  the hub, or the local hub cache when offline);
+- ``open_clip:ViT-B-32@/path/to/weights.safetensors`` -- a built-in architecture and a local checkpoint;
+- ``open_clip:local-dir:/path/to/dir`` -- a folder with ``open_clip_config.json`` and the weights
+  (``open_clip_model.safetensors`` or ``open_clip_pytorch_model.bin``), as open_clip writes them;
+- ``open_clip:hf-hub:org/repo`` -- a hub repository with an open_clip config;
+- ``open_clip:ViT-B-32@random`` -- the architecture with random weights: for speed benchmarks and tests
+  only (its embeddings mean nothing, and it says so in the log).
+
+Checkpoints load with ``weights_only=True`` (safetensors preferred). Texts are encoded with the context
+trimmed to the longest text of the batch, which is exact for causal text towers with EOT pooling
+(bit-identical outputs, 5.7x faster measured for ViT-B/32 on CPU). Patch tokens of ViT towers are read
+after ``ln_post`` and projected by ``visual.proj`` into the joint space.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+
+import torch
+
+from mmretrieve.encoders.base import Encoder, EncoderError
+from mmretrieve.runtime import resolve_device, resolve_precision, torch_dtype
+
+log = logging.getLogger(__name__)
+
+
+def parse_open_clip_spec(spec: str) -> tuple[str, str | None]:
+    """``"ViT-B-32@laion2b_s34b_b79k"`` -> (model, pretrained). Schemas keep their full identifier."""
+    spec = spec.strip()
+    if not spec:
+        raise ValueError("open_clip: empty model name; expected e.g. open_clip:ViT-B-32@laion2b_s34b_b79k")
+    if spec.startswith(("local-dir:", "hf-hub:")):
+        return spec, None
+    model, sep, pretrained = spec.partition("@")
+    return model, (pretrained or None) if sep else None
+
+
+class Uint8Transform:
+    """open_clip's preprocessing up to (not including) ToTensor + Normalize, ending in a uint8 tensor.
+
+    ``ToTensor`` + ``Normalize`` are applied per batch by the encoder (``normalize_batch``), which gives
+    the same values as open_clip's own transform while workers pass 4x smaller tensors."""
+
+    def __init__(self, transform) -> None:
+        from torchvision import transforms as T
+
+        steps = list(getattr(transform, "transforms", []))
+        names = [type(t).__name__ for t in steps]
+        self.mean = self.std = None
+        if len(steps) >= 2 and names[-1] == "Normalize" and names[-2] in ("ToTensor", "MaybeToTensor"):
+            self.pre = T.Compose(steps[:-2])
+            self.mean = tuple(float(m) for m in steps[-1].mean)
+            self.std = tuple(float(s) for s in steps[-1].std)
+            self.to_tensor = T.PILToTensor()
+        else:  # an unexpected pipeline: run it whole (float output)
+            self.pre, self.to_tensor = transform, None
+        size = next((getattr(t, "size", None) for t in steps if type(t).__name__ == "Resize"), None)
+        self.draft_size = size if isinstance(size, int) else (min(size) if size else None)
+
+    def __call__(self, im):
+        x = self.pre(im)
+        return self.to_tensor(x) if self.to_tensor is not None else x
+
+
+class OpenClipEncoder(Encoder):
+    modalities = ("image", "text")
+
+    def __init__(
+        self,
+        spec: str,
+        *,
+        device: str | None = None,
+        precision: str = "auto",
+        batch_size: int = 32,
+        trim_text_context: bool = True,
+        allow_random_init: bool = False,
+    ) -> None:
+        try:
+            import open_clip
+        except ImportError:
+            raise ImportError("open_clip encoders need `open-clip-torch`: pip install open-clip-torch") from None
+        model_name, pretrained = parse_open_clip_spec(spec)
+        self.device = resolve_device(device)
+        self.precision = resolve_precision(precision, self.device)
+        self.batch_size = int(batch_size)
+        self.trim_text_context = trim_text_context
+        is_schema = model_name.startswith(("local-dir:", "hf-hub:"))
+        random_init = pretrained == "random"
+        if random_init:
+            log.warning("open_clip:%s@random has RANDOM weights: use it for speed benchmarks and tests only", model_name)
+            pretrained, allow_random_init = None, True
+        if model_name.startswith("local-dir:"):
+            d = model_name[len("local-dir:") :]
+            if not os.path.isdir(d):
+                raise EncoderError(f"open_clip: local directory not found: {d}")
+            if not os.path.isfile(os.path.join(d, "open_clip_config.json")):
+                raise EncoderError(f"open_clip: {d} has no open_clip_config.json (expected an open_clip model folder)")
+        if not is_schema and pretrained is None and not allow_random_init:
+            raise EncoderError(
+                f"open_clip:{model_name} names no weights. Use open_clip:{model_name}@<pretrained tag> "
+                f"(see open_clip.list_pretrained()), open_clip:{model_name}@/path/to/checkpoint, or "
+                "open_clip:local-dir:/path/to/dir"
+            )
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)  # random-init models (tests, benchmarks) are reproducible
+                model, _, preprocess = open_clip.create_model_and_transforms(
+                    model_name, pretrained=pretrained, device="cpu", weights_only=True
+                )
+        except Exception as e:  # download failures, missing files, bad configs
+            where = pretrained or model_name
+            offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+            raise EncoderError(
+                f"could not load open_clip model {spec!r}: {e}. "
+                + (
+                    "Weights are fetched from the Hugging Face hub on first use; without network access, "
+                    "download them on a connected machine and pass a local file "
+                    f"(open_clip:{model_name}@/path/to/open_clip_model.safetensors) or folder "
+                    "(open_clip:local-dir:/path)."
+                    if (pretrained and not os.path.isfile(str(pretrained))) or offline or "hf-hub:" in where
+                    else ""
+                )
+            ) from e
+        if is_schema:
+            local = model_name.startswith("local-dir:")
+            d = model_name[len("local-dir:") :] if local else None
+            has_weights = d is None or any(
+                os.path.isfile(os.path.join(d, f))
+                for f in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin", "model.safetensors", "pytorch_model.bin")
+            )
+            if not has_weights and not allow_random_init:
+                raise EncoderError(f"open_clip: {d} has a config but no weights file (open_clip_model.safetensors)")
+        self.tokenizer = open_clip.get_tokenizer(model_name)
+        model.eval()
+        if self.precision != "fp32":
+            model = model.to(torch_dtype(self.precision))  # cast once: autocast re-casts every call
+        self.model = model.to(self.device)
+        self._transform = Uint8Transform(preprocess)
+        if self._transform.mean is not None:
+            self._mean = torch.tensor(self._transform.mean, device=self.device).view(1, 3, 1, 1)
+            self._std = torch.tensor(self._transform.std, device=self.device).view(1, 3, 1, 1)
+        with torch.inference_mode():
+            probe = self.model.encode_text(self.tokenizer(["probe"]).to(self.device))
+        self.dim = int(probe.shape[-1])
+        self.name = f"open_clip:{model_name}" + (f"@{pretrained}" if pretrained else "@random" if random_init else "")
+        self._pretrained = pretrained
+        visual = self.model.visual
+        self._vit = hasattr(visual, "output_tokens") and hasattr(visual, "proj") and hasattr(visual, "grid_size")
+        if self._vit:
+            gh, gw = visual.grid_size
+            self.patch_grid = gh if gh == gw else None
+            self.patch_dim = self.dim if visual.proj is not None else getattr(visual, "width", None)
+
+    def identity(self) -> dict:
+        return {"pretrained": os.path.basename(self._pretrained) if self._pretrained else None}
+
+    @property
+    def image_transform(self):
+        return self._transform
+
+    def normalize_batch(self, batch):
+        if self._transform.mean is None:
+            return batch.float()
+        return (batch.float() / 255.0 - self._mean) / self._std
+
+    def _forward_images(self, batch, *, with_patches):
+        x = batch.to(torch_dtype(self.precision))
+        if not with_patches:
+            return self.model.encode_image(x), None
+        if not self._vit:
+            raise EncoderError(f"{self.name}: patch features need a ViT image tower (got {type(self.model.visual).__name__})")
+        visual = self.model.visual
+        visual.output_tokens = True
+        try:
+            pooled, tokens = visual(x)
+        finally:
+            visual.output_tokens = False
+        if visual.proj is not None:
+            tokens = tokens @ visual.proj
+        b, n, d = tokens.shape
+        g = int(math.isqrt(n))
+        if g * g != n:
+            raise EncoderError(f"{self.name}: {n} patch tokens do not form a square grid")
+        return pooled, tokens.reshape(b, g, g, d)
+
+    def _forward_texts(self, texts):
+        tokens = self.tokenizer(texts).to(self.device)
+        model = self.model
+        if self.trim_text_context and _can_trim(model):
+            return _encode_text_trimmed(model, tokens)
+        return model.encode_text(tokens)
+
+
+def _can_trim(model) -> bool:
+    """Trimming is exact only for open_clip's built-in text tower with a causal mask and EOT pooling."""
+    return (
+        hasattr(model, "token_embedding")
+        and hasattr(model, "positional_embedding")
+        and getattr(model, "attn_mask", None) is not None
+        and getattr(model, "text_pool_type", None) in ("argmax", "eos")
+    )
+
+
+def _encode_text_trimmed(model, text: torch.Tensor) -> torch.Tensor:
+    """``CLIP.encode_text`` with the context cut to the longest text of the batch (exact, faster)."""
+    from open_clip.transformer import text_global_pool
+
+    eos = getattr(model, "text_eos_id", None)
+    if model.text_pool_type == "eos" and eos is not None:
+        last = (text == eos).int().argmax(dim=-1)
+    else:
+        last = text.argmax(dim=-1)
+    n = int(last.max().item()) + 1
+    text = text[:, :n]
+    cast_dtype = model.transformer.get_cast_dtype()
+    x = model.token_embedding(text).to(cast_dtype)
+    x = x + model.positional_embedding[:n].to(cast_dtype)
+    x = model.transformer(x, attn_mask=model.attn_mask[:n, :n])
+    x = model.ln_final(x)
+    x = text_global_pool(x, text, model.text_pool_type, eos_token_id=eos)
+    if model.text_projection is not None:
+        x = model.text_projection(x) if isinstance(model.text_projection, torch.nn.Linear) else x @ model.text_projection
+    return x
+
+
+def tiny_open_clip_config(embed_dim: int = 32, image_size: int = 32, patch_size: int = 8) -> dict:
+    """A tiny ViT CLIP config for tests and smoke runs (random weights; nothing downloads)."""
+    return {
+        "embed_dim": embed_dim,
+        "vision_cfg": {"image_size": image_size, "layers": 2, "width": 64, "head_width": 32, "patch_size": patch_size},
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+    }
+
+
+def write_tiny_open_clip(directory: str | os.PathLike, *, seed: int = 0, **cfg) -> str:
+    """Write a random-initialised tiny open_clip model as a ``local-dir`` folder; returns the encoder name."""
+    import json
+
+    import open_clip
+    from safetensors.torch import save_file
+
+    os.makedirs(directory, exist_ok=True)
+    model_cfg = tiny_open_clip_config(**cfg)
+    torch.manual_seed(seed)
+    model = open_clip.CLIP(**model_cfg)
+    with open(os.path.join(directory, "open_clip_config.json"), "w") as fh:
+        json.dump({"model_cfg": model_cfg, "preprocess_cfg": {}}, fh)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, os.path.join(directory, "open_clip_model.safetensors"))
+    return f"open_clip:local-dir:{os.path.abspath(directory)}"
+
+
+__all__ = ["OpenClipEncoder", "parse_open_clip_spec", "write_tiny_open_clip", "tiny_open_clip_config"]

@@ -1,0 +1,504 @@
+"""``Index``: open, search, grow and shrink a named index (the Python face of ``mmretrieve index``).
+
+>>> from mmretrieve import build_index, open_index
+>>> report = build_index("photos", "~/Pictures")                    # doctest: +SKIP
+>>> idx = open_index("photos")                                      # doctest: +SKIP
+>>> idx.search(text="a photo of a cat", k=5).keys                   # doctest: +SKIP
+>>> idx.search(image="ref.jpg", text="but red", fusion="sum").keys  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mmretrieve.encoders import DEFAULT_ENCODER, Encoder, create_encoder
+from mmretrieve.index import store
+from mmretrieve.index.meta import Item, MetaDB, Skipped
+from mmretrieve.index.store import (
+    EncoderMismatchError,
+    IndexCorruptedError,
+    IndexWriter,
+    check_encoder_compat,
+    read_faiss,
+    read_manifest,
+    resolve_index_path,
+    verify_files,
+)
+from mmretrieve.ingest import IngestReport, ingest, select_changed
+from mmretrieve.media.scan import scan_source
+from mmretrieve.query import FUSIONS, Query, intersection_scores
+from mmretrieve.results import Hit, SearchResults
+
+log = logging.getLogger(__name__)
+
+
+class SkippedInputsError(RuntimeError):
+    """``strict=True`` and some inputs were skipped: nothing was published; ``report`` lists them."""
+
+    def __init__(self, report: IngestReport) -> None:
+        self.report = report
+        first = report.skipped[0]
+        super().__init__(
+            f"{len(report.skipped)} input(s) skipped in strict mode (nothing written), e.g. {first.uri}: {first.reason}"
+        )
+
+
+class Index:
+    """A read-only snapshot of one version of an index, plus the operations that write new versions."""
+
+    def __init__(self, path: Path, manifest: dict, faiss_index, meta: MetaDB, encoder: Encoder | None = None) -> None:
+        self.path = Path(path)
+        self.manifest = manifest
+        self.faiss = faiss_index
+        self.meta = meta
+        self._encoder = None
+        self._tombstones = meta.tombstones()
+        self._patch_cache: dict[str, np.ndarray] = {}
+        if encoder is not None:
+            self.encoder = encoder
+
+    # ---- opening ---------------------------------------------------------------------------------
+    @classmethod
+    def open(
+        cls,
+        name_or_path: str | os.PathLike,
+        *,
+        index_dir: str | os.PathLike | None = None,
+        encoder: Encoder | str | None = None,
+        verify: bool = True,
+        mmap: bool = False,
+    ) -> Index:
+        """Open the live version. ``verify`` checks sha256s; ``mmap`` memory-maps the FAISS index (Flat)."""
+        path = resolve_index_path(name_or_path, index_dir)
+        manifest = read_manifest(path)
+        vdir = path / manifest["version"]
+        verify_files(vdir, manifest, check=verify)
+        findex = read_faiss(vdir / "index.faiss", mmap=mmap)
+        try:
+            meta = MetaDB.open_readonly(vdir / "meta.sqlite")
+            n_items, n_tomb = meta.count(), len(meta.tombstones())
+        except Exception as e:
+            raise IndexCorruptedError(f"{vdir / 'meta.sqlite'}: unreadable metadata ({e})") from None
+        if findex.ntotal != n_items + n_tomb:
+            raise IndexCorruptedError(
+                f"{vdir}: FAISS holds {findex.ntotal} vectors but the metadata lists {n_items} items + {n_tomb} tombstones"
+            )
+        if findex.d != int(manifest["encoder"]["dim"]):
+            raise IndexCorruptedError(f"{vdir / 'index.faiss'}: dim {findex.d}, manifest says {manifest['encoder']['dim']}")
+        idx = cls(path, manifest, findex, meta)
+        if encoder is not None:
+            idx.encoder = create_encoder(encoder) if isinstance(encoder, str) else encoder
+        return idx
+
+    def reopen(self) -> Index:
+        """The latest committed version (this object keeps its snapshot)."""
+        return Index.open(self.path, encoder=self._encoder)
+
+    def close(self) -> None:
+        self.meta.close()
+
+    def __enter__(self) -> Index:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ---- properties ------------------------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def version(self) -> str:
+        return self.manifest["version"]
+
+    @property
+    def dim(self) -> int:
+        return int(self.manifest["encoder"]["dim"])
+
+    @property
+    def encoder_name(self) -> str:
+        return self.manifest["encoder"]["name"]
+
+    def __len__(self) -> int:
+        return int(self.manifest["counts"]["items"])
+
+    @property
+    def encoder(self) -> Encoder:
+        if self._encoder is None:
+            self.encoder = create_encoder(self.encoder_name)
+        return self._encoder
+
+    @encoder.setter
+    def encoder(self, enc: Encoder) -> None:
+        check_encoder_compat(self.manifest["encoder"], enc.info.to_dict(), self.path)
+        self._encoder = enc
+
+    def info(self) -> dict[str, Any]:
+        m = self.manifest
+        return {
+            "path": str(self.path.resolve()),
+            "version": m["version"],
+            "encoder": m["encoder"],
+            "metric": m["metric"],
+            "factory": m["factory"],
+            "faiss": m.get("faiss"),
+            "counts": m["counts"],
+            "patches": m.get("patches"),
+            "bytes": sum(f["bytes"] for f in m["files"].values()),
+            "created_at": m.get("created_at"),
+            "updated_at": m.get("updated_at"),
+        }
+
+    # ---- lookups ---------------------------------------------------------------------------------
+    def items(self, ids: Sequence[int]) -> dict[int, Item]:
+        return self.meta.items_by_ids(ids)
+
+    def get(self, key_or_id: str | int) -> Item:
+        """An item by id, key, or file path."""
+        if isinstance(key_or_id, (int, np.integer)) or (isinstance(key_or_id, str) and key_or_id.isdigit()):
+            it = self.meta.items_by_ids([int(key_or_id)]).get(int(key_or_id))
+            if it is not None:
+                return it
+        s = str(key_or_id)
+        it = self.meta.item_by_key(s)
+        if it is None and os.path.exists(s):
+            it = self.meta.item_by_key(str(Path(s).resolve())) or next(iter(self.meta.items_by_uri(str(Path(s).resolve()))), None)
+        if it is None:
+            raise KeyError(f"no item {s!r} in index {self.path}")
+        return it
+
+    def vectors(self, ids: Sequence[int]) -> np.ndarray:
+        """Stored embeddings of ``ids`` (exact for Flat/HNSW; IVF-PQ returns its lossy reconstruction)."""
+        out = np.zeros((len(ids), self.dim), np.float32)
+        for j, i in enumerate(ids):
+            out[j] = self.faiss.reconstruct(int(i))
+        return out
+
+    def has_patches(self) -> bool:
+        return bool(self.manifest.get("patches"))
+
+    def patches(self, ids: Sequence[int]) -> np.ndarray:
+        """(n, P, Dp) float32 patch features of ``ids`` from the side-store."""
+        if not self.has_patches():
+            raise LookupError(f"index {self.path} has no patch store (build it with --patches)")
+        items = self.items(ids)
+        pc = self.manifest["patches"]
+        out = np.zeros((len(ids), int(pc["grid"]) ** 2, int(pc["dim"])), np.float32)
+        for j, i in enumerate(ids):
+            it = items.get(int(i))
+            if it is None or it.patch_seg is None:
+                raise LookupError(f"item {i} has no stored patches")
+            seg = self._patch_cache.get(it.patch_seg)
+            if seg is None:
+                seg = np.load(self.path / self.version / it.patch_seg, mmap_mode="r", allow_pickle=False)
+                self._patch_cache[it.patch_seg] = seg
+            out[j] = seg[it.patch_row]
+        return out
+
+    # ---- search ----------------------------------------------------------------------------------
+    def search_vectors(
+        self,
+        queries: np.ndarray,
+        k: int = 10,
+        *,
+        nprobe: int | None = None,
+        ef_search: int | None = None,
+        exclude: Sequence[int] | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """FAISS search. ``queries`` (n, d) float32 -> (scores (n, k), ids (n, k)); missing slots have id -1."""
+        q = np.ascontiguousarray(np.asarray(queries, dtype=np.float32))
+        if q.ndim == 1:
+            q = q[None]
+        if q.shape[1] != self.dim:
+            raise ValueError(f"expected query dim {self.dim}, got {q.shape[1]}")
+        k = max(1, min(int(k), int(self.faiss.ntotal))) if self.faiss.ntotal else 1
+        excl = list(self._tombstones) + [int(i) for i in (exclude or [])]
+        params = store.search_params(self.faiss, exclude=excl, nprobe=nprobe, ef_search=ef_search)
+        if params is None:
+            return self.faiss.search(q, k)
+        return self.faiss.search(q, k, params=params)
+
+    def search_by_vector(self, vector: np.ndarray, k: int = 10, **kw) -> SearchResults:
+        """Search with a precomputed embedding (no encoder involved); results carry metadata."""
+        t0 = time.perf_counter()
+        D, I = self.search_vectors(vector, k, **kw)
+        ids, scores = _valid(I[0], D[0])
+        t1 = time.perf_counter()
+        return self.hydrate({"kind": "vector"}, ids, scores, stages={"coarse": ids}, timings={"coarse": (t1 - t0) * 1000})
+
+    def encode_query(self, query: Query) -> dict[str, np.ndarray]:
+        """{'image': (d,), 'text': (d,)} for the sides the query has (videos: see the video module)."""
+        enc = self.encoder
+        out = {}
+        if query.text is not None:
+            out["text"] = enc.encode_texts([query.text])[0]
+        if query.image is not None:
+            out["image"] = enc.encode_images([query.image])[0]
+        if query.video is not None:
+            raise NotImplementedError("video queries are not supported yet")
+        return out
+
+    def coarse(
+        self,
+        query: Query,
+        k: int,
+        *,
+        exclude: Sequence[int] | None = None,
+        k1: int | None = None,
+        nprobe: int | None = None,
+        ef_search: int | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The coarse stage: (ids, scores) of the top ``k`` for ``query`` (fusion applied)."""
+        vecs = self.encode_query(query)
+        kw = dict(nprobe=nprobe, ef_search=ef_search, exclude=exclude)
+        fusion = query.fusion if query.kind.startswith("composed") else None
+        if fusion is None:
+            v = vecs.get("image", vecs.get("text"))
+            D, I = self.search_vectors(v, k, **kw)
+            return _valid(I[0], D[0])
+        fn = FUSIONS.get(fusion)
+        if fusion != "intersection":
+            v = fn(vecs["image"], vecs["text"], **query.options)
+            D, I = self.search_vectors(v, k, **kw)
+            return _valid(I[0], D[0])
+        k1 = int(query.options.get("k1", k1 or max(4 * k, 100)))
+        Di, Ii = self.search_vectors(vecs["image"], k1, **kw)
+        Dt, It = self.search_vectors(vecs["text"], k1, **kw)
+        union = np.unique(np.concatenate([Ii[0][Ii[0] >= 0], It[0][It[0] >= 0]]))
+        V = self.vectors(union)
+        s = intersection_scores(V @ vecs["image"], V @ vecs["text"], mode=query.options.get("mode", "min"))
+        order = np.argsort(-s, kind="stable")[:k]
+        return union[order], s[order].astype(np.float32)
+
+    def search(
+        self,
+        query: Query | None = None,
+        *,
+        text: str | None = None,
+        image=None,
+        fusion: str = "sum",
+        k: int = 10,
+        exclude: Sequence[int | str] | None = None,
+        exclude_reference: bool = True,
+        pipeline=None,
+        **options: Any,
+    ) -> SearchResults:
+        """Search by text, image, or both (composed). Returns ``SearchResults`` (best first).
+
+        ``exclude_reference``: for composed queries whose reference image is itself in the index, leave
+        it out of the results (what composed retrieval asks for). ``pipeline``: a ``Pipeline`` of
+        rerankers (or a preset name / spec list); without one, only the coarse stage runs.
+        """
+        if query is None:
+            query = Query(text=text, image=image, fusion=fusion, options=dict(options))
+        if query.kind.startswith("composed"):
+            FUSIONS.get(query.fusion)  # unknown fusion -> clear error before any work
+        excl = [self._as_id(e) for e in (exclude or [])]
+        if exclude_reference and query.kind == "composed" and query.image_path:
+            try:
+                excl.append(self.get(query.image_path).id)
+            except KeyError:
+                pass
+        if pipeline is not None:
+            from mmretrieve.rerank.pipeline import as_pipeline
+
+            return as_pipeline(pipeline).run(self, query, k=k, exclude=excl)
+        t0 = time.perf_counter()
+        ids, scores = self.coarse(query, k, exclude=excl)
+        t1 = time.perf_counter()
+        return self.hydrate(query.describe(), ids, scores, stages={"coarse": ids}, timings={"coarse": (t1 - t0) * 1000})
+
+    def hydrate(self, query: dict, ids, scores, *, stages: dict[str, Sequence[int]], stage_scores=None, extra=None, timings=None) -> SearchResults:
+        """Attach metadata to ranked ids (the last step of every search path)."""
+        ids = np.asarray(ids).tolist()
+        scores = np.asarray(scores, dtype=np.float64).tolist()
+        items = self.items(ids)
+        stage_rank = {s: {int(i): r for r, i in enumerate(np.asarray(lst).tolist(), 1)} for s, lst in stages.items()}
+        stage_scores = stage_scores or {}
+        extra = extra or {}
+        hits = []
+        for r, (i, sc) in enumerate(zip(ids, scores), 1):
+            it = items.get(i)
+            if it is None:
+                continue
+            hits.append(
+                Hit(
+                    id=i, key=it.key, uri=it.uri, score=sc, rank=r, kind=it.kind, caption=it.caption,
+                    stage_ranks={s: m[i] for s, m in stage_rank.items() if i in m},
+                    stage_scores={s: float(v[i]) for s, v in stage_scores.items() if i in v},
+                    extra=extra.get(i, {}),
+                )
+            )
+        return SearchResults(hits=hits, query=query, stages=list(stages), timings_ms=timings or {})
+
+    def _as_id(self, e: int | str) -> int:
+        return int(e) if isinstance(e, (int, np.integer)) else self.get(e).id
+
+    # ---- writing ---------------------------------------------------------------------------------
+    def add(self, source, **kw) -> IngestReport:
+        """Add new or changed files from ``source`` (folder or manifest); returns the report."""
+        return add_to_index(self.path, source, encoder=self._encoder, **kw)
+
+    def remove(self, keys_or_ids: Sequence[int | str]) -> int:
+        return remove_from_index(self.path, keys_or_ids)
+
+
+def _valid(ids: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    m = ids >= 0
+    return ids[m], scores[m]
+
+
+# ---- module-level front doors --------------------------------------------------------------------
+def open_index(name_or_path: str | os.PathLike, **kw) -> Index:
+    """Open a named index (under the indexes home) or an index directory. See ``Index.open``."""
+    return Index.open(name_or_path, **kw)
+
+
+def build_index(
+    name_or_path: str | os.PathLike,
+    source: str | os.PathLike,
+    *,
+    encoder: Encoder | str = DEFAULT_ENCODER,
+    index_dir: str | os.PathLike | None = None,
+    factory: str = store.DEFAULT_FACTORY,
+    patches: bool | dict = False,
+    overwrite: bool = False,
+    batch_size: int | None = None,
+    workers: int | None = None,
+    on_bad_vectors: str = "error",
+    strict: bool = False,
+) -> IngestReport:
+    """Index every image of ``source`` (a folder, recursively, or a CSV/JSONL manifest) into a new index.
+
+    ``patches``: ``True`` stores the encoder's native patch grid (fp16) for the EMD reranker, or a dict
+    ``{"grid": 4, "dim": 256}`` to pool the grid / project the features to fewer dimensions.
+    """
+    enc = create_encoder(encoder) if isinstance(encoder, str) else encoder
+    path = resolve_index_path(name_or_path, index_dir)
+    pcfg = _patch_config(enc, patches)
+    t0 = time.perf_counter()
+    scan = scan_source(source, kinds=("image",))
+    report = IngestReport(scanned=len(scan.items) + len(scan.missing), ignored=scan.ignored, index_path=str(path))
+    writer = IndexWriter(path, encoder_info=enc.info.to_dict(), factory=factory, patches=pcfg, create=True, overwrite=overwrite)
+    try:
+        missing = [_missing(it) for it in scan.missing]
+        writer.record_skipped(missing)
+        report.skipped.extend(missing)
+        ingest(writer, scan.items, enc, report, batch_size=batch_size, workers=workers, on_bad_vectors=on_bad_vectors)
+        if strict and report.skipped:
+            raise SkippedInputsError(report)
+        manifest = writer.commit()
+    except BaseException:
+        writer.abort()
+        raise
+    report.version = manifest["version"]
+    report.seconds = time.perf_counter() - t0
+    log.info("built %s: %s", path, report.summary())
+    return report
+
+
+def add_to_index(
+    name_or_path: str | os.PathLike,
+    source: str | os.PathLike,
+    *,
+    encoder: Encoder | str | None = None,
+    index_dir: str | os.PathLike | None = None,
+    batch_size: int | None = None,
+    workers: int | None = None,
+    on_bad_vectors: str = "error",
+    strict: bool = False,
+) -> IngestReport:
+    """Encode only the new or changed files of ``source`` and publish a new version."""
+    path = resolve_index_path(name_or_path, index_dir)
+    manifest = read_manifest(path)
+    if encoder is None:
+        encoder = manifest["encoder"]["name"]
+    enc = create_encoder(encoder) if isinstance(encoder, str) else encoder
+    check_encoder_compat(manifest["encoder"], enc.info.to_dict(), path)
+    t0 = time.perf_counter()
+    scan = scan_source(source, kinds=("image",))
+    report = IngestReport(scanned=len(scan.items) + len(scan.missing), ignored=scan.ignored, index_path=str(path))
+    writer = IndexWriter(path, encoder_info=enc.info.to_dict())
+    try:
+        todo = select_changed(scan.items, writer.meta.fingerprints(), writer.meta.skipped_fingerprints(), report)
+        missing = [_missing(it) for it in scan.missing]
+        writer.record_skipped(missing)
+        report.skipped.extend(missing)
+        ingest(writer, todo, enc, report, batch_size=batch_size, workers=workers, on_bad_vectors=on_bad_vectors)
+        if strict and report.skipped:
+            raise SkippedInputsError(report)
+        manifest = writer.commit()
+    except BaseException:
+        writer.abort()
+        raise
+    report.version = manifest["version"]
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def remove_from_index(
+    name_or_path: str | os.PathLike, keys_or_ids: Sequence[int | str], *, index_dir: str | os.PathLike | None = None
+) -> int:
+    """Remove items by id, key, or file path; publishes a new version. Returns the number removed."""
+    path = resolve_index_path(name_or_path, index_dir)
+    writer = IndexWriter(path)
+    try:
+        ids = []
+        for k in keys_or_ids:
+            ids.append(_resolve_id(writer.meta, k, path))
+        n = writer.remove(ids)
+        writer.commit()
+    except BaseException:
+        writer.abort()
+        raise
+    return n
+
+
+def _resolve_id(meta: MetaDB, k: int | str, path: Path) -> int:
+    if isinstance(k, (int, np.integer)):
+        return int(k)
+    s = str(k)
+    it = meta.item_by_key(s)
+    if it is None and s.lstrip("-").isdigit():
+        it = meta.items_by_ids([int(s)]).get(int(s))
+    if it is None:
+        it = next(iter(meta.items_by_uri(s)), None)
+    if it is None:
+        r = str(Path(s).expanduser().resolve())
+        it = meta.item_by_key(r) or next(iter(meta.items_by_uri(r)), None)
+    if it is None:
+        raise KeyError(f"no item {s!r} in index {path} (give an id, a key or a file path)")
+    return it.id
+
+
+def _missing(it) -> Skipped:
+    return Skipped(it.key, it.uri, "file not found", None, None)
+
+
+def _patch_config(enc: Encoder, patches: bool | dict) -> dict | None:
+    if not patches:
+        return None
+    if enc.patch_grid is None or enc.patch_dim is None:
+        raise ValueError(f"encoder {enc.name!r} has no patch features; build without --patches")
+    cfg = dict(patches) if isinstance(patches, dict) else {}
+    grid = int(cfg.get("grid") or enc.patch_grid)
+    if grid > enc.patch_grid:
+        raise ValueError(f"patch grid {grid} is finer than the encoder's native {enc.patch_grid}x{enc.patch_grid}")
+    dim = int(cfg.get("dim") or enc.patch_dim)
+    if dim > enc.patch_dim:
+        raise ValueError(f"patch dim {dim} exceeds the encoder's {enc.patch_dim}")
+    out = {"grid": grid, "dim": dim, "native_dim": enc.patch_dim, "dtype": "float16", "projection": None}
+    if dim < enc.patch_dim:
+        out.update(projection="patch_proj.npy", seed=int(cfg.get("seed", 0)))
+    return out
+
+
+__all__ = ["SkippedInputsError", "Index", "open_index", "build_index", "add_to_index", "remove_from_index", "EncoderMismatchError"]

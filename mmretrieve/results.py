@@ -1,0 +1,82 @@
+"""Typed search results: hits with ids, keys, scores and the rank of every item at every stage."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass
+class Hit:
+    id: int
+    key: str
+    uri: str
+    score: float
+    rank: int  # 1-based final rank
+    kind: str = "image"
+    caption: str | None = None
+    #: stage name -> 1-based rank of this item after that stage (absent when the stage did not see it)
+    stage_ranks: dict[str, int] = field(default_factory=dict)
+    #: stage name -> the stage's own score for this item
+    stage_scores: dict[str, float] = field(default_factory=dict)
+    #: extra per-hit information from stages (e.g. best frame timestamp of a video)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        if not d["extra"]:
+            d.pop("extra")
+        return d
+
+
+@dataclass
+class SearchResults:
+    hits: list[Hit]
+    query: dict[str, Any]
+    stages: list[str] = field(default_factory=lambda: ["coarse"])
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+    def __iter__(self) -> Iterator[Hit]:
+        return iter(self.hits)
+
+    def __len__(self) -> int:
+        return len(self.hits)
+
+    def __getitem__(self, i: int) -> Hit:
+        return self.hits[i]
+
+    @property
+    def ids(self) -> list[int]:
+        return [h.id for h in self.hits]
+
+    @property
+    def keys(self) -> list[str]:
+        return [h.key for h in self.hits]
+
+    @property
+    def scores(self) -> list[float]:
+        return [h.score for h in self.hits]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "query": self.query,
+            "stages": self.stages,
+            "timings_ms": {k: round(v, 3) for k, v in self.timings_ms.items()},
+            "hits": [h.to_dict() for h in self.hits],
+        }
+
+    def table(self, *, max_width: int = 70) -> str:
+        """A readable text table (what the CLI prints)."""
+        stage_cols = self.stages if len(self.stages) > 1 else []
+        head = ["rank", "score", *[f"#{s}" for s in stage_cols], "key"]
+        rows = []
+        for h in self.hits:
+            key = h.key if len(h.key) <= max_width else "..." + h.key[-(max_width - 3) :]
+            extra = ""
+            if "timestamp" in h.extra:
+                extra = f"  @ {h.extra['timestamp']:.2f}s"
+            rows.append([str(h.rank), f"{h.score:.4f}", *[str(h.stage_ranks.get(s, "-")) for s in stage_cols], key + extra])
+        widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+        fmt = lambda r: "  ".join(c.rjust(w) if i < len(r) - 1 else c for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
+        return "\n".join([fmt(head), *(fmt(r) for r in rows)]) if rows else "(no results)"
