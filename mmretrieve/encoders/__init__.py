@@ -43,6 +43,14 @@ def _open_clip(spec: str = "", **kw: Any) -> Encoder:
     return OpenClipEncoder(spec, **kw)
 
 
+@ENCODERS.register("timm")
+def _timm(spec: str = "", **kw: Any) -> Encoder:
+    """Image-only timm model (global + patch features, e.g. DINOv2 for EMD): timm:<model>[@<weights file>|@random]."""
+    from mmretrieve.encoders.timm_encoder import TimmEncoder
+
+    return TimmEncoder(spec, **kw)
+
+
 _CACHE: dict[tuple, Encoder] = {}
 _LOCK = threading.Lock()
 

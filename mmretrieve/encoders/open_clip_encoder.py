@@ -26,6 +26,7 @@ import os
 import torch
 
 from mmretrieve.encoders.base import Encoder, EncoderError
+from mmretrieve.encoders.transforms import Uint8Transform
 from mmretrieve.runtime import resolve_device, resolve_precision, torch_dtype
 
 log = logging.getLogger(__name__)
@@ -40,33 +41,6 @@ def parse_open_clip_spec(spec: str) -> tuple[str, str | None]:
         return spec, None
     model, sep, pretrained = spec.partition("@")
     return model, (pretrained or None) if sep else None
-
-
-class Uint8Transform:
-    """open_clip's preprocessing up to (not including) ToTensor + Normalize, ending in a uint8 tensor.
-
-    ``ToTensor`` + ``Normalize`` are applied per batch by the encoder (``normalize_batch``), which gives
-    the same values as open_clip's own transform while workers pass 4x smaller tensors."""
-
-    def __init__(self, transform) -> None:
-        from torchvision import transforms as T
-
-        steps = list(getattr(transform, "transforms", []))
-        names = [type(t).__name__ for t in steps]
-        self.mean = self.std = None
-        if len(steps) >= 2 and names[-1] == "Normalize" and names[-2] in ("ToTensor", "MaybeToTensor"):
-            self.pre = T.Compose(steps[:-2])
-            self.mean = tuple(float(m) for m in steps[-1].mean)
-            self.std = tuple(float(s) for s in steps[-1].std)
-            self.to_tensor = T.PILToTensor()
-        else:  # an unexpected pipeline: run it whole (float output)
-            self.pre, self.to_tensor = transform, None
-        size = next((getattr(t, "size", None) for t in steps if type(t).__name__ == "Resize"), None)
-        self.draft_size = size if isinstance(size, int) else (min(size) if size else None)
-
-    def __call__(self, im):
-        x = self.pre(im)
-        return self.to_tensor(x) if self.to_tensor is not None else x
 
 
 class OpenClipEncoder(Encoder):
@@ -143,9 +117,6 @@ class OpenClipEncoder(Encoder):
             model = model.to(torch_dtype(self.precision))  # cast once: autocast re-casts every call
         self.model = model.to(self.device)
         self._transform = Uint8Transform(preprocess)
-        if self._transform.mean is not None:
-            self._mean = torch.tensor(self._transform.mean, device=self.device).view(1, 3, 1, 1)
-            self._std = torch.tensor(self._transform.std, device=self.device).view(1, 3, 1, 1)
         with torch.inference_mode():
             probe = self.model.encode_text(self.tokenizer(["probe"]).to(self.device))
         self.dim = int(probe.shape[-1])
@@ -166,9 +137,7 @@ class OpenClipEncoder(Encoder):
         return self._transform
 
     def normalize_batch(self, batch):
-        if self._transform.mean is None:
-            return batch.float()
-        return (batch.float() / 255.0 - self._mean) / self._std
+        return self._transform.normalize(batch)
 
     def _forward_images(self, batch, *, with_patches):
         x = batch.to(torch_dtype(self.precision))
