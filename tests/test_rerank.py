@@ -107,12 +107,25 @@ def test_sinkhorn_close_to_exact(clustered, reg, bound):
     pot = emd_pot_sinkhorn(S, a, b, reg=reg, max_iter=50000, tol=1e-7)
     np.testing.assert_allclose(tor, pot, atol=1e-4)
     # kernel and log modes solve the same problem
-    ker = sinkhorn_batched(S, a, b, reg=0.05, max_iter=2000, tol=1e-10, mode="kernel")
+    ker = sinkhorn_batched(S, a, b, reg=0.05, max_iter=2000, tol=1e-10, mode="kernel")  # numpy backend
+    ker_t = sinkhorn_batched(S, a, b, reg=0.05, max_iter=2000, tol=1e-10, mode="kernel", backend="torch")
     log = sinkhorn_batched(S, a, b, reg=0.05, max_iter=2000, tol=1e-10, mode="log")
     np.testing.assert_allclose(ker, log, atol=1e-6)
+    np.testing.assert_allclose(ker, ker_t, atol=1e-9)
+
     # float32 batched on the default path stays close to the float64 answer
     f32 = sinkhorn_batched(S.float(), a.float(), b.float(), reg=0.05, max_iter=200, tol=1e-6)
     np.testing.assert_allclose(f32, ker, atol=2e-3)
+
+
+def test_threaded_sinkhorn_equals_serial():
+    Q, C = _problem(K=30, n=200, m=200, d=16, seed=2)  # large enough (1.2M cost entries) to be split
+    S = torch.tensor(np.einsum("knd,md->knm", C, Q))
+    a, b = marginals(S, torch.tensor(Q), torch.tensor(C), "apc")
+    one, i1 = sinkhorn_batched(S, a, b, threads=1, return_info=True)
+    three = sinkhorn_batched(S, a, b, threads=3)
+    np.testing.assert_allclose(one, three, rtol=0, atol=1e-6)
+    assert i1["mode"] == "kernel" and i1["iterations"] <= 50
 
 
 def test_pot_non_convergence_is_an_error():
