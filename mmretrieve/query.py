@@ -32,14 +32,23 @@ FUSIONS: Registry[Callable[..., Any]] = Registry("fusion")
 
 @dataclass
 class Query:
-    text: str | None = None
+    """A text, an image, or both. ``text`` may be a list of phrasings: their normalised embeddings are
+    averaged (e.g. FashionIQ's two captions in both orders). ``image_id``: the query image's id when it
+    is itself in the index (its stored embedding and patches are reused instead of re-encoding)."""
+
+    text: str | list[str] | None = None
     image: Image.Image | str | os.PathLike | None = None
     video: str | os.PathLike | None = None
     fusion: str = "sum"
     options: dict[str, Any] = field(default_factory=dict)
+    image_id: int | None = None
 
     def __post_init__(self) -> None:
-        if self.text is not None and not str(self.text).strip():
+        if isinstance(self.text, (list, tuple)):
+            self.text = [str(t) for t in self.text]
+            if not self.text or not all(t.strip() for t in self.text):
+                raise ValueError("empty query text")
+        elif self.text is not None and not str(self.text).strip():
             raise ValueError("empty query text")
         if self.text is None and self.image is None and self.video is None:
             raise ValueError("a query needs a text, an image, a video, or an image/video plus a text")

@@ -234,13 +234,25 @@ class Index:
         t1 = time.perf_counter()
         return self.hydrate({"kind": "vector"}, ids, scores, stages={"coarse": ids}, timings={"coarse": (t1 - t0) * 1000})
 
+    def exact_vectors(self) -> bool:
+        """Whether ``vectors()`` returns the stored embeddings exactly (Flat, HNSW-Flat)."""
+        import faiss
+
+        inner = store.inner_index(self.faiss)
+        return isinstance(inner, faiss.IndexFlat) or (hasattr(inner, "hnsw") and isinstance(faiss.downcast_index(inner.storage), faiss.IndexFlat))
+
     def encode_query(self, query: Query) -> dict[str, np.ndarray]:
-        """{'image': (d,), 'text': (d,)} for the sides the query has (videos: see the video module)."""
+        """{'image': (d,), 'text': (d,)} for the sides the query has. A list of texts is averaged
+        (normalised); an image already in the index (``query.image_id``) reuses its stored embedding."""
         enc = self.encoder
         out = {}
         if query.text is not None:
-            out["text"] = enc.encode_texts([query.text])[0]
-        if query.image is not None:
+            texts = query.text if isinstance(query.text, list) else [query.text]
+            t = enc.encode_texts(texts).mean(0)
+            out["text"] = (t / max(float(np.linalg.norm(t)), 1e-12)).astype(np.float32)
+        if query.image_id is not None and self.exact_vectors():
+            out["image"] = self.vectors([query.image_id])[0]
+        elif query.image is not None:
             out["image"] = enc.encode_images([query.image])[0]
         if query.video is not None:
             raise NotImplementedError("video queries are not supported yet")
@@ -257,24 +269,40 @@ class Index:
         ef_search: int | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """The coarse stage: (ids, scores) of the top ``k`` for ``query`` (fusion applied)."""
-        vecs = self.encode_query(query)
-        kw = dict(nprobe=nprobe, ef_search=ef_search, exclude=exclude)
         fusion = query.fusion if query.kind.startswith("composed") else None
+        return self.coarse_from_vectors(
+            self.encode_query(query), fusion, k, options=query.options, exclude=exclude, k1=k1, nprobe=nprobe, ef_search=ef_search
+        )
+
+    def coarse_from_vectors(
+        self,
+        vecs: dict[str, np.ndarray],
+        fusion: str | None,
+        k: int,
+        *,
+        options: dict | None = None,
+        exclude: Sequence[int] | None = None,
+        k1: int | None = None,
+        nprobe: int | None = None,
+        ef_search: int | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The coarse stage from already-encoded query sides (``fusion=None``: a single side)."""
+        options = options or {}
+        kw = dict(nprobe=nprobe, ef_search=ef_search, exclude=exclude)
         if fusion is None:
             v = vecs.get("image", vecs.get("text"))
             D, I = self.search_vectors(v, k, **kw)
             return _valid(I[0], D[0])
-        fn = FUSIONS.get(fusion)
         if fusion != "intersection":
-            v = fn(vecs["image"], vecs["text"], **query.options)
+            v = FUSIONS.get(fusion)(vecs["image"], vecs["text"], **options)
             D, I = self.search_vectors(v, k, **kw)
             return _valid(I[0], D[0])
-        k1 = int(query.options.get("k1", k1 or max(4 * k, 100)))
+        k1 = int(options.get("k1", k1 or max(4 * k, 100)))
         Di, Ii = self.search_vectors(vecs["image"], k1, **kw)
         Dt, It = self.search_vectors(vecs["text"], k1, **kw)
         union = np.unique(np.concatenate([Ii[0][Ii[0] >= 0], It[0][It[0] >= 0]]))
         V = self.vectors(union)
-        s = intersection_scores(V @ vecs["image"], V @ vecs["text"], mode=query.options.get("mode", "min"))
+        s = intersection_scores(V @ vecs["image"], V @ vecs["text"], mode=options.get("mode", "min"))
         order = np.argsort(-s, kind="stable")[:k]
         return union[order], s[order].astype(np.float32)
 
@@ -302,11 +330,13 @@ class Index:
         if query.kind.startswith("composed"):
             FUSIONS.get(query.fusion)  # unknown fusion -> clear error before any work
         excl = [self._as_id(e) for e in (exclude or [])]
-        if exclude_reference and query.kind == "composed" and query.image_path:
+        if query.image_id is None and query.image_path:
             try:
-                excl.append(self.get(query.image_path).id)
+                query.image_id = self.get(query.image_path).id
             except KeyError:
                 pass
+        if exclude_reference and query.kind == "composed" and query.image_id is not None:
+            excl.append(query.image_id)
         if pipeline is not None:
             from mmretrieve.rerank.pipeline import as_pipeline
 

@@ -114,6 +114,8 @@ class EMDReranker(Reranker):
         if query.image is None:
             raise ValueError("the emd reranker compares image patches: it needs an image or composed query")
         if self._use_store(index):
+            if query.image_id is not None:  # the query image is in the index: reuse its stored patches
+                return index.patches([query.image_id])[0]
             grid = int(index.manifest["patches"]["grid"])
             P = index.encoder.encode_patches([query.image], grid=grid)[0]
             proj = self._projection(index)
