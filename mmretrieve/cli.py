@@ -181,6 +181,103 @@ def cmd_encoders(args) -> int:
     return EXIT_OK
 
 
+# ---- eval ------------------------------------------------------------------------------------------
+def _pipeline_arg(args):
+    if getattr(args, "pipeline", None) or getattr(args, "rerank", None):
+        from mmretrieve.rerank.pipeline import Pipeline
+
+        return Pipeline.from_config(args.pipeline) if args.pipeline else Pipeline.from_specs(args.rerank)
+    return None
+
+
+def _eval_out(args) -> Path:
+    if args.out:
+        return Path(args.out)
+    import time as _time
+
+    return Path("eval-runs") / f"{args.eval_cmd}-{args.split}-{_time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def cmd_eval_benchmark(args) -> int:
+    from mmretrieve.config import parse_kv
+    from mmretrieve.eval import evaluate, load_dataset
+    from mmretrieve.eval.report import write_report
+
+    kw: dict = {"allow_missing": args.allow_missing}
+    if args.eval_cmd == "fashioniq":
+        kw.update(categories=args.categories, caption_style=args.caption_style)
+    if args.eval_cmd == "circo":
+        kw.update(text_style=args.text_style)
+    ds = load_dataset(args.eval_cmd, args.root, args.split, **kw)
+    if ds.dropped_queries:
+        print(f"note: {len(ds.missing_images)} missing image(s); {ds.dropped_queries} quer{'y' if ds.dropped_queries == 1 else 'ies'} dropped", file=sys.stderr)
+    res = evaluate(
+        ds, encoder=args.encoder, pipeline=_pipeline_arg(args), fusion=args.fusion,
+        fusion_options=parse_kv(args.fusion_options) if args.fusion_options else None,
+        batch_size=args.batch_size, workers=args.workers, cache=args.cache, limit=args.limit,
+    )
+    out = write_report(res, ds, _eval_out(args))
+    if args.json:
+        _out(res.flat_metrics() if res.metrics else {"submission_files": str(out / "rankings")})
+        return EXIT_OK
+    if res.metrics:
+        keys = [k for k in res.metrics[res.stages[0]] if not k.startswith("aspect/")]
+        width = max(len(s) for s in res.stages)
+        print(f"{ds.name} {ds.split}: {len(res.per_query)} queries, encoder {res.config['encoder']['name']}, fusion {args.fusion}")
+        print(" " * (width + 2) + "  ".join(f"{k:>{max(8, len(k))}}" for k in keys))
+        for s in res.stages:
+            print(f"{s:<{width}}  " + "  ".join(f"{res.metrics[s][k]:>{max(8, len(k))}.2f}" for k in keys))
+    else:
+        print(f"{ds.name} {ds.split} has no ground truth: official submission files written")
+    print(f"report: {out.resolve()}")
+    return EXIT_OK
+
+
+def cmd_eval_captions(args) -> int:
+    from mmretrieve.eval.captions import evaluate_captions, load_captions
+
+    if args.samples:
+        import tempfile
+
+        from mmretrieve.samples import opencv_doc_images, sample_images, write_manifest
+
+        if args.file:
+            print("error: give a captions FILE or --samples, not both", file=sys.stderr)
+            return EXIT_USAGE
+        args.file = str(write_manifest(sample_images() + opencv_doc_images(), Path(tempfile.mkdtemp()) / "samples.csv"))
+    elif not args.file:
+        print("error: give a captions FILE (or --samples for the packaged photos)", file=sys.stderr)
+        return EXIT_USAGE
+    cs = load_captions(args.file, images=args.images, split=args.split, allow_missing=args.allow_missing)
+    res = evaluate_captions(cs, encoder=args.encoder, cache=args.cache, batch_size=args.batch_size, workers=args.workers)
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "captions_report.json").write_text(json.dumps(res, indent=2))
+    if args.json:
+        _out({k: round(v, 2) for k, v in res["metrics"].items()})
+        return EXIT_OK
+    m = res["metrics"]
+    print(f"{res['dataset']}: {res['images']} images, {res['captions']} captions, encoder {res['encoder']}")
+    print("          R@1     R@5    R@10")
+    for d in ("t2i", "i2t"):
+        print(f"{d}    " + "  ".join(f"{m[f'{d}/recall@{k}']:6.2f}" for k in (1, 5, 10)))
+    return EXIT_OK
+
+
+def cmd_eval_score(args) -> int:
+    from mmretrieve.eval import load_dataset
+    from mmretrieve.eval.submission import score_files
+
+    ds = load_dataset(args.dataset, args.root, args.split, check_images=False)
+    metrics = score_files(ds, args.rankings, args.subset_rankings)
+    if args.json:
+        _out(metrics)
+    else:
+        for k, v in metrics.items():
+            print(f"{k:32s} {v:7.2f}")
+    return EXIT_OK
+
+
 # ---- bench -----------------------------------------------------------------------------------------
 def cmd_bench(args) -> int:
     from mmretrieve import bench
@@ -269,6 +366,58 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-verify", action="store_true", help="skip sha256 verification of the index files")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_search)
+
+    ev = sub.add_parser("eval", parents=[common], help="evaluate on CIRR, FashionIQ, CIRCO or a captioned image set")
+    esub = ev.add_subparsers(dest="eval_cmd", required=True)
+    run_opts = argparse.ArgumentParser(add_help=False)
+    run_opts.add_argument("--root", required=True, help="the dataset's top folder, in its official layout")
+    run_opts.add_argument("--split", default="val", help="val (metrics) or test (official submission files)")
+    run_opts.add_argument("--encoder", default="embedded")
+    run_opts.add_argument("--fusion", default="sum", help="composed fusion: sum, weighted, intersection, text, image")
+    run_opts.add_argument("--fusion-options", default=None, help="e.g. weight=0.7 or k1=200,mode=product")
+    run_opts.add_argument("--rerank", action="append", default=None, help='reranker spec, e.g. "emd:k=50" (repeatable)')
+    run_opts.add_argument("--pipeline", default=None, help="a pipeline preset or YAML file")
+    run_opts.add_argument("--allow-missing", action="store_true", help="evaluate on the images that exist")
+    run_opts.add_argument("--limit", type=int, default=None, help="evaluate the first N queries only")
+    run_opts.add_argument("--out", default=None, help="report folder (default eval-runs/<dataset>-<split>-<time>)")
+    run_opts.add_argument("--cache", default=None, help="gallery feature cache (default $MMRETRIEVE_CACHE/eval)")
+    run_opts.add_argument("--batch-size", type=int, default=None)
+    run_opts.add_argument("--workers", type=int, default=None)
+    run_opts.add_argument("--json", action="store_true", help="print the metrics as one JSON object (percent)")
+    for name, helptext in (("cirr", "CIRR: Recall@1/5/10/50 and Recall_subset@1/2/3"),
+                           ("fashioniq", "FashionIQ: R@10/R@50 per category and average"),
+                           ("circo", "CIRCO: mAP@5/10/25/50 and Recall@k")):
+        ep = esub.add_parser(name, parents=[common, run_opts], help=helptext)
+        if name == "fashioniq":
+            ep.add_argument("--categories", default="dress,shirt,toptee")
+            ep.add_argument("--caption-style", default="searle", choices=["searle", "pic2word", "covr"],
+                            help="how the two captions are joined (default: SEARLE/LinCIR, both orders averaged)")
+        if name == "circo":
+            ep.add_argument("--text-style", default="relative", choices=["relative", "shared"],
+                            help="relative caption only (SEARLE/LinCIR/CIReVL) or with the shared concept")
+        ep.set_defaults(func=cmd_eval_benchmark)
+    ec = esub.add_parser("captions", parents=[common], help="text->image and image->text Recall@1/5/10")
+    ec.add_argument("file", nargs="?", default=None, help="CSV/JSONL with path,caption columns, or a Karpathy/COCO captions JSON")
+    ec.add_argument("--samples", action="store_true",
+                    help="the packaged sample photos with their hand-written captions (plus opencv-doc's, if unpacked)")
+    ec.add_argument("--images", default=None, help="image folder (for Karpathy/COCO JSON)")
+    ec.add_argument("--split", default="test")
+    ec.add_argument("--encoder", default="embedded")
+    ec.add_argument("--allow-missing", action="store_true")
+    ec.add_argument("--cache", default=None)
+    ec.add_argument("--batch-size", type=int, default=None)
+    ec.add_argument("--workers", type=int, default=None)
+    ec.add_argument("--out", default=None)
+    ec.add_argument("--json", action="store_true")
+    ec.set_defaults(func=cmd_eval_captions)
+    es = esub.add_parser("score", parents=[common], help="score a saved ranking file (official format), no model needed")
+    es.add_argument("dataset", choices=["cirr", "circo", "fashioniq"])
+    es.add_argument("--root", required=True)
+    es.add_argument("--split", default="val")
+    es.add_argument("--rankings", required=True, help="CIRR recall file / CIRCO submission / FashionIQ rankings")
+    es.add_argument("--subset-rankings", default=None, help="CIRR recall_subset file (found next to the recall file by default)")
+    es.add_argument("--json", action="store_true")
+    es.set_defaults(func=cmd_eval_score)
 
     e = sub.add_parser("encoders", parents=[common], help="list encoder families")
     e.set_defaults(func=cmd_encoders)

@@ -3,18 +3,14 @@ offline, on the embedded encoder; write an HTML contact sheet of the results."""
 
 from __future__ import annotations
 
-import base64
 import html
-import io
 import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image
-
 from mmretrieve.index import build_index, open_index
-from mmretrieve.media.images import load_image
+from mmretrieve.media.thumbs import thumbnail_data_uri
 from mmretrieve.query import Query
 from mmretrieve.results import SearchResults
 from mmretrieve.samples import sample_images, write_manifest
@@ -36,17 +32,6 @@ def demo_queries(preset: str = "demo") -> tuple[list[DemoQuery], int]:
 
     cfg = load_config(preset)
     return [DemoQuery(**q) for q in cfg["queries"]], int(cfg.get("k", 4))
-
-
-def thumbnail_data_uri(path: str, size: int = 160) -> str:
-    try:
-        im = load_image(path)
-    except Exception:
-        im = Image.new("RGB", (size, size), (220, 220, 220))
-    im.thumbnail((size, size))
-    buf = io.BytesIO()
-    im.save(buf, "JPEG", quality=82)
-    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
 def contact_sheet(rows: list[tuple[str, str | None, SearchResults]], path: Path, title: str) -> Path:

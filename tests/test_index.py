@@ -458,3 +458,13 @@ def test_malicious_pickle_refused(tmp_path):
     with pytest.raises(Exception):  # noqa: B017 - any refusal will do, as long as nothing runs
         torch.load(pt, weights_only=True)
     assert not sentinel.exists()
+
+
+def test_query_image_encoding_matches_ingestion(photo_dir, embedded):
+    """A JPEG decoded for a query gives the same vector it got at ingestion (same draft decoding)."""
+    build_index("photos", photo_dir, encoder=embedded)
+    idx = open_index("photos")
+    for jpg in sorted(photo_dir.rglob("*.jpg"))[:3]:
+        stored = idx.vectors([idx.get(str(jpg.resolve())).id])[0]
+        fresh = embedded.encode_images([jpg])[0]
+        np.testing.assert_allclose(fresh, stored, atol=1e-5)

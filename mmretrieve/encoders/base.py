@@ -132,11 +132,12 @@ class Encoder(ABC):
 
         bs = batch_size or self.batch_size
         tf = self.image_transform
+        draft = getattr(tf, "draft_size", None)  # decode exactly as ingestion does (same pixels, same vector)
         embs: list[np.ndarray] = []
         pats: list[np.ndarray] = []
         for start in range(0, len(images), bs):
             chunk = images[start : start + bs]
-            tensors = [tf(im if isinstance(im, Image.Image) else load_image(im)) for im in chunk]
+            tensors = [tf(im if isinstance(im, Image.Image) else load_image(im, draft_size=draft)) for im in chunk]
             out = self.encode_image_tensors(torch.stack(tensors), patches=patches, patch_grid=patch_grid)
             if patches:
                 embs.append(out[0])

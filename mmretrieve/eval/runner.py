@@ -1,0 +1,258 @@
+"""The evaluation runner: every stage of a pipeline scored with the official metrics, side by side.
+
+Gallery features are computed once and cached on disk as an mmretrieve index keyed by the encoder and
+the image list (``$MMRETRIEVE_CACHE/eval/<dataset>-<split>-<group>-<key>``); reference images reuse their
+stored embeddings and patches; query texts are encoded in batches and the coarse stage is one batched
+FAISS search, so evaluating cached features is a matter of seconds.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from mmretrieve.encoders import Encoder, create_encoder
+from mmretrieve.encoders.embedded import cache_dir as default_cache_root
+from mmretrieve.eval.datasets import CIRDataset, CIRQuery
+from mmretrieve.ingest import progress_enabled
+from mmretrieve.query import FUSIONS, Query
+
+log = logging.getLogger(__name__)
+
+TOP = 50
+
+
+@dataclass
+class EvalResult:
+    dataset: dict[str, Any]
+    config: dict[str, Any]
+    stages: list[str]
+    metrics: dict[str, dict[str, float]] | None
+    #: stage -> query id -> ranking (image ids), long enough for every metric of the dataset
+    rankings: dict[str, dict[str, list[str]]]
+    per_query: list[dict[str, Any]]
+    timings_s: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self, with_rankings: bool = False) -> dict[str, Any]:
+        d = {
+            "dataset": self.dataset,
+            "config": self.config,
+            "stages": self.stages,
+            "metrics": self.metrics,
+            "per_query": self.per_query,
+            "timings_s": {k: round(v, 3) for k, v in self.timings_s.items()},
+        }
+        if with_rankings:
+            d["rankings"] = self.rankings
+        return d
+
+    def flat_metrics(self) -> dict[str, Any]:
+        """What ``--json`` prints: one stage -> its metrics; several -> nested under stage names."""
+        if self.metrics is None:
+            return {}
+        if len(self.stages) == 1:
+            return self.metrics[self.stages[0]]
+        return {s: self.metrics[s] for s in self.stages}
+
+
+def cache_root() -> Path:
+    return default_cache_root() / "eval"
+
+
+def cached_index(tag: str, gallery: dict[str, str], encoder: Encoder, *, patches: bool = False, batch_size=None,
+                 workers=None, cache=None):
+    """Open (or build once) a cached index of ``gallery`` (image id -> path), keyed by the encoder and the
+    image list, under ``cache`` (default ``$MMRETRIEVE_CACHE/eval``)."""
+    from mmretrieve.index import build_index, open_index
+
+    key = hashlib.sha256(
+        json.dumps([encoder.info.to_dict(), sorted(gallery.items()), bool(patches)], sort_keys=True, default=str).encode()
+    ).hexdigest()[:16]
+    base = Path(cache) if cache else cache_root()
+    path = base / f"{tag}-{key}"
+    if (path / "manifest.json").is_file():
+        try:
+            return open_index(path, encoder=encoder, verify=False)
+        except Exception as e:  # a damaged cache is rebuilt, never trusted
+            log.warning("rebuilding the cached gallery index %s (%s)", path, e)
+    path.mkdir(parents=True, exist_ok=True)
+    manifest = path.parent / f"{path.name}.csv"
+    with open(manifest, "w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        w.writerow(["path", "id"])
+        for i, p in sorted(gallery.items()):
+            w.writerow([p, i])
+    log.info("encoding the %s gallery (%d images, once; cached in %s)", tag, len(gallery), path)
+    report = build_index(path, manifest, encoder=encoder, overwrite=True, patches=patches, batch_size=batch_size, workers=workers)
+    if report.skipped:
+        log.warning("%d gallery image(s) could not be read and are not ranked, e.g. %s: %s",
+                    len(report.skipped), report.skipped[0].uri, report.skipped[0].reason)
+    return open_index(path, encoder=encoder, verify=False)
+
+
+def cached_text_embeddings(encoder: Encoder, texts: list[str], cache=None) -> np.ndarray:
+    """``encoder.encode_texts(texts)``, stored once per encoder and text list (re-runs with other fusions
+    or rerankers then cost no text encoding)."""
+    key = hashlib.sha256(json.dumps([encoder.info.to_dict(), texts], sort_keys=True, default=str).encode()).hexdigest()[:16]
+    base = Path(cache) if cache else cache_root()
+    path = base / f"texts-{key}.npy"
+    if path.is_file():
+        try:
+            arr = np.load(path, allow_pickle=False)
+            if arr.shape == (len(texts), encoder.dim):
+                return arr
+        except (OSError, ValueError):
+            log.warning("ignoring unreadable cache file %s", path)
+    arr = encoder.encode_texts(texts)
+    base.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as fh:
+        np.save(fh, arr, allow_pickle=False)
+    tmp.replace(path)
+    return arr
+
+
+def gallery_index(ds: CIRDataset, group, encoder: Encoder, *, patches: bool, batch_size=None, workers=None, cache=None):
+    """The cached index of one gallery of a benchmark (FashionIQ has one per category)."""
+    return cached_index(f"{ds.name}-{ds.split}-{group or 'all'}", ds.galleries[group], encoder, patches=patches,
+                        batch_size=batch_size, workers=workers, cache=cache)
+
+
+def _needs_patches(pipeline) -> bool:
+    if pipeline is None:
+        return False
+    return any(getattr(st, "name", "") == "emd" and getattr(st, "patches", None) is None for st in pipeline.stages)
+
+
+def _stage_labels(pipeline) -> list[str]:
+    return ["coarse"] + (list(pipeline.labels) if pipeline is not None else [])
+
+
+def evaluate(
+    ds: CIRDataset,
+    *,
+    encoder: Encoder | str = "embedded",
+    pipeline=None,
+    fusion: str = "sum",
+    fusion_options: dict | None = None,
+    batch_size: int | None = None,
+    workers: int | None = None,
+    cache: str | Path | None = None,
+    limit: int | None = None,
+) -> EvalResult:
+    """Run the coarse stage (composed fusion ``fusion``) and every reranker of ``pipeline`` on ``ds``."""
+    from mmretrieve.rerank.pipeline import as_pipeline
+
+    t_start = time.perf_counter()
+    enc = create_encoder(encoder) if isinstance(encoder, str) else encoder
+    pipe = as_pipeline(pipeline) if pipeline is not None else None
+    FUSIONS.get(fusion)
+    fusion_options = dict(fusion_options or {})
+    queries = ds.queries[: limit or None]
+    stages = _stage_labels(pipe)
+    rankings: dict[str, dict[str, list[str]]] = {s: {} for s in stages}
+    timings = {"gallery": 0.0, "queries": 0.0}
+    by_group: dict = {}
+    for q in queries:
+        by_group.setdefault(q.group, []).append(q)
+    # one text embedding per distinct phrasing, shared by all groups (cached on disk like the galleries)
+    t0 = time.perf_counter()
+    uniq = sorted({t for q in queries for t in q.texts})
+    text_vec = dict(zip(uniq, cached_text_embeddings(enc, uniq, cache))) if uniq else {}
+    timings["text_encoding"] = time.perf_counter() - t0
+    for group, qs in by_group.items():
+        t0 = time.perf_counter()
+        idx = gallery_index(ds, group, enc, patches=_needs_patches(pipe), batch_size=batch_size, workers=workers, cache=cache)
+        timings["gallery"] += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        keys = {it.id: it.key for it in idx.meta.iter_items()}
+        id_of = {v: k for k, v in keys.items()}
+        n = len(idx)
+        need = n if ds.needs_full_ranking else min(n, TOP + 1)
+        k1 = min(n, pipe.shortlist_size(need) if pipe is not None else need)
+        vecs, qobjs = [], []
+        ref_ids = [id_of.get(q.reference) for q in qs]
+        have = [i for i in ref_ids if i is not None]
+        stored = dict(zip(have, idx.vectors(have))) if have and idx.exact_vectors() else {}
+        for q, rid in zip(qs, ref_ids):
+            t = np.mean([text_vec[x] for x in q.texts], axis=0)
+            t = (t / max(float(np.linalg.norm(t)), 1e-12)).astype(np.float32)
+            if rid is not None and rid in stored:
+                img = stored[rid]
+            else:
+                img = enc.encode_images([ds.galleries[group][q.reference]])[0]
+            vecs.append({"image": img, "text": t})
+            qobjs.append(Query(text=q.texts, image=ds.galleries[group].get(q.reference), fusion=fusion,
+                               options=fusion_options, image_id=rid))
+        coarse = _coarse_batch(idx, vecs, fusion, fusion_options, k1)
+        bar = tqdm(total=len(qs), desc=f"{ds.name} {group or ''}".strip(), unit="q", disable=progress_enabled(), leave=False)
+        for q, qo, (ids, scores) in zip(qs, qobjs, coarse):
+            rankings["coarse"][q.qid] = [keys[int(i)] for i in ids]
+            if pipe is not None:
+                for label, sids, _s, _f, _e, _ms in pipe.stages_from(idx, qo, ids, scores):
+                    rankings[label][q.qid] = [keys[int(i)] for i in sids]
+            bar.update(1)
+        bar.close()
+        timings["queries"] += time.perf_counter() - t0
+        idx.close()
+    metrics = None
+    sub = CIRDataset(ds.name, ds.split, ds.root, ds.galleries, queries, ds.remove_reference, ds.config,
+                     ds.missing_images, ds.dropped_queries, ds.known_ids)
+    if sub.has_targets:
+        metrics = {s: sub.metrics(rankings[s]) for s in stages}
+    per_query = [_diagnostics(sub, q, rankings, stages) for q in queries]
+    timings["total"] = time.perf_counter() - t_start
+    config = {
+        "encoder": enc.info.to_dict(),
+        "fusion": fusion,
+        "fusion_options": fusion_options,
+        "pipeline": pipe.config() if pipe is not None else None,
+        "limit": limit,
+    }
+    summary = sub.summary()
+    summary["queries_evaluated"] = len(queries)
+    return EvalResult(summary, config, stages, metrics, rankings, per_query, timings)
+
+
+def _coarse_batch(idx, vecs: list[dict], fusion: str, options: dict, k: int):
+    """Coarse rankings for many queries: one batched FAISS search for vector fusions."""
+    if not vecs:
+        return []
+    if fusion == "intersection":
+        return [idx.coarse_from_vectors(v, fusion, k, options=options) for v in vecs]
+    fn = FUSIONS.get(fusion)
+    Q = np.stack([fn(v["image"], v["text"], **options) for v in vecs]).astype(np.float32)
+    out = []
+    for s in range(0, len(Q), 1024):
+        D, I = idx.search_vectors(Q[s : s + 1024], k)
+        for d, i in zip(D, I):
+            m = i >= 0
+            out.append((i[m], d[m]))
+    return out
+
+
+def _diagnostics(ds: CIRDataset, q: CIRQuery, rankings, stages) -> dict[str, Any]:
+    d: dict[str, Any] = {"qid": q.qid, "reference": q.reference, "texts": q.texts}
+    if q.group:
+        d["group"] = q.group
+    if q.aspects:
+        d["aspects"] = q.aspects
+    if q.target is not None:
+        d["target"] = q.target
+        d["ranks"] = {s: ds.target_rank(q, rankings[s][q.qid]) for s in stages}
+    d["top5"] = {s: _top(ds, q, rankings[s][q.qid], 5) for s in stages}
+    return d
+
+
+def _top(ds: CIRDataset, q: CIRQuery, ranking: list[str], n: int) -> list[str]:
+    r = [x for x in ranking if x != q.reference] if ds.remove_reference else ranking
+    return r[:n]
