@@ -60,7 +60,7 @@ def _load_plugins() -> None:
     """Import modules that register more benchmarks (kept lazy so `mmretrieve --help` stays fast)."""
     import importlib
 
-    for mod in ("mmretrieve.rerank.bench", "mmretrieve.video.bench", "mmretrieve.rerank.mllm_bench"):
+    for mod in ("mmretrieve.rerank.bench", "mmretrieve.media.video_bench", "mmretrieve.rerank.mllm_bench"):
         try:
             importlib.import_module(mod)
         except ModuleNotFoundError as e:

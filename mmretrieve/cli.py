@@ -69,10 +69,12 @@ def _report_out(report, args) -> int:
 def cmd_index_build(args) -> int:
     from mmretrieve.index import build_index
 
+    video = {"num_frames": args.frames, "fps": args.fps, "max_frames": args.max_frames, "pooling": args.video_pooling,
+             "frame_entries": args.frame_entries or None, "timeout": args.video_timeout}
     report = build_index(
         args.name, args.source, encoder=args.encoder, index_dir=args.index_dir, factory=args.factory,
-        patches=_patches_arg(args), overwrite=args.overwrite, batch_size=args.batch_size, workers=args.workers,
-        on_bad_vectors=args.on_bad_vectors, strict=args.strict,
+        patches=_patches_arg(args), video={k: v for k, v in video.items() if v is not None}, overwrite=args.overwrite,
+        batch_size=args.batch_size, workers=args.workers, on_bad_vectors=args.on_bad_vectors, strict=args.strict,
     )
     return _report_out(report, args)
 
@@ -148,14 +150,17 @@ def cmd_search(args) -> int:
     from mmretrieve.index import open_index
     from mmretrieve.query import Query
 
-    if args.text is None and args.image is None:
-        print("error: give --text, --image, or both (a composed query)", file=sys.stderr)
+    if args.text is None and args.image is None and args.video is None:
+        print("error: give --text, --image or --video, or an image/video plus --text (a composed query)", file=sys.stderr)
+        return EXIT_USAGE
+    if args.image is not None and args.video is not None:
+        print("error: give --image or --video, not both", file=sys.stderr)
         return EXIT_USAGE
     idx = open_index(args.name, index_dir=args.index_dir, verify=not args.no_verify, encoder=args.encoder)
     options = parse_kv(args.fusion_options) if args.fusion_options else {}
     if args.weight is not None:
         options["weight"] = args.weight
-    query = Query(text=args.text, image=args.image, fusion=args.fusion, options=options)
+    query = Query(text=args.text, image=args.image, video=args.video, fusion=args.fusion, options=options)
     pipeline = None
     if args.pipeline or args.rerank:
         from mmretrieve.rerank.pipeline import Pipeline
@@ -208,13 +213,19 @@ def cmd_eval_benchmark(args) -> int:
         kw.update(categories=args.categories, caption_style=args.caption_style)
     if args.eval_cmd == "circo":
         kw.update(text_style=args.text_style)
+    video = None
+    if args.eval_cmd == "egocvr":
+        kw.update(text=args.text, videos=args.videos)
+        video = {"num_frames": args.frames}
+        if args.split == "val":
+            args.split = "test"  # EgoCVR has one evaluation split
     ds = load_dataset(args.eval_cmd, args.root, args.split, **kw)
     if ds.dropped_queries:
         print(f"note: {len(ds.missing_images)} missing image(s); {ds.dropped_queries} quer{'y' if ds.dropped_queries == 1 else 'ies'} dropped", file=sys.stderr)
     res = evaluate(
         ds, encoder=args.encoder, pipeline=_pipeline_arg(args), fusion=args.fusion,
         fusion_options=parse_kv(args.fusion_options) if args.fusion_options else None,
-        batch_size=args.batch_size, workers=args.workers, cache=args.cache, limit=args.limit,
+        batch_size=args.batch_size, workers=args.workers, cache=args.cache, limit=args.limit, video=video,
     )
     out = write_report(res, ds, _eval_out(args))
     if args.json:
@@ -328,6 +339,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--patch-grid", type=int, default=None, help="pool the patch grid to GxG (implies --patches)")
     b.add_argument("--patch-dim", type=int, default=None, help="project patch features to D dims (implies --patches)")
     b.add_argument("--overwrite", action="store_true", help="replace an existing index (atomically, as a new version)")
+    b.add_argument("--frames", type=int, default=None, help="videos: N uniformly sampled frames per clip (default 8)")
+    b.add_argument("--fps", type=float, default=None, help="videos: sample at a fixed rate instead (frames per second)")
+    b.add_argument("--max-frames", type=int, default=None, help="videos: cap on frames per clip with --fps (default 32)")
+    b.add_argument("--video-pooling", choices=["mean", "middle"], default=None, help="videos: how frames make the video vector")
+    b.add_argument("--frame-entries", action="store_true", help="videos: also index every frame (moment search)")
+    b.add_argument("--video-timeout", type=float, default=None, help="videos: seconds per file before the decoder is killed (60)")
     b.set_defaults(func=cmd_index_build)
 
     a = isub.add_parser("add", parents=[common, ingest_opts], help="add new or changed files")
@@ -355,6 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("name")
     s.add_argument("--text", default=None)
     s.add_argument("--image", default=None)
+    s.add_argument("--video", default=None, help="a query video (its frames are encoded and pooled)")
     s.add_argument("--fusion", default="sum", help="composed queries: sum, weighted, intersection, text, image")
     s.add_argument("--weight", type=float, default=None, help="text weight for --fusion weighted (0..1)")
     s.add_argument("--fusion-options", default=None, help="e.g. 'k1=200,mode=product' for intersection")
@@ -386,8 +404,14 @@ def build_parser() -> argparse.ArgumentParser:
     run_opts.add_argument("--json", action="store_true", help="print the metrics as one JSON object (percent)")
     for name, helptext in (("cirr", "CIRR: Recall@1/5/10/50 and Recall_subset@1/2/3"),
                            ("fashioniq", "FashionIQ: R@10/R@50 per category and average"),
-                           ("circo", "CIRCO: mAP@5/10/25/50 and Recall@k")):
+                           ("circo", "CIRCO: mAP@5/10/25/50 and Recall@k"),
+                           ("egocvr", "EgoCVR: global R@1/5/10 and local R@1/2/3 (composed video retrieval)")):
         ep = esub.add_parser(name, parents=[common, run_opts], help=helptext)
+        if name == "egocvr":
+            ep.add_argument("--text", default="tfcvr", choices=["tfcvr", "instruction", "gt"],
+                            help="query text: the modified captions (TF-CVR, default), the instruction, or the target narration")
+            ep.add_argument("--videos", default=None, help="clip folder (<videos>/<video_uid>/<clip>.mp4)")
+            ep.add_argument("--frames", type=int, default=15, help="frames sampled per clip (EgoCVR: 15)")
         if name == "fashioniq":
             ep.add_argument("--categories", default="dress,shirt,toptee")
             ep.add_argument("--caption-style", default="searle", choices=["searle", "pic2word", "covr"],
@@ -411,7 +435,7 @@ def build_parser() -> argparse.ArgumentParser:
     ec.add_argument("--json", action="store_true")
     ec.set_defaults(func=cmd_eval_captions)
     es = esub.add_parser("score", parents=[common], help="score a saved ranking file (official format), no model needed")
-    es.add_argument("dataset", choices=["cirr", "circo", "fashioniq"])
+    es.add_argument("dataset", choices=["cirr", "circo", "fashioniq", "egocvr"])
     es.add_argument("--root", required=True)
     es.add_argument("--split", default="val")
     es.add_argument("--rankings", required=True, help="CIRR recall file / CIRCO submission / FashionIQ rankings")

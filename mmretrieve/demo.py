@@ -13,7 +13,7 @@ from mmretrieve.index import build_index, open_index
 from mmretrieve.media.thumbs import thumbnail_data_uri
 from mmretrieve.query import Query
 from mmretrieve.results import SearchResults
-from mmretrieve.samples import sample_images, write_manifest
+from mmretrieve.samples import sample_images, sample_videos, write_manifest
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +23,10 @@ class DemoQuery:
     title: str
     text: str | None = None
     image: str | None = None  # a sample id
+    video: str | None = None  # a sample video id
     fusion: str = "sum"
+    options: dict | None = None
+    pipeline: str | None = None
 
 
 def demo_queries(preset: str = "demo") -> tuple[list[DemoQuery], int]:
@@ -56,9 +59,10 @@ def contact_sheet(rows: list[tuple[str, str | None, SearchResults]], path: Path,
             parts.append(f"<p><b>&ldquo;{html.escape(q['text'])}&rdquo;</b></p>")
         parts.append("</div>")
         for h in res.hits:
+            moment = f" @ {h.extra['timestamp']:.1f}s" if "timestamp" in h.extra else ""
             parts.append(
                 f"<div class='hit'><img src='{thumbnail_data_uri(h.uri)}' alt=''>"
-                f"<div>#{h.rank} {html.escape(h.key)}</div><div class='s'>score {h.score:.3f}</div></div>"
+                f"<div>#{h.rank} {html.escape(h.key)}{moment}</div><div class='s'>score {h.score:.3f}</div></div>"
             )
         parts.append("</div>")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -84,26 +88,38 @@ def run_demo(
             "the demo indexes sample photographs shipped by scikit-image, scikit-learn and matplotlib; "
             "install them with `pip install 'mmretrieve[demo]'`"
         )
-    by_id = {s.id: s for s in samples}
+    videos = sample_videos()
+    by_id = {s.id: s for s in samples + videos}
     queries, default_k = demo_queries(preset)
     k = k or default_k
-    manifest = write_manifest(samples, out / "gallery.csv")
+    # the heavily compressed copy of a clip is kept out of the gallery: it is the demo's query video
+    gallery = samples + [v for v in videos if v.id != "carphone_distorted"]
+    manifest = write_manifest(gallery, out / "gallery.csv")
     t0 = time.perf_counter()
-    report = build_index("demo", manifest, encoder=encoder, index_dir=index_dir, overwrite=True, patches=True)
-    print_fn(f"indexed {report.added} sample images in {time.perf_counter() - t0:.1f}s -> {report.index_path}")
+    report = build_index("demo", manifest, encoder=encoder, index_dir=index_dir, overwrite=True, patches=True,
+                         video={"num_frames": 16})
+    n_vid = sum(1 for v in gallery if v in videos)
+    print_fn(f"indexed {report.added} sample photos and videos ({n_vid} videos) in {time.perf_counter() - t0:.1f}s "
+             f"-> {report.index_path}")
     idx = open_index(report.index_path)
     rows = []
     results = []
     for dq in queries:
-        if dq.image and dq.image not in by_id:
+        if (dq.image and dq.image not in by_id) or (dq.video and dq.video not in by_id):
             continue
         img = by_id[dq.image].path if dq.image else None
-        res = idx.search(Query(text=dq.text, image=img, fusion=dq.fusion), k=k)
-        desc = " + ".join(x for x in [f"[{dq.image}]" if dq.image else None, f'"{dq.text}"' if dq.text else None] if x)
+        vid = by_id[dq.video].path if dq.video else None
+        res = idx.search(Query(text=dq.text, image=img, video=vid, fusion=dq.fusion, options=dict(dq.options or {})),
+                         k=k, pipeline=dq.pipeline)
+        ref = dq.image or dq.video
+        desc = " + ".join(x for x in [f"[{ref}]" if ref else None, f'"{dq.text}"' if dq.text else None] if x)
+        if dq.pipeline:
+            desc += f"  (re-ranked: {dq.pipeline})"
         print_fn(f"\n{dq.title}: {desc}")
         print_fn(res.table())
-        rows.append((dq.title, img, res))
-        results.append({"title": dq.title, "query": res.query, "top": res.keys})
+        rows.append((dq.title, img or vid, res))
+        results.append({"title": dq.title, "query": res.query, "top": res.keys,
+                        "moments": [h.extra.get("timestamp") for h in res]})
     sheet = contact_sheet(rows, out / "contact_sheet.html", "mmretrieve demo (embedded offline encoder)")
     print_fn(f"\ncontact sheet: {sheet.resolve()}")
     return {"index": report.index_path, "contact_sheet": str(sheet.resolve()), "queries": results}

@@ -187,7 +187,16 @@ def ingest(
     workers: int | None = None,
     on_bad_vectors: str = "error",
 ) -> None:
-    """Encode ``items`` and add them to ``writer`` (an ``IndexWriter``), recording skips in ``report``."""
+    """Encode ``items`` and add them to ``writer`` (an ``IndexWriter``), recording skips in ``report``.
+    Images are decoded by a DataLoader's workers; videos by a ``TimeoutPool`` (see ``video_ingest``)."""
+    videos = [it for it in items if it.kind == "video"]
+    items = [it for it in items if it.kind != "video"]
+    if videos:
+        from mmretrieve.media.video_ingest import ingest_videos
+
+        ingest_videos(writer, videos, encoder, report, batch_size=batch_size, workers=workers, on_bad_vectors=on_bad_vectors)
+    if not items:
+        return
     pcfg = writer.patch_cfg
     with_patches = pcfg is not None
     proj = None

@@ -42,6 +42,8 @@ class Query:
     fusion: str = "sum"
     options: dict[str, Any] = field(default_factory=dict)
     image_id: int | None = None
+    #: per-query memo of encoded vectors (filled by the index; not part of the query's identity)
+    cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.text, (list, tuple)):

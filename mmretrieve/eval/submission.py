@@ -39,6 +39,13 @@ def submission_files(ds: CIRDataset, full: dict[str, list[str]]) -> dict[str, di
         return {"recall.json": main, "recall_subset.json": subset}
     if ds.name == "circo":
         return {"circo.json": {qid: [int(x) for x in r[:TOP]] for qid, r in full.items()}}
+    if ds.name == "egocvr":  # the rankings filtered to each protocol's gallery (what the metrics read)
+        by_q = {q.qid: q for q in ds.queries}
+        out = {}
+        for qid, r in full.items():
+            q = by_q[qid]
+            out[qid] = {p: [x for x in r if x in set(q.info.get(f"{p}_gallery") or [])][:TOP] for p in ("global", "local")}
+        return {"egocvr.json": out}
     return {f"{ds.name}.json": {qid: r[:TOP] for qid, r in full.items()}}
 
 
@@ -127,6 +134,31 @@ def score_files(ds: CIRDataset, rankings_path: str | Path, subset_path: str | Pa
     if ds.name == "circo":
         rec = _validate_lists(rankings_path, data, ds, min_len=min(TOP, len(ds.galleries[None])), cast=int)
         return M.circo_metrics(rec, ds.queries)
+    if ds.name == "egocvr":
+        by_q = {q.qid: q for q in ds.queries}
+        unknown = [k for k in data if k not in by_q]
+        if unknown:
+            raise SubmissionError(f"{rankings_path}: unknown query id {unknown[0]!r}")
+        out = {}
+        for proto, ks in M.EGOCVR_KS.items():
+            hits = {k: [] for k in ks}
+            for q in ds.queries:
+                lst = (data.get(q.qid) or {}).get(proto)
+                if lst is None:
+                    raise SubmissionError(f"{rankings_path}: query {q.qid} has no {proto} ranking")
+                if len(set(lst)) != len(lst):
+                    raise SubmissionError(f"{rankings_path}: query {q.qid}: duplicate ids in the {proto} ranking")
+                stray = [x for x in lst if x not in set(q.info.get(f"{proto}_gallery") or [])]
+                if stray:
+                    raise SubmissionError(f"{rankings_path}: query {q.qid}: {stray[0]!r} is not in its {proto} gallery")
+                if len(lst) < M.EGOCVR_MIN_GALLERY:
+                    continue
+                for k in ks:
+                    hits[k].append(1.0 if set(q.gts) & set(lst[:k]) else 0.0)
+            for k in ks:
+                out[f"{proto}/recall@{k}"] = M._pct(hits[k])
+            out[f"{proto}/queries"] = float(len(hits[ks[0]]))
+        return out
     if ds.name == "fashioniq":
         rec = _validate_lists(rankings_path, data, ds, min_len=min(TOP, min(len(g) for g in ds.galleries.values())))
         return M.fashioniq_metrics(rec, ds.queries)

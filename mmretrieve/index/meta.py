@@ -29,6 +29,9 @@ CREATE TABLE IF NOT EXISTS items(
     added_at REAL,
     patch_seg TEXT,
     patch_row INTEGER,
+    frame_seg TEXT,
+    frame_start INTEGER,
+    frame_count INTEGER,
     extra TEXT
 );
 CREATE INDEX IF NOT EXISTS items_uri ON items(uri);
@@ -44,7 +47,10 @@ CREATE TABLE IF NOT EXISTS tombstones(id INTEGER PRIMARY KEY);
 CREATE TABLE IF NOT EXISTS info(k TEXT PRIMARY KEY, v TEXT NOT NULL);
 """
 
-ITEM_COLUMNS = ("id", "key", "uri", "kind", "size", "mtime", "caption", "width", "height", "added_at", "patch_seg", "patch_row", "extra")
+ITEM_COLUMNS = (
+    "id", "key", "uri", "kind", "size", "mtime", "caption", "width", "height", "added_at", "patch_seg", "patch_row",
+    "frame_seg", "frame_start", "frame_count", "extra",
+)
 
 
 @dataclass
@@ -63,6 +69,10 @@ class Item:
     added_at: float | None = None
     patch_seg: str | None = None
     patch_row: int | None = None
+    #: videos: their per-frame embeddings are rows frame_start .. frame_start + frame_count of frame_seg
+    frame_seg: str | None = None
+    frame_start: int | None = None
+    frame_count: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -72,7 +82,8 @@ class Item:
     def to_row(self) -> tuple:
         return (
             self.id, self.key, self.uri, self.kind, self.size, self.mtime, self.caption, self.width, self.height,
-            self.added_at, self.patch_seg, self.patch_row, json.dumps(self.extra) if self.extra else None,
+            self.added_at, self.patch_seg, self.patch_row, self.frame_seg, self.frame_start, self.frame_count,
+            json.dumps(self.extra) if self.extra else None,
         )
 
 
@@ -230,3 +241,26 @@ class MetaDB:
 
     def patch_segments(self) -> list[str]:
         return [r[0] for r in self.conn.execute("SELECT DISTINCT patch_seg FROM items WHERE patch_seg IS NOT NULL")]
+
+    def frame_spans(self, ids: Sequence[int]) -> dict[int, tuple[str | None, int | None, int | None, str | None]]:
+        """id -> (frame_seg, frame_start, frame_count, extra JSON): the lookups the frames reranker needs,
+        without building Item objects."""
+        out = {}
+        ids = [int(i) for i in ids]
+        for start in range(0, len(ids), 900):
+            chunk = ids[start : start + 900]
+            q = f"SELECT id, frame_seg, frame_start, frame_count, extra FROM items WHERE id IN ({','.join('?' * len(chunk))})"
+            for r in self.conn.execute(q, chunk):
+                out[r[0]] = r[1:]
+        return out
+
+    def frame_item_ids(self, video_keys: Sequence[str]) -> list[int]:
+        """Ids of the per-frame entries (kind 'frame') of these videos."""
+        out: list[int] = []
+        for k in video_keys:
+            out += [r[0] for r in self.conn.execute(
+                "SELECT id FROM items WHERE kind='frame' AND json_extract(extra, '$.video')=?", (k,))]
+        return out
+
+    def frame_segments(self) -> list[str]:
+        return [r[0] for r in self.conn.execute("SELECT DISTINCT frame_seg FROM items WHERE frame_seg IS NOT NULL")]

@@ -239,6 +239,7 @@ class IndexWriter:
         factory: str = DEFAULT_FACTORY,
         metric: str = "ip",
         patches: dict | None = None,
+        video: dict | None = None,
         create: bool = False,
         overwrite: bool = False,
     ) -> None:
@@ -249,6 +250,8 @@ class IndexWriter:
         self._acquire_lock()
         try:
             self._setup(encoder_info, factory, metric, patches, create, overwrite)
+            if video is not None:
+                self.manifest["video"] = dict(video)
         except BaseException:
             self._release_lock()
             raise
@@ -324,6 +327,10 @@ class IndexWriter:
         self._segment_name: str | None = None
         self._segment_rows = 0
         self._pending: list[tuple[np.ndarray, np.ndarray]] = []  # buffered vectors while untrained
+        self._frames: list[np.ndarray] = []  # per-frame embeddings of videos added in this write
+        self._frame_ts: list[np.ndarray] = []
+        self._frame_rows = 0
+        self._frame_segment = f"frames-{self.version}.npy"
 
     def _clean_strays(self) -> None:
         live = None
@@ -354,6 +361,12 @@ class IndexWriter:
     def patch_cfg(self) -> dict | None:
         return self.manifest.get("patches")
 
+    @property
+    def video_cfg(self) -> dict:
+        from mmretrieve.media.video_ingest import resolve_video_config
+
+        return resolve_video_config(self.manifest.get("video"))
+
     def begin_patch_segment(self, capacity: int, n_patches: int, patch_dim: int) -> None:
         """Open a new fp16 segment with room for ``capacity`` rows (unused rows simply stay unreferenced)."""
         from numpy.lib.format import open_memmap
@@ -378,12 +391,14 @@ class IndexWriter:
         vectors: np.ndarray,
         patches: np.ndarray | None = None,
         *,
+        frames: Sequence[tuple[np.ndarray, np.ndarray] | None] | None = None,
         on_bad_vectors: str = "error",
     ) -> list[Item]:
         """Add (or replace, when ``item.key`` exists) items with their embeddings. Returns the stored items.
 
-        ``on_bad_vectors``: NaN/inf/zero-norm/wrong-length rows raise (``"error"``) or are dropped and
-        recorded as skipped (``"drop"``).
+        ``frames``: per item, ``(frame embeddings (T, D), timestamps (T,))`` for videos (stored fp16 in the
+        frame side-store) or ``None``. ``on_bad_vectors``: NaN/inf/zero-norm/wrong-length rows raise
+        (``"error"``) or are dropped and recorded as skipped (``"drop"``).
         """
         vectors = np.ascontiguousarray(np.asarray(vectors, dtype=np.float32))
         if vectors.ndim != 2 or vectors.shape[1] != self.dim:
@@ -404,6 +419,7 @@ class IndexWriter:
             items = [items[i] for i in keep]
             vectors = vectors[keep]
             patches = patches[keep] if patches is not None else None
+            frames = [frames[i] for i in keep] if frames is not None else None
         if not len(items):
             return []
         keys = [it.key for it in items]
@@ -436,6 +452,18 @@ class IndexWriter:
             for j, it in enumerate(stored):
                 it.patch_seg, it.patch_row = self._segment_name, self._segment_rows + j
             self._segment_rows += len(stored)
+        if frames is not None:
+            for it, fr in zip(stored, frames):
+                if fr is None:
+                    continue
+                emb, ts = fr
+                emb = np.asarray(emb, dtype=np.float32)
+                if emb.ndim != 2 or emb.shape[1] != self.dim or len(ts) != len(emb):
+                    raise ValueError(f"frames of {it.uri}: expected ({len(ts)}, {self.dim}) embeddings, got {emb.shape}")
+                it.frame_seg, it.frame_start, it.frame_count = self._frame_segment, self._frame_rows, len(emb)
+                self._frames.append(emb.astype(np.float16))
+                self._frame_ts.append(np.asarray(ts, dtype=np.float32))
+                self._frame_rows += len(emb)
         self.meta.upsert_items(stored)
         self._add_vectors(vectors, ids)
         return stored
@@ -518,10 +546,16 @@ class IndexWriter:
             "tombstones": tomb,
             "ntotal": int(self.index.ntotal),
         }
+        if self._frames:
+            for arr, suffix in ((np.concatenate(self._frames), ".npy"), (np.concatenate(self._frame_ts), ".ts.npy")):
+                with open(self.tmpdir / self._frame_segment.replace(".npy", suffix), "wb") as fh:
+                    np.save(fh, arr, allow_pickle=False)
         # drop segments no live item references any more
         used = set(self.meta.patch_segments())
+        for seg in self.meta.frame_segments():
+            used |= {seg, seg.replace(".npy", ".ts.npy")}
         for f in os.listdir(self.tmpdir):
-            if f.startswith("patches-") and f not in used:
+            if f.startswith(("patches-", "frames-")) and f not in used:
                 os.unlink(self.tmpdir / f)
         _crash_point("before-index-write")
         faiss.write_index(self.index, str(self.tmpdir / "index.faiss"))

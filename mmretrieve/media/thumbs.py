@@ -11,9 +11,17 @@ from mmretrieve.media.images import load_image
 
 
 def thumbnail_data_uri(path: str | None, size: int = 160) -> str:
-    """A JPEG data URI of ``path`` fitted in ``size`` px; a grey square when the file cannot be read."""
+    """A JPEG data URI of ``path`` (a video: its middle frame) fitted in ``size`` px; a grey square when
+    the file cannot be read."""
+    from mmretrieve.media.scan import media_kind
+
     try:
-        im = load_image(path, draft_size=size) if path else None
+        if path and media_kind(path) == "video":
+            from mmretrieve.media.video import sample_frames
+
+            im = sample_frames(path, num_frames=1).images[0]
+        else:
+            im = load_image(path, draft_size=size) if path else None
     except Exception:
         im = None
     if im is None:
