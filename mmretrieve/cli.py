@@ -160,12 +160,13 @@ def cmd_search(args) -> int:
     options = parse_kv(args.fusion_options) if args.fusion_options else {}
     if args.weight is not None:
         options["weight"] = args.weight
-    query = Query(text=args.text, image=args.image, video=args.video, fusion=args.fusion, options=options)
     pipeline = None
     if args.pipeline or args.rerank:
         from mmretrieve.rerank.pipeline import Pipeline
 
         pipeline = Pipeline.from_config(args.pipeline) if args.pipeline else Pipeline.from_specs(args.rerank)
+    fusion = args.fusion or (pipeline.coarse_fusion if pipeline is not None else None) or "sum"
+    query = Query(text=args.text, image=args.image, video=args.video, fusion=fusion, options=options)
     res = idx.search(query, k=args.k, exclude_reference=not args.keep_reference, pipeline=pipeline)
     if args.json:
         _out(res.to_dict())
@@ -205,7 +206,7 @@ def _eval_out(args) -> Path:
 
 def cmd_eval_benchmark(args) -> int:
     from mmretrieve.config import parse_kv
-    from mmretrieve.eval import evaluate, load_dataset
+    from mmretrieve.eval import evaluate_fusions, load_dataset
     from mmretrieve.eval.report import write_report
 
     kw: dict = {"allow_missing": args.allow_missing}
@@ -222,8 +223,10 @@ def cmd_eval_benchmark(args) -> int:
     ds = load_dataset(args.eval_cmd, args.root, args.split, **kw)
     if ds.dropped_queries:
         print(f"note: {len(ds.missing_images)} missing image(s); {ds.dropped_queries} quer{'y' if ds.dropped_queries == 1 else 'ies'} dropped", file=sys.stderr)
-    res = evaluate(
-        ds, encoder=args.encoder, pipeline=_pipeline_arg(args), fusion=args.fusion,
+    pipeline = _pipeline_arg(args)
+    fusions = [f.strip() for f in (args.fusion or (pipeline.coarse_fusion if pipeline is not None else None) or "sum").split(",")]
+    res = evaluate_fusions(
+        ds, fusions, encoder=args.encoder, pipeline=pipeline,
         fusion_options=parse_kv(args.fusion_options) if args.fusion_options else None,
         batch_size=args.batch_size, workers=args.workers, cache=args.cache, limit=args.limit, video=video,
     )
@@ -234,7 +237,7 @@ def cmd_eval_benchmark(args) -> int:
     if res.metrics:
         keys = [k for k in res.metrics[res.stages[0]] if not k.startswith("aspect/")]
         width = max(len(s) for s in res.stages)
-        print(f"{ds.name} {ds.split}: {len(res.per_query)} queries, encoder {res.config['encoder']['name']}, fusion {args.fusion}")
+        print(f"{ds.name} {ds.split}: {len(res.per_query)} queries, encoder {res.config['encoder']['name']}, fusion {res.config['fusion']}")
         print(" " * (width + 2) + "  ".join(f"{k:>{max(8, len(k))}}" for k in keys))
         for s in res.stages:
             print(f"{s:<{width}}  " + "  ".join(f"{res.metrics[s][k]:>{max(8, len(k))}.2f}" for k in keys))
@@ -373,7 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--text", default=None)
     s.add_argument("--image", default=None)
     s.add_argument("--video", default=None, help="a query video (its frames are encoded and pooled)")
-    s.add_argument("--fusion", default="sum", help="composed queries: sum, weighted, intersection, text, image")
+    s.add_argument("--fusion", default=None, help="composed queries: sum (default), weighted, intersection, text, image")
     s.add_argument("--weight", type=float, default=None, help="text weight for --fusion weighted (0..1)")
     s.add_argument("--fusion-options", default=None, help="e.g. 'k1=200,mode=product' for intersection")
     s.add_argument("--keep-reference", action="store_true", help="composed queries: keep the reference image in results")
@@ -391,7 +394,9 @@ def build_parser() -> argparse.ArgumentParser:
     run_opts.add_argument("--root", required=True, help="the dataset's top folder, in its official layout")
     run_opts.add_argument("--split", default="val", help="val (metrics) or test (official submission files)")
     run_opts.add_argument("--encoder", default="embedded")
-    run_opts.add_argument("--fusion", default="sum", help="composed fusion: sum, weighted, intersection, text, image")
+    run_opts.add_argument("--fusion", default=None,
+                          help="composed fusion: sum (default), weighted, intersection, text, image; several "
+                               "comma-separated (sum,intersection) are evaluated side by side")
     run_opts.add_argument("--fusion-options", default=None, help="e.g. weight=0.7 or k1=200,mode=product")
     run_opts.add_argument("--rerank", action="append", default=None, help='reranker spec, e.g. "emd:k=50" (repeatable)')
     run_opts.add_argument("--pipeline", default=None, help="a pipeline preset or YAML file")

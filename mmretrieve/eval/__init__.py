@@ -8,6 +8,6 @@ with the official metric definitions, per-stage reports and official submission 
 """
 
 from mmretrieve.eval.datasets import DATASETS, CIRDataset, CIRQuery, DatasetError, load_dataset
-from mmretrieve.eval.runner import EvalResult, evaluate
+from mmretrieve.eval.runner import EvalResult, evaluate, evaluate_fusions
 
-__all__ = ["DATASETS", "CIRDataset", "CIRQuery", "DatasetError", "load_dataset", "EvalResult", "evaluate"]
+__all__ = ["DATASETS", "CIRDataset", "CIRQuery", "DatasetError", "load_dataset", "EvalResult", "evaluate", "evaluate_fusions"]

@@ -26,9 +26,11 @@ log = logging.getLogger(__name__)
 
 def changes(result: EvalResult, k: int = 1) -> dict[str, dict[str, int]]:
     """For each stage after the first: how many queries it *fixed* (target not in the previous stage's top
-    ``k``, in its own) and *broke* (the reverse)."""
+    ``k``, in its own) and *broke* (the reverse). With several fusions side by side (``sum/coarse``,
+    ``sum/emd``, ``intersection/coarse`` ...) each stage is compared with the previous one of its run."""
     out = {}
-    for prev, cur in zip(result.stages, result.stages[1:]):
+    pairs = [(p, c) for p, c in zip(result.stages, result.stages[1:]) if p.rpartition("/")[0] == c.rpartition("/")[0]]
+    for prev, cur in pairs:
         fixed = broke = 0
         for q in result.per_query:
             r = q.get("ranks")
@@ -47,7 +49,7 @@ def write_report(result: EvalResult, ds: CIRDataset, out_dir: str | Path, *, gal
     out.mkdir(parents=True, exist_ok=True)
     ranking_files = {}
     for stage in result.stages:
-        paths = write_submission(ds, result.rankings[stage], out / "rankings" / stage)
+        paths = write_submission(ds, result.rankings[stage], out / "rankings" / stage.replace("/", "-"))
         ranking_files[stage] = [str(p.relative_to(out)) for p in paths]
     report = result.to_dict()
     report["ranking_files"] = ranking_files
@@ -91,7 +93,7 @@ def markdown(result: EvalResult, report: dict[str, Any]) -> str:
             lines.append("")
             lines.append("| stage | fixed@1 | broke@1 | fixed@5 | broke@5 | fixed@10 | broke@10 |")
             lines.append("|---|---|---|---|---|---|---|")
-            for s in result.stages[1:]:
+            for s in report["changes"]["@1"]:
                 c = [report["changes"][f"@{k}"][s] for k in (1, 5, 10)]
                 lines.append(f"| {s} | " + " | ".join(f"{x['fixed']} | {x['broke']}" for x in c) + " |")
             lines.append("")
@@ -152,6 +154,9 @@ def gallery_html(result: EvalResult, ds: CIRDataset, path: Path, n: int = 12) ->
         r = q["ranks"][s]
         return big if r is None else r
 
+    if "/" in last:  # several fusions side by side: compare within the last run
+        prefix = last.rpartition("/")[0] + "/"
+        first = next(s for s in result.stages if s.startswith(prefix))
     worst = sorted(rows, key=lambda q: -rank(q, last))[:n]
     improved = sorted(rows, key=lambda q: rank(q, last) - rank(q, first))[:n] if len(result.stages) > 1 else []
     improved = [q for q in improved if rank(q, last) < rank(q, first)]

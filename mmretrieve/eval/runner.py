@@ -270,3 +270,26 @@ def _diagnostics(ds: CIRDataset, q: CIRQuery, rankings, stages) -> dict[str, Any
 def _top(ds: CIRDataset, q: CIRQuery, ranking: list[str], n: int) -> list[str]:
     r = [x for x in ranking if x != q.reference] if ds.remove_reference else ranking
     return r[:n]
+
+
+def evaluate_fusions(ds: CIRDataset, fusions: list[str], **kw) -> EvalResult:
+    """``evaluate`` once per composed fusion (e.g. ``["sum", "intersection"]``) and put the runs side by
+    side: stage names become ``<fusion>/<stage>``. Gallery and text features are shared (cached)."""
+    if len(fusions) == 1:
+        return evaluate(ds, fusion=fusions[0], **kw)
+    runs = [(f, evaluate(ds, fusion=f, **kw)) for f in fusions]
+    first = runs[0][1]
+    stages = [f"{f}/{s}" for f, r in runs for s in r.stages]
+    rankings = {f"{f}/{s}": r.rankings[s] for f, r in runs for s in r.stages}
+    metrics = None if first.metrics is None else {f"{f}/{s}": r.metrics[s] for f, r in runs for s in r.stages}
+    per_query = []
+    for j, q in enumerate(first.per_query):
+        d = {k: v for k, v in q.items() if k not in ("ranks", "top5")}
+        if "ranks" in q:
+            d["ranks"] = {f"{f}/{s}": r.per_query[j]["ranks"][s] for f, r in runs for s in r.stages}
+        d["top5"] = {f"{f}/{s}": r.per_query[j]["top5"][s] for f, r in runs for s in r.stages}
+        per_query.append(d)
+    config = {**first.config, "fusion": ",".join(fusions), "fusions": {f: r.config for f, r in runs}}
+    timings = {f"{f}/{k}": v for f, r in runs for k, v in r.timings_s.items()}
+    timings["total"] = sum(r.timings_s.get("total", 0.0) for _, r in runs)
+    return EvalResult(first.dataset, config, stages, metrics, rankings, per_query, timings)

@@ -541,19 +541,8 @@ def build_index(
     report = IngestReport(scanned=len(scan.items) + len(scan.missing), ignored=scan.ignored, index_path=str(path))
     writer = IndexWriter(path, encoder_info=enc.info.to_dict(), factory=factory, patches=pcfg, video=vcfg, create=True,
                          overwrite=overwrite)
-    try:
-        missing = [_missing(it) for it in scan.missing]
-        writer.record_skipped(missing)
-        report.skipped.extend(missing)
-        ingest(writer, scan.items, enc, report, batch_size=batch_size, workers=workers, on_bad_vectors=on_bad_vectors)
-        if strict and report.skipped:
-            raise SkippedInputsError(report)
-        manifest = writer.commit()
-    except BaseException:
-        writer.abort()
-        raise
-    report.version = manifest["version"]
-    report.seconds = time.perf_counter() - t0
+    _ingest_and_commit(writer, lambda: scan.items, scan.missing, enc, report, batch_size=batch_size, workers=workers,
+                       on_bad_vectors=on_bad_vectors, strict=strict, t0=t0)
     log.info("built %s: %s", path, report.summary())
     return report
 
@@ -580,12 +569,23 @@ def add_to_index(
     scan = scan_source(source)
     report = IngestReport(scanned=len(scan.items) + len(scan.missing), ignored=scan.ignored, index_path=str(path))
     writer = IndexWriter(path, encoder_info=enc.info.to_dict())
+    _ingest_and_commit(
+        writer, lambda: select_changed(scan.items, writer.meta.fingerprints(), writer.meta.skipped_fingerprints(), report),
+        scan.missing, enc, report, batch_size=batch_size, workers=workers, on_bad_vectors=on_bad_vectors, strict=strict, t0=t0,
+    )
+    return report
+
+
+def _ingest_and_commit(writer: IndexWriter, todo, missing_files, enc, report: IngestReport, *, batch_size, workers,
+                       on_bad_vectors, strict: bool, t0: float) -> None:
+    """The shared tail of build and add: record missing files, ingest, publish (or abort on any error,
+    and in strict mode on any skipped input)."""
     try:
-        todo = select_changed(scan.items, writer.meta.fingerprints(), writer.meta.skipped_fingerprints(), report)
-        missing = [_missing(it) for it in scan.missing]
+        items = todo()
+        missing = [_missing(it) for it in missing_files]
         writer.record_skipped(missing)
         report.skipped.extend(missing)
-        ingest(writer, todo, enc, report, batch_size=batch_size, workers=workers, on_bad_vectors=on_bad_vectors)
+        ingest(writer, items, enc, report, batch_size=batch_size, workers=workers, on_bad_vectors=on_bad_vectors)
         if strict and report.skipped:
             raise SkippedInputsError(report)
         manifest = writer.commit()
@@ -594,7 +594,6 @@ def add_to_index(
         raise
     report.version = manifest["version"]
     report.seconds = time.perf_counter() - t0
-    return report
 
 
 def remove_from_index(

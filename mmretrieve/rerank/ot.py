@@ -62,6 +62,11 @@ class OTConvergenceError(RuntimeError):
     pass
 
 
+def _float64(*tensors: torch.Tensor) -> list[np.ndarray]:
+    """POT's solvers work in float64 numpy (always copies: callers normalise in place)."""
+    return [t.detach().cpu().numpy().astype(np.float64, copy=True) for t in tensors]
+
+
 def _emd_one(a: np.ndarray, b: np.ndarray, M: np.ndarray, num_iter_max: int) -> float:
     import ot
 
@@ -81,9 +86,7 @@ def emd_exact(S: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, threads: int
     POT's warnings are turned into errors once, around the whole batch: ``warnings.catch_warnings`` is
     not thread-safe, so it must not be entered inside the worker threads.
     """
-    S64 = S.detach().double().cpu().numpy()
-    A = a.detach().double().cpu().numpy()
-    B = b.detach().double().cpu().numpy()
+    S64, A, B = _float64(S, a, b)
     A /= A.sum(1, keepdims=True)
     B /= B.sum(1, keepdims=True)
     M = 1.0 - S64
@@ -116,9 +119,7 @@ def emd_pot_sinkhorn(
     does not divide by zero."""
     import ot
 
-    S64 = S.detach().double().cpu().numpy()
-    A = a.detach().double().cpu().numpy()
-    B = b.detach().double().cpu().numpy()
+    S64, A, B = _float64(S, a, b)
     out = np.empty(S64.shape[0])
     for k in range(S64.shape[0]):
         ak, bk = np.maximum(A[k], 1e-12), np.maximum(B[k], 1e-12)

@@ -27,9 +27,12 @@ from mmretrieve.results import SearchResults
 
 
 class Pipeline:
-    def __init__(self, stages: Sequence[Reranker] = (), *, coarse_k: int | None = None) -> None:
+    def __init__(self, stages: Sequence[Reranker] = (), *, coarse_k: int | None = None, coarse_fusion: str | None = None) -> None:
         self.stages = list(stages)
         self.coarse_k = coarse_k
+        #: the composed fusion this pipeline was designed for (e.g. SETR: intersection); used when the
+        #: caller does not choose one
+        self.coarse_fusion = coarse_fusion
         self.labels = []
         seen: dict[str, int] = {}
         for st in self.stages:
@@ -65,10 +68,14 @@ class Pipeline:
             if "name" not in st:
                 raise ValueError(f"pipeline config: a stage needs a 'name', got {st}")
             stages.append(create_reranker(st.pop("name"), **st))
-        return cls(stages, coarse_k=(cfg.get("coarse") or {}).get("k"))
+        coarse = cfg.get("coarse") or {}
+        unknown = set(coarse) - {"k", "fusion"}
+        if unknown:
+            raise ValueError(f"pipeline config: unknown coarse option(s) {sorted(unknown)}; expected k, fusion")
+        return cls(stages, coarse_k=coarse.get("k"), coarse_fusion=coarse.get("fusion"))
 
     def config(self) -> dict[str, Any]:
-        return {"coarse": {"k": self.coarse_k}, "stages": [st.config() for st in self.stages]}
+        return {"coarse": {"k": self.coarse_k, "fusion": self.coarse_fusion}, "stages": [st.config() for st in self.stages]}
 
     def shortlist_size(self, k: int) -> int:
         """How many items the coarse stage must return for a final top ``k``."""
