@@ -58,7 +58,7 @@ def _stat(item: SourceItem) -> bool:
 
 def scan_source(source: str | os.PathLike, *, kinds: tuple[str, ...] = ("image", "video")) -> ScanResult:
     """List the media of a folder (recursive, sorted, hidden files skipped) or of a manifest file."""
-    src = Path(source)
+    src = Path(source).expanduser()
     if not src.exists():
         raise FileNotFoundError(f"source not found: {src}")
     if src.is_dir():

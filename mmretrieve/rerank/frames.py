@@ -24,8 +24,7 @@ class FramesReranker(Reranker):
 
     name = "frames"
 
-    def __init__(self, *, k: int = 100, alpha: float | None = 0.6, norm: str = "none", pooling: str = "max", m: int = 3,
-                 on_the_fly: bool = True) -> None:
+    def __init__(self, *, k: int = 100, alpha: float | None = 0.6, norm: str = "none", pooling: str = "max", m: int = 3) -> None:
         super().__init__(k=k, alpha=alpha, norm=norm)
         if pooling not in POOLINGS:
             raise ValueError(f"frames: pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
@@ -33,15 +32,10 @@ class FramesReranker(Reranker):
             raise ValueError(f"frames: m must be >= 1, got {m}")
         self.pooling = pooling
         self.m = int(m)
-        self.on_the_fly = bool(on_the_fly)
 
-    def gather(self, index, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """All frames of the shortlist as one matrix: (sum T, D) embeddings, timestamps, per-item offsets."""
-        if not self.on_the_fly:
-            items = index.items([int(i) for i in ids])
-            bad = [it.uri for it in items.values() if it.kind == "video" and it.frame_seg is None]
-            if bad:
-                raise LookupError(f"video {bad[0]} has no stored frames and on-the-fly decoding is disabled")
+    def gather(self, index, ids: np.ndarray):
+        """All frames of the shortlist as one matrix: (sum T, D) embeddings, timestamps, per-item offsets.
+        (Every indexed video stores its frames; an item without any counts as a single frame.)"""
         return index.frames_matrix([int(i) for i in ids], as_torch=True)
 
     def pool(self, sims: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
