@@ -203,22 +203,150 @@ def bench_ingest(args: argparse.Namespace) -> dict:
     return res
 
 
+# ---- encode --------------------------------------------------------------------------------------
+def _encode_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--encoder", default="open_clip:ViT-B-32@random",
+                   help="encoder spec (default: ViT-B/32 with random weights: same cost as the real one, no download)")
+    p.add_argument("-n", "--images", type=int, default=128, help="images per timed pass (sample photos, repeated)")
+    p.add_argument("--texts", type=int, default=256, help="texts per timed pass")
+    p.add_argument("--batch-size", type=int, default=None, help="default: 32 on CPU, 256 on GPU")
+    p.add_argument("--device", default=None, help="cpu, cuda (default: cuda when present)")
+    p.add_argument("--precisions", default=None, help="comma-separated (default: fp32,bf16 on CPU; fp32,bf16,fp16 on GPU)")
+
+
+@register("encode", _encode_args)
+def bench_encode(args: argparse.Namespace) -> dict:
+    """encoder throughput per precision, and how far each stays from fp32 (cosine)"""
+    import torch
+
+    from mmretrieve.encoders import create_encoder
+    from mmretrieve.media.images import load_image
+    from mmretrieve.runtime import resolve_device, resolve_precision
+    from mmretrieve.samples import sample_images
+
+    dev = resolve_device(args.device)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    precisions = (args.precisions or ("fp32,bf16,fp16" if dev.type == "cuda" else "fp32,bf16")).split(",")
+    bs = args.batch_size or (256 if dev.type == "cuda" else 32)
+    samples = sample_images()
+    if not samples:
+        raise RuntimeError("no sample images found: install scikit-image / scikit-learn / matplotlib (the demo extra)")
+    texts = [samples[i % len(samples)].caption + f" (variant {i})" for i in range(args.texts)]
+    rows, ref_img, ref_txt = [], None, None
+    for prec in precisions:
+        enc = create_encoder(args.encoder, device=str(dev), precision=prec, batch_size=bs, cache=False)
+        tensors = [enc.image_transform(load_image(s.path)) for s in samples]
+        x = torch.stack([tensors[i % len(tensors)] for i in range(args.images)])
+        batches = [x[i : i + bs] for i in range(0, len(x), bs)]
+
+        def images(batches=batches, enc=enc):
+            out = [enc.encode_image_tensors(b) for b in batches]
+            sync()
+            return np.concatenate([o if isinstance(o, np.ndarray) else o[0] for o in out])
+
+        def run_texts(enc=enc):
+            out = enc.encode_texts(texts, batch_size=bs)
+            sync()
+            return out
+
+        img = images()  # warm-up (and the embeddings compared below)
+        txt = run_texts()
+        img_s = _median_time(images, repeat=3, warmup=0)
+        txt_s = _median_time(run_texts, repeat=3, warmup=0)
+        if prec == "fp32":
+            ref_img, ref_txt = img, txt
+        row = {"precision": prec, "images_per_s": round(len(x) / img_s, 1), "texts_per_s": round(len(texts) / txt_s, 1)}
+        if ref_img is not None:
+            row["min_cosine_to_fp32_images"] = round(float((img * ref_img).sum(1).min()), 5)
+            row["min_cosine_to_fp32_texts"] = round(float((txt * ref_txt).sum(1).min()), 5)
+        if hasattr(enc, "trim_text_context") and prec == precisions[0]:
+            enc.trim_text_context = False
+            full_s = _median_time(run_texts, repeat=3, warmup=1)
+            enc.trim_text_context = True
+            row["texts_per_s_full_context"] = round(len(texts) / full_s, 1)
+        rows.append(row)
+        del enc
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+    base = rows[0]
+    for r in rows:
+        r["images_speedup"] = round(r["images_per_s"] / base["images_per_s"], 2)
+    auto = resolve_precision("auto", dev)
+    res = {
+        "benchmark": "encode",
+        "encoder": args.encoder,
+        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+        "torch_threads": torch.get_num_threads(),
+        "batch_size": bs,
+        "auto_precision": auto,
+        "results": rows,
+        "target": "images within cosine 0.999 of fp32",
+    }
+    if not args.json:
+        _print(f"encode benchmark: {args.encoder} on {res['device']}, batch {bs}, {args.images} images, "
+               f"{args.texts} texts, {torch.get_num_threads()} torch thread(s); auto precision here: {auto}")
+        for r in rows:
+            cos = (f"cosine to fp32 >= {r['min_cosine_to_fp32_images']:.5f} (images), {r['min_cosine_to_fp32_texts']:.5f} (texts)"
+                   if "min_cosine_to_fp32_images" in r else "")
+            full = (f" [full 77-token context: {r['texts_per_s_full_context']:.0f}/s]" if "texts_per_s_full_context" in r else "")
+            _print(f"  {r['precision']:>5}: {r['images_per_s']:9.1f} img/s (x{r['images_speedup']:.2f}), "
+                   f"{r['texts_per_s']:9.1f} texts/s{full}  {cos}")
+    return res
+
+
 # ---- search --------------------------------------------------------------------------------------
+def _bench_gpu_search(path: Path, q: np.ndarray, qb: np.ndarray, k: int, n: int, d: int, gpu: dict) -> dict:
+    """mmretrieve's GPU search path (query upload, scan, top-k, download) against the GPU's own bounds."""
+    from mmretrieve.index import Index
+
+    idx = Index.open(path, verify=False, search_device="cuda")
+    try:
+        backend = idx.gpu_searcher().backend
+        idx.search_vectors(q[:1], k)
+        ts = []
+        for i in range(min(len(q), 50)):
+            t = time.perf_counter()
+            idx.search_vectors(q[i : i + 1], k)
+            ts.append(time.perf_counter() - t)
+        single = statistics.median(ts)
+        batch = _median_time(lambda: idx.search_vectors(qb, k), repeat=3)
+    finally:
+        idx.close()
+    mem_bound = n * d * 4 / gpu["read_Bps"]
+    comp_bound = 2.0 * len(qb) * n * d / gpu["flops"]
+    return {
+        "backend": backend,
+        "single_query_ms": round(single * 1e3, 3),
+        "memory_bound_ms": round(mem_bound * 1e3, 3),
+        "single_vs_memory_bound": round(mem_bound / single, 3),
+        "batch_qps": round(len(qb) / batch, 1),
+        "compute_bound_qps": round(len(qb) / comp_bound, 1),
+        "batch_vs_compute_bound": round(comp_bound / batch, 3),
+    }
+
+
 def _search_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sizes", default="100000,1000000", help="comma-separated N (default 100000,1000000)")
     p.add_argument("--dim", type=int, default=512)
     p.add_argument("-k", type=int, default=100)
     p.add_argument("--queries", type=int, default=20, help="single queries timed per N")
     p.add_argument("--batch", type=int, default=1000, help="batched queries per N")
+    p.add_argument("--no-gpu", action="store_true", help="skip the GPU rows even when CUDA is present")
 
 
 def memory_bandwidth(nbytes: int = 1 << 30) -> dict[str, float]:
-    """Single-thread read bandwidth (sum of a float32 array) and copy bandwidth (read + write), bytes/s."""
+    """Read bandwidth (sum of a float32 array: numpy on 1 thread, torch on all its threads; the larger is
+    the bound, since FAISS splits even a single query's scan over threads) and copy bandwidth, bytes/s."""
+    import torch
+
     a = np.ones(nbytes // 4, dtype=np.float32)
     b = np.empty_like(a)
-    read_s = _median_time(lambda: a.sum(dtype=np.float32), repeat=3)
+    read1_s = _median_time(lambda: a.sum(dtype=np.float32), repeat=3)
+    t = torch.from_numpy(a)
+    readn_s = _median_time(t.sum, repeat=3)
     copy_s = _median_time(lambda: np.copyto(b, a), repeat=3)
-    return {"read_Bps": nbytes / read_s, "copy_rw_Bps": 2 * nbytes / copy_s}
+    return {"read_Bps": max(nbytes / read1_s, nbytes / readn_s), "read_1thread_Bps": nbytes / read1_s,
+            "copy_rw_Bps": 2 * nbytes / copy_s}
 
 
 def sgemm_flops(m: int = 1000, k: int = 512, n: int = 100_000) -> float:
@@ -228,6 +356,30 @@ def sgemm_flops(m: int = 1000, k: int = 512, n: int = 100_000) -> float:
     B = rng.standard_normal((k, n), dtype=np.float32)
     t = _median_time(lambda: A @ B, repeat=3)
     return 2.0 * m * k * n / t
+
+
+def gpu_limits(d: int, nbytes: int = 1 << 30) -> dict[str, float]:
+    """The GPU's measured read bandwidth (a sum over ``nbytes``) and fp32 GEMM FLOP/s (TF32 off, as searched)."""
+    import torch
+
+    def timed(fn, repeat=5):
+        fn()
+        torch.cuda.synchronize()
+        ts = []
+        for _ in range(repeat):
+            t = time.perf_counter()
+            fn()
+            torch.cuda.synchronize()
+            ts.append(time.perf_counter() - t)
+        return statistics.median(ts)
+
+    ones = torch.ones(nbytes // 4, device="cuda")
+    read_s = timed(ones.sum)
+    del ones
+    A = torch.randn(1000, d, device="cuda")
+    B = torch.randn(d, 100_000, device="cuda")
+    mm_s = timed(lambda: A @ B)
+    return {"read_Bps": nbytes / read_s, "flops": 2.0 * 1000 * d * 100_000 / mm_s}
 
 
 @register("search", _search_args)
@@ -246,8 +398,14 @@ def bench_search(args: argparse.Namespace) -> dict:
     flops = sgemm_flops(k=d)
     if not args.json:
         _print(f"search benchmark: d={d}, k={k}, FAISS {faiss.__version__} with {threads} thread(s)")
-        _print(f"  machine: read bandwidth {bw['read_Bps'] / 2**30:.1f} GiB/s (1 thread), "
+        _print(f"  machine: read bandwidth {bw['read_Bps'] / 2**30:.1f} GiB/s ({bw['read_1thread_Bps'] / 2**30:.1f} on 1 thread), "
                f"copy {bw['copy_rw_Bps'] / 2**30:.1f} GiB/s (r+w), sgemm {flops / 1e9:.0f} GFLOP/s ({threads} threads)")
+    import torch
+
+    gpu = gpu_limits(d) if torch.cuda.is_available() and not args.no_gpu else None
+    if gpu and not args.json:
+        _print(f"  GPU {torch.cuda.get_device_name(0)}: read bandwidth {gpu['read_Bps'] / 2**30:.0f} GiB/s, "
+               f"fp32 GEMM {gpu['flops'] / 1e12:.1f} TFLOP/s")
     rng = np.random.default_rng(0)
     rows = []
     for n in sizes:
@@ -264,7 +422,7 @@ def bench_search(args: argparse.Namespace) -> dict:
                 w.add([Item(id=-1, key=str(i), uri=f"vec://{i}") for i in range(s, e)], xb[s:e])
             w.commit()
             del xb
-            idx = Index.open(tmp / "idx", verify=False)
+            idx = Index.open(tmp / "idx", verify=False, search_device="cpu")
             raw = idx.faiss  # the very same FAISS object mmretrieve searches
             nq = args.queries
             # single queries: raw FAISS vs mmretrieve's path (search + id->metadata), interleaved
@@ -287,6 +445,7 @@ def bench_search(args: argparse.Namespace) -> dict:
             batch_mmr = _median_time(lambda idx=idx, qb=qb: idx.search_vectors(qb, k), repeat=2)
             comp_bound = 2.0 * len(qb) * n * d / flops
             idx.close()
+            g = _bench_gpu_search(tmp / "idx", q, qb, k, n, d, gpu) if gpu else None
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         row = {
@@ -303,7 +462,16 @@ def bench_search(args: argparse.Namespace) -> dict:
             "batch_vs_compute_bound": round(comp_bound / batch_raw, 3),
             "mmretrieve_over_faiss_batch": round(batch_mmr / batch_raw, 3),
         }
+        if g:
+            row["gpu"] = {**g, "single_speedup_over_cpu_faiss": round(raw_single * 1e3 / g["single_query_ms"], 1),
+                          "batch_speedup_over_cpu_faiss": round(g["batch_qps"] / row["batch_qps_faiss"], 1)}
         rows.append(row)
+        if g and not args.json:
+            _print(f"  {'':12s} GPU ({g['backend']}): single query {g['single_query_ms']:.3f} ms "
+                   f"(memory bound {g['memory_bound_ms']:.3f} ms -> {g['single_vs_memory_bound']:.2f}), "
+                   f"batch {g['batch_qps']:.0f} q/s (compute bound {g['compute_bound_qps']:.0f} -> "
+                   f"{g['batch_vs_compute_bound']:.2f}); x{row['gpu']['single_speedup_over_cpu_faiss']} / "
+                   f"x{row['gpu']['batch_speedup_over_cpu_faiss']} over CPU FAISS")
         if not args.json:
             _print(f"  N={n:>9,}: single query {row['single_query_ms_faiss']:8.2f} ms FAISS, "
                    f"{row['single_query_ms_mmretrieve']:8.2f} ms mmretrieve (x{row['mmretrieve_over_faiss_single']:.3f}); "
@@ -314,11 +482,14 @@ def bench_search(args: argparse.Namespace) -> dict:
     if not args.json:
         _print("  targets at N = 1M: >= 0.50 of each bound; mmretrieve / FAISS <= 1.10")
     return {
+        "gpu": ({"name": torch.cuda.get_device_name(0), "read_GiBps": round(gpu["read_Bps"] / 2**30, 1),
+                 "fp32_gemm_TFLOPs": round(gpu["flops"] / 1e12, 2)} if gpu else None),
         "benchmark": "search",
         "dim": d,
         "k": k,
         "faiss_threads": threads,
-        "read_GiBps_1thread": round(bw["read_Bps"] / 2**30, 2),
+        "read_GiBps": round(bw["read_Bps"] / 2**30, 2),
+        "read_GiBps_1thread": round(bw["read_1thread_Bps"] / 2**30, 2),
         "copy_rw_GiBps": round(bw["copy_rw_Bps"] / 2**30, 2),
         "sgemm_GFLOPs": round(flops / 1e9, 1),
         "results": rows,

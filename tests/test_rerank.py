@@ -302,7 +302,7 @@ def test_timm_encoder_tiny_config_and_local_weights(tmp_path, samples):
 
 
 # ---- CLI and benchmarks -------------------------------------------------------------------------------
-def test_cli_rerank_and_pipeline_preset(photo_dir, tmp_path, sample_by_id, capsys):
+def test_cli_rerank_and_pipeline_preset(photo_dir, tmp_path, sample_by_id, capsys, embedded):
     import json
 
     from mmretrieve.cli import main

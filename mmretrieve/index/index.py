@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from mmretrieve.encoders import DEFAULT_ENCODER, Encoder, create_encoder
 from mmretrieve.index import store
@@ -53,7 +54,8 @@ class SkippedInputsError(RuntimeError):
 class Index:
     """A read-only snapshot of one version of an index, plus the operations that write new versions."""
 
-    def __init__(self, path: Path, manifest: dict, faiss_index, meta: MetaDB, encoder: Encoder | None = None) -> None:
+    def __init__(self, path: Path, manifest: dict, faiss_index, meta: MetaDB, encoder: Encoder | None = None,
+                 *, search_device: str | None = "auto") -> None:
         self.path = Path(path)
         self.manifest = manifest
         self.faiss = faiss_index
@@ -61,6 +63,8 @@ class Index:
         self._encoder = None
         self._tombstones = meta.tombstones()
         self._patch_cache: dict[str, np.ndarray] = {}
+        self.search_device = resolve_search_device(search_device, faiss_index)
+        self._gpu_searcher = None
         if encoder is not None:
             self.encoder = encoder
 
@@ -74,8 +78,15 @@ class Index:
         encoder: Encoder | str | None = None,
         verify: bool = True,
         mmap: bool = False,
+        search_device: str | None = "auto",
     ) -> Index:
-        """Open the live version. ``verify`` checks sha256s; ``mmap`` memory-maps the FAISS index (Flat)."""
+        """Open the live version. ``verify`` checks sha256s; ``mmap`` memory-maps the FAISS index (Flat).
+
+        ``search_device``: ``auto`` searches on the GPU when CUDA is present and the index can be searched
+        there (faiss-gpu, or the torch exact scan for Flat indexes), else on the CPU; ``cpu`` / ``cuda``
+        force one (``cuda`` fails with the reason when it cannot). ``$MMRETRIEVE_SEARCH_DEVICE`` sets the
+        default.
+        """
         path = resolve_index_path(name_or_path, index_dir)
         manifest = read_manifest(path)
         vdir = path / manifest["version"]
@@ -92,14 +103,14 @@ class Index:
             )
         if findex.d != int(manifest["encoder"]["dim"]):
             raise IndexCorruptedError(f"{vdir / 'index.faiss'}: dim {findex.d}, manifest says {manifest['encoder']['dim']}")
-        idx = cls(path, manifest, findex, meta)
+        idx = cls(path, manifest, findex, meta, search_device=search_device)
         if encoder is not None:
             idx.encoder = create_encoder(encoder) if isinstance(encoder, str) else encoder
         return idx
 
     def reopen(self) -> Index:
         """The latest committed version (this object keeps its snapshot)."""
-        return Index.open(self.path, encoder=self._encoder)
+        return Index.open(self.path, encoder=self._encoder, search_device=self.search_device)
 
     def close(self) -> None:
         self.meta.close()
@@ -226,8 +237,6 @@ class Index:
         as stored when possible (see ``frame_similarities``)."""
         import json
 
-        import torch
-
         spans = self.meta.frame_spans(ids)
         missing = [int(i) for i in ids if int(i) not in spans]
         if missing:
@@ -272,8 +281,6 @@ class Index:
         """``E @ q`` for a torch frame matrix (fp16 or fp32), converted to fp32 chunk by chunk so each
         chunk stays in cache; done in torch, since mixing numpy's BLAS threads with torch's right after a
         torch op was measured 3x slower on 2 cores. 100 videos x 32 frames x 512-d: about 1.2 ms."""
-        import torch
-
         qt = torch.from_numpy(np.ascontiguousarray(q, dtype=np.float32))
         out = torch.empty(len(E), dtype=torch.float32)
         for s in range(0, len(E), chunk):
@@ -307,10 +314,23 @@ class Index:
             raise ValueError(f"expected query dim {self.dim}, got {q.shape[1]}")
         k = max(1, min(int(k), int(self.faiss.ntotal))) if self.faiss.ntotal else 1
         excl = list(self._tombstones) + [int(i) for i in (exclude or [])]
+        if self.search_device == "cuda":
+            return self.gpu_searcher().search(q, k, exclude=excl, nprobe=nprobe)
         params = store.search_params(self.faiss, exclude=excl, nprobe=nprobe, ef_search=ef_search)
         if params is None:
             return self.faiss.search(q, k)
         return self.faiss.search(q, k, params=params)
+
+    def gpu_searcher(self):
+        """The GPU searcher of this snapshot (built on first use: the vectors are copied once)."""
+        if self._gpu_searcher is None:
+            from mmretrieve.index.gpu import make_gpu_searcher
+
+            t = time.perf_counter()
+            self._gpu_searcher = make_gpu_searcher(self.faiss, "cuda")
+            log.info("%s: %d vectors on the GPU (%s back end) in %.2f s", self.name, self.faiss.ntotal,
+                     self._gpu_searcher.backend, time.perf_counter() - t)
+        return self._gpu_searcher
 
     def search_by_vector(self, vector: np.ndarray, k: int = 10, **kw) -> SearchResults:
         """Search with a precomputed embedding (no encoder involved); results carry metadata."""
@@ -427,7 +447,7 @@ class Index:
         *,
         text: str | None = None,
         image=None,
-        fusion: str = "sum",
+        fusion: str | None = None,
         k: int = 10,
         exclude: Sequence[int | str] | None = None,
         exclude_reference: bool = True,
@@ -438,9 +458,14 @@ class Index:
 
         ``exclude_reference``: for composed queries whose reference image is itself in the index, leave
         it out of the results (what composed retrieval asks for). ``pipeline``: a ``Pipeline`` of
-        rerankers (or a preset name / spec list); without one, only the coarse stage runs.
+        rerankers (or a preset name / spec list); without one, only the coarse stage runs. ``fusion``
+        defaults to the pipeline's coarse fusion (e.g. SETR's intersection), else ``sum``.
         """
+        from mmretrieve.rerank.pipeline import as_pipeline
+
+        pipe = as_pipeline(pipeline) if pipeline is not None else None
         if query is None:
+            fusion = fusion or (pipe.coarse_fusion if pipe is not None else None) or "sum"
             query = Query(text=text, image=image, fusion=fusion, options=dict(options))
         if query.kind.startswith("composed"):
             FUSIONS.get(query.fusion)  # unknown fusion -> clear error before any work
@@ -453,10 +478,8 @@ class Index:
                 pass
         if exclude_reference and query.kind.startswith("composed") and query.image_id is not None:
             excl.append(query.image_id)
-        if pipeline is not None:
-            from mmretrieve.rerank.pipeline import as_pipeline
-
-            return as_pipeline(pipeline).run(self, query, k=k, exclude=excl)
+        if pipe is not None:
+            return pipe.run(self, query, k=k, exclude=excl)
         t0 = time.perf_counter()
         ids, scores = self.coarse(query, k, exclude=excl)
         t1 = time.perf_counter()
@@ -495,6 +518,22 @@ class Index:
 
     def remove(self, keys_or_ids: Sequence[int | str]) -> int:
         return remove_from_index(self.path, keys_or_ids)
+
+
+def resolve_search_device(device: str | None, findex) -> str:
+    """``auto`` -> ``cuda`` when a GPU back end can search ``findex`` here, else ``cpu``."""
+    from mmretrieve.index.gpu import SEARCH_DEVICES, gpu_search_possible
+
+    if device in (None, "auto"):  # the environment overrides the default, an explicit choice overrides both
+        device = os.environ.get("MMRETRIEVE_SEARCH_DEVICE") or "auto"
+    device = device.lower()
+    if device not in SEARCH_DEVICES:
+        raise ValueError(f"unknown search device {device!r}; expected one of {', '.join(SEARCH_DEVICES)}")
+    if device == "auto":
+        return "cuda" if gpu_search_possible(findex) else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("search device 'cuda' requested but CUDA is not available on this machine")
+    return device
 
 
 def _valid(ids: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
