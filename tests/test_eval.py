@@ -132,6 +132,12 @@ def test_cirr_runner_matches_reference_implementation(tmp_path, samples, embedde
     for d, q in zip(res.per_query, ds.queries):
         r = [x for x in ref[q.qid] if x != q.reference]
         assert d["ranks"]["coarse"] == (r.index(q.target) + 1 if q.target in r else None)
+    # a pipeline designed for another coarse fusion (SETR: intersection) brings it when none is chosen
+    from mmretrieve.rerank.pipeline import Pipeline
+
+    inter = evaluate(ds, encoder=embedded, cache=tmp_path / "cache", fusion="intersection")
+    via_pipe = evaluate(ds, encoder=embedded, cache=tmp_path / "cache", pipeline=Pipeline([], coarse_fusion="intersection"))
+    assert via_pipe.config["fusion"] == "intersection" and via_pipe.rankings["coarse"] == inter.rankings["coarse"]
 
 
 def test_fashioniq_and_circo_runners_match_reference(tmp_path, samples, embedded):
@@ -157,6 +163,8 @@ def test_report_and_rescoring_reproduce_the_metrics(tmp_path, samples, embedded,
     ds = load_dataset("cirr", tmp_path / "cirr", "val")
     res = evaluate(ds, encoder=embedded, pipeline="emd:k=10,solver=exact", cache=tmp_path / "cache")
     assert res.stages == ["coarse", "emd"]
+    for q in ds.queries:  # left out of the coarse search itself, so no reranker spends a slot on it
+        assert q.reference not in res.rankings["coarse"][q.qid] and q.reference not in res.rankings["emd"][q.qid]
     out = write_report(res, ds, tmp_path / "report")
     for f in ("report.json", "report.md", "config.json", "recall_at_k.png", "gallery.html"):
         assert (out / f).is_file(), f
@@ -215,6 +223,15 @@ def test_submission_validation(tmp_path, samples):
     f.write_text(json.dumps(good))
     with pytest.raises(SubmissionError, match="\"version\": \"rc2\""):
         score_files(ds, f)
+    # a subset file that puts the reference first is scored as the recall file is: without it
+    f.write_text(json.dumps({"version": "rc2", "metric": "recall", **good}))
+    subset = {q.qid: [m for m in q.subset if m != q.reference][:3] for q in ds.queries}
+    sf = tmp_path / "subset.json"
+    sf.write_text(json.dumps({"version": "rc2", "metric": "recall_subset", **subset}))
+    clean = score_files(ds, f, sf)
+    with_ref = {q.qid: [q.reference] + subset[q.qid] for q in ds.queries}
+    sf.write_text(json.dumps({"version": "rc2", "metric": "recall_subset", **with_ref}))
+    assert score_files(ds, f, sf) == clean
 
 
 def test_test_split_writes_official_submission_files(tmp_path, samples, embedded, capsys):

@@ -271,5 +271,15 @@ def test_egocvr_protocols_against_reference(tmp_path, sample_by_id, embedded):
     assert m["global/queries"] == 5 and m["local/queries"] == 4  # one local gallery has a single clip
     out = write_report(res, ds, tmp_path / "rep")
     assert score_files(ds, out / "rankings" / "coarse" / "egocvr.json") == pytest.approx(m)
-    res2 = evaluate(ds, encoder=embedded, cache=tmp_path / "cache", video={"num_frames": 4}, pipeline="frames")
+    res2 = evaluate(ds, encoder=embedded, cache=tmp_path / "cache", video={"num_frames": 4}, pipeline="frames:k=2")
     assert res2.stages == ["coarse", "frames"] and set(res2.metrics["frames"]) == set(m)
+    # each protocol's reranker re-scores that protocol's shortlist: the coarse ranking filtered to the
+    # query's gallery, then its top k (as EgoCVR's two-stage baseline), not the global top k filtered
+    for q in ds.queries:
+        lists = res2.rankings["frames"][q.qid]
+        for proto in ("global", "local"):
+            g = set(q.info[f"{proto}_gallery"])
+            shortlist = [x for x in res2.rankings["coarse"][q.qid] if x in g][:2]
+            assert set(lists[proto]) <= g and set(lists[proto][:2]) == set(shortlist)
+    out2 = write_report(res2, ds, tmp_path / "rep2")
+    assert score_files(ds, out2 / "rankings" / "frames" / "egocvr.json") == pytest.approx(res2.metrics["frames"])

@@ -84,6 +84,8 @@ class CIRDataset:
 
     def target_rank(self, q: CIRQuery, ranking: list[str]) -> int | None:
         """The 1-based rank of the (first) ground truth in a ranking, after the protocol's reference removal."""
+        if self.name == "egocvr":
+            ranking = M.protocol_ranking(ranking, "global")
         r = M.remove_reference(ranking, q.reference) if self.remove_reference else ranking
         if self.name == "egocvr":  # rank within the query's (global) gallery, as the protocol filters
             g = set(q.info.get("global_gallery") or [])

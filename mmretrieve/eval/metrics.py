@@ -110,8 +110,18 @@ def circo_metrics(rankings: Mapping[str, Sequence[str]], queries: Iterable) -> d
     return out
 
 
+def protocol_ranking(ranking, proto: str) -> Sequence[str]:
+    """EgoCVR: a query's ranking for one protocol (the list itself when it is not split by protocol)."""
+    return ranking[proto] if isinstance(ranking, Mapping) else ranking
+
+
 def egocvr_metrics(rankings: Mapping[str, Sequence[str]], queries: Iterable, min_gallery: int = EGOCVR_MIN_GALLERY) -> dict[str, float]:
-    """``global/recall@{1,5,10}``, ``local/recall@{1,2,3}`` and how many queries each protocol kept."""
+    """``global/recall@{1,5,10}``, ``local/recall@{1,2,3}`` and how many queries each protocol kept.
+
+    A query's ranking is one list over all clips (filtered here to each protocol's gallery), or a dict
+    with one list per protocol (``{"global": [...], "local": [...]}``), as a multi-stage run produces:
+    its rerankers re-score each protocol's own filtered shortlist, as EgoCVR's two-stage baseline does.
+    """
     out: dict[str, float] = {}
     queries = list(queries)
     for proto, ks in EGOCVR_KS.items():
@@ -121,7 +131,7 @@ def egocvr_metrics(rankings: Mapping[str, Sequence[str]], queries: Iterable, min
             if gallery is None:
                 continue
             gset = set(gallery)
-            filtered = [x for x in rankings[q.qid] if x in gset]
+            filtered = [x for x in protocol_ranking(rankings[q.qid], proto) if x in gset]
             if len(filtered) < min_gallery:
                 continue
             tset = set(q.gts)

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from mmretrieve.encoders import Encoder, create_encoder
 from mmretrieve.encoders.embedded import cache_dir as default_cache_root
+from mmretrieve.eval import metrics as M
 from mmretrieve.eval.datasets import CIRDataset, CIRQuery
 from mmretrieve.ingest import progress_enabled
 from mmretrieve.query import FUSIONS, Query
@@ -144,7 +145,7 @@ def evaluate(
     *,
     encoder: Encoder | str = "embedded",
     pipeline=None,
-    fusion: str = "sum",
+    fusion: str | None = None,
     fusion_options: dict | None = None,
     batch_size: int | None = None,
     workers: int | None = None,
@@ -152,7 +153,14 @@ def evaluate(
     limit: int | None = None,
     video: dict | None = None,
 ) -> EvalResult:
-    """Run the coarse stage (composed fusion ``fusion``) and every reranker of ``pipeline`` on ``ds``.
+    """Run the coarse stage (composed fusion ``fusion``; default: the pipeline's coarse fusion, else sum)
+    and every reranker of ``pipeline`` on ``ds``.
+
+    Where the protocol removes the reference image from the ranking (CIRR), it is left out of the coarse
+    search itself, so that rerankers never spend a shortlist slot on it and score normalisations (e.g.
+    the intersection fusion's min-max) do not see its self-similarity. EgoCVR: each protocol's rerankers
+    re-score that protocol's own shortlist (the coarse ranking filtered to the query's global or local
+    gallery), as EgoCVR's two-stage baseline does.
     ``video``: how gallery videos are sampled (EgoCVR default: 15 uniform frames, as its baselines)."""
     from mmretrieve.media.scan import media_kind
     from mmretrieve.rerank.pipeline import as_pipeline
@@ -162,6 +170,7 @@ def evaluate(
         video = {"num_frames": 15}
     enc = create_encoder(encoder) if isinstance(encoder, str) else encoder
     pipe = as_pipeline(pipeline) if pipeline is not None else None
+    fusion = fusion or (pipe.coarse_fusion if pipe is not None else None) or "sum"
     FUSIONS.get(fusion)
     fusion_options = dict(fusion_options or {})
     queries = ds.queries[: limit or None]
@@ -207,11 +216,21 @@ def evaluate(
                        fusion=fusion, options=fusion_options, image_id=rid)
             qo.cache[("vectors", idx.encoder_name)] = {"image": img, "text": t}
             qobjs.append(qo)
-        coarse = _coarse_batch(idx, vecs, fusion, fusion_options, k1)
+        excl = ref_ids if ds.remove_reference else None
+        coarse = _coarse_batch(idx, vecs, fusion, fusion_options, k1, exclude=excl)
         bar = tqdm(total=len(qs), desc=f"{ds.name} {group or ''}".strip(), unit="q", disable=progress_enabled(), leave=False)
         for q, qo, (ids, scores) in zip(qs, qobjs, coarse):
             rankings["coarse"][q.qid] = [keys[int(i)] for i in ids]
-            if pipe is not None:
+            if pipe is not None and ds.name == "egocvr":
+                per_proto: dict[str, dict[str, list[str]]] = {}
+                for proto in ("global", "local"):
+                    gset = set(q.info.get(f"{proto}_gallery") or [])
+                    m = np.fromiter((keys[int(i)] in gset for i in ids), dtype=bool, count=len(ids))
+                    for label, sids, _s, _f, _e, _ms in pipe.stages_from(idx, qo, ids[m], scores[m]):
+                        per_proto.setdefault(label, {})[proto] = [keys[int(i)] for i in sids]
+                for label, lists in per_proto.items():
+                    rankings[label][q.qid] = lists
+            elif pipe is not None:
                 for label, sids, _s, _f, _e, _ms in pipe.stages_from(idx, qo, ids, scores):
                     rankings[label][q.qid] = [keys[int(i)] for i in sids]
             bar.update(1)
@@ -237,20 +256,24 @@ def evaluate(
     return EvalResult(summary, config, stages, metrics, rankings, per_query, timings)
 
 
-def _coarse_batch(idx, vecs: list[dict], fusion: str, options: dict, k: int):
-    """Coarse rankings for many queries: one batched FAISS search for vector fusions."""
+def _coarse_batch(idx, vecs: list[dict], fusion: str, options: dict, k: int, exclude: list[int | None] | None = None):
+    """Coarse rankings for many queries: one batched FAISS search for vector fusions. ``exclude``: one
+    id per query (or None) to leave out of that query's ranking (CIRR's reference image)."""
     if not vecs:
         return []
+    exclude = exclude or [None] * len(vecs)
     if fusion == "intersection":
-        return [idx.coarse_from_vectors(v, fusion, k, options=options) for v in vecs]
+        return [idx.coarse_from_vectors(v, fusion, k, options=options, exclude=None if x is None else [x])
+                for v, x in zip(vecs, exclude)]
     fn = FUSIONS.get(fusion)
     Q = np.stack([fn(v["image"], v["text"], **options) for v in vecs]).astype(np.float32)
+    extra = int(any(x is not None for x in exclude))  # one more, since a query's excluded id may be among them
     out = []
     for s in range(0, len(Q), 1024):
-        D, I = idx.search_vectors(Q[s : s + 1024], k)
-        for d, i in zip(D, I):
-            m = i >= 0
-            out.append((i[m], d[m]))
+        D, I = idx.search_vectors(Q[s : s + 1024], k + extra)
+        for d, i, x in zip(D, I, exclude[s : s + 1024]):
+            m = (i >= 0) & (i != (-2 if x is None else x))
+            out.append((i[m][:k], d[m][:k]))
     return out
 
 
@@ -267,7 +290,10 @@ def _diagnostics(ds: CIRDataset, q: CIRQuery, rankings, stages) -> dict[str, Any
     return d
 
 
-def _top(ds: CIRDataset, q: CIRQuery, ranking: list[str], n: int) -> list[str]:
+def _top(ds: CIRDataset, q: CIRQuery, ranking, n: int) -> list[str]:
+    if ds.name == "egocvr":
+        g = set(q.info.get("global_gallery") or [])
+        return [x for x in M.protocol_ranking(ranking, "global") if x in g][:n]
     r = [x for x in ranking if x != q.reference] if ds.remove_reference else ranking
     return r[:n]
 

@@ -44,7 +44,8 @@ def submission_files(ds: CIRDataset, full: dict[str, list[str]]) -> dict[str, di
         out = {}
         for qid, r in full.items():
             q = by_q[qid]
-            out[qid] = {p: [x for x in r if x in set(q.info.get(f"{p}_gallery") or [])][:TOP] for p in ("global", "local")}
+            out[qid] = {p: [x for x in M.protocol_ranking(r, p) if x in set(q.info.get(f"{p}_gallery") or [])][:TOP]
+                        for p in ("global", "local")}
         return {"egocvr.json": out}
     return {f"{ds.name}.json": {qid: r[:TOP] for qid, r in full.items()}}
 
@@ -81,7 +82,11 @@ def _validate_lists(path: Path, data: dict, ds: CIRDataset, *, min_len: int, cas
             raise SubmissionError(f"{path}: unknown query id {qid!r} (not in {ds.name} {ds.split})")
         if not isinstance(lst, list):
             raise SubmissionError(f"{path}: query {qid}: expected a list of ids, got {type(lst).__name__}")
-        ids = [str(cast(x)) for x in lst]
+        try:
+            ids = [str(cast(x)) for x in lst]
+        except (TypeError, ValueError):
+            bad = next(x for x in lst if not _castable(cast, x))
+            raise SubmissionError(f"{path}: query {qid}: {bad!r} is not a valid {ds.name} image id") from None
         if len(set(ids)) != len(ids):
             dup = next(x for x in ids if ids.count(x) > 1)
             raise SubmissionError(f"{path}: query {qid}: id {dup!r} appears more than once (predictions must be unique)")
@@ -98,6 +103,14 @@ def _validate_lists(path: Path, data: dict, ds: CIRDataset, *, min_len: int, cas
     if missing:
         raise SubmissionError(f"{path}: {len(missing)} query id(s) have no ranking, e.g. {missing[0]!r}")
     return out
+
+
+def _castable(cast, x) -> bool:
+    try:
+        cast(x)
+        return True
+    except (TypeError, ValueError):
+        return False
 
 
 def score_files(ds: CIRDataset, rankings_path: str | Path, subset_path: str | Path | None = None) -> dict[str, float]:
@@ -128,8 +141,10 @@ def score_files(ds: CIRDataset, rankings_path: str | Path, subset_path: str | Pa
                 stray = [x for x in lst if x not in set(by_q[qid].subset)]
                 if stray:
                     raise SubmissionError(f"{subset_path}: query {qid}: {stray[0]!r} is not a member of its image set")
-            for k in M.CIRR_SUBSET_KS:
-                out[f"recall_subset@{k}"] = M._pct(M.recall_at(sub[q.qid], q.target, k) for q in ds.queries)
+            for k in M.CIRR_SUBSET_KS:  # the reference is no candidate here either (as in the recall file)
+                out[f"recall_subset@{k}"] = M._pct(
+                    M.recall_at(M.remove_reference(sub[q.qid], q.reference), q.target, k) for q in ds.queries
+                )
         return out
     if ds.name == "circo":
         rec = _validate_lists(rankings_path, data, ds, min_len=min(TOP, len(ds.galleries[None])), cast=int)

@@ -220,7 +220,8 @@ class MLLMReranker(Reranker):
         """The chat-formatted prompt text and its images (in order) for one candidate."""
         processor = self.load()[0]
         tpl = self.template(query.kind)
-        text = query.text if isinstance(query.text, str) else " and ".join(query.text or [])
+        # a list holds phrasings of one request (FashionIQ's captions in both orders): ask with the first
+        text = query.text if isinstance(query.text, str) else (query.text[0] if query.text else "")
         images = []
         for role in tpl["images"]:
             if role == "candidate":

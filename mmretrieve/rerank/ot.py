@@ -16,7 +16,7 @@ import warnings
 import numpy as np
 import torch
 
-WEIGHTS = ("uniform", "apc", "sc", "uew")
+WEIGHTS = ("uniform", "apc", "sc")
 
 
 def _normalize_rows(w: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
@@ -32,8 +32,10 @@ def marginals(S: torch.Tensor, Q: torch.Tensor, C: torch.Tensor, method: str) ->
     - ``uniform``: 1/n and 1/m;
     - ``sc``: row / column sums of the cost ``1 - S``, normalised;
     - ``apc`` (DeepFace-EMD's default): a candidate patch weighs ``relu(<query centre, patch>)``, a query
-      patch ``relu(<patch, candidate centre>)``, each set normalised;
-    - ``uew``: APC weights with one shared normaliser (then both rescaled to sum to one for the solvers).
+      patch ``relu(<patch, candidate centre>)``, each set normalised.
+
+    (DeepFace-EMD's unbalanced ``uew`` variant is not offered: with balanced solvers, which renormalise
+    both sides, it reduces exactly to ``apc``.)
     """
     K, n, m = S.shape
     if method == "uniform":
@@ -41,18 +43,12 @@ def marginals(S: torch.Tensor, Q: torch.Tensor, C: torch.Tensor, method: str) ->
     if method == "sc":
         dis = 1.0 - S
         return _normalize_rows(dis.sum(2)), _normalize_rows(dis.sum(1))
-    if method in ("apc", "uew"):
+    if method == "apc":
         # <patch, centre> with centre = normalize(mean of the other set's patches) is a row / column mean
-        # of S divided by a positive norm: a = relu(mean_m S) / |mean Q|, b = relu(mean_n S) / |mean C_k|
-        # (no pass over the patch features; the norms only matter for UEW's shared normaliser)
+        # of S divided by a positive norm, which the normalisation cancels: a = relu(mean_m S),
+        # b = relu(mean_n S), with no pass over the patch features
         a = torch.relu(S.mean(2))
         b = torch.relu(S.mean(1))
-        if method == "uew":
-            qn = Q.mean(0).norm().clamp_min(1e-12)
-            cn = C.mean(1).norm(dim=-1, keepdim=True).clamp_min(1e-12)
-            a, b = a / qn, b / cn
-            s = (a.sum(-1, keepdim=True) + b.sum(-1, keepdim=True)).clamp_min(1e-12)
-            a, b = a / s, b / s
         return _normalize_rows(a), _normalize_rows(b)
     raise ValueError(f"unknown patch weighting {method!r}; expected one of {', '.join(WEIGHTS)}")
 
