@@ -156,8 +156,17 @@ def cmd_search(args) -> int:
     if args.image is not None and args.video is not None:
         print("error: give --image or --video, not both", file=sys.stderr)
         return EXIT_USAGE
+    if args.k < 1:
+        print(f"error: -k must be at least 1 (got {args.k})", file=sys.stderr)
+        return EXIT_USAGE
+    if args.fusion is not None:
+        from mmretrieve.query import FUSIONS
+
+        if args.fusion not in FUSIONS.names():
+            print(f"error: unknown fusion {args.fusion!r}; expected one of {', '.join(FUSIONS.names())}", file=sys.stderr)
+            return EXIT_USAGE
     idx = open_index(args.name, index_dir=args.index_dir, verify=not args.no_verify, encoder=args.encoder,
-                     search_device=args.search_device)
+                     search_device=args.search_device, nprobe=args.nprobe, ef_search=args.ef_search)
     options = parse_kv(args.fusion_options) if args.fusion_options else {}
     if args.weight is not None:
         options["weight"] = args.weight
@@ -386,6 +395,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--rerank", action="append", default=None, help='reranker spec, e.g. "emd:k=100,alpha=0.7" (repeatable)')
     s.add_argument("--pipeline", default=None, help="a pipeline preset (configs/pipelines/NAME) or YAML file")
     s.add_argument("--no-verify", action="store_true", help="skip sha256 verification of the index files")
+    s.add_argument("--nprobe", type=int, default=None, help="IVF indexes: lists probed (default min(nlist, 32))")
+    s.add_argument("--ef-search", type=int, default=None, help="HNSW indexes: search breadth efSearch")
     s.add_argument("--search-device", choices=["auto", "cpu", "cuda"], default=None,
                    help="where the coarse search runs (default: $MMRETRIEVE_SEARCH_DEVICE or auto = GPU when usable)")
     s.add_argument("--json", action="store_true")

@@ -51,6 +51,8 @@ class IngestReport:
     updated: int = 0
     unchanged: int = 0
     skipped: list[Skipped] = field(default_factory=list)
+    #: items that were indexed but whose file is now broken or gone: removed, so search no longer returns them
+    stale_removed: int = 0
     ignored: int = 0
     seconds: float = 0.0
     index_path: str | None = None
@@ -66,6 +68,8 @@ class IngestReport:
 
     def summary(self) -> str:
         parts = [f"{self.added} added", f"{self.updated} updated", f"{self.unchanged} unchanged", f"{len(self.skipped)} skipped"]
+        if self.stale_removed:
+            parts.append(f"{self.stale_removed} indexed item(s) removed (file now broken or missing)")
         if self.ignored:
             parts.append(f"{self.ignored} non-media files ignored")
         s = f"{self.scanned} scanned: " + ", ".join(parts) + f" in {self.seconds:.1f}s"
@@ -82,6 +86,7 @@ class IngestReport:
             "updated": self.updated,
             "unchanged": self.unchanged,
             "ignored": self.ignored,
+            "stale_removed": self.stale_removed,
             "skipped": [{"key": s.key, "uri": s.uri, "reason": s.reason} for s in self.skipped],
             "seconds": round(self.seconds, 3),
         }
@@ -244,11 +249,12 @@ def _patch_projection(writer) -> np.ndarray | None:
 
 
 def select_changed(scan_items: Sequence[SourceItem], fingerprints: dict, skipped_fp: dict, report: IngestReport) -> list[SourceItem]:
-    """Only new or changed files (size or mtime differ); previously broken files retry only when changed."""
+    """Only new or changed items: the file's size or mtime, its path, or its caption differ (a manifest
+    may point a key at another file, or edit a caption); previously broken files retry only when changed."""
     todo = []
     for it in scan_items:
         fp = fingerprints.get(it.key)
-        if fp is not None and fp[1] == it.size and fp[2] == it.mtime:
+        if fp is not None and fp[1] == it.size and fp[2] == it.mtime and fp[3] == it.uri and fp[4] == it.caption:
             report.unchanged += 1
             continue
         sk = skipped_fp.get(it.key)

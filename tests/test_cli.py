@@ -58,6 +58,12 @@ def test_clear_errors(tmp_path, capsys):
     assert main(["search", "nope", "--index-dir", str(tmp_path)]) == 2
     assert main(["index", "build", "x", str(tmp_path / "missing"), "--index-dir", str(tmp_path)]) == 1
     assert "source not found" in capsys.readouterr().err
+    assert main(["index", "rm", "typo", "3", "--index-dir", str(tmp_path)]) == 1
+    assert "index not found" in capsys.readouterr().err and not (tmp_path / "typo").exists()  # no stray lock left
+    assert main(["search", "nope", "--text", "x", "-k", "0", "--index-dir", str(tmp_path)]) == 2
+    assert "-k must be at least 1" in capsys.readouterr().err
+    assert main(["search", "nope", "--text", "x", "--fusion", "bogus", "--index-dir", str(tmp_path)]) == 2
+    assert "unknown fusion 'bogus'" in capsys.readouterr().err
 
 
 def test_options_before_or_after_the_subcommand(photo_dir, tmp_path, capsys):

@@ -147,6 +147,13 @@ def test_tiny_open_clip_auto_precision_within_cosine_0999(tiny_clip, tiny_clip_d
     assert (auto.encode_texts(texts) * tiny_clip.encode_texts(texts)).sum(1).min() > 0.999
 
 
+def test_local_encoder_names_are_absolute(tiny_clip_dir, monkeypatch):
+    # an index stores the encoder's name; a relative folder would name another model from another cwd
+    monkeypatch.chdir(tiny_clip_dir.parent)
+    enc = create_encoder(f"open_clip:local-dir:{tiny_clip_dir.name}", precision="fp32", cache=False)
+    assert enc.name == f"open_clip:local-dir:{tiny_clip_dir}"
+
+
 def test_trimmed_text_context_equals_full_context(tiny_clip):
     from mmretrieve.encoders.open_clip_encoder import _encode_text_trimmed
 

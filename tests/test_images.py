@@ -79,6 +79,11 @@ def test_16bit_greyscale_is_scaled(tmp_path):
     out = np.asarray(load_image(p))
     assert out.shape == (8, 8, 3)
     assert out.min() == 0 and out.max() == 255
+    # big-endian 16-bit TIFF (mode I;16B) gets the same scaling, not clipping to white
+    be = Image.frombuffer("I;16B", (8, 8), a.astype(">u2").tobytes(), "raw", "I;16B", 0, 1)
+    be.save(tmp_path / "g16b.tif")
+    assert Image.open(tmp_path / "g16b.tif").mode == "I;16B"
+    np.testing.assert_array_equal(np.asarray(load_image(tmp_path / "g16b.tif")), out)
 
 
 def test_animated_gif_first_frame(tmp_path):

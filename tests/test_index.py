@@ -105,9 +105,20 @@ def test_manifest_source_with_ids_and_captions(tmp_path, samples, embedded):
     it = idx.get(samples[0].id)
     assert it.caption == samples[0].caption and it.uri == samples[0].path
     dup = tmp_path / "dup.csv"
-    dup.write_text(f"path,id\n{samples[0].path},a\n{samples[1].path},a\n")
-    with pytest.raises(ValueError, match="duplicate id 'a'"):
+    dup.write_text(f"path,id\n{samples[0].path},a\n\n\n{samples[1].path},a\n")
+    with pytest.raises(ValueError, match="dup.csv:5: duplicate id 'a'"):  # physical line, blank lines counted
         build_index(tmp_path / "idx2", dup, encoder=embedded)
+
+
+def test_dangling_link_is_reported_and_strict_refuses_it(tmp_path, samples, tiny_clip):
+    d = tmp_path / "f"
+    d.mkdir()
+    (d / "ok.png").write_bytes(Path(samples[0].path).read_bytes())
+    (d / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    report = build_index(tmp_path / "i", d, encoder=tiny_clip)
+    assert report.added == 1 and [(Path(s.uri).name, s.reason) for s in report.skipped] == [("gone.png", "file not found")]
+    with pytest.raises(SkippedInputsError):
+        build_index(tmp_path / "j", d, encoder=tiny_clip, strict=True)
 
 
 # ---- save / load, checksums -----------------------------------------------------------------------
@@ -278,6 +289,55 @@ def test_add_then_rm_keeps_other_ids_and_results(tmp_path):
         remove_from_index(path, ["nope"])
 
 
+def test_add_follows_manifest_edits_and_drops_items_whose_file_broke(tmp_path, tiny_clip, samples):
+    import csv
+    import shutil
+
+    d = tmp_path / "m"
+    d.mkdir()
+    for s in samples[:4]:
+        shutil.copyfile(s.path, d / Path(s.path).name)
+    names = [Path(s.path).name for s in samples[:4]]
+
+    def manifest(rows):
+        with open(d / "m.csv", "w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(["path", "id", "caption"])
+            w.writerows(rows)
+        return d / "m.csv"
+
+    # keys "1" and "0" on purpose: numbers that are also ids of other items
+    rows = [[names[0], "1", "first"], [names[1], "0", "second"], [names[2], "c", "third"], [names[3], "d", "fourth"]]
+    build_index("m", manifest(rows), encoder=tiny_clip)
+    idx = open_index("m")
+    assert idx.get("key:1").id == 0 and idx.get("key:0").id == 1 and idx.get("id:0").key == "1"
+    with pytest.raises(KeyError, match="'1' is the key of item 0 .* and the id of item 1 .*write id:1 or key:1"):
+        idx.get("1")
+    # a caption edit and a key pointed at another file are changes, not "unchanged"
+    rows[2][2] = "third, re-captioned"
+    rows[3][0] = names[0]
+    r = add_to_index("m", manifest(rows))
+    assert (r.updated, r.unchanged) == (2, 2)
+    idx = open_index("m")
+    assert idx.get("c").caption == "third, re-captioned" and idx.get("d").uri == str((d / names[0]).resolve())
+    # a file that was indexed and is now broken is reported and no longer searchable
+    (d / names[1]).write_bytes(b"not an image any more")
+    r = add_to_index("m", manifest(rows))
+    assert len(r.skipped) == 1 and r.stale_removed == 1
+    idx = open_index("m")
+    with pytest.raises(KeyError):
+        idx.get("key:0")
+    assert len(idx) == 3
+    # removing by a bare number that names two different items is refused too; id:/key: say which
+    build_index("m2", manifest([[names[0], "1", "a"], [names[2], "0", "b"]]), encoder=tiny_clip)
+    with pytest.raises(KeyError, match="is the key of item 1 .* and the id of item 0"):
+        remove_from_index("m2", ["0"])
+    assert remove_from_index("m2", ["id:0"]) == 1
+    idx = open_index("m2")
+    assert [it.key for it in idx.meta.iter_items()] == ["0"]
+    assert remove_from_index("m2", ["key:0"]) == 1
+
+
 def test_incremental_add_only_new_or_changed(photo_dir, embedded, samples):
     build_index("photos", photo_dir, encoder=embedded)
     idx = open_index("photos")
@@ -315,6 +375,41 @@ def test_hnsw_delete_uses_tombstones(tmp_path):
     idx = open_index(path)
     assert idx.get("9").id != 9
     assert 9 not in idx.search_vectors(x[9], 5)[1][0]
+
+
+def test_ivf_delete_keeps_every_other_id_right(tmp_path):
+    # IVF's remove_ids does not renumber what stays, which IDMap2's bookkeeping assumes: deleting there
+    # made every later search return wrong ids. IVF tombstones instead, and keeps a direct map so stored
+    # vectors can be read back (intersection fusion).
+    path = tmp_path / "ivf"
+    x = _vector_index(path, 200, factory="IVF4,Flat")
+    remove_from_index(path, ["3", "150"])
+    idx = open_index(path, search_device="cpu")
+    assert idx.nprobe == 4 and open_index(path, nprobe=2).nprobe == 2  # default min(nlist, 32), not FAISS's 1
+    assert idx.manifest["counts"]["tombstones"] == 2 and len(idx) == 198
+    keep = [i for i in range(200) if i not in (3, 150)]
+    D, I = idx.search_vectors(x[keep], 1, nprobe=4)
+    assert I[:, 0].tolist() == keep  # each vector finds itself
+    assert 3 not in idx.search_vectors(x[3], 10, nprobe=4)[1][0]
+    np.testing.assert_allclose(idx.vectors([5, 199]), x[[5, 199]], atol=1e-6)
+    res = idx.coarse_from_vectors({"image": x[10], "text": x[11]}, "intersection", 5, nprobe=4)
+    assert len(res[0]) == 5 and 3 not in res[0]
+    with IndexWriter(path, encoder_info=INFO) as w:  # a changed vector: the old one tombstoned, a new id
+        w.add(_items(["20"]), x[100:101])
+    idx = open_index(path, search_device="cpu")
+    assert idx.get("20").id != 20 and idx.search_vectors(x[20], 3, nprobe=4)[1][0][0] != 20
+
+
+def test_empty_index_searches_return_nothing(tmp_path):
+    for factory in ("Flat", "IVF4,Flat", "HNSW16"):
+        path = tmp_path / factory.replace(",", "_")
+        with IndexWriter(path, encoder_info=INFO, factory=factory, create=True):
+            pass
+        idx = open_index(path)
+        D, I = idx.search_vectors(_vectors(2), 5)
+        assert (I == -1).all()
+        ids, scores = idx.coarse_from_vectors({"image": _vectors(1)[0], "text": _vectors(1, 1)[0]}, "intersection", 5)
+        assert len(ids) == 0 and len(scores) == 0
 
 
 def test_ivf_training_and_clear_error(tmp_path):

@@ -183,6 +183,35 @@ def test_broken_and_hanging_videos_are_skipped(video_dir, embedded, monkeypatch,
         sample_frames(video_dir / "empty.mp4")
 
 
+def test_patch_segments_hold_only_the_rows_used(video_dir, tiny_clip):
+    # videos are written item by item into a segment opened with spare room; it is trimmed on commit
+    build_index("vp", video_dir, encoder=tiny_clip, patches={"grid": 2}, video={"num_frames": 2})
+    idx = open_index("vp")
+    vdir = idx.path / idx.version
+    rows: dict[str, int] = {}
+    for it in idx.meta.iter_items():
+        if it.patch_seg:
+            rows[it.patch_seg] = max(rows.get(it.patch_seg, 0), it.patch_row + 1)
+    assert rows and {p.name for p in vdir.glob("patches-*.npy")} == set(rows)
+    for name, n in rows.items():
+        assert np.load(vdir / name, mmap_mode="r").shape[0] == n
+
+
+def test_truncated_video_with_its_index_first_is_refused(tmp_path):
+    # moov at the front: the container still states the full duration after the cut, and decoding just
+    # stops early; the sampler must not hand back the last decodable frame for every later timestamp
+    rng = np.random.default_rng(0)  # noisy frames, so the media data dwarfs the index
+    p = write_video(tmp_path / "fs.mp4", [rng.integers(0, 256, (48, 64, 3), dtype=np.uint8) for _ in range(80)],
+                    fps=10, faststart=True)
+    data = p.read_bytes()
+    assert data[4:8] == b"ftyp" and data.find(b"moov") < data.find(b"mdat")
+    assert len(sample_frames(p, num_frames=8).images) == 8  # intact: fine
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(BadVideoError, match="truncated: no frame after"):
+        sample_frames(cut, num_frames=8)
+
+
 def test_frames_reranker_speed_path_bench_json(capsys):
     from mmretrieve.cli import main
 

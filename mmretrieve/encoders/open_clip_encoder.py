@@ -37,10 +37,15 @@ def parse_open_clip_spec(spec: str) -> tuple[str, str | None]:
     spec = spec.strip()
     if not spec:
         raise ValueError("open_clip: empty model name; expected e.g. open_clip:ViT-B-32@laion2b_s34b_b79k")
-    if spec.startswith(("local-dir:", "hf-hub:")):
+    if spec.startswith("local-dir:"):  # absolute, so the name an index stores means the same folder from any cwd
+        return "local-dir:" + os.path.abspath(os.path.expanduser(spec[len("local-dir:") :])), None
+    if spec.startswith("hf-hub:"):
         return spec, None
     model, sep, pretrained = spec.partition("@")
-    return model, (pretrained or None) if sep else None
+    pretrained = (pretrained or None) if sep else None
+    if pretrained and (os.sep in pretrained or pretrained.endswith((".safetensors", ".bin", ".pt", ".pth"))):
+        pretrained = os.path.abspath(os.path.expanduser(pretrained))  # a checkpoint file, likewise
+    return model, pretrained
 
 
 class OpenClipEncoder(Encoder):

@@ -56,6 +56,7 @@ class TimmEncoder(Encoder):
             log.warning("timm:%s@random has RANDOM weights: use it for speed benchmarks and tests only", model_name)
             pretrained = False
         elif source:
+            source = os.path.abspath(os.path.expanduser(source))  # the stored name means this file from any cwd
             if not os.path.isfile(source):
                 raise EncoderError(f"timm: weights file not found: {source}")
             overlay = {"file": source}

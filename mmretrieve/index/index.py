@@ -55,7 +55,7 @@ class Index:
     """A read-only snapshot of one version of an index, plus the operations that write new versions."""
 
     def __init__(self, path: Path, manifest: dict, faiss_index, meta: MetaDB, encoder: Encoder | None = None,
-                 *, search_device: str | None = "auto") -> None:
+                 *, search_device: str | None = "auto", nprobe: int | None = None, ef_search: int | None = None) -> None:
         self.path = Path(path)
         self.manifest = manifest
         self.faiss = faiss_index
@@ -64,6 +64,11 @@ class Index:
         self._tombstones = meta.tombstones()
         self._patch_cache: dict[str, np.ndarray] = {}
         self.search_device = resolve_search_device(search_device, faiss_index)
+        #: approximate-search knobs used when a call gives none: IVF lists probed (default min(nlist, 32);
+        #: FAISS's own default of 1 loses most neighbours) and HNSW's efSearch (default: FAISS's)
+        nlist = getattr(store.inner_index(faiss_index), "nlist", None)
+        self.nprobe = int(nprobe) if nprobe else (min(int(nlist), 32) if nlist else None)
+        self.ef_search = int(ef_search) if ef_search else None
         self._gpu_searcher = None
         if encoder is not None:
             self.encoder = encoder
@@ -79,13 +84,16 @@ class Index:
         verify: bool = True,
         mmap: bool = False,
         search_device: str | None = "auto",
+        nprobe: int | None = None,
+        ef_search: int | None = None,
     ) -> Index:
         """Open the live version. ``verify`` checks sha256s; ``mmap`` memory-maps the FAISS index (Flat).
 
         ``search_device``: ``auto`` searches on the GPU when CUDA is present and the index can be searched
         there (faiss-gpu, or the torch exact scan for Flat indexes), else on the CPU; ``cpu`` / ``cuda``
         force one (``cuda`` fails with the reason when it cannot). ``$MMRETRIEVE_SEARCH_DEVICE`` sets the
-        default.
+        default. ``nprobe`` / ``ef_search``: the IVF / HNSW search breadth of every search of this
+        snapshot (IVF default: min(nlist, 32) lists).
         """
         path = resolve_index_path(name_or_path, index_dir)
         manifest = read_manifest(path)
@@ -103,14 +111,15 @@ class Index:
             )
         if findex.d != int(manifest["encoder"]["dim"]):
             raise IndexCorruptedError(f"{vdir / 'index.faiss'}: dim {findex.d}, manifest says {manifest['encoder']['dim']}")
-        idx = cls(path, manifest, findex, meta, search_device=search_device)
+        idx = cls(path, manifest, findex, meta, search_device=search_device, nprobe=nprobe, ef_search=ef_search)
         if encoder is not None:
             idx.encoder = create_encoder(encoder) if isinstance(encoder, str) else encoder
         return idx
 
     def reopen(self) -> Index:
         """The latest committed version (this object keeps its snapshot)."""
-        return Index.open(self.path, encoder=self._encoder, search_device=self.search_device)
+        return Index.open(self.path, encoder=self._encoder, search_device=self.search_device, nprobe=self.nprobe,
+                          ef_search=self.ef_search)
 
     def close(self) -> None:
         self.meta.close()
@@ -173,17 +182,12 @@ class Index:
         return self.meta.items_by_ids(ids)
 
     def get(self, key_or_id: str | int) -> Item:
-        """An item by id, key, or file path."""
-        if isinstance(key_or_id, (int, np.integer)) or (isinstance(key_or_id, str) and key_or_id.isdigit()):
-            it = self.meta.items_by_ids([int(key_or_id)]).get(int(key_or_id))
-            if it is not None:
-                return it
-        s = str(key_or_id)
-        it = self.meta.item_by_key(s)
-        if it is None and os.path.exists(s):
-            it = self.meta.item_by_key(str(Path(s).resolve())) or next(iter(self.meta.items_by_uri(str(Path(s).resolve()))), None)
+        """An item by id (an int, or ``"id:N"``), key (or ``"key:K"``), a number string, or a file path;
+        a number string that is one item's key and another's id is refused as ambiguous."""
+        i = _resolve_id(self.meta, key_or_id, self.path)
+        it = self.meta.items_by_ids([i]).get(i)
         if it is None:
-            raise KeyError(f"no item {s!r} in index {self.path}")
+            raise KeyError(f"no item {key_or_id!r} in index {self.path}")
         return it
 
     def vectors(self, ids: Sequence[int]) -> np.ndarray:
@@ -312,8 +316,11 @@ class Index:
             q = q[None]
         if q.shape[1] != self.dim:
             raise ValueError(f"expected query dim {self.dim}, got {q.shape[1]}")
-        k = max(1, min(int(k), int(self.faiss.ntotal))) if self.faiss.ntotal else 1
+        if not self.faiss.ntotal:  # nothing stored (an untrained IVF would even refuse to search)
+            return np.full((len(q), max(1, int(k))), -np.inf, np.float32), np.full((len(q), max(1, int(k))), -1, np.int64)
+        k = max(1, min(int(k), int(self.faiss.ntotal)))
         excl = list(self._tombstones) + [int(i) for i in (exclude or [])]
+        nprobe, ef_search = nprobe or self.nprobe, ef_search or self.ef_search
         if self.search_device == "cuda":
             return self.gpu_searcher().search(q, k, exclude=excl, nprobe=nprobe)
         params = store.search_params(self.faiss, exclude=excl, nprobe=nprobe, ef_search=ef_search)
@@ -436,6 +443,8 @@ class Index:
         Di, Ii = self.search_vectors(vecs["image"], k1, **kw)
         Dt, It = self.search_vectors(vecs["text"], k1, **kw)
         union = np.unique(np.concatenate([Ii[0][Ii[0] >= 0], It[0][It[0] >= 0]]))
+        if not len(union):
+            return union.astype(np.int64), np.zeros(0, np.float32)
         V = self.vectors(union)
         s = intersection_scores(V @ vecs["image"], V @ vecs["text"], mode=options.get("mode", "min"))
         order = np.argsort(-s, kind="stable")[:k]
@@ -627,6 +636,11 @@ def _ingest_and_commit(writer: IndexWriter, todo, missing_files, enc, report: In
         ingest(writer, items, enc, report, batch_size=batch_size, workers=workers, on_bad_vectors=on_bad_vectors)
         if strict and report.skipped:
             raise SkippedInputsError(report)
+        # an indexed item whose file is now broken or gone no longer stands for what is on disk
+        stale = [writer.meta.item_by_key(s.key) for s in report.skipped]
+        stale_ids = [it.id for it in stale if it is not None]
+        if stale_ids:
+            report.stale_removed = _remove_items(writer, stale_ids)
         manifest = writer.commit()
     except BaseException:
         writer.abort()
@@ -645,9 +659,7 @@ def remove_from_index(
         ids = []
         for k in keys_or_ids:
             ids.append(_resolve_id(writer.meta, k, path))
-        videos = [it.key for it in writer.meta.items_by_ids(ids).values() if it.kind == "video"]
-        frame_ids = [i for i in writer.meta.frame_item_ids(videos) if i not in set(ids)]
-        n = writer.remove(ids + frame_ids) - len(frame_ids)
+        n = _remove_items(writer, ids)
         writer.commit()
     except BaseException:
         writer.abort()
@@ -655,13 +667,36 @@ def remove_from_index(
     return n
 
 
+def _remove_items(writer: IndexWriter, ids: list[int]) -> int:
+    """Remove items (a video takes its frame entries along); returns how many of ``ids`` were removed."""
+    videos = [it.key for it in writer.meta.items_by_ids(ids).values() if it.kind == "video"]
+    frame_ids = [i for i in writer.meta.frame_item_ids(videos) if i not in set(ids)]
+    return writer.remove(ids + frame_ids) - len(frame_ids)
+
+
 def _resolve_id(meta: MetaDB, k: int | str, path: Path) -> int:
+    """An int is an id; a string is ``id:N``, ``key:K``, a key, a number (an id), or a file path. A bare
+    number that is the key of one item and the id of another is refused as ambiguous."""
     if isinstance(k, (int, np.integer)):
         return int(k)
     s = str(k)
+    if s.startswith("id:") and s[3:].lstrip("-").isdigit():
+        it = meta.items_by_ids([int(s[3:])]).get(int(s[3:]))
+        if it is None:
+            raise KeyError(f"no item with id {s[3:]} in index {path}")
+        return it.id
+    if s.startswith("key:"):
+        it = meta.item_by_key(s[4:])
+        if it is None:
+            raise KeyError(f"no item with key {s[4:]!r} in index {path}")
+        return it.id
     it = meta.item_by_key(s)
-    if it is None and s.lstrip("-").isdigit():
-        it = meta.items_by_ids([int(s)]).get(int(s))
+    if s.lstrip("-").isdigit():
+        by_id = meta.items_by_ids([int(s)]).get(int(s))
+        if it is not None and by_id is not None and by_id.id != it.id:
+            raise KeyError(f"{s!r} is the key of item {it.id} ({it.uri}) and the id of item {by_id.id} ({by_id.uri}) "
+                           f"in index {path}: write id:{s} or key:{s}")
+        it = it or by_id
     if it is None:
         it = next(iter(meta.items_by_uri(s)), None)
     if it is None:

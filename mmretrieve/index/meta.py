@@ -220,9 +220,9 @@ class MetaDB:
         rows = self.conn.execute(f"SELECT {', '.join(ITEM_COLUMNS)} FROM items WHERE uri=?", (uri,)).fetchall()
         return [Item.from_row(r) for r in rows]
 
-    def fingerprints(self) -> dict[str, tuple[int, int | None, float | None]]:
-        """key -> (id, size, mtime) of every item."""
-        return {k: (i, s, m) for i, k, s, m in self.conn.execute("SELECT id, key, size, mtime FROM items")}
+    def fingerprints(self) -> dict[str, tuple[int, int | None, float | None, str, str | None]]:
+        """key -> (id, size, mtime, uri, caption) of every item."""
+        return {k: (i, s, m, u, c) for i, k, s, m, u, c in self.conn.execute("SELECT id, key, size, mtime, uri, caption FROM items")}
 
     def skipped_fingerprints(self) -> dict[str, tuple[int | None, float | None]]:
         return {k: (s, m) for k, s, m in self.conn.execute("SELECT key, size, mtime FROM skipped")}

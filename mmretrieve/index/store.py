@@ -179,9 +179,23 @@ def new_faiss_index(dim: int, factory: str = DEFAULT_FACTORY, metric: str = "ip"
     if factory.upper().startswith("IDMAP"):
         raise ValueError("give the factory without IDMap: mmretrieve always wraps it in IDMap2")
     try:
-        return faiss.index_factory(int(dim), f"IDMap2,{factory}", _metric(metric))
+        index = faiss.index_factory(int(dim), f"IDMap2,{factory}", _metric(metric))
     except RuntimeError as e:
         raise ValueError(f"invalid FAISS factory string {factory!r}: {str(e).splitlines()[-1]}") from None
+    return with_direct_map(index)
+
+
+def with_direct_map(index):
+    """IVF indexes keep a direct map (FAISS builds none by default), so stored vectors can be
+    reconstructed by id (intersection fusion, stored-vector reuse). Returns ``index``."""
+    faiss = _faiss()
+    try:
+        ivf = faiss.extract_index_ivf(inner_index(index))
+    except RuntimeError:  # not an IVF index
+        return index
+    if ivf.direct_map.type == faiss.DirectMap.NoMap:
+        ivf.make_direct_map()
+    return index
 
 
 def inner_index(index):
@@ -219,9 +233,12 @@ def search_params(index, *, exclude: Sequence[int] | None = None, nprobe: int | 
 
 
 def supports_remove(index) -> bool:
+    """Whether deleting from the IDMap2 is correct: only for indexes that compact their codes on
+    removal (Flat, PQ, SQ...: ``IndexFlatCodes``), which IDMap2's id bookkeeping assumes. IVF removes
+    without renumbering (the id map would then point at the wrong vectors) and HNSW cannot remove, so
+    both tombstone deleted ids instead (filtered at search time, never reused)."""
     faiss = _faiss()
-    inner = inner_index(index)
-    return not (isinstance(inner, faiss.IndexHNSW) or hasattr(inner, "hnsw"))
+    return isinstance(inner_index(index), faiss.IndexFlatCodes)
 
 
 class IndexWriter:
@@ -246,6 +263,8 @@ class IndexWriter:
         self.path = Path(path)
         self._lock_fh = None
         self._published = False
+        if not create and not (self.path / MANIFEST).is_file():  # before anything is made there (no stray lock)
+            raise IndexNotFoundError(f"index not found: {self.path}")
         self.path.mkdir(parents=True, exist_ok=True)
         self._acquire_lock()
         try:
@@ -380,10 +399,23 @@ class IndexWriter:
         self._segment_rows = 0
 
     def _close_segment(self) -> None:
+        """Flush the open segment, trimmed to the rows used (a segment is opened with room to spare)."""
         if self._segment is not None:
-            self._segment.flush()
-            del self._segment
+            seg, used = self._segment, self._segment_rows
             self._segment = None
+            seg.flush()
+            path = self.tmpdir / self._segment_name
+            if used < seg.shape[0]:
+                if used == 0:
+                    del seg
+                    path.unlink()
+                else:
+                    tmp = path.with_suffix(".trim.npy")
+                    np.save(tmp, np.asarray(seg[:used]))
+                    del seg
+                    os.replace(tmp, path)
+            else:
+                del seg
 
     def add(
         self,
@@ -492,7 +524,7 @@ class IndexWriter:
         self.index.add_with_ids(vecs, ids)
 
     def _drop_vectors(self, ids: Sequence[int]) -> bool:
-        """Delete vectors from FAISS; returns False when the index cannot delete (HNSW) and the ids were
+        """Delete vectors from FAISS; returns False when the index cannot delete correctly (HNSW, IVF) and the ids were
         tombstoned instead (filtered at search time, never reused)."""
         faiss = _faiss()
         arr = np.ascontiguousarray(np.asarray(ids, dtype=np.int64))
@@ -652,8 +684,8 @@ def read_faiss(path: Path, *, mmap: bool = False):
     faiss = _faiss()
     try:
         if mmap:
-            return faiss.read_index(str(path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
-        return faiss.read_index(str(path))
+            return with_direct_map(faiss.read_index(str(path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY))
+        return with_direct_map(faiss.read_index(str(path)))
     except RuntimeError as e:
         raise IndexCorruptedError(f"{path}: FAISS cannot read the index ({str(e).strip().splitlines()[-1]})") from None
 

@@ -118,7 +118,7 @@ def to_rgb(im: Image.Image, background: tuple[int, int, int] = (255, 255, 255)) 
         canvas = Image.new("RGBA", rgba.size, (*background, 255))
         canvas.alpha_composite(rgba)
         return canvas.convert("RGB")
-    if im.mode == "I;16" or im.mode == "I" or im.mode == "F":
+    if im.mode.startswith("I;16") or im.mode in ("I", "F"):  # I;16, I;16B (big-endian), I;16L, I;16N
         # 16-bit / float greyscale: scale to 8 bits instead of clipping
         import numpy as np
 

@@ -76,7 +76,7 @@ def scan_source(source: str | os.PathLike, *, kinds: tuple[str, ...] = ("image",
 
 
 def _scan_folder(root: Path, kinds: tuple[str, ...]) -> ScanResult:
-    items, ignored = [], 0
+    items, missing, ignored = [], [], 0
     for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for fn in sorted(filenames):
@@ -91,7 +91,9 @@ def _scan_folder(root: Path, kinds: tuple[str, ...]) -> ScanResult:
             it = SourceItem(key=uri, uri=uri, kind=kind)
             if _stat(it):
                 items.append(it)
-    return ScanResult(items, ignored=ignored)
+            else:  # a dangling link, or a file gone since the listing: reported as not found
+                missing.append(SourceItem(key=str(p.absolute()), uri=str(p.absolute()), kind=kind))
+    return ScanResult(items, missing=missing, ignored=ignored)
 
 
 def _read_csv(path: Path) -> list[tuple[int, dict[str, Any]]]:
@@ -100,7 +102,8 @@ def _read_csv(path: Path) -> list[tuple[int, dict[str, Any]]]:
         reader = csv.DictReader(fh, delimiter=delim)
         if not reader.fieldnames or "path" not in [f.strip() for f in reader.fieldnames]:
             raise ValueError(f"{path}: a manifest needs a 'path' column (found: {reader.fieldnames})")
-        return [(i + 2, {k.strip(): v for k, v in row.items() if k}) for i, row in enumerate(reader)]
+        # reader.line_num: the physical line a row ends on (blank lines and quoted newlines counted)
+        return [(reader.line_num, {k.strip(): v for k, v in row.items() if k}) for row in reader]
 
 
 def _read_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:

@@ -181,6 +181,11 @@ def sample_frames(
                         counting += 1
                 if f is None:
                     chosen = prev
+                    # the stream ended well before a target that lies within the stated duration: a file cut
+                    # short whose index (moov first) still promises the rest; refuse rather than repeat the
+                    # last frame for every later target
+                    if prev is not None and t - prev[0] > max(1.0, 0.1 * (info.duration or 0.0)) + 1.0 / rate:
+                        raise BadVideoError(path, f"truncated: no frame after {prev[0]:.2f}s of a {info.duration or 0:.2f}s video")
                     break
                 ft = (float(f.pts * tb) if f.pts is not None else float(f.time or 0.0)) - start
                 if ft <= t + frame_eps:
@@ -214,15 +219,17 @@ def _to_image(frame, min_side: int | None) -> Image.Image:
     return frame.to_image()
 
 
-def write_video(path: str | os.PathLike, frames: list[np.ndarray] | np.ndarray, *, fps: int = 10, codec: str | None = None) -> Path:
-    """Encode RGB uint8 frames (H, W, 3) into a video (codec picked from the extension). For tests and demos."""
+def write_video(path: str | os.PathLike, frames: list[np.ndarray] | np.ndarray, *, fps: int = 10, codec: str | None = None,
+                faststart: bool = False) -> Path:
+    """Encode RGB uint8 frames (H, W, 3) into a video (codec picked from the extension). For tests and demos.
+    ``faststart``: MP4/MOV with the index (moov) at the front, as streamed files are."""
     av = _require_av()
     path = Path(path)
     ext = path.suffix.lower()
     codec = codec or {".webm": "libvpx-vp9", ".avi": "mpeg4", ".mkv": "libx264", ".mov": "libx264"}.get(ext, "libx264")
     frames = [np.ascontiguousarray(f, dtype=np.uint8) for f in frames]
     h, w = frames[0].shape[:2]
-    with av.open(str(path), mode="w") as c:
+    with av.open(str(path), mode="w", options={"movflags": "faststart"} if faststart else None) as c:
         s = c.add_stream(codec, rate=fps)
         s.width, s.height, s.pix_fmt = w, h, "yuv420p"
         if codec == "libx264":
