@@ -16,7 +16,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "mmretrieve.cli", *args], capture_output=True, text=True, env=env)
 
 
-def test_build_with_bad_files_exits_0_with_summary_and_strict_exits_nonzero(photo_dir, bad_files, tmp_path):
+def test_build_with_bad_files_exits_0_with_summary_and_strict_exits_nonzero(photo_dir, bad_files, tmp_path, embedded):
     os.replace(bad_files["text.jpg"][0], photo_dir / "text.jpg")
     os.replace(bad_files["zero_byte.jpg"][0], photo_dir / "zero_byte.jpg")
     idx_home = tmp_path / "home"
@@ -29,7 +29,7 @@ def test_build_with_bad_files_exits_0_with_summary_and_strict_exits_nonzero(phot
     assert not (idx_home / "strict" / "manifest.json").exists()
 
 
-def test_search_info_rm_json(photo_dir, tmp_path, capsys):
+def test_search_info_rm_json(photo_dir, tmp_path, capsys, embedded):
     home = str(tmp_path / "home")
     assert main(["index", "build", "photos", str(photo_dir), "--index-dir", home, "-q"]) == 0
     capsys.readouterr()
@@ -66,13 +66,13 @@ def test_clear_errors(tmp_path, capsys):
     assert "unknown fusion 'bogus'" in capsys.readouterr().err
 
 
-def test_options_before_or_after_the_subcommand(photo_dir, tmp_path, capsys):
+def test_options_before_or_after_the_subcommand(photo_dir, tmp_path, capsys, embedded):
     home = str(tmp_path / "h")
     assert main(["--index-dir", home, "-q", "index", "build", "p", str(photo_dir)]) == 0
     assert (Path(home) / "p" / "manifest.json").exists()
 
 
-def test_demo_runs_offline_and_ranks_the_cat_first(tmp_path):
+def test_demo_runs_offline_and_ranks_the_cat_first(tmp_path, embedded):  # the CLI's default encoder
     out = tmp_path / "demo"
     p = run_cli("demo", "--out", str(out), "--index-dir", str(tmp_path / "home"), "--json")
     assert p.returncode == 0, p.stderr

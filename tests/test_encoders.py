@@ -130,8 +130,10 @@ def test_tiny_open_clip_through_factory_matches_open_clip(tiny_clip, tiny_clip_d
     with torch.no_grad():
         ref_i = torch.nn.functional.normalize(model.encode_image(torch.stack([preprocess(i) for i in ims])), dim=-1)
         ref_t = torch.nn.functional.normalize(model.encode_text(tok(texts)), dim=-1)
-    np.testing.assert_allclose(tiny_clip.encode_images(ims), ref_i.numpy(), atol=1e-5)
-    np.testing.assert_allclose(tiny_clip.encode_texts(texts), ref_t.numpy(), atol=1e-5)
+    # on CUDA, cuDNN runs the fp32 patch-embedding convolution in TF32 by default (torch's setting)
+    atol = 1e-5 if tiny_clip.device.type == "cpu" else 2e-3
+    np.testing.assert_allclose(tiny_clip.encode_images(ims), ref_i.numpy(), atol=atol)
+    np.testing.assert_allclose(tiny_clip.encode_texts(texts), ref_t.numpy(), atol=atol)
     assert tiny_clip.name == f"open_clip:local-dir:{tiny_clip_dir}"
     assert tiny_clip.precision == "fp32"
 

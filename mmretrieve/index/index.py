@@ -580,12 +580,12 @@ def build_index(
     """
     from mmretrieve.media.video_ingest import resolve_video_config
 
+    t0 = time.perf_counter()
+    scan = scan_source(source)  # a wrong source is reported before any model is loaded
     enc = create_encoder(encoder) if isinstance(encoder, str) else encoder
     path = resolve_index_path(name_or_path, index_dir)
     pcfg = _patch_config(enc, patches)
     vcfg = resolve_video_config(video)
-    t0 = time.perf_counter()
-    scan = scan_source(source)
     report = IngestReport(scanned=len(scan.items) + len(scan.missing), ignored=scan.ignored, index_path=str(path))
     writer = IndexWriter(path, encoder_info=enc.info.to_dict(), factory=factory, patches=pcfg, video=vcfg, create=True,
                          overwrite=overwrite)
@@ -609,12 +609,12 @@ def add_to_index(
     """Encode only the new or changed files of ``source`` and publish a new version."""
     path = resolve_index_path(name_or_path, index_dir)
     manifest = read_manifest(path)
+    t0 = time.perf_counter()
+    scan = scan_source(source)  # a wrong source is reported before any model is loaded
     if encoder is None:
         encoder = manifest["encoder"]["name"]
     enc = create_encoder(encoder) if isinstance(encoder, str) else encoder
     check_encoder_compat(manifest["encoder"], enc.info.to_dict(), path)
-    t0 = time.perf_counter()
-    scan = scan_source(source)
     report = IngestReport(scanned=len(scan.items) + len(scan.missing), ignored=scan.ignored, index_path=str(path))
     writer = IndexWriter(path, encoder_info=enc.info.to_dict())
     _ingest_and_commit(
