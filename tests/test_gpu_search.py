@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from mmretrieve.index import Index
+from mmretrieve.index.flatscan import BlasFlatScanner
 from mmretrieve.index.gpu import TorchFlatSearcher, make_gpu_searcher
 from mmretrieve.index.index import resolve_search_device
 from mmretrieve.index.meta import Item
@@ -38,8 +39,9 @@ def _faiss_search(findex, q, k, exclude=()):
     return findex.search(q, k, params=params)
 
 
+@pytest.mark.parametrize("scanner", ["torch", "blas"])
 @pytest.mark.parametrize("metric", [faiss.METRIC_INNER_PRODUCT, faiss.METRIC_L2])
-def test_torch_scan_matches_faiss_with_sparse_ids_and_exclusions(metric):
+def test_scans_match_faiss_with_sparse_ids_and_exclusions(metric, scanner):
     rng = np.random.default_rng(0)
     xb, q = _unit(rng, 500, 24), _unit(rng, 7, 24)
     ids = rng.choice(10_000, size=500, replace=False).astype(np.int64)  # ids unrelated to rows, unsorted
@@ -47,21 +49,23 @@ def test_torch_scan_matches_faiss_with_sparse_ids_and_exclusions(metric):
     exclude = [int(ids[3]), int(ids[77]), 999_999]  # includes an id that is not in the index
     for ex in ((), exclude):
         D0, I0 = _faiss_search(findex, q, 10, ex)
-        D1, I1 = TorchFlatSearcher(findex, "cpu").search(q, 10, exclude=list(ex))
+        s = TorchFlatSearcher(findex, "cpu") if scanner == "torch" else BlasFlatScanner(findex)
+        D1, I1 = s.search(q, 10, exclude=list(ex))
         np.testing.assert_array_equal(I1, I0)
         np.testing.assert_allclose(D1, D0, rtol=1e-5, atol=1e-5)
     assert not set(exclude) & set(I1.ravel().tolist())
 
 
-def test_torch_scan_pads_like_faiss_when_k_exceeds_what_is_left():
+@pytest.mark.parametrize("make", [lambda f: TorchFlatSearcher(f, "cpu"), BlasFlatScanner])
+def test_scans_pad_like_faiss_when_k_exceeds_what_is_left(make):
     rng = np.random.default_rng(1)
     xb = _unit(rng, 5, 8)
     findex = _idmap(xb, np.arange(10, 15, dtype=np.int64))
-    D, I = TorchFlatSearcher(findex, "cpu").search(xb[:2], 8, exclude=[10, 11])
+    D, I = make(findex).search(xb[:2], 8, exclude=[10, 11])
     assert (I[:, :3] >= 12).all() and (I[:, 3:] == -1).all()
     assert I[0, 0] != 10 and I[1, 0] != 11  # each query's own vector was excluded
     empty = faiss.IndexIDMap2(faiss.IndexFlatIP(8))
-    D, I = TorchFlatSearcher(empty, "cpu").search(xb[:1], 3)
+    D, I = make(empty).search(xb[:1], 3)
     assert (I == -1).all()
 
 

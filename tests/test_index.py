@@ -123,7 +123,7 @@ def test_dangling_link_is_reported_and_strict_refuses_it(tmp_path, samples, tiny
 
 # ---- save / load, checksums -----------------------------------------------------------------------
 def test_save_load_identical_and_mmap(tmp_path, monkeypatch):
-    monkeypatch.setenv("MMRETRIEVE_SEARCH_DEVICE", "cpu")  # bit-identical to CPU FAISS (the GPU scan: test_gpu_search)
+    monkeypatch.setenv("MMRETRIEVE_SEARCH_DEVICE", "cpu")  # (the GPU scan: test_gpu_search)
     x = _vector_index(tmp_path / "i", 200)
     q = _vectors(7, seed=1)
     D1, I1 = _search_all(tmp_path / "i", q)
@@ -134,7 +134,8 @@ def test_save_load_identical_and_mmap(tmp_path, monkeypatch):
     ref.add(x)
     D0, I0 = ref.search(q, 10)
     np.testing.assert_array_equal(I1, I0)
-    np.testing.assert_array_equal(D1, D0)
+    np.testing.assert_allclose(D1, D0, rtol=0, atol=1e-6)  # few queries: a BLAS scan (flatscan.py), other rounding
+    assert np.array_equal(open_index(tmp_path / "i").search_vectors(np.tile(q, (3, 1)), 10)[1][:7], I0)  # FAISS's path
     idx = open_index(tmp_path / "i", mmap=True)
     D2, I2 = idx.search_vectors(q, 10)
     np.testing.assert_array_equal(I2, I1)

@@ -21,6 +21,7 @@ import torch
 
 from mmretrieve.encoders import DEFAULT_ENCODER, Encoder, create_encoder
 from mmretrieve.index import store
+from mmretrieve.index.flatscan import BlasFlatScanner
 from mmretrieve.index.meta import Item, MetaDB, Skipped
 from mmretrieve.index.store import (
     EncoderMismatchError,
@@ -70,6 +71,7 @@ class Index:
         self.nprobe = int(nprobe) if nprobe else (min(int(nlist), 32) if nlist else None)
         self.ef_search = int(ef_search) if ef_search else None
         self._gpu_searcher = None
+        self._blas_scanner = None
         if encoder is not None:
             self.encoder = encoder
 
@@ -323,6 +325,10 @@ class Index:
         nprobe, ef_search = nprobe or self.nprobe, ef_search or self.ef_search
         if self.search_device == "cuda":
             return self.gpu_searcher().search(q, k, exclude=excl, nprobe=nprobe)
+        if BlasFlatScanner.worth_it(self.faiss, len(q)):  # few queries on a Flat index: one BLAS pass (flatscan.py)
+            if self._blas_scanner is None:
+                self._blas_scanner = BlasFlatScanner(self.faiss)
+            return self._blas_scanner.search(q, k, exclude=excl)
         params = store.search_params(self.faiss, exclude=excl, nprobe=nprobe, ef_search=ef_search)
         if params is None:
             return self.faiss.search(q, k)
