@@ -107,7 +107,7 @@ def _print(msg: str = "") -> None:
     sys.stdout.flush()
 
 
-def _median_time(fn: Callable[[], Any], repeat: int = 3, warmup: int = 1) -> float:
+def _times(fn: Callable[[], Any], repeat: int, warmup: int) -> list[float]:
     for _ in range(warmup):
         fn()
     ts = []
@@ -115,19 +115,16 @@ def _median_time(fn: Callable[[], Any], repeat: int = 3, warmup: int = 1) -> flo
         t = time.perf_counter()
         fn()
         ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
+    return ts
+
+
+def _median_time(fn: Callable[[], Any], repeat: int = 3, warmup: int = 1) -> float:
+    return statistics.median(_times(fn, repeat, warmup))
 
 
 def _best_time(fn: Callable[[], Any], repeat: int = 5, warmup: int = 1) -> float:
     """The fastest of ``repeat`` runs: what a machine's limits are measured with (noise only adds time)."""
-    for _ in range(warmup):
-        fn()
-    ts = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return min(ts)
+    return min(_times(fn, repeat, warmup))
 
 
 # ---- ingest --------------------------------------------------------------------------------------
