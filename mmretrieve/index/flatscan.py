@@ -20,6 +20,26 @@ from mmretrieve.index import store
 MAX_SCORE_BYTES = 256 << 20
 
 
+class IdRows:
+    """External ids -> storage rows of an (IDMap2-wrapped) index, for masking excluded ids in a scan."""
+
+    def __init__(self, findex) -> None:
+        import faiss
+
+        n = int(findex.ntotal)
+        self.ids = faiss.vector_to_array(findex.id_map).astype(np.int64) if hasattr(findex, "id_map") else np.arange(n, dtype=np.int64)
+        order = np.argsort(self.ids, kind="stable")
+        self._sorted_ids, self._sorted_rows = self.ids[order], order
+
+    def rows_of(self, ids: Sequence[int] | None) -> np.ndarray:
+        """Rows of the ids that are stored (unknown ids are ignored)."""
+        ids = np.asarray(list(ids or []), dtype=np.int64)
+        if not len(ids) or not len(self.ids):
+            return np.zeros(0, np.int64)
+        pos = np.clip(np.searchsorted(self._sorted_ids, ids), 0, len(self.ids) - 1)
+        return self._sorted_rows[pos[self._sorted_ids[pos] == ids]]
+
+
 class BlasFlatScanner:
     """Exact top-k for a few queries by one BLAS product over a Flat index's vectors (not copied)."""
 
@@ -35,10 +55,8 @@ class BlasFlatScanner:
         self.xb = faiss.rev_swig_ptr(inner.get_xb(), self.n * self.d).reshape(self.n, self.d) if self.n else None
         self._inner = inner  # keeps the storage alive
         self._norms = None
-        ids = faiss.vector_to_array(findex.id_map).astype(np.int64) if hasattr(findex, "id_map") else np.arange(self.n)
-        self.ids = ids
-        order = np.argsort(ids, kind="stable")
-        self._sorted_ids, self._sorted_rows = ids[order], order
+        self.id_rows = IdRows(findex)
+        self.ids = self.id_rows.ids
 
     @staticmethod
     def worth_it(findex, nq: int) -> bool:
@@ -53,13 +71,6 @@ class BlasFlatScanner:
             and nq * inner.ntotal * 4 <= MAX_SCORE_BYTES
         )
 
-    def _rows_of(self, ids: Sequence[int]) -> np.ndarray:
-        ids = np.asarray(list(ids), dtype=np.int64)
-        if not len(ids) or not self.n:
-            return np.zeros(0, np.int64)
-        pos = np.clip(np.searchsorted(self._sorted_ids, ids), 0, self.n - 1)
-        return self._sorted_rows[pos[self._sorted_ids[pos] == ids]]
-
     def search(self, q: np.ndarray, k: int, *, exclude: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
         nq = len(q)
         D = np.full((nq, k), -np.inf if self.metric_ip else np.inf, dtype=np.float32)
@@ -73,7 +84,7 @@ class BlasFlatScanner:
             S *= 2
             S -= self._norms[None]
             S -= (q * q).sum(1, keepdims=True)
-        rows = self._rows_of(exclude) if exclude is not None else np.zeros(0, np.int64)
+        rows = self.id_rows.rows_of(exclude)
         if len(rows):
             S[:, rows] = -np.inf
         kk = min(k, self.n)

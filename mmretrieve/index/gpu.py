@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from mmretrieve.index import store
+from mmretrieve.index.flatscan import IdRows
 
 log = logging.getLogger(__name__)
 
@@ -81,24 +82,11 @@ class TorchFlatSearcher:
         self.xb = torch.from_numpy(np.ascontiguousarray(xb)).to(self.device, dtype)
         if not self.metric_ip:
             self.norms = (self.xb.float() ** 2).sum(1)
-        if hasattr(findex, "id_map"):
-            self.ids = faiss.vector_to_array(findex.id_map).astype(np.int64)
-        else:
-            self.ids = np.arange(n, dtype=np.int64)
-        order = np.argsort(self.ids, kind="stable")
-        self._sorted_ids, self._sorted_rows = self.ids[order], order
+        self.id_rows = IdRows(findex)
+        self.ids = self.id_rows.ids
         self.ids_t = torch.from_numpy(self.ids).to(self.device)
         self.max_scores_bytes = int(max_scores_bytes)
         self.ntotal, self.d = n, d
-
-    def rows_of(self, ids: Sequence[int]) -> np.ndarray:
-        ids = np.asarray(list(ids), dtype=np.int64)
-        if not len(ids) or not self.ntotal:
-            return np.zeros(0, np.int64)
-        pos = np.searchsorted(self._sorted_ids, ids)
-        pos = np.clip(pos, 0, len(self._sorted_ids) - 1)
-        hit = self._sorted_ids[pos] == ids
-        return self._sorted_rows[pos[hit]]
 
     @torch.inference_mode()
     def search(self, q: np.ndarray, k: int, *, exclude: Sequence[int] | None = None, **_) -> tuple[np.ndarray, np.ndarray]:
@@ -108,7 +96,7 @@ class TorchFlatSearcher:
         I = np.full((nq, k), -1, dtype=np.int64)
         if not self.ntotal:
             return D, I
-        rows = self.rows_of(exclude) if exclude is not None else np.zeros(0, np.int64)
+        rows = self.id_rows.rows_of(exclude)
         rows_t = torch.from_numpy(rows).to(self.device) if len(rows) else None
         kk = min(k, self.ntotal)
         chunk = max(1, self.max_scores_bytes // (4 * self.ntotal))
