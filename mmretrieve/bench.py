@@ -127,6 +127,12 @@ def _best_time(fn: Callable[[], Any], repeat: int = 5, warmup: int = 1) -> float
     return min(_times(fn, repeat, warmup))
 
 
+def _median_per_call(fn: Callable[[int], Any], n: int) -> float:
+    """Median time of ``fn(0) ... fn(n - 1)``, each call timed alone (e.g. one query each)."""
+    calls = iter(range(n))
+    return _median_time(lambda: fn(next(calls)), repeat=n, warmup=0)
+
+
 # ---- ingest --------------------------------------------------------------------------------------
 def _ingest_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--encoder", default="embedded")
@@ -312,12 +318,7 @@ def _bench_gpu_search(path: Path, q: np.ndarray, qb: np.ndarray, k: int, n: int,
     try:
         backend = idx.gpu_searcher().backend
         idx.search_vectors(q[:1], k)
-        ts = []
-        for i in range(min(len(q), 50)):
-            t = time.perf_counter()
-            idx.search_vectors(q[i : i + 1], k)
-            ts.append(time.perf_counter() - t)
-        single = statistics.median(ts)
+        single = _median_per_call(lambda i: idx.search_vectors(q[i : i + 1], k), min(len(q), 50))
         batch = _median_time(lambda: idx.search_vectors(qb, k), repeat=3)
     finally:
         idx.close()
@@ -377,16 +378,8 @@ def gpu_limits(d: int, nbytes: int = 1 << 30) -> dict[str, float]:
     """The GPU's measured read bandwidth (a sum over ``nbytes``) and fp32 GEMM FLOP/s (TF32 off, as searched)."""
     import torch
 
-    def timed(fn, repeat=5):
-        fn()
-        torch.cuda.synchronize()
-        ts = []
-        for _ in range(repeat):
-            t = time.perf_counter()
-            fn()
-            torch.cuda.synchronize()
-            ts.append(time.perf_counter() - t)
-        return statistics.median(ts)
+    def timed(fn):  # GPU work is asynchronous: each timed run waits for it
+        return _median_time(lambda: (fn(), torch.cuda.synchronize()), repeat=5)
 
     ones = torch.ones(nbytes // 4, device="cuda")
     read_s = timed(ones.sum)
@@ -443,20 +436,12 @@ def bench_search(args: argparse.Namespace) -> dict:
             # single queries: raw FAISS vs mmretrieve's path (search + id->metadata), in alternating blocks
             # (not query by query: BLAS threads still spinning after one path's product steal the cores
             # of the other's next call), the better block median of each path counts
-            def block(fn, nq=nq) -> float:
-                ts = []
-                for i in range(nq):
-                    t = time.perf_counter()
-                    fn(i)
-                    ts.append(time.perf_counter() - t)
-                return statistics.median(ts)
-
             raw.search(q[:1], k)
             idx.search_by_vector(q[0], k)
             raw_runs, mmr_runs = [], []
             for _ in range(2):
-                raw_runs.append(block(lambda i, raw=raw, q=q: raw.search(q[i : i + 1], k)))
-                mmr_runs.append(block(lambda i, idx=idx, q=q: idx.search_by_vector(q[i], k)))
+                raw_runs.append(_median_per_call(lambda i, raw=raw, q=q: raw.search(q[i : i + 1], k), nq))
+                mmr_runs.append(_median_per_call(lambda i, idx=idx, q=q: idx.search_by_vector(q[i], k), nq))
             raw_single, mmr_single = min(raw_runs), min(mmr_runs)
             scanned = n * d * 4
             mem_bound = scanned / bw["read_Bps"]

@@ -82,11 +82,12 @@ def _validate_lists(path: Path, data: dict, ds: CIRDataset, *, min_len: int, cas
             raise SubmissionError(f"{path}: unknown query id {qid!r} (not in {ds.name} {ds.split})")
         if not isinstance(lst, list):
             raise SubmissionError(f"{path}: query {qid}: expected a list of ids, got {type(lst).__name__}")
-        try:
-            ids = [str(cast(x)) for x in lst]
-        except (TypeError, ValueError):
-            bad = next(x for x in lst if not _castable(cast, x))
-            raise SubmissionError(f"{path}: query {qid}: {bad!r} is not a valid {ds.name} image id") from None
+        ids = []
+        for x in lst:
+            try:
+                ids.append(str(cast(x)))
+            except (TypeError, ValueError):
+                raise SubmissionError(f"{path}: query {qid}: {x!r} is not a valid {ds.name} image id") from None
         if len(set(ids)) != len(ids):
             dup = next(x for x in ids if ids.count(x) > 1)
             raise SubmissionError(f"{path}: query {qid}: id {dup!r} appears more than once (predictions must be unique)")
@@ -103,14 +104,6 @@ def _validate_lists(path: Path, data: dict, ds: CIRDataset, *, min_len: int, cas
     if missing:
         raise SubmissionError(f"{path}: {len(missing)} query id(s) have no ranking, e.g. {missing[0]!r}")
     return out
-
-
-def _castable(cast, x) -> bool:
-    try:
-        cast(x)
-        return True
-    except (TypeError, ValueError):
-        return False
 
 
 def score_files(ds: CIRDataset, rankings_path: str | Path, subset_path: str | Path | None = None) -> dict[str, float]:

@@ -304,8 +304,6 @@ class IndexWriter:
             raise IndexExistsError(
                 f"index {self.path} already exists; use `mmretrieve index add` to update it or --overwrite to rebuild"
             )
-        if not create and not exists:
-            raise IndexNotFoundError(f"index not found: {self.path}")
         self._clean_strays()
         self.prev = read_manifest(self.path) if exists else None
         n = self._next_version_number()
