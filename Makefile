@@ -17,6 +17,9 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(BIN)/ruff check mmretrieve tests demos
 	$(BIN)/python -m pytest -q
+	@# where `auto` picks bf16 (CPUs with AVX512-BF16 / AMX), the fp32 path runs too
+	if grep -qwE 'avx512_bf16|amx_bf16' /proc/cpuinfo 2>/dev/null; then \
+		MMRETRIEVE_PRECISION=fp32 $(BIN)/python -m pytest -q -m precision -p no:cacheprovider; fi
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check mmretrieve tests demos

@@ -9,8 +9,9 @@ import argparse
 import tempfile
 from pathlib import Path
 
-import mmretrieve as mr
 from mmretrieve.samples import sample_images, write_manifest
+
+import mmretrieve as mr
 
 
 def main() -> None:

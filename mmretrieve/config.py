@@ -8,11 +8,14 @@
 
 from __future__ import annotations
 
+import difflib
 import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-import yaml
+from mmretrieve import settings
+from mmretrieve.errors import ConfigNotFoundError, UnknownOptionError, UsageError
 
 PACKAGE_ROOT = Path(__file__).resolve().parent
 REPO_CONFIGS = PACKAGE_ROOT.parent / "configs"
@@ -50,7 +53,7 @@ def parse_kv(text: str | None) -> dict[str, Any]:
     for piece in parts:
         key, sep, val = piece.partition("=")
         if not sep or not key.strip():
-            raise ValueError(f"expected key=value in {text!r}, got {piece!r}")
+            raise UsageError(f"expected key=value in {text!r}, got {piece!r}")
         out[key.strip()] = coerce(val)
     return out
 
@@ -59,15 +62,15 @@ def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
     """``"name:k=v,..."`` -> (name, options)."""
     name, _, rest = spec.strip().partition(":")
     if not name:
-        raise ValueError(f"empty name in spec {spec!r}")
+        raise UsageError(f"empty name in spec {spec!r}")
     return name, parse_kv(rest)
 
 
 def config_dirs() -> list[Path]:
     dirs = []
-    env = os.environ.get("MMRETRIEVE_CONFIG_DIR")
-    if env:
-        dirs.append(Path(env))
+    env = settings.config_dir()
+    if env is not None:
+        dirs.append(env)
     dirs += [Path.cwd() / "configs", REPO_CONFIGS, PACKAGE_ROOT / "configs"]
     seen, out = set(), []
     for d in dirs:
@@ -91,16 +94,33 @@ def find_config(name_or_path: str | os.PathLike) -> Path:
             if (d / c).is_file():
                 return d / c
     searched = ", ".join(str(d) for d in config_dirs()) or "(no config folders found)"
-    raise FileNotFoundError(f"config {str(name_or_path)!r} not found as a file or a preset in: {searched}")
+    raise ConfigNotFoundError(f"config {str(name_or_path)!r} not found as a file or a preset in: {searched}")
 
 
 def load_config(name_or_path: str | os.PathLike) -> dict[str, Any]:
+    import yaml
+
     path = find_config(name_or_path)
-    with open(path, encoding="utf-8") as fh:
-        data = yaml.safe_load(fh) or {}
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = yaml.safe_load(fh) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise UsageError(f"{path}: not valid YAML ({e})") from None
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+        raise UsageError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
     return data
+
+
+def check_options(where: str, given: Iterable[str], accepted: Iterable[str], *, noun: str = "option") -> None:
+    """Refuse options that ``where`` does not take, naming the ones it does (and the closest match)."""
+    accepted = sorted(set(accepted))
+    unknown = sorted(set(given) - set(accepted))
+    if not unknown:
+        return
+    hints = [m for u in unknown for m in difflib.get_close_matches(u, accepted, n=1)]
+    hint = f" (did you mean {', '.join(map(repr, hints))}?)" if hints else ""
+    known = ", ".join(accepted) if accepted else "none"
+    raise UnknownOptionError(f"unknown {noun}(s) {', '.join(map(repr, unknown))} for {where}; known: {known}{hint}")
 
 
 def list_presets(subdir: str = "") -> list[str]:

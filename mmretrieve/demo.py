@@ -9,11 +9,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from mmretrieve.index import build_index, open_index
+from mmretrieve.errors import MissingDependencyError
+from mmretrieve.index import open_index
+from mmretrieve.ingest import build_index
+from mmretrieve.media.samples import sample_images, sample_videos, write_manifest
 from mmretrieve.media.thumbs import thumbnail_data_uri
 from mmretrieve.query import Query
 from mmretrieve.results import SearchResults
-from mmretrieve.samples import sample_images, sample_videos, write_manifest
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +86,7 @@ def run_demo(
     out = Path(out_dir)
     samples = sample_images()
     if len(samples) < 5:
-        raise RuntimeError(
+        raise MissingDependencyError(
             "the demo indexes sample photographs shipped by scikit-image, scikit-learn and matplotlib; "
             "install them with `pip install 'mmretrieve[demo]'`"
         )

@@ -1,43 +1,197 @@
-"""Queries and composed-query fusion.
+"""Queries and their coarse stage.
 
-A ``Query`` is a text, an image, or both (a *composed* query: a reference image plus a modification
-text). Composed queries are fused by a named strategy:
+A ``Query`` is a text, an image (or a video), or both (a *composed* query: a reference image plus a
+modification text). How a composed query's two sides make the coarse ranking is a named **coarse
+strategy** (``FUSIONS``, listed by ``list_fusions()``):
 
-- ``sum``: ``normalize(normalize(img) + normalize(txt))``, the standard zero-shot baseline;
-- ``weighted``: ``normalize((1 - w) * img + w * txt)`` with text weight ``w`` (``weight``, default 0.5);
-- ``text`` / ``image``: one side only (the usual ablations);
-- ``intersection``: a soft AND in the spirit of SETR -- retrieve the top ``k1`` for the image and for
-  the text separately, score every item of the union by both similarities, min-max normalise each over
-  the union, and rank by ``min`` (``mode="min"``, default) or ``product`` of the two. Items strong on one
-  side only drop, where ``sum`` lets one strong side carry them.
+- vector fusions, which make one query vector and search once:
+  ``sum`` = ``normalize(normalize(img) + normalize(txt))`` (the standard zero-shot baseline);
+  ``weighted`` = ``normalize((1 - w) * img + w * txt)`` with text weight ``w`` (option ``weight``, 0.5);
+  ``text`` / ``image``: one side only (the usual ablations);
+- ``intersection``, a soft AND in the spirit of SETR: retrieve the top ``k1`` for the image and for the
+  text separately, score every item of the union by both similarities, min-max normalise each over the
+  union, and rank by ``min`` (``mode="min"``, default) or ``product`` of the two. Items strong on one
+  side only drop, where ``sum`` lets one strong side carry them. It searches twice.
 
-Vector fusions produce one query vector and search once; ``intersection`` searches twice.
+Every strategy declares its options; anything else is refused with the list of valid ones.
+
+>>> strategy = coarse_strategy("weighted", {"weight": 0.7})
+>>> strategy.describe()
+{'fusion': 'weighted', 'weight': 0.7}
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
+from mmretrieve.config import check_options
+from mmretrieve.errors import UsageError
 from mmretrieve.registry import Registry
 
-FUSIONS: Registry[Callable[..., Any]] = Registry("fusion")
+
+def _norm(v: np.ndarray) -> np.ndarray:
+    v = np.asarray(v, dtype=np.float32)
+    n = np.linalg.norm(v, axis=-1, keepdims=True)
+    return v / np.maximum(n, 1e-12)
 
 
+def fuse_sum(img: np.ndarray, txt: np.ndarray) -> np.ndarray:
+    """normalize(normalize(img) + normalize(txt))"""
+    return _norm(_norm(img) + _norm(txt))
+
+
+def fuse_weighted(img: np.ndarray, txt: np.ndarray, weight: float = 0.5) -> np.ndarray:
+    """normalize((1-w)·img + w·txt), w = text weight"""
+    w = float(weight)
+    if not 0.0 <= w <= 1.0:
+        raise UsageError(f"weighted fusion: weight must be in [0, 1], got {w}")
+    return _norm((1 - w) * _norm(img) + w * _norm(txt))
+
+
+def minmax(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    lo, hi = float(x.min()), float(x.max())
+    return (x - lo) / (hi - lo) if hi > lo else np.ones_like(x)
+
+
+INTERSECTION_MODES = ("min", "product")
+
+
+def intersection_scores(s_img: np.ndarray, s_txt: np.ndarray, mode: str = "min") -> np.ndarray:
+    """Soft AND of two similarity vectors over the same candidates (min-max normalised over them)."""
+    a, b = minmax(s_img), minmax(s_txt)
+    if mode == "min":
+        return np.minimum(a, b)
+    if mode == "product":
+        return a * b
+    raise UsageError(f"intersection fusion: mode must be 'min' or 'product', got {mode!r}")
+
+
+# ---- coarse strategies ----------------------------------------------------------------------------
+class CoarseStrategy(ABC):
+    """How query vectors become the coarse ranking. ``search`` runs on anything with
+    ``search_vectors(q, k, exclude=, nprobe=, ef_search=) -> (D, I)`` and ``vectors(ids)`` (an Index)."""
+
+    name: str = ""
+    #: the options this strategy takes (anything else is refused)
+    option_names: tuple[str, ...] = ()
+
+    def __init__(self, **options: Any) -> None:
+        check_options(f"fusion {self.name!r}", options, self.option_names)
+        self.options = dict(options)
+
+    @abstractmethod
+    def query_vector(self, vecs: dict[str, np.ndarray]) -> np.ndarray:
+        """One vector for the query (what rerankers that score items against the query use)."""
+
+    def search(self, index, vecs: dict[str, np.ndarray], k: int, *, exclude: Sequence[int] | None = None,
+               nprobe: int | None = None, ef_search: int | None = None, k1: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, scores) of the top ``k``, best first (fewer when the index holds fewer). ``k1``: the
+        breadth of list-level strategies when their options do not set it (vector fusions ignore it)."""
+        D, I = index.search_vectors(self.query_vector(vecs), k, exclude=exclude, nprobe=nprobe, ef_search=ef_search)
+        m = I[0] >= 0
+        return I[0][m], D[0][m]
+
+    def describe(self) -> dict[str, Any]:
+        return {"fusion": self.name, **self.options}
+
+
+class SingleSide(CoarseStrategy):
+    """A text, image or video query: its one vector."""
+
+    name = "single"
+
+    def query_vector(self, vecs):
+        return vecs["image"] if "image" in vecs else vecs["text"]
+
+
+class VectorFusion(CoarseStrategy):
+    """A composed query's two vectors fused into one (``fn(img, txt, **options)``), searched once."""
+
+    fn = staticmethod(fuse_sum)
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        self.query_vector({"image": np.ones(2, np.float32), "text": np.ones(2, np.float32)})  # bad values fail now
+
+    def query_vector(self, vecs):
+        return type(self).fn(vecs["image"], vecs["text"], **self.options)
+
+
+class Intersection(CoarseStrategy):
+    """SETR-style soft AND over the union of the image's and the text's top ``k1`` lists."""
+
+    name = "intersection"
+    option_names = ("k1", "mode")
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        self.mode = str(options.get("mode", "min"))
+        if self.mode not in INTERSECTION_MODES:
+            raise UsageError(f"intersection fusion: mode must be 'min' or 'product', got {self.mode!r}")
+        k1 = options.get("k1")
+        if k1 is not None and (isinstance(k1, bool) or not isinstance(k1, (int, np.integer)) or k1 < 1):
+            raise UsageError(f"intersection fusion: k1 must be a positive integer, got {k1!r}")
+        self.k1 = None if k1 is None else int(k1)
+
+    def query_vector(self, vecs):  # rerankers that need one vector get the sum's
+        return fuse_sum(vecs["image"], vecs["text"])
+
+    def search(self, index, vecs, k, *, exclude=None, nprobe=None, ef_search=None, k1: int | None = None):
+        k1 = self.k1 or k1 or max(4 * k, 100)
+        kw = dict(nprobe=nprobe, ef_search=ef_search, exclude=exclude)
+        _, Ii = index.search_vectors(vecs["image"], k1, **kw)
+        _, It = index.search_vectors(vecs["text"], k1, **kw)
+        union = np.unique(np.concatenate([Ii[0][Ii[0] >= 0], It[0][It[0] >= 0]]))
+        if not len(union):
+            return union.astype(np.int64), np.zeros(0, np.float32)
+        V = index.vectors(union)
+        s = intersection_scores(V @ vecs["image"], V @ vecs["text"], mode=self.mode)
+        order = np.argsort(-s, kind="stable")[:k]
+        return union[order], s[order].astype(np.float32)
+
+
+def _vector_fusion(name: str, fn, options: tuple[str, ...] = (), doc: str = ""):
+    return type(f"{name.title()}Fusion", (VectorFusion,), {"name": name, "fn": staticmethod(fn),
+                                                          "option_names": options, "__doc__": doc})
+
+
+FUSIONS: Registry[CoarseStrategy] = Registry("fusion")
+FUSIONS.register("sum", doc="normalize(normalize(img) + normalize(txt))")(_vector_fusion("sum", fuse_sum))
+FUSIONS.register("weighted", doc="normalize((1-w)·img + w·txt), w = text weight (option weight)")(
+    _vector_fusion("weighted", fuse_weighted, ("weight",)))
+FUSIONS.register("text", doc="text side only (ablation)")(_vector_fusion("text", lambda img, txt: _norm(txt)))
+FUSIONS.register("image", doc="image side only (ablation)")(_vector_fusion("image", lambda img, txt: _norm(img)))
+FUSIONS.register("intersection", doc="soft AND of image and text similarity over the union of both top lists (SETR)")(
+    Intersection)
+
+
+def list_fusions() -> list[str]:
+    return FUSIONS.names()
+
+
+def coarse_strategy(fusion: str, options: dict[str, Any] | None = None) -> CoarseStrategy:
+    """The named composed-query strategy with its options (unknown names or options are refused)."""
+    return FUSIONS.create(fusion, **dict(options or {}))
+
+
+# ---- queries --------------------------------------------------------------------------------------
 @dataclass
 class Query:
     """A text, an image, or both. ``text`` may be a list of phrasings: their normalised embeddings are
     averaged (e.g. FashionIQ's two captions in both orders). ``image_id``: the query image's id when it
-    is itself in the index (its stored embedding and patches are reused instead of re-encoding)."""
+    is itself in the index (its stored embedding and patches are reused instead of re-encoding).
+    ``options`` are the fusion's (e.g. ``weight`` for ``weighted``; ``k1``, ``mode`` for ``intersection``)."""
 
     text: str | list[str] | None = None
-    image: Image.Image | str | os.PathLike | None = None
+    image: Any = None  # a PIL image or a path
     video: str | os.PathLike | None = None
     fusion: str = "sum"
     options: dict[str, Any] = field(default_factory=dict)
@@ -49,11 +203,19 @@ class Query:
         if isinstance(self.text, (list, tuple)):
             self.text = [str(t) for t in self.text]
             if not self.text or not all(t.strip() for t in self.text):
-                raise ValueError("empty query text")
+                raise UsageError("empty query text")
         elif self.text is not None and not str(self.text).strip():
-            raise ValueError("empty query text")
+            raise UsageError("empty query text")
         if self.text is None and self.image is None and self.video is None:
-            raise ValueError("a query needs a text, an image, a video, or an image/video plus a text")
+            raise UsageError("a query needs a text, an image, a video, or an image/video plus a text")
+        if self.image is not None and self.video is not None:
+            raise UsageError("a query has an image or a video, not both")
+        self.options = dict(self.options or {})
+        strategy = coarse_strategy(self.fusion, self.options)  # unknown fusion or option: refused here
+        if self.options and not self.kind.startswith("composed"):
+            raise UsageError(f"fusion options {sorted(self.options)} apply to composed queries (an image or video "
+                             f"plus a text) only; this is a {self.kind} query")
+        self._strategy = strategy
 
     @property
     def kind(self) -> str:
@@ -61,6 +223,11 @@ class Query:
         if visual and self.text is not None:
             return "composed" if visual == "image" else "composed-video"
         return visual or "text"
+
+    @property
+    def strategy(self) -> CoarseStrategy:
+        """The coarse strategy: the fusion for composed queries, the single side otherwise."""
+        return self._strategy if self.kind.startswith("composed") else SingleSide()
 
     @property
     def image_path(self) -> str | None:
@@ -75,65 +242,9 @@ class Query:
         if self.video is not None:
             d["video"] = str(self.video)
         if self.kind.startswith("composed"):
-            d["fusion"] = self.fusion
-            d.update({k: v for k, v in self.options.items()})
+            d.update(self._strategy.describe())
         return d
 
 
-def _norm(v: np.ndarray) -> np.ndarray:
-    v = np.asarray(v, dtype=np.float32)
-    n = np.linalg.norm(v, axis=-1, keepdims=True)
-    return v / np.maximum(n, 1e-12)
-
-
-@FUSIONS.register("sum")
-def fuse_sum(img: np.ndarray, txt: np.ndarray, **_: Any) -> np.ndarray:
-    """normalize(normalize(img) + normalize(txt))"""
-    return _norm(_norm(img) + _norm(txt))
-
-
-@FUSIONS.register("weighted")
-def fuse_weighted(img: np.ndarray, txt: np.ndarray, weight: float = 0.5, **_: Any) -> np.ndarray:
-    """normalize((1-w)·img + w·txt), w = text weight"""
-    w = float(weight)
-    if not 0.0 <= w <= 1.0:
-        raise ValueError(f"weighted fusion: weight must be in [0, 1], got {w}")
-    return _norm((1 - w) * _norm(img) + w * _norm(txt))
-
-
-@FUSIONS.register("text")
-def fuse_text(img: np.ndarray, txt: np.ndarray, **_: Any) -> np.ndarray:
-    """text side only (ablation)"""
-    return _norm(txt)
-
-
-@FUSIONS.register("image")
-def fuse_image(img: np.ndarray, txt: np.ndarray, **_: Any) -> np.ndarray:
-    """image side only (ablation)"""
-    return _norm(img)
-
-
-@FUSIONS.register("intersection")
-def fuse_intersection(*_: Any, **__: Any) -> None:
-    """soft AND of image and text similarity over the union of both top lists (SETR-style)"""
-    return None  # list-level: handled by intersection_scores
-
-
-def list_fusions() -> list[str]:
-    return FUSIONS.names()
-
-
-def minmax(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float64)
-    lo, hi = float(x.min()), float(x.max())
-    return (x - lo) / (hi - lo) if hi > lo else np.ones_like(x)
-
-
-def intersection_scores(s_img: np.ndarray, s_txt: np.ndarray, mode: str = "min") -> np.ndarray:
-    """Soft AND of two similarity vectors over the same candidates (min-max normalised over them)."""
-    a, b = minmax(s_img), minmax(s_txt)
-    if mode == "min":
-        return np.minimum(a, b)
-    if mode == "product":
-        return a * b
-    raise ValueError(f"intersection fusion: mode must be 'min' or 'product', got {mode!r}")
+__all__ = ["Query", "FUSIONS", "list_fusions", "coarse_strategy", "CoarseStrategy", "VectorFusion", "Intersection",
+           "SingleSide", "fuse_sum", "fuse_weighted", "intersection_scores", "minmax"]

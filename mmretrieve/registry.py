@@ -20,14 +20,9 @@ import difflib
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
+from mmretrieve.errors import UnknownNameError, UsageError
+
 T = TypeVar("T")
-
-
-class UnknownNameError(KeyError):
-    """Raised when a registry has no entry under the requested name."""
-
-    def __str__(self) -> str:  # KeyError quotes its message; keep it readable
-        return str(self.args[0]) if self.args else ""
 
 
 class Registry(Generic[T]):
@@ -41,7 +36,7 @@ class Registry(Generic[T]):
 
         def deco(factory: Callable[..., T]) -> Callable[..., T]:
             if name in self._entries and not override:
-                raise ValueError(f"{self.kind} {name!r} is already registered (pass override=True to replace it)")
+                raise UsageError(f"{self.kind} {name!r} is already registered (pass override=True to replace it)")
             self._entries[name] = factory
             self._docs[name] = doc or ((factory.__doc__ or "").strip().splitlines() or [""])[0]
             return factory
@@ -69,3 +64,22 @@ class Registry(Generic[T]):
 
     def __contains__(self, name: object) -> bool:
         return name in self._entries
+
+
+def lazy_exports(package: str, table: dict[str, str], namespace: dict[str, Any]):
+    """A module ``__getattr__`` (PEP 562) that imports ``table[name]`` (a module path) on first access and
+    caches the attribute in ``namespace``: packages export their API without importing torch up front."""
+    import importlib
+
+    def __getattr__(name: str):
+        mod = table.get(name)
+        if mod is None:
+            raise AttributeError(f"module {package!r} has no attribute {name!r}")
+        value = getattr(importlib.import_module(mod), name)
+        namespace[name] = value
+        return value
+
+    return __getattr__
+
+
+__all__ = ["Registry", "UnknownNameError", "lazy_exports"]

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 from typing import Literal
 
 import torch
+
+from mmretrieve import settings
+from mmretrieve.errors import DeviceError, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +28,7 @@ def resolve_device(device: str | None = None) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {device!r} requested but CUDA is not available on this machine")
+        raise DeviceError(f"device {device!r} requested but CUDA is not available on this machine")
     return dev
 
 
@@ -57,11 +59,14 @@ def resolve_precision(precision: Precision | str, device: torch.device, *, allow
     """Pick the fastest precision that keeps embeddings within cosine 0.999 of fp32.
 
     auto: CUDA -> fp16 (bf16 where the GPU supports it natively is equally fast; fp16 has more mantissa);
-    CPU -> bf16 only with native bf16 instructions, else fp32.
+    CPU -> bf16 only with native bf16 instructions, else fp32. ``$MMRETRIEVE_PRECISION`` (``fp32``,
+    ``bf16``, ``fp16``) replaces the automatic choice everywhere (tests use it to run both paths).
     """
     precision = (precision or "auto").lower()
     if precision not in ("auto", *_DTYPES):
-        raise ValueError(f"unknown precision {precision!r}; expected one of auto, fp32, bf16, fp16")
+        raise UsageError(f"unknown precision {precision!r}; expected one of auto, fp32, bf16, fp16")
+    if precision == "auto":
+        precision = settings.forced_precision() or "auto"
     if precision == "auto":
         if device.type == "cuda":
             return "fp16"
@@ -69,7 +74,7 @@ def resolve_precision(precision: Precision | str, device: torch.device, *, allow
             return "bf16"
         return "fp32"
     if precision == "fp16" and device.type == "cpu":
-        raise ValueError("fp16 is only offered on GPU (CPU fp16 matmuls are emulated and slow); use bf16 or fp32")
+        raise UsageError("fp16 is only offered on GPU (CPU fp16 matmuls are emulated and slow); use bf16 or fp32")
     return precision
 
 
@@ -78,10 +83,19 @@ def torch_dtype(precision: str) -> torch.dtype:
 
 
 def default_threads() -> int:
-    env = os.environ.get("MMRETRIEVE_THREADS")
-    if env:
-        return max(1, int(env))
-    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
+    return settings.threads()
+
+
+def default_workers() -> int:
+    """Decoder processes: one per spare core, at least one (measured on 2 cores: 1 worker + 1 torch thread
+    keeps the encoder busy; see ``mmretrieve bench ingest``)."""
+    return max(1, min(8, settings.available_cores() - 1))
+
+
+def progress_enabled() -> bool | None:
+    """tqdm's ``disable`` for progress bars that follow the log level: hidden above INFO, auto (tty only)
+    otherwise."""
+    return None if logging.getLogger("mmretrieve").getEffectiveLevel() <= logging.INFO else True
 
 
 def set_threads(n: int | None) -> int:

@@ -17,7 +17,7 @@ from PIL import Image
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the tests may download
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from mmretrieve.samples import sample_images  # noqa: E402
+from mmretrieve.media.samples import sample_images  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -53,7 +53,7 @@ def embedded():
 
 @pytest.fixture(scope="session")
 def tiny_clip_dir(tmp_path_factory):
-    from mmretrieve.encoders.open_clip_encoder import write_tiny_open_clip
+    from mmretrieve.testing import write_tiny_open_clip
 
     d = tmp_path_factory.mktemp("tiny_clip")
     write_tiny_open_clip(d, seed=0)

@@ -13,6 +13,9 @@ from mmretrieve.encoders.effnet_lite import FusedLite, load_lite
 from mmretrieve.media.images import load_image
 from mmretrieve.registry import UnknownNameError
 
+#: results depend on the precision `auto` picks: `make test` also runs these with fp32 forced
+pytestmark = pytest.mark.precision
+
 
 def _require_embedded() -> None:
     """Skip where the embedded encoder's weight packages are absent (only a partial GPU-check environment)."""
@@ -108,9 +111,10 @@ def test_embedded_conse_space(samples):
     assert E.shape == (3, 384)
 
 
-def test_precision_choice_is_explicit():
+def test_precision_choice_is_explicit(monkeypatch):
     from mmretrieve.runtime import resolve_precision
 
+    monkeypatch.delenv("MMRETRIEVE_PRECISION", raising=False)  # the automatic choice itself (a forced one: test_layers)
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert resolve_precision("auto", cuda) == "fp16"
     assert resolve_precision("fp32", cpu) == "fp32"

@@ -318,7 +318,7 @@ def test_captions_karpathy_and_coco_formats(tmp_path, samples):
 
 
 def test_fiq_caption_styles():
-    from mmretrieve.eval.datasets import fashioniq_texts
+    from mmretrieve.eval.benchmarks.fashioniq import fashioniq_texts
 
     assert fashioniq_texts("is red.", "has sleeves?", "pic2word") == ["has sleeves? and is red."]
     assert fashioniq_texts("is red.", "has sleeves?", "covr") == ["is red. and has sleeves?"]

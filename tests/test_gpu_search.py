@@ -12,9 +12,8 @@ import torch
 from mmretrieve.index import Index
 from mmretrieve.index.flatscan import BlasFlatScanner
 from mmretrieve.index.gpu import TorchFlatSearcher, make_gpu_searcher
-from mmretrieve.index.index import resolve_search_device
-from mmretrieve.index.meta import Item
-from mmretrieve.index.store import IndexWriter
+from mmretrieve.index.vectors import resolve_search_device
+from mmretrieve.store import IndexWriter, Item
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

@@ -15,19 +15,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mmretrieve import build_index, open_index
-from mmretrieve.index import (
+from mmretrieve import (
     EncoderMismatchError,
     IndexCorruptedError,
     IndexExistsError,
     IndexLockedError,
     SkippedInputsError,
     add_to_index,
+    build_index,
+    open_index,
     remove_from_index,
-    store,
 )
-from mmretrieve.index.meta import Item
-from mmretrieve.index.store import IndexWriter
+from mmretrieve.store import IndexWriter, Item
+from mmretrieve.store import layout as store
 
 DIM = 16
 INFO = {"name": "test-vectors", "dim": DIM, "modalities": ["image"]}
@@ -234,12 +234,12 @@ def test_killed_process_mid_write(tmp_path):
     script = textwrap.dedent(
         f"""
         import os, signal, numpy as np
-        from mmretrieve.index import store
-        from mmretrieve.index.meta import Item
-        store._CRASH_HOOK = lambda s: os.kill(os.getpid(), signal.SIGKILL) if s == "before-manifest-replace" else None
+        from pathlib import Path
+        from mmretrieve.store import IndexWriter, Item, layout
+        layout._CRASH_HOOK = lambda s: os.kill(os.getpid(), signal.SIGKILL) if s == "before-manifest-replace" else None
         x = np.random.default_rng(1).standard_normal((5, {DIM})).astype("float32")
         x /= np.linalg.norm(x, axis=1, keepdims=True)
-        w = store.IndexWriter(store.Path({str(path)!r}), encoder_info={INFO!r})
+        w = IndexWriter(Path({str(path)!r}), encoder_info={INFO!r})
         w.add([Item(id=-1, key=f"k{{i}}", uri="vec://") for i in range(5)], x)
         w.commit()
         """
@@ -449,7 +449,7 @@ def test_encoder_mismatch_is_refused(photo_dir, embedded, tiny_clip):
         open_index("photos", encoder=tiny_clip)
     with pytest.raises(EncoderMismatchError, match="expected dim 1000, got 32"):
         add_to_index("photos", photo_dir, encoder=tiny_clip)
-    from mmretrieve.index.store import check_encoder_compat
+    from mmretrieve.store import check_encoder_compat
 
     built = embedded.info.to_dict()
     with pytest.raises(EncoderMismatchError, match="recipe='1'.*recipe='2'"):

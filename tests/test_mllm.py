@@ -13,7 +13,10 @@ from mmretrieve import build_index, open_index
 from mmretrieve.query import Query
 from mmretrieve.rerank import create_reranker
 from mmretrieve.rerank.mllm import MLLMError, resolve_answer_ids
-from mmretrieve.rerank.mllm_tiny import write_tiny_vlm
+from mmretrieve.testing import write_tiny_vlm
+
+#: results depend on the precision `auto` picks: `make test` also runs these with fp32 forced
+pytestmark = pytest.mark.precision
 
 FAMILIES = ["qwen2_vl", "llava", "idefics3"]
 
@@ -33,18 +36,22 @@ def photo_index(photo_dir, embedded):
     return open_index("p")
 
 
-def _direct_p_yes(model_dir, text: str, images) -> float:
-    """Reference: processor + model called directly, softmax over the Yes/No logits at the last position."""
+def _direct_p_yes(model_dir, text: str, images, dtype=torch.float32) -> float:
+    """Reference: processor + model called directly, softmax over the Yes/No logits at the last position,
+    at ``dtype`` (the precision the reranker under test runs at: bf16 on CPUs with native bf16)."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     proc = AutoProcessor.from_pretrained(model_dir)
-    model = AutoModelForImageTextToText.from_pretrained(model_dir).eval()
+    model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=dtype).eval()
     yes = proc.tokenizer.convert_tokens_to_ids("Yes")
     no = proc.tokenizer.convert_tokens_to_ids("No")
     batch = proc(text=[text], images=[images], return_tensors="pt")
+    for k in ("pixel_values", "pixel_values_videos"):
+        if k in batch:
+            batch[k] = batch[k].to(dtype)
     with torch.no_grad():
         logits = model(**batch).logits[0, -1]
-    return float(torch.softmax(logits[[yes, no]], -1)[0])
+    return float(torch.softmax(logits[[yes, no]].float(), -1)[0])
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -67,7 +74,8 @@ def test_prompt_token_ids_and_p_yes(family, tiny_vlms, photo_index, sample_by_id
     assert text.rstrip().endswith({"qwen2_vl": "assistant", "llava": "ASSISTANT:", "idefics3": "Assistant:"}[family])
     p = r.score_prompts([text], [images])[0]
     assert 0 < p < 1
-    assert p == pytest.approx(_direct_p_yes(tiny_vlms[family], text, images), abs=1e-5)
+    dtype = next(r.load()[1].parameters()).dtype  # auto: bf16 on CPUs with native bf16, else fp32
+    assert p == pytest.approx(_direct_p_yes(tiny_vlms[family], text, images, dtype), abs=1e-5)
 
 
 @pytest.mark.parametrize("family", ["qwen2_vl", "llava"])
@@ -95,10 +103,12 @@ def test_lora_adapter_is_applied(tiny_vlms, tmp_path, photo_index, sample_by_id)
     peft_model.save_pretrained(tmp_path / "lora")
     q = Query(text="a photo of a cat")
     ids = np.array(photo_index.meta.all_ids()[:4])
-    plain = create_reranker("mllm", model=tiny_vlms["qwen2_vl"], k=4).score(photo_index, q, ids).scores
-    merged = create_reranker("mllm", model=tiny_vlms["qwen2_vl"], adapter=str(tmp_path / "lora"), k=4).score(photo_index, q, ids).scores
+    # fp32 pinned: merged and unmerged adapters are compared for equality (bf16 rounds them apart)
+    plain = create_reranker("mllm", model=tiny_vlms["qwen2_vl"], k=4, dtype="fp32").score(photo_index, q, ids).scores
+    merged = create_reranker("mllm", model=tiny_vlms["qwen2_vl"], adapter=str(tmp_path / "lora"), k=4,
+                             dtype="fp32").score(photo_index, q, ids).scores
     unmerged = create_reranker("mllm", model=tiny_vlms["qwen2_vl"], adapter=str(tmp_path / "lora"), merge_adapter=False,
-                               k=4).score(photo_index, q, ids).scores
+                               k=4, dtype="fp32").score(photo_index, q, ids).scores
     assert np.abs(plain - merged).max() > 1e-4  # the adapter changes the answers
     np.testing.assert_allclose(merged, unmerged, atol=1e-4)  # merged or not, the same model
 

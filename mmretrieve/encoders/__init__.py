@@ -19,7 +19,8 @@ import threading
 from typing import Any
 
 from mmretrieve.config import parse_kv
-from mmretrieve.encoders.base import Encoder, EncoderError, EncoderInfo
+from mmretrieve.encoders.base import Encoder, EncoderInfo
+from mmretrieve.errors import EncoderError
 from mmretrieve.registry import Registry
 
 ENCODERS: Registry[Encoder] = Registry("encoder")

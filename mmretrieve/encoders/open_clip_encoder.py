@@ -27,6 +27,7 @@ import torch
 
 from mmretrieve.encoders.base import Encoder, EncoderError
 from mmretrieve.encoders.transforms import Uint8Transform
+from mmretrieve.errors import MissingDependencyError, UsageError
 from mmretrieve.runtime import resolve_device, resolve_precision, torch_dtype
 
 log = logging.getLogger(__name__)
@@ -36,7 +37,7 @@ def parse_open_clip_spec(spec: str) -> tuple[str, str | None]:
     """``"ViT-B-32@laion2b_s34b_b79k"`` -> (model, pretrained). Schemas keep their full identifier."""
     spec = spec.strip()
     if not spec:
-        raise ValueError("open_clip: empty model name; expected e.g. open_clip:ViT-B-32@laion2b_s34b_b79k")
+        raise UsageError("open_clip: empty model name; expected e.g. open_clip:ViT-B-32@laion2b_s34b_b79k")
     if spec.startswith("local-dir:"):  # absolute, so the name an index stores means the same folder from any cwd
         return "local-dir:" + os.path.abspath(os.path.expanduser(spec[len("local-dir:") :])), None
     if spec.startswith("hf-hub:"):
@@ -64,58 +65,18 @@ class OpenClipEncoder(Encoder):
         try:
             import open_clip
         except ImportError:
-            raise ImportError("open_clip encoders need `open-clip-torch`: pip install open-clip-torch") from None
+            raise MissingDependencyError("open_clip encoders need `open-clip-torch`: pip install open-clip-torch") from None
         model_name, pretrained = parse_open_clip_spec(spec)
         self.device = resolve_device(device)
         self.precision = resolve_precision(precision, self.device)
         self.batch_size = int(batch_size)
         self.trim_text_context = trim_text_context
-        is_schema = model_name.startswith(("local-dir:", "hf-hub:"))
         random_init = pretrained == "random"
         if random_init:
             log.warning("open_clip:%s@random has RANDOM weights: use it for speed benchmarks and tests only", model_name)
             pretrained, allow_random_init = None, True
-        if model_name.startswith("local-dir:"):
-            d = model_name[len("local-dir:") :]
-            if not os.path.isdir(d):
-                raise EncoderError(f"open_clip: local directory not found: {d}")
-            if not os.path.isfile(os.path.join(d, "open_clip_config.json")):
-                raise EncoderError(f"open_clip: {d} has no open_clip_config.json (expected an open_clip model folder)")
-        if not is_schema and pretrained is None and not allow_random_init:
-            raise EncoderError(
-                f"open_clip:{model_name} names no weights. Use open_clip:{model_name}@<pretrained tag> "
-                f"(see open_clip.list_pretrained()), open_clip:{model_name}@/path/to/checkpoint, or "
-                "open_clip:local-dir:/path/to/dir"
-            )
-        try:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(0)  # random-init models (tests, benchmarks) are reproducible
-                model, _, preprocess = open_clip.create_model_and_transforms(
-                    model_name, pretrained=pretrained, device="cpu", weights_only=True
-                )
-        except Exception as e:  # download failures, missing files, bad configs
-            where = pretrained or model_name
-            offline = os.environ.get("HF_HUB_OFFLINE") == "1"
-            raise EncoderError(
-                f"could not load open_clip model {spec!r}: {e}. "
-                + (
-                    "Weights are fetched from the Hugging Face hub on first use; without network access, "
-                    "download them on a connected machine and pass a local file "
-                    f"(open_clip:{model_name}@/path/to/open_clip_model.safetensors) or folder "
-                    "(open_clip:local-dir:/path)."
-                    if (pretrained and not os.path.isfile(str(pretrained))) or offline or "hf-hub:" in where
-                    else ""
-                )
-            ) from e
-        if is_schema:
-            local = model_name.startswith("local-dir:")
-            d = model_name[len("local-dir:") :] if local else None
-            has_weights = d is None or any(
-                os.path.isfile(os.path.join(d, f))
-                for f in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin", "model.safetensors", "pytorch_model.bin")
-            )
-            if not has_weights and not allow_random_init:
-                raise EncoderError(f"open_clip: {d} has a config but no weights file (open_clip_model.safetensors)")
+        _check_source(model_name, pretrained, allow_random_init)
+        model, preprocess = _create(open_clip, spec, model_name, pretrained)
         self.tokenizer = open_clip.get_tokenizer(model_name)
         model.eval()
         if self.precision != "fp32":
@@ -127,6 +88,9 @@ class OpenClipEncoder(Encoder):
         self.dim = int(probe.shape[-1])
         self.name = f"open_clip:{model_name}" + (f"@{pretrained}" if pretrained else "@random" if random_init else "")
         self._pretrained = pretrained
+        self._setup_patches()
+
+    def _setup_patches(self) -> None:
         visual = self.model.visual
         self._vit = hasattr(visual, "output_tokens") and hasattr(visual, "proj") and hasattr(visual, "grid_size")
         if self._vit:
@@ -172,6 +136,52 @@ class OpenClipEncoder(Encoder):
         return model.encode_text(tokens)
 
 
+WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin", "model.safetensors", "pytorch_model.bin")
+
+
+def _check_source(model_name: str, pretrained: str | None, allow_random_init: bool) -> None:
+    """Refuse, before anything loads, a name that names no weights or a folder that holds none."""
+    if model_name.startswith("local-dir:"):
+        d = model_name[len("local-dir:") :]
+        if not os.path.isdir(d):
+            raise EncoderError(f"open_clip: local directory not found: {d}")
+        if not os.path.isfile(os.path.join(d, "open_clip_config.json")):
+            raise EncoderError(f"open_clip: {d} has no open_clip_config.json (expected an open_clip model folder)")
+        if not allow_random_init and not any(os.path.isfile(os.path.join(d, f)) for f in WEIGHT_FILES):
+            raise EncoderError(f"open_clip: {d} has a config but no weights file (open_clip_model.safetensors)")
+    elif not model_name.startswith("hf-hub:") and pretrained is None and not allow_random_init:
+        raise EncoderError(
+            f"open_clip:{model_name} names no weights. Use open_clip:{model_name}@<pretrained tag> "
+            f"(see open_clip.list_pretrained()), open_clip:{model_name}@/path/to/checkpoint, or "
+            "open_clip:local-dir:/path/to/dir"
+        )
+
+
+def _create(open_clip, spec: str, model_name: str, pretrained: str | None):
+    """The model (random-initialised ones reproducibly) and its preprocessing; load failures explained."""
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)  # random-init models (tests, benchmarks) are reproducible
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                model_name, pretrained=pretrained, device="cpu", weights_only=True
+            )
+    except Exception as e:  # download failures, missing files, bad configs
+        where = pretrained or model_name
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+        raise EncoderError(
+            f"could not load open_clip model {spec!r}: {e}. "
+            + (
+                "Weights are fetched from the Hugging Face hub on first use; without network access, "
+                "download them on a connected machine and pass a local file "
+                f"(open_clip:{model_name}@/path/to/open_clip_model.safetensors) or folder "
+                "(open_clip:local-dir:/path)."
+                if (pretrained and not os.path.isfile(str(pretrained))) or offline or "hf-hub:" in where
+                else ""
+            )
+        ) from e
+    return model, preprocess
+
+
 def _can_trim(model) -> bool:
     """Trimming is exact only for open_clip's built-in text tower with a causal mask and EOT pooling."""
     return (
@@ -204,30 +214,4 @@ def _encode_text_trimmed(model, text: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def tiny_open_clip_config(embed_dim: int = 32, image_size: int = 32, patch_size: int = 8) -> dict:
-    """A tiny ViT CLIP config for tests and smoke runs (random weights; nothing downloads)."""
-    return {
-        "embed_dim": embed_dim,
-        "vision_cfg": {"image_size": image_size, "layers": 2, "width": 64, "head_width": 32, "patch_size": patch_size},
-        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
-    }
-
-
-def write_tiny_open_clip(directory: str | os.PathLike, *, seed: int = 0, **cfg) -> str:
-    """Write a random-initialised tiny open_clip model as a ``local-dir`` folder; returns the encoder name."""
-    import json
-
-    import open_clip
-    from safetensors.torch import save_file
-
-    os.makedirs(directory, exist_ok=True)
-    model_cfg = tiny_open_clip_config(**cfg)
-    torch.manual_seed(seed)
-    model = open_clip.CLIP(**model_cfg)
-    with open(os.path.join(directory, "open_clip_config.json"), "w") as fh:
-        json.dump({"model_cfg": model_cfg, "preprocess_cfg": {}}, fh)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, os.path.join(directory, "open_clip_model.safetensors"))
-    return f"open_clip:local-dir:{os.path.abspath(directory)}"
-
-
-__all__ = ["OpenClipEncoder", "parse_open_clip_spec", "write_tiny_open_clip", "tiny_open_clip_config"]
+__all__ = ["OpenClipEncoder", "parse_open_clip_spec"]

@@ -22,6 +22,7 @@ import torch
 
 from mmretrieve.encoders.base import Encoder, EncoderError
 from mmretrieve.encoders.transforms import Uint8Transform
+from mmretrieve.errors import MissingDependencyError
 from mmretrieve.runtime import resolve_device, resolve_precision, torch_dtype
 
 log = logging.getLogger(__name__)
@@ -44,7 +45,7 @@ class TimmEncoder(Encoder):
             import timm
             from timm.data import create_transform, resolve_data_config
         except ImportError:
-            raise ImportError("timm encoders need `timm`: pip install timm") from None
+            raise MissingDependencyError("timm encoders need `timm`: pip install timm") from None
         model_name, _, source = spec.partition("@")
         if not model_name:
             raise EncoderError("timm: empty model name; expected e.g. timm:vit_small_patch14_dinov2.lvd142m")

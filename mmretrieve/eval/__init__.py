@@ -1,13 +1,34 @@
-"""Evaluation on the composed-retrieval benchmarks (CIRR, FashionIQ, CIRCO) and image-caption sets,
-with the official metric definitions, per-stage reports and official submission files.
+"""Evaluation on the composed-retrieval benchmarks (CIRR, FashionIQ, CIRCO, EgoCVR) and image-caption
+sets, with the official metric definitions, per-stage reports and official submission files.
 
 >>> from mmretrieve.eval import load_dataset, evaluate, write_report      # doctest: +SKIP
 >>> ds = load_dataset("cirr", "/data/CIRR", "val")                         # doctest: +SKIP
 >>> res = evaluate(ds, encoder="clip-vit-b32", pipeline="emd")             # doctest: +SKIP
 >>> res.metrics["emd"]["recall@1"]                                         # doctest: +SKIP
+
+Names load on first use (the command line lists the benchmarks without importing torch).
 """
 
-from mmretrieve.eval.datasets import DATASETS, CIRDataset, CIRQuery, DatasetError, load_dataset
-from mmretrieve.eval.runner import EvalResult, evaluate, evaluate_fusions
+from __future__ import annotations
 
-__all__ = ["DATASETS", "CIRDataset", "CIRQuery", "DatasetError", "load_dataset", "EvalResult", "evaluate", "evaluate_fusions"]
+from mmretrieve.errors import DatasetError
+from mmretrieve.registry import lazy_exports
+
+_LAZY = {
+    "BENCHMARKS": "mmretrieve.eval.datasets",
+    "DATASETS": "mmretrieve.eval.datasets",
+    "Benchmark": "mmretrieve.eval.datasets",
+    "CIRDataset": "mmretrieve.eval.datasets",
+    "CIRQuery": "mmretrieve.eval.datasets",
+    "load_dataset": "mmretrieve.eval.datasets",
+    "EvalResult": "mmretrieve.eval.runner",
+    "evaluate": "mmretrieve.eval.runner",
+    "evaluate_fusions": "mmretrieve.eval.runner",
+    "write_report": "mmretrieve.eval.report",
+}
+
+
+__getattr__ = lazy_exports("mmretrieve.eval", _LAZY, globals())
+
+
+__all__ = ["DatasetError", *_LAZY]

@@ -1,11 +1,10 @@
-"""Loaders that read the composed-retrieval benchmarks' official layouts unchanged.
+"""Benchmarks as classes: each one loads its official layout unchanged and knows its own protocol.
 
-- **CIRR** (``git clone -b cirr_dataset``): ``captions/cap.rc2.{train,val,test1}.json``,
-  ``image_splits/split.rc2.{split}.json`` (name -> "./dev/dev-244-0-img0.png"), images under the root.
-- **FashionIQ**: ``captions/cap.{dress,shirt,toptee}.{split}.json``, ``image_splits/split.{cat}.{split}.json``,
-  ``images/<asin>.jpg`` (or ``.png`` in some mirrors).
-- **CIRCO**: ``annotations/{val,test}.json``, ``COCO2017_unlabeled/annotations/image_info_unlabeled2017.json``
-  and the images under ``COCO2017_unlabeled/unlabeled2017/``.
+A ``Benchmark`` (``cirr``, ``fashioniq``, ``circo``, ``egocvr``; ``BENCHMARKS`` lists them) loads a split
+into a ``CIRDataset`` (queries + galleries) and owns everything that differs between benchmarks: its
+metrics, whether the reference image is removed from rankings, how long a ranking must be, the target's
+rank in a ranking, the shortlists its rerankers re-score, and its official submission files and their
+scoring. The runner, the reports and the command line call these hooks instead of switching on names.
 
 Missing images are counted and reported; without ``allow_missing`` they are an error that says how
 many and which, with ``allow_missing`` the queries that need them are dropped (and counted).
@@ -16,21 +15,19 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
+from mmretrieve.errors import DatasetError
 from mmretrieve.eval import metrics as M
 from mmretrieve.registry import Registry
 
 log = logging.getLogger(__name__)
 
-DATASETS: Registry[Callable[..., Any]] = Registry("dataset")
-
-
-class DatasetError(ValueError):
-    pass
+#: submission / ranking files keep this many ids per query
+TOP = 50
 
 
 @dataclass
@@ -62,35 +59,33 @@ class CIRDataset:
     known_ids: dict[str | None, set[str]] = field(default_factory=dict)
 
     @property
+    def benchmark(self) -> Benchmark:
+        import mmretrieve.eval.benchmarks  # noqa: F401 - registers the built-in benchmarks
+
+        return BENCHMARKS.create(self.name)
+
+    @property
     def has_targets(self) -> bool:
         return bool(self.queries) and all(q.target is not None for q in self.queries)
 
     @property
     def needs_full_ranking(self) -> bool:
-        """CIRR's Recall_subset needs the position of every subset member; EgoCVR filters the full
-        ranking to each query's gallery."""
-        return self.name in ("cirr", "egocvr")
+        return self.benchmark.needs_full_ranking
+
+    def with_queries(self, queries: list[CIRQuery]) -> CIRDataset:
+        """The same split restricted to ``queries`` (e.g. ``--limit``)."""
+        return CIRDataset(self.name, self.split, self.root, self.galleries, queries, self.remove_reference, self.config,
+                          self.missing_images, self.dropped_queries, self.known_ids)
 
     def metrics(self, rankings: dict[str, list[str]]) -> dict[str, float]:
-        if self.name == "cirr":
-            return M.cirr_metrics(rankings, self.queries)
-        if self.name == "fashioniq":
-            return M.fashioniq_metrics(rankings, self.queries)
-        if self.name == "circo":
-            return M.circo_metrics(rankings, self.queries)
-        if self.name == "egocvr":
-            return M.egocvr_metrics(rankings, self.queries)
-        raise DatasetError(f"no metric for dataset {self.name!r}")
+        return self.benchmark.metrics(rankings, self.queries)
 
-    def target_rank(self, q: CIRQuery, ranking: list[str]) -> int | None:
-        """The 1-based rank of the (first) ground truth in a ranking, after the protocol's reference removal."""
-        if self.name == "egocvr":
-            ranking = M.protocol_ranking(ranking, "global")
-        r = M.remove_reference(ranking, q.reference) if self.remove_reference else ranking
-        if self.name == "egocvr":  # rank within the query's (global) gallery, as the protocol filters
-            g = set(q.info.get("global_gallery") or [])
-            r = [x for x in r if x in g]
-        return M.first_rank(r, q.gts or ([q.target] if q.target else []))
+    def target_rank(self, q: CIRQuery, ranking) -> int | None:
+        """The 1-based rank of the (first) ground truth in a ranking, as the protocol counts it."""
+        return M.first_rank(self.benchmark.scored_ranking(self, q, ranking), q.gts or ([q.target] if q.target else []))
+
+    def top(self, q: CIRQuery, ranking, n: int) -> list[str]:
+        return self.benchmark.scored_ranking(self, q, ranking)[:n]
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -105,7 +100,70 @@ class CIRDataset:
         }
 
 
-def _read_json(path: Path) -> Any:
+class Benchmark:
+    """One composed-retrieval benchmark's protocol. Subclasses register under their ``name``."""
+
+    name: ClassVar[str] = ""
+    #: the reference image is deleted from every ranking before scoring (CIRR)
+    remove_reference: ClassVar[bool] = False
+    #: metrics read positions beyond the top 50 (CIRR's subsets, EgoCVR's per-query galleries)
+    needs_full_ranking: ClassVar[bool] = False
+    default_split: ClassVar[str] = "val"
+    #: how gallery videos are sampled (None: images only)
+    video: ClassVar[dict | None] = None
+    #: extra loader options as argparse specs (the command line adds them to ``eval <name>``)
+    cli_options: ClassVar[dict[str, dict[str, Any]]] = {}
+    help: ClassVar[str] = ""
+
+    def load(self, root: str | os.PathLike, split: str, **kw: Any) -> CIRDataset:
+        raise NotImplementedError
+
+    def metrics(self, rankings, queries) -> dict[str, float]:
+        raise NotImplementedError
+
+    def scored_ranking(self, ds: CIRDataset, q: CIRQuery, ranking) -> list[str]:
+        """The ranking as the metric reads it (after the protocol's reference removal / gallery filter)."""
+        return M.remove_reference(ranking, q.reference) if self.remove_reference else list(ranking)
+
+    def run_options(self, options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Command-line options -> (loader options, evaluation options). All go to the loader by default."""
+        return dict(options), {}
+
+    def shortlists(self, q: CIRQuery, keys: Sequence[str]) -> Iterator[tuple[str | None, list[bool]]]:
+        """Which coarse candidates each of the query's rankings re-ranks: ``(protocol, mask)`` pairs, one
+        ``(None, all)`` for benchmarks with a single ranking per query."""
+        yield None, [True] * len(keys)
+
+    def submission_files(self, ds: CIRDataset, full: dict[str, Any]) -> dict[str, dict]:
+        """file name -> JSON content, from full (or long enough) rankings keyed by query id."""
+        return {f"{self.name}.json": {qid: r[:TOP] for qid, r in full.items()}}
+
+    def score_files(self, ds: CIRDataset, path: Path, data: dict, subset_path: Path | None) -> dict[str, float]:
+        raise NotImplementedError
+
+
+BENCHMARKS: Registry[Benchmark] = Registry("dataset")
+#: the registry under its former name
+DATASETS = BENCHMARKS
+
+
+def register(cls: type[Benchmark]) -> type[Benchmark]:
+    BENCHMARKS.register(cls.name, doc=cls.help)(cls)
+    return cls
+
+
+def load_dataset(name: str, root: str | os.PathLike, split: str | None = None, **kw: Any) -> CIRDataset:
+    """Load ``split`` (default: the benchmark's evaluation split) of benchmark ``name`` from ``root``.
+    ``root`` is resolved to an absolute path, so gallery paths do not depend on the working folder."""
+    import mmretrieve.eval.benchmarks  # noqa: F401 - registers the built-in benchmarks
+
+    bench = BENCHMARKS.create(name)
+    root = Path(root).expanduser().resolve()
+    return bench.load(root, split or bench.default_split, **kw)
+
+
+# ---- helpers for loaders ------------------------------------------------------------------------------
+def read_json(path: Path) -> Any:
     if not path.is_file():
         raise DatasetError(f"missing file {path} (is --root the dataset's top folder?)")
     try:
@@ -113,15 +171,17 @@ def _read_json(path: Path) -> Any:
             return json.load(fh)
     except json.JSONDecodeError as e:
         raise DatasetError(f"{path}: invalid JSON ({e.msg} at line {e.lineno})") from None
+    except UnicodeDecodeError as e:
+        raise DatasetError(f"{path}: not UTF-8 text ({e})") from None
 
 
-def _check_missing(name: str, gallery: dict[str, str], check_images: bool) -> list[str]:
+def check_missing(gallery: dict[str, str], check_images: bool) -> list[str]:
     if not check_images:
         return []
     return sorted(i for i, p in gallery.items() if not os.path.isfile(p))
 
 
-def _finish(ds: CIRDataset, allow_missing: bool) -> CIRDataset:
+def finish(ds: CIRDataset, allow_missing: bool) -> CIRDataset:
     """Drop missing images (and the queries that need them) or refuse, naming the problem."""
     missing = set(ds.missing_images)
     if not missing:
@@ -146,235 +206,4 @@ def _finish(ds: CIRDataset, allow_missing: bool) -> CIRDataset:
     return ds
 
 
-# ---- CIRR ---------------------------------------------------------------------------------------------
-@DATASETS.register("cirr")
-def load_cirr(root: str | os.PathLike, split: str = "val", *, allow_missing: bool = False, check_images: bool = True) -> CIRDataset:
-    """CIRR rc2. ``split``: val, test (= test1) or train."""
-    root = Path(root)
-    fsplit = {"test": "test1"}.get(split, split)
-    caps = _read_json(root / "captions" / f"cap.rc2.{fsplit}.json")
-    names = _read_json(root / "image_splits" / f"split.rc2.{fsplit}.json")
-    if not isinstance(caps, list) or not isinstance(names, dict):
-        raise DatasetError(f"{root}: unexpected CIRR annotation structure (captions must be a list, splits a mapping)")
-    gallery = {str(n): str(root / str(p)) for n, p in names.items()}
-    queries = []
-    for i, c in enumerate(caps):
-        try:
-            q = CIRQuery(
-                qid=str(c["pairid"]),
-                reference=str(c["reference"]),
-                texts=[str(c["caption"])],
-                target=str(c["target_hard"]) if c.get("target_hard") is not None else None,
-                subset=[str(m) for m in c["img_set"]["members"]],
-                info={"caption": c["caption"]},
-            )
-        except (KeyError, TypeError) as e:
-            raise DatasetError(f"{root / 'captions' / f'cap.rc2.{fsplit}.json'}: entry {i} lacks {e}") from None
-        queries.append(q)
-    ds = CIRDataset("cirr", split, root, {None: gallery}, queries, remove_reference=True,
-                    missing_images=_check_missing("cirr", gallery, check_images), known_ids={None: set(gallery)})
-    return _finish(ds, allow_missing)
-
-
-# ---- FashionIQ ------------------------------------------------------------------------------------------
-FIQ_CATEGORIES = ("dress", "shirt", "toptee")
-FIQ_CAPTION_STYLES = ("searle", "pic2word", "covr")
-
-
-def fashioniq_texts(c1: str, c2: str, style: str = "searle") -> list[str]:
-    """How a FashionIQ query's two captions become query text(s).
-
-    - ``searle`` (default; SEARLE and LinCIR): ``"{c1} and {c2}"`` and the reversed order, each stripped
-      of ``'.?, '``; their normalised embeddings are averaged. (SEARLE wraps them in "a photo of $ that
-      ..." for its pseudo-token; a plain dual encoder has no pseudo-token, so the joined captions are used.)
-    - ``pic2word``: ``"{c2} and {c1}"``.
-    - ``covr``: ``"{c1} and {c2}"``.
-    """
-    a, b = c1.strip(".?, "), c2.strip(".?, ")
-    if style == "searle":
-        return [f"{a} and {b}", f"{b} and {a}"]
-    if style == "pic2word":
-        return [f"{c2} and {c1}"]
-    if style == "covr":
-        return [f"{c1} and {c2}"]
-    raise DatasetError(f"unknown FashionIQ caption style {style!r}; expected one of {', '.join(FIQ_CAPTION_STYLES)}")
-
-
-@DATASETS.register("fashioniq")
-def load_fashioniq(
-    root: str | os.PathLike,
-    split: str = "val",
-    *,
-    categories: tuple[str, ...] | list[str] | str = FIQ_CATEGORIES,
-    caption_style: str = "searle",
-    allow_missing: bool = False,
-    check_images: bool = True,
-) -> CIRDataset:
-    root = Path(root)
-    if isinstance(categories, str):
-        categories = [c.strip() for c in categories.split(",") if c.strip()]
-    bad = [c for c in categories if c not in FIQ_CATEGORIES]
-    if bad:
-        raise DatasetError(f"unknown FashionIQ categories {bad}; expected a subset of {', '.join(FIQ_CATEGORIES)}")
-    fashioniq_texts("a", "b", caption_style)  # validate early
-    galleries, known, queries, missing = {}, {}, [], []
-    for cat in categories:
-        asins = _read_json(root / "image_splits" / f"split.{cat}.{split}.json")
-        caps = _read_json(root / "captions" / f"cap.{cat}.{split}.json")
-        gal = {}
-        for a in asins:
-            a = str(a)
-            jpg, png = root / "images" / f"{a}.jpg", root / "images" / f"{a}.png"
-            gal[a] = str(png if (not jpg.is_file() and png.is_file()) else jpg)
-        galleries[cat], known[cat] = gal, set(gal)
-        missing += _check_missing("fashioniq", gal, check_images)
-        for i, c in enumerate(caps):
-            try:
-                c1, c2 = c["captions"][0], c["captions"][1]
-                queries.append(
-                    CIRQuery(
-                        qid=f"{cat}/{i}", reference=str(c["candidate"]), texts=fashioniq_texts(c1, c2, caption_style),
-                        target=str(c["target"]) if c.get("target") is not None else None, group=cat,
-                        info={"captions": [c1, c2]},
-                    )
-                )
-            except (KeyError, IndexError, TypeError) as e:
-                raise DatasetError(f"{root / 'captions' / f'cap.{cat}.{split}.json'}: entry {i} lacks {e}") from None
-    ds = CIRDataset("fashioniq", split, root, galleries, queries, remove_reference=False, missing_images=missing,
-                    known_ids=known, config={"caption_style": caption_style, "categories": list(categories)})
-    return _finish(ds, allow_missing)
-
-
-# ---- CIRCO ----------------------------------------------------------------------------------------------
-CIRCO_TEXT_STYLES = ("relative", "shared")
-
-
-def circo_text(relative_caption: str, shared_concept: str | None, style: str = "relative") -> str:
-    """``relative``: the relative caption alone (SEARLE, LinCIR, CIReVL). ``shared``: "find a picture that
-    also {shared concept}, but {relative caption}" (MegaPairs' advice, VectorSpaceLab/MegaPairs#15)."""
-    if style == "relative":
-        return relative_caption
-    if style == "shared":
-        return f"find a picture that also {shared_concept or ''}, but {relative_caption}".replace("  ", " ")
-    raise DatasetError(f"unknown CIRCO text style {style!r}; expected one of {', '.join(CIRCO_TEXT_STYLES)}")
-
-
-@DATASETS.register("circo")
-def load_circo(
-    root: str | os.PathLike,
-    split: str = "val",
-    *,
-    text_style: str = "relative",
-    allow_missing: bool = False,
-    check_images: bool = True,
-) -> CIRDataset:
-    root = Path(root)
-    info = _read_json(root / "COCO2017_unlabeled" / "annotations" / "image_info_unlabeled2017.json")
-    img_dir = root / "COCO2017_unlabeled" / "unlabeled2017"
-    try:
-        gallery = {str(int(im["id"])): str(img_dir / im["file_name"]) for im in info["images"]}
-    except (KeyError, TypeError, ValueError) as e:
-        raise DatasetError(f"{root}: unexpected image_info_unlabeled2017.json structure ({e})") from None
-    ann = _read_json(root / "annotations" / f"{split}.json")
-    queries = []
-    for i, a in enumerate(ann):
-        try:
-            gts = [str(int(x)) for x in a.get("gt_img_ids", [])]
-            target = str(int(a["target_img_id"])) if a.get("target_img_id") is not None else None
-            if target is not None and gts and gts[0] != target:
-                raise DatasetError(f"{root / 'annotations' / f'{split}.json'}: entry {i}: target_img_id is not gt_img_ids[0]")
-            queries.append(
-                CIRQuery(
-                    qid=str(int(a["id"])), reference=str(int(a["reference_img_id"])),
-                    texts=[circo_text(a["relative_caption"], a.get("shared_concept"), text_style)],
-                    target=target, gts=gts or ([target] if target else []), aspects=list(a.get("semantic_aspects", [])),
-                    info={"relative_caption": a["relative_caption"], "shared_concept": a.get("shared_concept")},
-                )
-            )
-        except (KeyError, TypeError, ValueError) as e:
-            raise DatasetError(f"{root / 'annotations' / f'{split}.json'}: entry {i} lacks or mangles {e}") from None
-    ds = CIRDataset("circo", split, root, {None: gallery}, queries, remove_reference=False,
-                    missing_images=_check_missing("circo", gallery, check_images), known_ids={None: set(gallery)},
-                    config={"text_style": text_style})
-    return _finish(ds, allow_missing)
-
-
-# ---- EgoCVR ---------------------------------------------------------------------------------------------
-EGOCVR_TEXTS = {"tfcvr": "modified_captions", "instruction": "instruction", "gt": "target_clip_narration"}
-
-
-def _clip_video_uid(clip: str) -> str:
-    return clip.split("_")[0]
-
-
-@DATASETS.register("egocvr")
-def load_egocvr(
-    root: str | os.PathLike,
-    split: str = "test",
-    *,
-    text: str = "tfcvr",
-    videos: str | os.PathLike | None = None,
-    allow_missing: bool = False,
-    check_images: bool = True,
-) -> CIRDataset:
-    """EgoCVR: ``annotation/egocvr/egocvr_annotations_gallery.csv`` (the annotations plus ``global_idx`` /
-    ``local_idx``, row indices into ``egocvr_data.csv``), ``annotation/egocvr/egocvr_data.csv`` and the
-    clips at ``<videos>/<video_uid>/<clip_name>.mp4`` (``videos`` defaults to the first of ``clips``,
-    ``clips_nooverlap_fullscale``, ``data/clips_nooverlap_fullscale`` under the root). Without the gallery
-    file the galleries are derived (global: every other clip; local: the other clips of the same video),
-    which is not the official split and is reported as such. ``text``: ``tfcvr`` (the modified captions,
-    default), ``instruction`` or ``gt`` (the target narration, an oracle)."""
-    import csv
-    from ast import literal_eval
-
-    root = Path(root)
-    if text not in EGOCVR_TEXTS:
-        raise DatasetError(f"unknown EgoCVR text {text!r}; expected one of {', '.join(EGOCVR_TEXTS)}")
-    ann_dir = root / "annotation" / "egocvr"
-    data_csv = ann_dir / "egocvr_data.csv"
-    if not data_csv.is_file():
-        raise DatasetError(f"missing file {data_csv} (is --root the EgoCVR checkout?)")
-    with open(data_csv, newline="", encoding="utf-8") as fh:
-        clips = [r["clip_name"] for r in csv.DictReader(fh)]
-    gal_csv = ann_dir / "egocvr_annotations_gallery.csv"
-    derived = not gal_csv.is_file()
-    ann_csv = ann_dir / "egocvr_annotations.csv" if derived else gal_csv
-    if not ann_csv.is_file():
-        raise DatasetError(f"missing file {ann_csv}")
-    if derived:
-        log.warning("%s not found: deriving galleries (not the official EgoCVR split)", gal_csv)
-    vdir = Path(videos) if videos else next(
-        (root / d for d in ("clips", "clips_nooverlap_fullscale", "data/clips_nooverlap_fullscale") if (root / d).is_dir()),
-        root / "clips",
-    )
-    gallery = {c: str(vdir / _clip_video_uid(c) / f"{c}.mp4") for c in clips}
-    by_video: dict[str, list[str]] = {}
-    for c in clips:
-        by_video.setdefault(_clip_video_uid(c), []).append(c)
-    queries = []
-    with open(ann_csv, newline="", encoding="utf-8") as fh:
-        for i, r in enumerate(csv.DictReader(fh)):
-            try:
-                ref = r["video_clip_id"]
-                targets = [str(t) for t in literal_eval(r["target_clip_ids"])]
-                txt = (r[EGOCVR_TEXTS[text]] or "").strip()
-                if derived:
-                    glob = [c for c in clips if c != ref]
-                    local = [c for c in by_video.get(_clip_video_uid(ref), []) if c != ref]
-                else:
-                    glob = [clips[int(j)] for j in literal_eval(r["global_idx"])]
-                    local = [clips[int(j)] for j in literal_eval(r["local_idx"])]
-            except (KeyError, ValueError, SyntaxError, IndexError) as e:
-                raise DatasetError(f"{ann_csv}: row {i + 2}: {type(e).__name__}: {e}") from None
-            queries.append(CIRQuery(
-                qid=str(i), reference=ref, texts=[txt or r.get("instruction", "")], target=targets[0] if targets else None,
-                gts=targets, info={"instruction": r.get("instruction"), "global_gallery": glob, "local_gallery": local},
-            ))
-    ds = CIRDataset("egocvr", split, root, {None: gallery}, queries, remove_reference=False,
-                    missing_images=_check_missing("egocvr", gallery, check_images), known_ids={None: set(gallery)},
-                    config={"text": text, "galleries": "derived" if derived else "official", "videos": str(vdir)})
-    return _finish(ds, allow_missing)
-
-
-def load_dataset(name: str, root: str | os.PathLike, split: str = "val", **kw: Any) -> CIRDataset:
-    return DATASETS.create(name, root=root, split=split, **kw)
+__all__ = ["CIRQuery", "CIRDataset", "Benchmark", "BENCHMARKS", "DATASETS", "DatasetError", "load_dataset", "TOP"]

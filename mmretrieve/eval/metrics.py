@@ -31,7 +31,7 @@ EGOCVR_KS = {"global": (1, 5, 10), "local": (1, 2, 3)}
 EGOCVR_MIN_GALLERY = 2
 
 
-def _pct(x: Iterable[float]) -> float:
+def pct(x: Iterable[float]) -> float:
     x = list(x)
     return float(np.mean(x) * 100.0) if x else float("nan")
 
@@ -67,7 +67,7 @@ def cirr_metrics(rankings: Mapping[str, Sequence[str]], queries: Iterable) -> di
     """Mean over queries, in percent. ``queries`` have ``qid``, ``reference``, ``target``, ``subset``."""
     per = [cirr_query_metrics(rankings[q.qid], q.reference, q.target, q.subset) for q in queries]
     keys = [f"recall@{k}" for k in CIRR_KS] + [f"recall_subset@{k}" for k in CIRR_SUBSET_KS]
-    return {k: _pct(p[k] for p in per) for k in keys}
+    return {k: pct(p[k] for p in per) for k in keys}
 
 
 def fashioniq_metrics(rankings: Mapping[str, Sequence[str]], queries: Iterable) -> dict[str, float]:
@@ -78,7 +78,7 @@ def fashioniq_metrics(rankings: Mapping[str, Sequence[str]], queries: Iterable) 
     out: dict[str, float] = {}
     for cat in sorted(by_cat):
         for k in FIQ_KS:
-            out[f"{cat}/recall@{k}"] = _pct(recall_at(rankings[q.qid], q.target, k) for q in by_cat[cat])
+            out[f"{cat}/recall@{k}"] = pct(recall_at(rankings[q.qid], q.target, k) for q in by_cat[cat])
     for k in FIQ_KS:
         out[f"average/recall@{k}"] = float(np.mean([out[f"{c}/recall@{k}"] for c in sorted(by_cat)]))
     return out
@@ -104,9 +104,9 @@ def circo_metrics(rankings: Mapping[str, Sequence[str]], queries: Iterable) -> d
             recalls[k].append(recall_at(r, q.target, k))
         for a in q.aspects:
             aspects[a].append(ap[10])
-    out = {f"map@{k}": _pct(aps[k]) for k in CIRCO_KS}
-    out.update({f"recall@{k}": _pct(recalls[k]) for k in CIRCO_KS})
-    out.update({f"aspect/{a}/map@10": _pct(v) for a, v in sorted(aspects.items())})
+    out = {f"map@{k}": pct(aps[k]) for k in CIRCO_KS}
+    out.update({f"recall@{k}": pct(recalls[k]) for k in CIRCO_KS})
+    out.update({f"aspect/{a}/map@10": pct(v) for a, v in sorted(aspects.items())})
     return out
 
 
@@ -138,7 +138,7 @@ def egocvr_metrics(rankings: Mapping[str, Sequence[str]], queries: Iterable, min
             for k in ks:
                 hits[k].append(1.0 if tset & set(filtered[:k]) else 0.0)
         for k in ks:
-            out[f"{proto}/recall@{k}"] = _pct(hits[k])
+            out[f"{proto}/recall@{k}"] = pct(hits[k])
         out[f"{proto}/queries"] = float(len(hits[ks[0]]))
     return out
 
@@ -146,4 +146,4 @@ def egocvr_metrics(rankings: Mapping[str, Sequence[str]], queries: Iterable, min
 def recall_table(ranks: Iterable[int | None], ks: Sequence[int]) -> dict[str, float]:
     """Recall@k in percent from 1-based target ranks (None = not retrieved)."""
     ranks = list(ranks)
-    return {f"recall@{k}": _pct(1.0 if (r is not None and r <= k) else 0.0 for r in ranks) for k in ks}
+    return {f"recall@{k}": pct(1.0 if (r is not None and r <= k) else 0.0 for r in ranks) for k in ks}

@@ -21,15 +21,12 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from mmretrieve.encoders import Encoder, create_encoder
-from mmretrieve.encoders.embedded import cache_dir as default_cache_root
-from mmretrieve.eval import metrics as M
-from mmretrieve.eval.datasets import CIRDataset, CIRQuery
-from mmretrieve.ingest import progress_enabled
-from mmretrieve.query import FUSIONS, Query
+from mmretrieve.eval.datasets import TOP, CIRDataset, CIRQuery
+from mmretrieve.query import Query
+from mmretrieve.runtime import progress_enabled
+from mmretrieve.settings import cache_dir as default_cache_root
 
 log = logging.getLogger(__name__)
-
-TOP = 50
 
 
 @dataclass
@@ -73,7 +70,8 @@ def cached_index(tag: str, gallery: dict[str, str], encoder: Encoder, *, patches
                  workers=None, cache=None, video: dict | None = None):
     """Open (or build once) a cached index of ``gallery`` (image id -> path), keyed by the encoder and the
     image list, under ``cache`` (default ``$MMRETRIEVE_CACHE/eval``)."""
-    from mmretrieve.index import build_index, open_index
+    from mmretrieve.index import open_index
+    from mmretrieve.ingest import build_index
 
     key = hashlib.sha256(
         json.dumps([encoder.info.to_dict(), sorted(gallery.items()), bool(patches), video or {}], sort_keys=True, default=str).encode()
@@ -158,24 +156,24 @@ def evaluate(
 
     Where the protocol removes the reference image from the ranking (CIRR), it is left out of the coarse
     search itself, so that rerankers never spend a shortlist slot on it and score normalisations (e.g.
-    the intersection fusion's min-max) do not see its self-similarity. EgoCVR: each protocol's rerankers
-    re-score that protocol's own shortlist (the coarse ranking filtered to the query's global or local
-    gallery), as EgoCVR's two-stage baseline does.
-    ``video``: how gallery videos are sampled (EgoCVR default: 15 uniform frames, as its baselines)."""
-    from mmretrieve.media.scan import media_kind
+    the intersection fusion's min-max) do not see its self-similarity. Rerankers re-score each of the
+    benchmark's shortlists (EgoCVR: the coarse ranking filtered to the query's global and to its local
+    gallery, as EgoCVR's two-stage baseline does).
+    ``video``: how gallery videos are sampled (default: the benchmark's, e.g. EgoCVR's 15 uniform frames)."""
+    from mmretrieve.query import coarse_strategy
     from mmretrieve.rerank.pipeline import as_pipeline
 
     t_start = time.perf_counter()
-    if video is None and ds.name == "egocvr":
-        video = {"num_frames": 15}
+    bench = ds.benchmark
+    video = video if video is not None else bench.video
     enc = create_encoder(encoder) if isinstance(encoder, str) else encoder
     pipe = as_pipeline(pipeline) if pipeline is not None else None
     fusion = fusion or (pipe.coarse_fusion if pipe is not None else None) or "sum"
-    FUSIONS.get(fusion)
     fusion_options = dict(fusion_options or {})
+    strategy = coarse_strategy(fusion, fusion_options)  # unknown fusion or option: refused before any work
     queries = ds.queries[: limit or None]
     stages = _stage_labels(pipe)
-    rankings: dict[str, dict[str, list[str]]] = {s: {} for s in stages}
+    rankings: dict[str, dict[str, Any]] = {s: {} for s in stages}
     timings = {"gallery": 0.0, "queries": 0.0}
     by_group: dict = {}
     for q in queries:
@@ -191,57 +189,11 @@ def evaluate(
                             video=video)
         timings["gallery"] += time.perf_counter() - t0
         t0 = time.perf_counter()
-        keys = {it.id: it.key for it in idx.meta.iter_items()}
-        id_of = {v: k for k, v in keys.items()}
-        n = len(idx)
-        need = n if ds.needs_full_ranking else min(n, TOP + 1)
-        k1 = min(n, pipe.shortlist_size(need) if pipe is not None else need)
-        vecs, qobjs = [], []
-        ref_ids = [id_of.get(q.reference) for q in qs]
-        have = [i for i in ref_ids if i is not None]
-        stored = dict(zip(have, idx.vectors(have))) if have and idx.exact_vectors() else {}
-        for q, rid in zip(qs, ref_ids):
-            t = np.mean([text_vec[x] for x in q.texts], axis=0)
-            t = (t / max(float(np.linalg.norm(t)), 1e-12)).astype(np.float32)
-            ref_path = ds.galleries[group].get(q.reference)
-            is_video = ref_path is not None and media_kind(ref_path) == "video"
-            if rid is not None and rid in stored:
-                img = stored[rid]
-            elif is_video:
-                img = idx.encode_video(ref_path)
-            else:
-                img = enc.encode_images([ref_path])[0]
-            vecs.append({"image": img, "text": t})
-            qo = Query(text=q.texts, image=None if is_video else ref_path, video=ref_path if is_video else None,
-                       fusion=fusion, options=fusion_options, image_id=rid)
-            qo.cache[("vectors", idx.encoder_name)] = {"image": img, "text": t}
-            qobjs.append(qo)
-        excl = ref_ids if ds.remove_reference else None
-        coarse = _coarse_batch(idx, vecs, fusion, fusion_options, k1, exclude=excl)
-        bar = tqdm(total=len(qs), desc=f"{ds.name} {group or ''}".strip(), unit="q", disable=progress_enabled(), leave=False)
-        for q, qo, (ids, scores) in zip(qs, qobjs, coarse):
-            rankings["coarse"][q.qid] = [keys[int(i)] for i in ids]
-            if pipe is not None and ds.name == "egocvr":
-                per_proto: dict[str, dict[str, list[str]]] = {}
-                for proto in ("global", "local"):
-                    gset = set(q.info.get(f"{proto}_gallery") or [])
-                    m = np.fromiter((keys[int(i)] in gset for i in ids), dtype=bool, count=len(ids))
-                    for label, sids, _s, _f, _e, _ms in pipe.stages_from(idx, qo, ids[m], scores[m]):
-                        per_proto.setdefault(label, {})[proto] = [keys[int(i)] for i in sids]
-                for label, lists in per_proto.items():
-                    rankings[label][q.qid] = lists
-            elif pipe is not None:
-                for label, sids, _s, _f, _e, _ms in pipe.stages_from(idx, qo, ids, scores):
-                    rankings[label][q.qid] = [keys[int(i)] for i in sids]
-            bar.update(1)
-        bar.close()
+        _rank_group(ds, idx, qs, text_vec, strategy, pipe, rankings)
         timings["queries"] += time.perf_counter() - t0
         idx.close()
-    metrics = None
-    sub = CIRDataset(ds.name, ds.split, ds.root, ds.galleries, queries, ds.remove_reference, ds.config,
-                     ds.missing_images, ds.dropped_queries, ds.known_ids)
-    if sub.has_targets:
-        metrics = {s: sub.metrics(rankings[s]) for s in stages}
+    sub = ds.with_queries(queries)
+    metrics = {s: sub.metrics(rankings[s]) for s in stages} if sub.has_targets else None
     per_query = [_diagnostics(sub, q, rankings, stages) for q in queries]
     timings["total"] = time.perf_counter() - t_start
     config = {
@@ -256,17 +208,73 @@ def evaluate(
     return EvalResult(summary, config, stages, metrics, rankings, per_query, timings)
 
 
-def _coarse_batch(idx, vecs: list[dict], fusion: str, options: dict, k: int, exclude: list[int | None] | None = None):
+def _query_sides(ds: CIRDataset, idx, group, qs, text_vec, strategy):
+    """Per query: its encoded sides, its ``Query`` (vectors memoised on it) and its reference's id."""
+    from mmretrieve.media.scan import media_kind
+
+    id_of = {it.key: it.id for it in idx.meta.iter_items()}
+    ref_ids = [id_of.get(q.reference) for q in qs]
+    have = [i for i in ref_ids if i is not None]
+    stored = dict(zip(have, idx.vectors(have))) if have and idx.exact_vectors() else {}
+    vecs, qobjs = [], []
+    for q, rid in zip(qs, ref_ids):
+        t = np.mean([text_vec[x] for x in q.texts], axis=0)
+        t = (t / max(float(np.linalg.norm(t)), 1e-12)).astype(np.float32)
+        ref_path = ds.galleries[group].get(q.reference)
+        is_video = ref_path is not None and media_kind(ref_path) == "video"
+        if rid is not None and rid in stored:
+            img = stored[rid]
+        elif is_video:
+            img = idx.encode_video(ref_path)
+        else:
+            img = idx.encoder.encode_images([ref_path])[0]
+        vecs.append({"image": img, "text": t})
+        qo = Query(text=q.texts, image=None if is_video else ref_path, video=ref_path if is_video else None,
+                   fusion=strategy.name, options=strategy.options, image_id=rid)
+        qo.cache[("vectors", idx.encoder_name)] = {"image": img, "text": t}
+        qobjs.append(qo)
+    return vecs, qobjs, ref_ids
+
+
+def _rank_group(ds: CIRDataset, idx, qs, text_vec, strategy, pipe, rankings) -> None:
+    """Coarse rankings for one gallery's queries (one batched search for vector fusions), then every
+    stage of ``pipe`` over each of the benchmark's shortlists."""
+    bench = ds.benchmark
+    group = qs[0].group if qs else None
+    keys = {it.id: it.key for it in idx.meta.iter_items()}
+    n = len(idx)
+    need = n if bench.needs_full_ranking else min(n, TOP + 1)
+    k1 = min(n, pipe.shortlist_size(need) if pipe is not None else need)
+    vecs, qobjs, ref_ids = _query_sides(ds, idx, group, qs, text_vec, strategy)
+    excl = ref_ids if bench.remove_reference else None
+    coarse = _coarse_batch(idx, vecs, strategy, k1, exclude=excl)
+    bar = tqdm(total=len(qs), desc=f"{ds.name} {group or ''}".strip(), unit="q", disable=progress_enabled(), leave=False)
+    for q, qo, (ids, scores) in zip(qs, qobjs, coarse):
+        rankings["coarse"][q.qid] = [keys[int(i)] for i in ids]
+        if pipe is not None:
+            ranked_keys = [keys[int(i)] for i in ids]
+            per_list: dict[str, dict] = {}
+            for proto, mask in bench.shortlists(q, ranked_keys):
+                m = np.asarray(mask, dtype=bool)
+                for r in pipe.stages_from(idx, qo, ids[m], scores[m]):
+                    per_list.setdefault(r.label, {})[proto] = [keys[int(i)] for i in r.ids]
+            for label, lists in per_list.items():
+                rankings[label][q.qid] = lists[None] if None in lists else lists
+        bar.update(1)
+    bar.close()
+
+
+def _coarse_batch(idx, vecs: list[dict], strategy, k: int, exclude: list[int | None] | None = None):
     """Coarse rankings for many queries: one batched FAISS search for vector fusions. ``exclude``: one
     id per query (or None) to leave out of that query's ranking (CIRR's reference image)."""
+    from mmretrieve.query import VectorFusion
+
     if not vecs:
         return []
     exclude = exclude or [None] * len(vecs)
-    if fusion == "intersection":
-        return [idx.coarse_from_vectors(v, fusion, k, options=options, exclude=None if x is None else [x])
-                for v, x in zip(vecs, exclude)]
-    fn = FUSIONS.get(fusion)
-    Q = np.stack([fn(v["image"], v["text"], **options) for v in vecs]).astype(np.float32)
+    if not isinstance(strategy, VectorFusion):  # list-level strategies (intersection) search per query
+        return [idx.coarse_from_vectors(v, strategy, k, exclude=None if x is None else [x]) for v, x in zip(vecs, exclude)]
+    Q = np.stack([strategy.query_vector(v) for v in vecs]).astype(np.float32)
     extra = int(any(x is not None for x in exclude))  # one more, since a query's excluded id may be among them
     out = []
     for s in range(0, len(Q), 1024):
@@ -286,16 +294,8 @@ def _diagnostics(ds: CIRDataset, q: CIRQuery, rankings, stages) -> dict[str, Any
     if q.target is not None:
         d["target"] = q.target
         d["ranks"] = {s: ds.target_rank(q, rankings[s][q.qid]) for s in stages}
-    d["top5"] = {s: _top(ds, q, rankings[s][q.qid], 5) for s in stages}
+    d["top5"] = {s: ds.top(q, rankings[s][q.qid], 5) for s in stages}
     return d
-
-
-def _top(ds: CIRDataset, q: CIRQuery, ranking, n: int) -> list[str]:
-    if ds.name == "egocvr":
-        g = set(q.info.get("global_gallery") or [])
-        return [x for x in M.protocol_ranking(ranking, "global") if x in g][:n]
-    r = [x for x in ranking if x != q.reference] if ds.remove_reference else ranking
-    return r[:n]
 
 
 def evaluate_fusions(ds: CIRDataset, fusions: list[str], **kw) -> EvalResult:

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from mmretrieve.index import store
+from mmretrieve.store import faiss_ops as store
 
 #: beyond this many score bytes per call (queries x vectors x 4), FAISS's own search is used
 MAX_SCORE_BYTES = 256 << 20

@@ -24,13 +24,11 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from mmretrieve.index import store
+from mmretrieve.errors import DeviceError, UsageError
 from mmretrieve.index.flatscan import IdRows
+from mmretrieve.store import faiss_ops as store
 
 log = logging.getLogger(__name__)
-
-SEARCH_DEVICES = ("auto", "cpu", "cuda")
-
 
 def faiss_has_gpu() -> bool:
     import faiss
@@ -155,17 +153,17 @@ def make_gpu_searcher(findex, device: str | torch.device = "cuda", *, precision:
     if dev.type != "cuda":  # the torch scan also runs on CPU (tests compare it with FAISS there)
         return TorchFlatSearcher(findex, dev, precision=precision)
     if not torch.cuda.is_available():
-        raise RuntimeError("search on cuda requested but CUDA is not available on this machine")
+        raise DeviceError("search on cuda requested but CUDA is not available on this machine")
     if faiss_has_gpu():
         try:
             return FaissGpuSearcher(findex, dev)
         except Exception as e:  # e.g. HNSW, which FAISS cannot clone to a GPU
             if not is_flat(findex):
-                raise RuntimeError(f"faiss-gpu cannot search this {type(store.inner_index(findex)).__name__} index on the GPU: {e}") from e
+                raise UsageError(f"faiss-gpu cannot search this {type(store.inner_index(findex)).__name__} index on the GPU: {e}") from e
             log.warning("faiss-gpu clone failed (%s); using the torch exact scan", e)
     if is_flat(findex):
         return TorchFlatSearcher(findex, dev, precision=precision)
-    raise RuntimeError(
+    raise UsageError(
         f"GPU search of a {type(store.inner_index(findex)).__name__} index needs faiss-gpu "
         "(pip install 'mmretrieve[gpu]'); without it only Flat indexes are searched on the GPU"
     )

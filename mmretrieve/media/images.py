@@ -21,6 +21,8 @@ from pathlib import Path
 
 from PIL import Image, ImageOps
 
+from mmretrieve.errors import BadImageError
+
 #: formats opened by default (Pillow format names)
 DEFAULT_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "PPM")
 #: Pillow's default pixel limit (about 89.5 megapixels); images above it are refused
@@ -28,15 +30,6 @@ DEFAULT_MAX_PIXELS: int = 89_478_485
 IMAGE_EXTENSIONS: frozenset[str] = frozenset(
     {".jpg", ".jpeg", ".jpe", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm", ".pbm", ".pnm"}
 )
-
-
-class BadImageError(ValueError):
-    """An input image could not be used; ``reason`` is short and machine-friendly."""
-
-    def __init__(self, path: str | os.PathLike | None, reason: str) -> None:
-        self.path = str(path) if path is not None else None
-        self.reason = reason
-        super().__init__(f"{self.path}: {reason}" if self.path else reason)
 
 
 def load_image(

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mmretrieve.errors import InputError, ManifestError, SourceNotFoundError
 from mmretrieve.media.images import IMAGE_EXTENSIONS
 
 #: image formats we recognise by extension but refuse to decode (outside the allowlist); attempting them
@@ -60,7 +61,7 @@ def scan_source(source: str | os.PathLike, *, kinds: tuple[str, ...] = ("image",
     """List the media of a folder (recursive, sorted, hidden files skipped) or of a manifest file."""
     src = Path(source).expanduser()
     if not src.exists():
-        raise FileNotFoundError(f"source not found: {src}")
+        raise SourceNotFoundError(f"source not found: {src}")
     if src.is_dir():
         return _scan_folder(src, kinds)
     suffix = src.suffix.lower()
@@ -72,7 +73,7 @@ def scan_source(source: str | os.PathLike, *, kinds: tuple[str, ...] = ("image",
         it = SourceItem(key=str(src.resolve()), uri=str(src.resolve()), kind=media_kind(src) or "image")
         _stat(it)
         return ScanResult([it])
-    raise ValueError(f"{src}: expected a folder, a .csv/.jsonl manifest, or a media file")
+    raise InputError(f"{src}: expected a folder, a .csv/.jsonl manifest, or a media file")
 
 
 def _scan_folder(root: Path, kinds: tuple[str, ...]) -> ScanResult:
@@ -101,7 +102,7 @@ def _read_csv(path: Path) -> list[tuple[int, dict[str, Any]]]:
         delim = "\t" if path.suffix.lower() == ".tsv" else ","
         reader = csv.DictReader(fh, delimiter=delim)
         if not reader.fieldnames or "path" not in [f.strip() for f in reader.fieldnames]:
-            raise ValueError(f"{path}: a manifest needs a 'path' column (found: {reader.fieldnames})")
+            raise ManifestError(f"{path}: a manifest needs a 'path' column (found: {reader.fieldnames})")
         # reader.line_num: the physical line a row ends on (blank lines and quoted newlines counted)
         return [(reader.line_num, {k.strip(): v for k, v in row.items() if k}) for row in reader]
 
@@ -115,9 +116,9 @@ def _read_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{i}: invalid JSON ({e.msg})") from None
+                raise ManifestError(f"{path}:{i}: invalid JSON ({e.msg})") from None
             if not isinstance(row, dict):
-                raise ValueError(f"{path}:{i}: expected a JSON object per line")
+                raise ManifestError(f"{path}:{i}: expected a JSON object per line")
             rows.append((i, row))
     return rows
 
@@ -128,13 +129,13 @@ def _scan_manifest(path: Path, rows: list[tuple[int, dict[str, Any]]]) -> ScanRe
     for line, row in rows:
         p = row.get("path")
         if not p or not str(p).strip():
-            raise ValueError(f"{path}:{line}: empty 'path'")
+            raise ManifestError(f"{path}:{line}: empty 'path'")
         full = Path(str(p).strip())
         full = full if full.is_absolute() else base / full
         uri = str(full.resolve())
         key = str(row.get("id")).strip() if row.get("id") not in (None, "") else uri
         if key in seen:
-            raise ValueError(f"{path}:{line}: duplicate id {key!r} (first on line {seen[key]})")
+            raise ManifestError(f"{path}:{line}: duplicate id {key!r} (first on line {seen[key]})")
         seen[key] = line
         caption = row.get("caption")
         kind = media_kind(uri) or "image"

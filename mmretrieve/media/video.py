@@ -16,19 +16,15 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
+from mmretrieve.errors import BadVideoError, MissingDependencyError, UsageError
+
 VIDEO_FORMATS = frozenset({"mp4", "mov", "m4a", "3gp", "3g2", "mj2", "matroska", "webm", "avi", "mpeg", "mpegts", "m4v"})
 SEEK_GAP_S = 2.0  # decode forward instead of seeking when the next target is closer than this
-
-
-class BadVideoError(ValueError):
-    def __init__(self, path, reason: str) -> None:
-        self.path = str(path)
-        self.reason = reason
-        super().__init__(f"{path}: {reason}")
 
 
 @dataclass
@@ -53,7 +49,7 @@ def _require_av():
     try:
         import av
     except ImportError:
-        raise ImportError("video support needs PyAV: pip install 'mmretrieve[video]' (or pip install av)") from None
+        raise MissingDependencyError("video support needs PyAV: pip install 'mmretrieve[video]' (or pip install av)") from None
     return av
 
 
@@ -120,6 +116,65 @@ def targets_for(duration: float, *, num_frames: int | None = None, fps: float | 
     return [(i + 0.5) * duration / n for i in range(n)]
 
 
+class _FrameCursor:
+    """Decoding state for ``sample_frames``: seeks when the next target is farther away than a seek costs
+    (learned from this file's own seeks), otherwise decodes forward; returns the frame on screen at t."""
+
+    def __init__(self, path, container, stream, info: VideoInfo) -> None:
+        self.path, self.container, self.stream, self.info = path, container, stream, info
+        self.tb = float(stream.time_base)
+        self.start = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
+        self.eps = 0.25 / info.fps if info.fps else 1e-3
+        self.rate = info.fps or 25.0
+        self.it = None
+        self.prev = None  # (time, frame) of the last decoded frame at or before the current target
+        self.pending = None
+        self.pos = -math.inf
+        self.seek_cost: list[int] = []  # frames decoded after each seek before its target was reached
+
+    def frame_at(self, t: float):
+        """(timestamp, frame) of the frame shown at ``t`` seconds."""
+        ahead = (t - self.pos) * self.rate  # frames to decode if we just continue
+        est = (2 * float(np.mean(self.seek_cost)) + 8) if self.seek_cost else SEEK_GAP_S * self.rate
+        counting = None
+        if self.it is None or ahead > est or (self.prev is not None and t < self.prev[0]):
+            self.container.seek(max(0, int((t + self.start) / self.tb)), stream=self.stream, backward=True, any_frame=False)
+            self.it = self.container.decode(self.stream)
+            self.prev, self.pending, counting = None, None, 0
+        chosen = None
+        while True:
+            if self.pending is not None:
+                f, self.pending = self.pending, None
+            else:
+                f = next(self.it, None)
+                if counting is not None and f is not None:
+                    counting += 1
+            if f is None:
+                chosen = self.prev
+                self._check_truncated(t)
+                break
+            ft = (float(f.pts * self.tb) if f.pts is not None else float(f.time or 0.0)) - self.start
+            if ft <= t + self.eps:
+                self.prev = (ft, f)
+                self.pos = ft
+                continue
+            chosen = self.prev if self.prev is not None else (ft, f)
+            self.pending = f
+            break
+        if counting is not None:
+            self.seek_cost.append(counting)
+        if chosen is None:
+            raise BadVideoError(self.path, f"no decodable frame at {t:.2f}s")
+        return chosen
+
+    def _check_truncated(self, t: float) -> None:
+        """The stream ended well before a target within the stated duration: a file cut short whose index
+        (moov first) still promises the rest; refuse rather than repeat the last frame for later targets."""
+        info, prev = self.info, self.prev
+        if prev is not None and t - prev[0] > max(1.0, 0.1 * (info.duration or 0.0)) + 1.0 / self.rate:
+            raise BadVideoError(self.path, f"truncated: no frame after {prev[0]:.2f}s of a {info.duration or 0:.2f}s video")
+
+
 def sample_frames(
     path: str | os.PathLike,
     *,
@@ -144,63 +199,17 @@ def sample_frames(
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
         info = _info(container, stream)
-        tb = float(stream.time_base)
-        start = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
         if timestamps is None:
             if info.duration is None:
                 raise BadVideoError(path, "unknown duration")
             timestamps = targets_for(info.duration, num_frames=num_frames, fps=fps, max_frames=max_frames)
-        order = np.argsort(timestamps, kind="stable")
+        cursor = _FrameCursor(path, container, stream, info)
         out_img: list[Image.Image | None] = [None] * len(timestamps)
         out_ts: list[float] = [0.0] * len(timestamps)
-        frame_eps = 0.25 / info.fps if info.fps else 1e-3
-        rate = info.fps or 25.0
-        it = None
-        prev = None  # (time, frame) of the last decoded frame at or before the current target
-        pending = None
-        pos = -math.inf
-        seek_cost: list[int] = []  # frames decoded after each seek before its target was reached
-        for oi in order:
-            t = float(timestamps[oi])
-            ahead = (t - pos) * rate  # frames to decode if we just continue
-            est = (2 * float(np.mean(seek_cost)) + 8) if seek_cost else SEEK_GAP_S * rate
-            if it is None or ahead > est or (prev is not None and t < prev[0]):
-                container.seek(max(0, int((t + start) / tb)), stream=stream, backward=True, any_frame=False)
-                it = container.decode(stream)
-                prev, pending = None, None
-                counting = 0
-            else:
-                counting = None
-            chosen = None
-            while True:
-                if pending is not None:
-                    f, pending = pending, None
-                else:
-                    f = next(it, None)
-                    if counting is not None and f is not None:
-                        counting += 1
-                if f is None:
-                    chosen = prev
-                    # the stream ended well before a target that lies within the stated duration: a file cut
-                    # short whose index (moov first) still promises the rest; refuse rather than repeat the
-                    # last frame for every later target
-                    if prev is not None and t - prev[0] > max(1.0, 0.1 * (info.duration or 0.0)) + 1.0 / rate:
-                        raise BadVideoError(path, f"truncated: no frame after {prev[0]:.2f}s of a {info.duration or 0:.2f}s video")
-                    break
-                ft = (float(f.pts * tb) if f.pts is not None else float(f.time or 0.0)) - start
-                if ft <= t + frame_eps:
-                    prev = (ft, f)
-                    pos = ft
-                    continue
-                chosen = prev if prev is not None else (ft, f)
-                pending = f
-                break
-            if counting is not None:
-                seek_cost.append(counting)
-            if chosen is None:
-                raise BadVideoError(path, f"no decodable frame at {t:.2f}s")
-            out_ts[oi] = chosen[0]
-            out_img[oi] = _to_image(chosen[1], min_side)
+        for oi in np.argsort(timestamps, kind="stable"):
+            ts, frame = cursor.frame_at(float(timestamps[oi]))
+            out_ts[oi] = ts
+            out_img[oi] = _to_image(frame, min_side)
         return SampledFrames([im for im in out_img if im is not None], out_ts, info, list(map(float, timestamps)))
     except BadVideoError:
         raise
@@ -240,3 +249,55 @@ def write_video(path: str | os.PathLike, frames: list[np.ndarray] | np.ndarray, 
         for pkt in s.encode():
             c.mux(pkt)
     return path
+
+
+# ---- how an index samples its videos (stored in the manifest) ---------------------------------------
+VIDEO_DEFAULTS: dict[str, Any] = {
+    "num_frames": 8,  # uniform: the centres of N equal segments
+    "fps": None,  # or a fixed rate (frames per second), thinned to max_frames
+    "max_frames": 32,
+    "pooling": "mean",  # video vector: mean of the frame embeddings, or the middle frame
+    "frame_entries": False,  # also index every frame as its own item (moment search)
+    "timeout": 60.0,  # seconds per file before the decoder is killed
+}
+POOLINGS = ("mean", "middle")
+
+
+def resolve_video_config(cfg: dict | None) -> dict[str, Any]:
+    """``VIDEO_DEFAULTS`` updated with ``cfg`` (``None`` values keep the default); unknown keys refused."""
+    from mmretrieve.config import check_options
+
+    cfg = dict(cfg or {})
+    check_options("video sampling", cfg, VIDEO_DEFAULTS)
+    out = {**VIDEO_DEFAULTS, **{k: v for k, v in cfg.items() if v is not None or k == "fps"}}
+    if out["pooling"] not in POOLINGS:
+        raise UsageError(f"video pooling must be one of {', '.join(POOLINGS)}, got {out['pooling']!r}")
+    if out["fps"] is None and int(out["num_frames"]) < 1:
+        raise UsageError("num_frames must be >= 1")
+    return out
+
+
+#: tests set this to a callable(path) to make a worker hang or crash on a chosen file
+_DECODE_HOOK = None
+
+
+def decode_video(path: str, *, transform, sampling: dict) -> dict[str, Any]:
+    """Sample frames and apply an image transform to each (run in decoder worker processes).
+
+    Returns ``frames`` (T, 3, H, W) as the transform gives them (uint8 for mmretrieve's encoders),
+    ``timestamps`` (T,) float32 seconds, and the clip's ``width``, ``height``, ``duration``, ``fps``."""
+    import torch
+
+    if _DECODE_HOOK is not None:
+        _DECODE_HOOK(path)
+    sf = sample_frames(path, num_frames=sampling.get("num_frames"), fps=sampling.get("fps"),
+                       max_frames=int(sampling.get("max_frames", 32)), min_side=getattr(transform, "draft_size", None))
+    x = torch.stack([transform(im) for im in sf.images])
+    return {
+        "frames": x.numpy(),
+        "timestamps": np.asarray(sf.timestamps, dtype=np.float32),
+        "width": sf.info.width,
+        "height": sf.info.height,
+        "duration": sf.info.duration,
+        "fps": sf.info.fps,
+    }

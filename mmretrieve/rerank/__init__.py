@@ -11,7 +11,14 @@ from __future__ import annotations
 
 import importlib
 
-from mmretrieve.rerank.base import RERANKERS, Reranker, RerankOutput, create_reranker, list_rerankers
+from mmretrieve.rerank.base import (
+    RERANKERS,
+    IndexView,
+    Reranker,
+    RerankOutput,
+    create_reranker,
+    list_rerankers,
+)
 
 _BUILTIN = ("mmretrieve.rerank.emd", "mmretrieve.rerank.frames", "mmretrieve.rerank.mllm")
 _loaded = False
@@ -32,11 +39,12 @@ def _load_builtin() -> None:
 
 
 def __getattr__(name: str):
-    if name == "Pipeline":
-        from mmretrieve.rerank.pipeline import Pipeline
+    if name in ("Pipeline", "StageResult"):
+        from mmretrieve.rerank import pipeline
 
-        return Pipeline
+        return getattr(pipeline, name)
     raise AttributeError(name)
 
 
-__all__ = ["RERANKERS", "Reranker", "RerankOutput", "create_reranker", "list_rerankers", "Pipeline"]
+__all__ = ["RERANKERS", "Reranker", "RerankOutput", "IndexView", "create_reranker", "list_rerankers", "Pipeline",
+           "StageResult"]

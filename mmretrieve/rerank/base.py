@@ -3,18 +3,47 @@
 A reranker only scores; the ``Pipeline`` decides which items it sees (the top ``k`` of the previous
 stage), fuses its score with the previous one (``alpha * fine + (1 - alpha) * previous``; ``alpha=1``
 replaces) and keeps every item beyond the shortlist in its previous order.
+
+A reranker sees the index through the small read interface ``IndexView`` (what ``mmretrieve.index.Index``
+provides), so this layer sits below the read side and the index can run pipelines.
+
+Options are the keyword arguments of a reranker's ``__init__``; ``create_reranker`` refuses unknown
+ones and parses values by their declared types (``"100"`` -> 100 for an ``int`` option), with errors
+that name the reranker and the option.
 """
 
 from __future__ import annotations
 
 import inspect
+import types
+import typing
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
+from mmretrieve.config import check_options
+from mmretrieve.errors import UsageError
 from mmretrieve.registry import Registry
+
+
+class IndexView(Protocol):
+    """What rerankers and the pipeline use of an index (``mmretrieve.index.Index`` implements it)."""
+
+    path: Any
+    manifest: dict
+
+    @property
+    def encoder(self): ...
+    def items(self, ids): ...
+    def vectors(self, ids) -> np.ndarray: ...
+    def patches(self, ids) -> np.ndarray: ...
+    def patch_projection(self) -> np.ndarray | None: ...
+    def frames_matrix(self, ids, *, as_torch: bool = False): ...
+    def query_vector(self, query) -> np.ndarray: ...
+    def coarse(self, query, k: int, *, exclude=None): ...
+    def hydrate(self, query: dict, ids, scores, *, stages, stage_scores=None, extra=None, timings=None): ...
 
 
 @dataclass
@@ -38,7 +67,7 @@ def normalize_scores(x: np.ndarray, how: str) -> np.ndarray:
     if how == "zscore":
         sd = x.std()
         return (x - x.mean()) / sd if sd > 0 else np.zeros_like(x)
-    raise ValueError(f"unknown score normalisation {how!r}; expected one of {', '.join(NORMS)}")
+    raise UsageError(f"unknown score normalisation {how!r}; expected one of {', '.join(NORMS)}")
 
 
 class Reranker(ABC):
@@ -48,17 +77,17 @@ class Reranker(ABC):
 
     def __init__(self, *, k: int = 100, alpha: float | None = 0.5, norm: str = "none") -> None:
         if int(k) < 1:
-            raise ValueError(f"{self.name}: k must be >= 1, got {k}")
+            raise UsageError(f"{self.name}: k must be >= 1, got {k}")
         if alpha is not None and not 0.0 <= float(alpha) <= 1.0:
-            raise ValueError(f"{self.name}: alpha must be in [0, 1] (1 = replace the previous score), got {alpha}")
+            raise UsageError(f"{self.name}: alpha must be in [0, 1] (1 = replace the previous score), got {alpha}")
         if norm not in NORMS:
-            raise ValueError(f"{self.name}: norm must be one of {', '.join(NORMS)}, got {norm!r}")
+            raise UsageError(f"{self.name}: norm must be one of {', '.join(NORMS)}, got {norm!r}")
         self.k = int(k)
         self.alpha = 1.0 if alpha is None else float(alpha)
         self.norm = norm
 
     @abstractmethod
-    def score(self, index, query, ids: np.ndarray) -> RerankOutput:
+    def score(self, index: IndexView, query, ids: np.ndarray) -> RerankOutput:
         """Fine scores of the shortlisted ``ids`` for ``query`` (higher is better)."""
 
     def fuse(self, fine: np.ndarray, previous: np.ndarray) -> np.ndarray:
@@ -82,7 +111,8 @@ RERANKERS: Registry[Reranker] = Registry("reranker")
 
 
 def create_reranker(name: str, **cfg: Any) -> Reranker:
-    """Create a reranker by registered name with its options; unknown options are a clear error.
+    """Create a reranker by registered name with its options; unknown options and values of the wrong
+    type are clear errors.
 
     >>> create_reranker("emd", k=50, alpha=0.7, weights="apc")   # doctest: +SKIP
     """
@@ -90,20 +120,50 @@ def create_reranker(name: str, **cfg: Any) -> Reranker:
 
     _load_builtin()
     cls = RERANKERS.get(name)
-    params = _accepted_options(cls)
-    unknown = sorted(set(cfg) - set(params))
-    if unknown:
-        raise ValueError(f"unknown option(s) {', '.join(map(repr, unknown))} for reranker {name!r}; known: {', '.join(sorted(params))}")
-    return cls(**cfg)
+    types_ = option_types(cls)
+    check_options(f"reranker {name!r}", cfg, types_)
+    return cls(**{k: parse_option(name, k, v, types_[k]) for k, v in cfg.items()})
 
 
-def _accepted_options(cls) -> set[str]:
-    params: set[str] = set()
-    for klass in cls.__mro__:
-        if "__init__" in vars(klass):
-            sig = inspect.signature(vars(klass)["__init__"])
-            params |= {p for p, v in sig.parameters.items() if p != "self" and v.kind is v.KEYWORD_ONLY}
-    return params
+def option_types(cls) -> dict[str, Any]:
+    """Keyword-only options of ``cls.__init__`` (and its bases) -> their annotated types."""
+    out: dict[str, Any] = {}
+    for klass in reversed(cls.__mro__):
+        init = vars(klass).get("__init__")
+        if init is None:
+            continue
+        try:
+            hints = typing.get_type_hints(init)
+        except Exception:  # an annotation that does not resolve: accept any value
+            hints = {}
+        for p, v in inspect.signature(init).parameters.items():
+            if p != "self" and v.kind is v.KEYWORD_ONLY:
+                out[p] = hints.get(p, Any)
+    return out
+
+
+def parse_option(reranker: str, option: str, value: Any, typ: Any) -> Any:
+    """``value`` as ``typ`` (int, float, bool, str, optionally ``| None``; anything else passes as is)."""
+    args = typing.get_args(typ) if isinstance(typ, types.UnionType) or typing.get_origin(typ) is typing.Union else ()
+    allowed = [a for a in args if a is not type(None)] if args else [typ]
+    if value is None:
+        if args and type(None) in args:
+            return None
+        raise UsageError(f"reranker {reranker!r}: option {option} needs a value")
+    for t in allowed:
+        if t is bool and isinstance(value, bool):
+            return value
+        if t is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if t is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if t is str and isinstance(value, str):
+            return value
+        if t is Any or t not in (bool, int, float, str):
+            return value
+    names = " or ".join({bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(t, str(t))
+                        for t in allowed)
+    raise UsageError(f"reranker {reranker!r}: option {option} must be {names}, got {value!r}")
 
 
 def list_rerankers() -> list[str]:
@@ -111,3 +171,6 @@ def list_rerankers() -> list[str]:
 
     _load_builtin()
     return RERANKERS.names()
+
+
+__all__ = ["IndexView", "RerankOutput", "Reranker", "RERANKERS", "create_reranker", "list_rerankers", "normalize_scores"]

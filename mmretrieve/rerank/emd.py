@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from pathlib import Path
 
 import numpy as np
 import torch
 
+from mmretrieve.errors import NoPatchesError, UsageError
 from mmretrieve.rerank.base import RERANKERS, Reranker, RerankOutput
 from mmretrieve.rerank.ot import (
     WEIGHTS,
@@ -30,6 +30,7 @@ from mmretrieve.rerank.ot import (
     sinkhorn_batched,
 )
 from mmretrieve.runtime import resolve_device
+from mmretrieve.store.sidestores import project_patches
 
 log = logging.getLogger(__name__)
 
@@ -70,9 +71,15 @@ class EMDReranker(Reranker):
     ) -> None:
         super().__init__(k=k, alpha=alpha, norm=norm)
         if weights not in WEIGHTS:
-            raise ValueError(f"emd: weights must be one of {', '.join(WEIGHTS)}, got {weights!r}")
+            raise UsageError(f"emd: weights must be one of {', '.join(WEIGHTS)}, got {weights!r}")
         if solver not in SOLVERS:
-            raise ValueError(f"emd: solver must be one of {', '.join(SOLVERS)}, got {solver!r}")
+            raise UsageError(f"emd: solver must be one of {', '.join(SOLVERS)}, got {solver!r}")
+        if grid is not None and int(grid) < 1:
+            raise UsageError(f"emd: grid must be a positive integer (patches per side), got {grid}")
+        if float(reg) <= 0:
+            raise UsageError(f"emd: reg must be > 0, got {reg}")
+        if int(max_iter) < 1:
+            raise UsageError(f"emd: max_iter must be >= 1, got {max_iter}")
         self.weights = weights
         self.solver = solver
         self.reg = float(reg)
@@ -104,32 +111,22 @@ class EMDReranker(Reranker):
             return False
         return self.grid is None or int(self.grid) == int(store["grid"])
 
-    def _projection(self, index) -> np.ndarray | None:
-        store = index.manifest.get("patches") or {}
-        if not store.get("projection"):
-            return None
-        return np.load(Path(index.path) / index.version / store["projection"], allow_pickle=False)
-
     def query_patches(self, index, query) -> np.ndarray:
         if query.image is None:
-            raise ValueError("the emd reranker compares image patches: it needs an image or composed query")
+            raise UsageError("the emd reranker compares image patches: it needs an image or composed query")
         if self._use_store(index):
             if query.image_id is not None:  # the query image is in the index: reuse its stored patches
                 return index.patches([query.image_id])[0]
             grid = int(index.manifest["patches"]["grid"])
             P = index.encoder.encode_patches([query.image], grid=grid)[0]
-            proj = self._projection(index)
-            if proj is not None:
-                P = P @ proj
-                P /= np.maximum(np.linalg.norm(P, axis=-1, keepdims=True), 1e-12)
-            return P
+            return project_patches(P, index.patch_projection())
         return self.patch_encoder(index).encode_patches([query.image], grid=self.grid)[0]
 
     def candidate_patches(self, index, ids: np.ndarray) -> np.ndarray:
         if self._use_store(index):
             return index.patches([int(i) for i in ids])
         if not self.on_the_fly:
-            raise LookupError(
+            raise NoPatchesError(
                 f"index {index.path} has no patch store{' for this grid' if index.manifest.get('patches') else ''} "
                 "and on-the-fly patch extraction is disabled (build the index with --patches, or set on_the_fly=true)"
             )
@@ -170,7 +167,7 @@ class EMDReranker(Reranker):
             return sinkhorn_batched(S, a, b, reg=self.reg, max_iter=self.max_iter, tol=self.tol)
         if solver == "pot-sinkhorn":
             return emd_pot_sinkhorn(S, a, b, reg=self.reg)
-        raise ValueError(f"emd: unknown solver {solver!r}")
+        raise UsageError(f"emd: unknown solver {solver!r}")
 
     def score(self, index, query, ids: np.ndarray) -> RerankOutput:
         if len(ids) == 0:

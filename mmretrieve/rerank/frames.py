@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from mmretrieve.errors import UsageError
 from mmretrieve.rerank.base import RERANKERS, Reranker, RerankOutput
 
 POOLINGS = ("max", "mean", "topm")
@@ -27,9 +28,9 @@ class FramesReranker(Reranker):
     def __init__(self, *, k: int = 100, alpha: float | None = 0.6, norm: str = "none", pooling: str = "max", m: int = 3) -> None:
         super().__init__(k=k, alpha=alpha, norm=norm)
         if pooling not in POOLINGS:
-            raise ValueError(f"frames: pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
+            raise UsageError(f"frames: pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
         if int(m) < 1:
-            raise ValueError(f"frames: m must be >= 1, got {m}")
+            raise UsageError(f"frames: m must be >= 1, got {m}")
         self.pooling = pooling
         self.m = int(m)
 

@@ -27,14 +27,11 @@ import numpy as np
 import torch
 from PIL import Image
 
+from mmretrieve.errors import ItemNotFoundError, MissingDependencyError, MLLMError
 from mmretrieve.rerank.base import RERANKERS, Reranker, RerankOutput
 from mmretrieve.runtime import resolve_device
 
 log = logging.getLogger(__name__)
-
-
-class MLLMError(RuntimeError):
-    pass
 
 
 HOW_TO = (
@@ -153,7 +150,10 @@ class MLLMReranker(Reranker):
     # ---- model ------------------------------------------------------------------------------------
     def _torch_dtype(self, dev: torch.device):
         from mmretrieve.runtime import cpu_has_native_bf16
+        from mmretrieve.settings import forced_precision
 
+        if self.dtype == "auto" and forced_precision():
+            return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[forced_precision()]
         if self.dtype == "auto":
             if dev.type == "cuda":
                 return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -172,7 +172,7 @@ class MLLMReranker(Reranker):
             from transformers import AutoModelForImageTextToText, AutoProcessor
             from transformers.utils import logging as hf_logging
         except ImportError:
-            raise MLLMError("the mllm reranker needs transformers: pip install 'mmretrieve[mllm]'") from None
+            raise MissingDependencyError("the mllm reranker needs transformers: pip install 'mmretrieve[mllm]'") from None
         hf_logging.disable_progress_bar()
         dev = resolve_device(self.device)
         dtype = self._torch_dtype(dev)
@@ -190,7 +190,7 @@ class MLLMReranker(Reranker):
             try:
                 from peft import PeftModel
             except ImportError:
-                raise MLLMError("LoRA adapters need peft: pip install 'mmretrieve[mllm]'") from None
+                raise MissingDependencyError("LoRA adapters need peft: pip install 'mmretrieve[mllm]'") from None
             if not os.path.isdir(self.adapter):
                 raise MLLMError(f"adapter folder not found: {self.adapter}")
             model = PeftModel.from_pretrained(model, self.adapter)
@@ -288,7 +288,7 @@ class MLLMReranker(Reranker):
         for i in ids:
             it = items.get(int(i))
             if it is None:
-                raise KeyError(f"no item {i} in index {index.path}")
+                raise ItemNotFoundError(f"no item {i} in index {index.path}")
             t, ims = self.build(query, qimg, self._image_of(index, it))
             texts.append(t)
             images.append(ims)

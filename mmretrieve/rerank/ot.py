@@ -16,6 +16,8 @@ import warnings
 import numpy as np
 import torch
 
+from mmretrieve.errors import OTConvergenceError, UsageError
+
 WEIGHTS = ("uniform", "apc", "sc")
 
 
@@ -50,14 +52,10 @@ def marginals(S: torch.Tensor, Q: torch.Tensor, C: torch.Tensor, method: str) ->
         a = torch.relu(S.mean(2))
         b = torch.relu(S.mean(1))
         return _normalize_rows(a), _normalize_rows(b)
-    raise ValueError(f"unknown patch weighting {method!r}; expected one of {', '.join(WEIGHTS)}")
+    raise UsageError(f"unknown patch weighting {method!r}; expected one of {', '.join(WEIGHTS)}")
 
 
 # ---- exact -----------------------------------------------------------------------------------------
-class OTConvergenceError(RuntimeError):
-    pass
-
-
 def _float64(*tensors: torch.Tensor) -> list[np.ndarray]:
     """POT's solvers work in float64 numpy (always copies: callers normalise in place)."""
     return [t.detach().cpu().numpy().astype(np.float64, copy=True) for t in tensors]
@@ -173,9 +171,9 @@ def sinkhorn_batched(
     problem is independent; numpy releases the GIL); ``"torch"`` forces the torch program (the GPU path).
     """
     if reg <= 0:
-        raise ValueError(f"sinkhorn: reg must be > 0, got {reg}")
+        raise UsageError(f"sinkhorn: reg must be > 0, got {reg}")
     if mode not in ("auto", "kernel", "log"):
-        raise ValueError(f"sinkhorn: mode must be auto, kernel or log, got {mode!r}")
+        raise UsageError(f"sinkhorn: mode must be auto, kernel or log, got {mode!r}")
     dtype = S.dtype
     limit = 80.0 if dtype == torch.float32 else (600.0 if dtype == torch.float64 else 10.0)
     if mode == "auto":

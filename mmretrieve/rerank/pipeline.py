@@ -16,14 +16,29 @@ Configured in code, from ``--rerank "emd:k=100,alpha=0.7"`` specs, or from YAML 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from mmretrieve.config import load_config, parse_spec
+from mmretrieve.config import check_options, load_config, parse_spec
+from mmretrieve.errors import ConfigNotFoundError, RerankError, UsageError
 from mmretrieve.rerank.base import Reranker, create_reranker
 from mmretrieve.results import SearchResults
+
+
+@dataclass
+class StageResult:
+    """One stage's output over a ranking: the new order and scores, the stage's own (fine) score of
+    each item it re-scored, per-item extras (e.g. a video's best moment) and its time."""
+
+    label: str
+    ids: np.ndarray
+    scores: np.ndarray
+    fine: dict[int, float] = field(default_factory=dict)
+    extra: dict[int, dict[str, Any]] = field(default_factory=dict)
+    ms: float = 0.0
 
 
 class Pipeline:
@@ -57,21 +72,21 @@ class Pipeline:
             name = str(cfg)
             try:
                 cfg = load_config(name)
-            except FileNotFoundError:
+            except ConfigNotFoundError:
                 cfg = load_config(f"pipelines/{name}")
-        unknown = set(cfg) - {"coarse", "stages", "description"}
-        if unknown:
-            raise ValueError(f"pipeline config: unknown key(s) {sorted(unknown)}; expected coarse, stages")
+        check_options("a pipeline config", cfg, ("coarse", "stages", "description"), noun="key")
         stages = []
         for st in cfg.get("stages") or []:
             st = dict(st)
             if "name" not in st:
-                raise ValueError(f"pipeline config: a stage needs a 'name', got {st}")
+                raise UsageError(f"pipeline config: a stage needs a 'name', got {st}")
             stages.append(create_reranker(st.pop("name"), **st))
         coarse = cfg.get("coarse") or {}
-        unknown = set(coarse) - {"k", "fusion"}
-        if unknown:
-            raise ValueError(f"pipeline config: unknown coarse option(s) {sorted(unknown)}; expected k, fusion")
+        check_options("a pipeline's coarse stage", coarse, ("k", "fusion"))
+        if coarse.get("fusion") is not None:
+            from mmretrieve.query import FUSIONS
+
+            FUSIONS.get(coarse["fusion"])
         return cls(stages, coarse_k=coarse.get("k"), coarse_fusion=coarse.get("fusion"))
 
     def config(self) -> dict[str, Any]:
@@ -81,13 +96,13 @@ class Pipeline:
         """How many items the coarse stage must return for a final top ``k``."""
         return max(int(k), int(self.coarse_k or 0), max((st.k for st in self.stages), default=0))
 
-    def stages_from(self, index, query, ids: np.ndarray, scores: np.ndarray):
-        """Run every stage over a coarse ranking; yields ``(label, ids, scores, fine, extra, ms)`` per stage."""
+    def stages_from(self, index, query, ids: np.ndarray, scores: np.ndarray) -> Iterator[StageResult]:
+        """Run every stage over a coarse ranking; yields one ``StageResult`` per stage."""
         cur_ids, cur_scores = np.asarray(ids, dtype=np.int64), np.asarray(scores, dtype=np.float64)
         for label, st in zip(self.labels, self.stages):
             t0 = time.perf_counter()
             cur_ids, cur_scores, fine, ex = self.apply_stage(st, index, query, cur_ids, cur_scores)
-            yield label, cur_ids, cur_scores, fine, ex, (time.perf_counter() - t0) * 1000
+            yield StageResult(label, cur_ids, cur_scores, fine, ex, (time.perf_counter() - t0) * 1000)
 
     def run(self, index, query, *, k: int = 10, exclude: Sequence[int] = ()) -> SearchResults:
         """Coarse search then every stage; returns the top ``k`` with per-stage ranks and scores."""
@@ -99,12 +114,12 @@ class Pipeline:
         stage_scores = {"coarse": dict(zip(ids.tolist(), np.asarray(scores, np.float64).tolist()))}
         extra: dict[int, dict] = {}
         cur_ids, cur_scores = ids, scores
-        for label, st_ids, st_scores, fine, ex, ms in self.stages_from(index, query, ids, scores):
-            cur_ids, cur_scores = st_ids, st_scores
-            timings[label] = ms
-            order_by_stage[label] = cur_ids.copy()
-            stage_scores[label] = fine
-            for i, d in ex.items():
+        for r in self.stages_from(index, query, ids, scores):
+            cur_ids, cur_scores = r.ids, r.scores
+            timings[r.label] = r.ms
+            order_by_stage[r.label] = cur_ids.copy()
+            stage_scores[r.label] = r.fine
+            for i, d in r.extra.items():
                 extra.setdefault(int(i), {}).update(d)
         return index.hydrate(
             {**query.describe(), "pipeline": [st.config() for st in self.stages]},
@@ -119,7 +134,7 @@ class Pipeline:
         out = st.score(index, query, head)
         fine = np.asarray(out.scores, dtype=np.float64)
         if fine.shape != (n,):
-            raise ValueError(f"reranker {st.name} returned {fine.shape} scores for {n} candidates")
+            raise RerankError(f"reranker {st.name} returned {fine.shape} scores for {n} candidates")
         fused = st.fuse(fine, scores[:n])
         order = np.argsort(-fused, kind="stable")
         new_ids = np.concatenate([head[order], rest])
@@ -138,10 +153,13 @@ def as_pipeline(p) -> Pipeline:
         return Pipeline.from_specs(list(p))
     if isinstance(p, str):
         return Pipeline.from_specs(p) if ":" in p or p in _names() else Pipeline.from_config(p)
-    raise TypeError(f"cannot make a pipeline from {type(p).__name__}")
+    raise UsageError(f"cannot make a pipeline from {type(p).__name__}")
 
 
 def _names() -> list[str]:
     from mmretrieve.rerank.base import list_rerankers
 
     return list_rerankers()
+
+
+__all__ = ["Pipeline", "StageResult", "as_pipeline"]

@@ -14,6 +14,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from mmretrieve import settings
+
 
 @dataclass(frozen=True)
 class Sample:
@@ -111,9 +113,9 @@ OPENCV_DOC_CAPTIONS = {
 
 def opencv_doc_dir() -> Path | None:
     """Where opencv-doc's example data was unpacked, if anywhere we know."""
-    env = os.environ.get("MMRETRIEVE_OPENCV_DOC")
-    candidates = [Path(env)] if env else []
-    root = Path(__file__).resolve().parent.parent
+    env = settings.opencv_doc_dir()
+    candidates = [env] if env else []
+    root = Path(__file__).resolve().parent.parent.parent
     candidates += [
         root / ".cache" / "opencv-doc" / "usr/share/doc/opencv-doc/examples/data",
         Path("/usr/share/doc/opencv-doc/examples/data"),

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mmretrieve.errors import ItemNotFoundError
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS items(
     id INTEGER PRIMARY KEY,
@@ -264,3 +266,37 @@ class MetaDB:
 
     def frame_segments(self) -> list[str]:
         return [r[0] for r in self.conn.execute("SELECT DISTINCT frame_seg FROM items WHERE frame_seg IS NOT NULL")]
+
+
+def resolve_item(meta: MetaDB, k: int | str, where) -> int:
+    """The id of an item named by ``k``: an int is an id; a string is ``id:N``, ``key:K``, a key, a number
+    (an id), or a file path. A bare number that is the key of one item and the id of another is refused
+    as ambiguous. Raises ``ItemNotFoundError`` naming ``where`` (the index)."""
+    if isinstance(k, int) or (hasattr(k, "dtype") and getattr(k.dtype, "kind", "") in "iu"):
+        return int(k)
+    s = str(k)
+    if s.startswith("id:") and s[3:].lstrip("-").isdigit():
+        it = meta.items_by_ids([int(s[3:])]).get(int(s[3:]))
+        if it is None:
+            raise ItemNotFoundError(f"no item with id {s[3:]} in index {where}")
+        return it.id
+    if s.startswith("key:"):
+        it = meta.item_by_key(s[4:])
+        if it is None:
+            raise ItemNotFoundError(f"no item with key {s[4:]!r} in index {where}")
+        return it.id
+    it = meta.item_by_key(s)
+    if s.lstrip("-").isdigit():
+        by_id = meta.items_by_ids([int(s)]).get(int(s))
+        if it is not None and by_id is not None and by_id.id != it.id:
+            raise ItemNotFoundError(f"{s!r} is the key of item {it.id} ({it.uri}) and the id of item {by_id.id} ({by_id.uri}) "
+                                    f"in index {where}: write id:{s} or key:{s}")
+        it = it or by_id
+    if it is None:
+        it = next(iter(meta.items_by_uri(s)), None)
+    if it is None:
+        r = str(Path(s).expanduser().resolve())
+        it = meta.item_by_key(r) or next(iter(meta.items_by_uri(r)), None)
+    if it is None:
+        raise ItemNotFoundError(f"no item {s!r} in index {where} (give an id, a key or a file path)")
+    return it.id

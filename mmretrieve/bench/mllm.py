@@ -13,7 +13,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from mmretrieve.bench import _print, register
+HELP = "MLLM yes/no verifier: candidates/s one by one vs. batched (tiny models; real-size on request)"
 
 #: Qwen2-VL-2B-Instruct's published configuration (its config.json), for timing with random weights
 QWEN2_VL_2B = {
@@ -25,16 +25,16 @@ QWEN2_VL_2B = {
 }
 
 
-def _args(p: argparse.ArgumentParser) -> None:
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--families", default="qwen2_vl,llava,idefics3", help="tiny model families to time")
-    p.add_argument("--candidates", type=int, default=24)
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--candidates", type=int, default=24, help="candidates scored per family (default 24)")
+    p.add_argument("--batch-size", type=int, default=8, help="candidates per forward pass when batched (default 8)")
     p.add_argument("--real-size", action="store_true", help="also time a Qwen2-VL-2B-sized model (random weights, bf16)")
 
 
 def _images(n: int):
     from mmretrieve.media.images import load_image
-    from mmretrieve.samples import sample_images
+    from mmretrieve.media.samples import sample_images
 
     s = sample_images()
     return [load_image(s[i % len(s)].path) for i in range(n)]
@@ -66,12 +66,10 @@ def _measure(model_dir: str, n: int, bs: int, label: str, **kw) -> dict:
             "batching_speedup": round(many / one, 2)}
 
 
-@register("mllm", _args)
-def bench_mllm(args: argparse.Namespace) -> dict:
-    """MLLM yes/no verifier: candidates/s one by one vs. batched (tiny models; real-size on request)"""
+def run(args: argparse.Namespace) -> dict:
     from transformers.utils import logging as hf_logging
 
-    from mmretrieve.rerank.mllm_tiny import write_tiny_vlm
+    from mmretrieve.testing import write_tiny_vlm
 
     hf_logging.set_verbosity_error()
     tmp = Path(tempfile.mkdtemp(prefix="mmr-bench-mllm-"))
@@ -87,13 +85,16 @@ def bench_mllm(args: argparse.Namespace) -> dict:
             rows.append(_real_size(tmp, n, min(args.batch_size, n)))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    if not args.json:
-        _print(f"mllm verifier: {args.candidates} candidates, composed prompt (reference + candidate image)")
-        _print(f"  {'model':34s} {'device':8s} {'one by one':>12s} {'batched':>12s} {'speedup':>8s}")
-        for r in rows:
-            _print(f"  {r['family']:34s} {r['device']:8s} {r['candidates_per_s_one_by_one']:9.2f}/s "
+    return {"benchmark": "mllm", "candidates": args.candidates, "results": rows}
+
+
+def render(res: dict) -> list[str]:
+    out = [f"mllm verifier: {res['candidates']} candidates, composed prompt (reference + candidate image)",
+           f"  {'model':34s} {'device':8s} {'one by one':>12s} {'batched':>12s} {'speedup':>8s}"]
+    for r in res["results"]:
+        out.append(f"  {r['family']:34s} {r['device']:8s} {r['candidates_per_s_one_by_one']:9.2f}/s "
                    f"{r['candidates_per_s_batched']:9.2f}/s {r['batching_speedup']:7.2f}x  (batch {r['batch_size']})")
-    return {"benchmark": "mllm", "results": rows}
+    return out
 
 
 def _real_size(tmp: Path, n: int, bs: int) -> dict:
@@ -101,7 +102,7 @@ def _real_size(tmp: Path, n: int, bs: int) -> dict:
     import torch
     from transformers import AutoProcessor, Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
-    from mmretrieve.rerank.mllm_tiny import write_tiny_vlm
+    from mmretrieve.testing import write_tiny_vlm
 
     d = Path(write_tiny_vlm(tmp / "qwen2_vl_2b", "qwen2_vl"))
     proc = AutoProcessor.from_pretrained(d)

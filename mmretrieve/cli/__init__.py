@@ -1,0 +1,75 @@
+"""``mmretrieve``: the command line. Each subcommand is one function over the Python API, in one module
+per command group (``index``, ``search``, ``eval``, ``bench``, ``misc``: demo and encoders).
+
+    mmretrieve demo
+    mmretrieve index build NAME SOURCE [--encoder E] [--factory F] [--patches] [--strict]
+    mmretrieve index add NAME SOURCE | index rm NAME ITEM... | index info NAME | index list
+    mmretrieve search NAME --text "..." | --image PATH [--text "..." --fusion sum] [-k N] [--json]
+    mmretrieve eval cirr|fashioniq|circo|egocvr|captions|score ...
+    mmretrieve bench ingest|search|encode|rerank|emd-ood|video|mllm [...]
+
+Building the parser imports neither torch nor FAISS: ``--help`` and ``--version`` answer at once, and a
+command imports what it needs when it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from mmretrieve.cli.common import COMMON_DEFAULTS, EXIT_ERROR, EXIT_SKIPPED, common_options, setup_logging
+
+log = logging.getLogger("mmretrieve.cli")
+
+COMMAND_GROUPS = ("misc", "index", "search", "eval", "bench")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    import importlib
+
+    from mmretrieve import __version__
+
+    common = common_options()
+    p = argparse.ArgumentParser(prog="mmretrieve", description="Multimodal retrieval and re-ranking.", parents=[common])
+    p.add_argument("--version", action="version", version=f"mmretrieve {__version__}", help="print the version and exit")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    for group in COMMAND_GROUPS:
+        importlib.import_module(f"mmretrieve.cli.{group}").register(sub, common)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for name, default in COMMON_DEFAULTS:
+        if not hasattr(args, name):
+            setattr(args, name, default)
+    setup_logging(-1 if args.quiet else args.verbose)
+    try:
+        from mmretrieve.runtime import set_threads
+
+        set_threads(args.threads)
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # one clear line for users; the traceback with -v
+        return _report_error(e, args)
+
+
+def _report_error(e: Exception, args) -> int:
+    from mmretrieve.errors import SkippedInputsError
+
+    if args.verbose:
+        log.exception("failed")
+    print(f"error: {e}", file=sys.stderr)
+    if isinstance(e, SkippedInputsError):
+        for s in e.report.skipped[:50]:
+            print(f"  skipped {s.uri}: {s.reason}", file=sys.stderr)
+        return EXIT_SKIPPED
+    return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

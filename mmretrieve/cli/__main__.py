@@ -1,0 +1,7 @@
+"""``python -m mmretrieve.cli`` = the ``mmretrieve`` command."""
+
+import sys
+
+from mmretrieve.cli import main
+
+sys.exit(main())

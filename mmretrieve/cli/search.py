@@ -1,0 +1,62 @@
+"""``mmretrieve search NAME ...``."""
+
+from __future__ import annotations
+
+from mmretrieve.cli.common import EXIT_OK, out_json, usage_error
+
+
+def cmd_search(args) -> int:
+    from mmretrieve.config import parse_kv
+    from mmretrieve.index import open_index
+    from mmretrieve.query import FUSIONS, Query
+
+    if args.text is None and args.image is None and args.video is None:
+        return usage_error("give --text, --image or --video, or an image/video plus --text (a composed query)")
+    if args.image is not None and args.video is not None:
+        return usage_error("give --image or --video, not both")
+    if args.k < 1:
+        return usage_error(f"-k must be at least 1 (got {args.k})")
+    if args.fusion is not None and args.fusion not in FUSIONS.names():
+        return usage_error(f"unknown fusion {args.fusion!r}; expected one of {', '.join(FUSIONS.names())}")
+    options = parse_kv(args.fusion_options) if args.fusion_options else {}
+    if args.weight is not None:
+        options["weight"] = args.weight
+    idx = open_index(args.name, index_dir=args.index_dir, verify=not args.no_verify, encoder=args.encoder,
+                     search_device=args.search_device, nprobe=args.nprobe, ef_search=args.ef_search)
+    pipeline = None
+    if args.pipeline or args.rerank:
+        from mmretrieve.rerank.pipeline import Pipeline
+
+        pipeline = Pipeline.from_config(args.pipeline) if args.pipeline else Pipeline.from_specs(args.rerank)
+    default = "weighted" if args.weight is not None else "sum"
+    fusion = args.fusion or (pipeline.coarse_fusion if pipeline is not None else None) or default
+    query = Query(text=args.text, image=args.image, video=args.video, fusion=fusion, options=options)
+    res = idx.search(query, k=args.k, exclude_reference=not args.keep_reference, pipeline=pipeline)
+    if args.json:
+        out_json(res.to_dict())
+    else:
+        print(res.table())
+    return EXIT_OK
+
+
+def register(sub, common) -> None:
+    s = sub.add_parser("search", parents=[common], help="search by text, image or video, or image/video + text (composed)")
+    s.add_argument("name", help="index name or path")
+    s.add_argument("--text", default=None, help="query text, or the modification text of a composed query")
+    s.add_argument("--image", default=None, help="query image file (with --text: the reference image of a composed query)")
+    s.add_argument("--video", default=None, help="query video file (its frames are encoded and pooled)")
+    s.add_argument("--fusion", default=None, help="composed queries: sum (default), weighted, intersection, text, image")
+    s.add_argument("--weight", type=float, default=None, help="text weight for --fusion weighted (0..1; implies weighted)")
+    s.add_argument("--fusion-options", default=None, help="e.g. 'k1=200,mode=product' for intersection")
+    s.add_argument("--keep-reference", action="store_true", help="composed queries: keep the reference image in results")
+    s.add_argument("-k", type=int, default=10, help="number of results (default 10)")
+    s.add_argument("--encoder", default=None, help="query encoder (default: the index's own)")
+    s.add_argument("--rerank", action="append", default=None, help='reranker spec, e.g. "emd:k=100,alpha=0.7" (repeatable)')
+    s.add_argument("--pipeline", default=None, help="a pipeline preset (configs/pipelines/NAME) or YAML file")
+    s.add_argument("--no-verify", action="store_true", help="skip sha256 verification of the index files")
+    s.add_argument("--nprobe", type=int, default=None, help="IVF indexes: lists probed (default min(nlist, 32))")
+    s.add_argument("--ef-search", type=int, default=None, help="HNSW indexes: search breadth efSearch")
+    s.add_argument("--search-device", choices=["auto", "cpu", "cuda"], default=None,
+                   help="where the coarse search runs (default: $MMRETRIEVE_SEARCH_DEVICE or auto = GPU when usable)")
+    s.add_argument("--json", action="store_true", help="print the results as JSON")
+    s.set_defaults(func=cmd_search)

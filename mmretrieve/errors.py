@@ -1,0 +1,197 @@
+"""One error hierarchy: every error a user can cause is an ``MMRetrieveError``.
+
+Catch ``MMRetrieveError`` to handle anything mmretrieve refuses, or a branch of it::
+
+    MMRetrieveError
+    ├── UsageError          a bad option, value, name or combination (also a ValueError)
+    │   ├── UnknownNameError      no encoder / reranker / fusion / dataset by that name (also a KeyError)
+    │   ├── UnknownOptionError    an option a function, fusion or reranker does not take
+    │   ├── ConfigNotFoundError   a preset or YAML file that does not exist (also a FileNotFoundError)
+    │   └── DeviceError           a device that is asked for but not there, e.g. cuda (also a RuntimeError)
+    ├── InputError          bad input data: a file, a manifest row, a vector (also a ValueError)
+    │   ├── SourceNotFoundError   the folder / manifest to index is missing (also a FileNotFoundError)
+    │   ├── ManifestError         a manifest that cannot be read, with file and line
+    │   ├── BadImageError         one image cannot be used (ingest skips it and reports why)
+    │   ├── BadVideoError         one video cannot be used
+    │   └── BadVectorsError       NaN / inf / zero / wrong-length embeddings
+    ├── StoreError          the on-disk index
+    │   ├── IndexNotFoundError    (also a FileNotFoundError)
+    │   ├── IndexExistsError      (also a FileExistsError)
+    │   ├── IndexCorruptedError   a file that fails its checks, named
+    │   ├── IndexLockedError      another process is writing
+    │   ├── EncoderMismatchError  the query encoder differs from the index's (also a ValueError)
+    │   └── ItemNotFoundError     no item with that id / key / path (also a KeyError)
+    ├── IngestError
+    │   └── SkippedInputsError    ``strict`` and some inputs were skipped: nothing was written
+    ├── EncoderError        a model that cannot be created or cannot do what was asked
+    ├── RerankError         a reranker that cannot run (e.g. no model given, no patches stored)
+    │   ├── NoPatchesError        the index stores no patch features (also a LookupError)
+    │   ├── MLLMError
+    │   └── OTConvergenceError
+    ├── DatasetError        a benchmark folder or file in the wrong layout (also a ValueError)
+    │   └── SubmissionError       a ranking / submission file in the wrong format
+    └── MissingDependencyError    an optional package is not installed; says which extra (also an ImportError)
+
+Messages name the file, option or value at fault. The extra builtin bases keep ``except ValueError`` /
+``except KeyError`` / ``except FileNotFoundError`` code working.
+
+This module imports nothing heavy: it is safe to import anywhere.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+class MMRetrieveError(Exception):
+    """Base class of every error mmretrieve raises on purpose."""
+
+
+# ---- usage -----------------------------------------------------------------------------------------
+class UsageError(MMRetrieveError, ValueError):
+    """A bad option, value, name or combination of them."""
+
+
+class UnknownNameError(UsageError, KeyError):
+    """A registry has no entry under the requested name."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; keep it readable
+        return str(self.args[0]) if self.args else ""
+
+
+class UnknownOptionError(UsageError, TypeError):
+    """An option that a function, fusion or reranker does not take (the message lists those it does)."""
+
+
+class ConfigNotFoundError(UsageError, FileNotFoundError):
+    """A preset name or YAML path that does not exist."""
+
+
+class DeviceError(UsageError, RuntimeError):
+    """A device that was asked for is not available here (e.g. ``cuda`` without a GPU)."""
+
+
+# ---- input -----------------------------------------------------------------------------------------
+class InputError(MMRetrieveError, ValueError):
+    """Bad input data."""
+
+
+class SourceNotFoundError(InputError, FileNotFoundError):
+    """The folder or manifest to index does not exist."""
+
+
+class ManifestError(InputError):
+    """A manifest (CSV / JSONL) that cannot be used; the message names the file and the line."""
+
+
+class BadImageError(InputError):
+    """An input image could not be used; ``reason`` is short and machine-friendly."""
+
+    def __init__(self, path: str | os.PathLike | None, reason: str) -> None:
+        self.path = str(path) if path is not None else None
+        self.reason = reason
+        super().__init__(f"{self.path}: {reason}" if self.path else reason)
+
+
+class BadVideoError(InputError):
+    """An input video could not be used; ``reason`` is short."""
+
+    def __init__(self, path: str | os.PathLike, reason: str) -> None:
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"{path}: {reason}")
+
+
+class BadVectorsError(InputError):
+    """Embeddings that are NaN, infinite, zero or of the wrong shape."""
+
+
+# ---- store -----------------------------------------------------------------------------------------
+class StoreError(MMRetrieveError):
+    """Base class of index store errors."""
+
+
+class IndexNotFoundError(StoreError, FileNotFoundError):
+    pass
+
+
+class IndexExistsError(StoreError, FileExistsError):
+    pass
+
+
+class IndexCorruptedError(StoreError):
+    pass
+
+
+class IndexLockedError(StoreError):
+    pass
+
+
+class EncoderMismatchError(StoreError, ValueError):
+    pass
+
+
+class ItemNotFoundError(StoreError, KeyError):
+    """No item with that id, key or path in the index."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+# ---- ingest ----------------------------------------------------------------------------------------
+class IngestError(MMRetrieveError):
+    pass
+
+
+class SkippedInputsError(IngestError):
+    """``strict=True`` and some inputs were skipped: nothing was published; ``report`` lists them."""
+
+    def __init__(self, report) -> None:
+        self.report = report
+        first = report.skipped[0]
+        super().__init__(
+            f"{len(report.skipped)} input(s) skipped in strict mode (nothing written), e.g. {first.uri}: {first.reason}"
+        )
+
+
+# ---- models ----------------------------------------------------------------------------------------
+class EncoderError(MMRetrieveError, RuntimeError):
+    """An encoder could not be created or cannot do what was asked (e.g. text on an image-only model)."""
+
+
+class RerankError(MMRetrieveError, RuntimeError):
+    """A reranker cannot run as configured."""
+
+
+class NoPatchesError(RerankError, LookupError):
+    """The index (or an item) has no stored patch features and none may be computed."""
+
+
+class MLLMError(RerankError):
+    pass
+
+
+class OTConvergenceError(RerankError):
+    pass
+
+
+# ---- evaluation ------------------------------------------------------------------------------------
+class DatasetError(MMRetrieveError, ValueError):
+    pass
+
+
+class SubmissionError(DatasetError):
+    pass
+
+
+class MissingDependencyError(MMRetrieveError, ImportError):
+    """An optional package is missing; the message says what to install."""
+
+
+__all__ = [
+    "MMRetrieveError", "UsageError", "UnknownNameError", "UnknownOptionError", "ConfigNotFoundError",
+    "InputError", "SourceNotFoundError", "ManifestError", "BadImageError", "BadVideoError", "BadVectorsError",
+    "StoreError", "IndexNotFoundError", "IndexExistsError", "IndexCorruptedError", "IndexLockedError",
+    "EncoderMismatchError", "ItemNotFoundError", "IngestError", "SkippedInputsError", "EncoderError",
+    "RerankError", "NoPatchesError", "MLLMError", "DeviceError", "OTConvergenceError", "DatasetError", "SubmissionError", "MissingDependencyError",
+]

@@ -1,0 +1,7 @@
+"""Writing indexes: ``build_index``, ``add_to_index``, ``remove_from_index`` (``build``), over the
+reader -> mapper -> writer stages (``stages``), reporting in an ``IngestReport`` (``report``)."""
+
+from mmretrieve.ingest.build import add_to_index, build_index, remove_from_index, select_changed
+from mmretrieve.ingest.report import IngestReport
+
+__all__ = ["build_index", "add_to_index", "remove_from_index", "select_changed", "IngestReport"]

@@ -1,0 +1,256 @@
+"""Ingestion as stages, as clip-retrieval's inference runs it: readers -> mapper (the encoder) -> writer.
+
+- **Readers** decode in worker processes and turn every failure into a ``Skipped`` record:
+  ``read_images`` (a ``torch.utils.data.DataLoader`` whose workers run the encoder's picklable image
+  transform) and ``read_videos`` (a ``TimeoutPool``: a decoder that hangs or crashes costs its file only).
+  Both yield ``Decoded`` batches.
+- The **mapper** (``EncodeStage``) turns a decoded batch into an ``Encoded`` one: item rows, vectors and
+  the optional patch features (projected as the index stores them) and video frames.
+- The **writer** (``WriteStage``) adds encoded batches to an ``IndexWriter``, records skips and counts
+  what was added or updated.
+
+``run_stages`` wires them for one write. Images and videos are two readers feeding one writer.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from mmretrieve.encoders.base import Encoder
+from mmretrieve.encoders.video import encode_frames, pool_video
+from mmretrieve.errors import BadImageError
+from mmretrieve.ingest.report import IngestReport
+from mmretrieve.media.images import DEFAULT_FORMATS, DEFAULT_MAX_PIXELS, load_image
+from mmretrieve.media.scan import SourceItem
+from mmretrieve.media.video import decode_video
+from mmretrieve.media.workers import TaskFailure, TimeoutPool
+from mmretrieve.runtime import default_workers, progress_enabled
+from mmretrieve.store.meta import Item, Skipped
+from mmretrieve.store.sidestores import project_patches
+
+log = logging.getLogger(__name__)
+
+
+# ---- what flows between the stages ---------------------------------------------------------------
+@dataclass
+class Decoded:
+    """A reader's output: decoded inputs (tensors for images, a frame dict per video) and the skips."""
+
+    kind: str  # "image" | "video"
+    items: list[SourceItem]
+    tensors: list[torch.Tensor] = field(default_factory=list)  # images: (3, H, W) uint8 each
+    sizes: list[tuple[int, int]] = field(default_factory=list)  # images: (width, height)
+    videos: list[dict[str, Any]] = field(default_factory=list)  # videos: decode_video's dicts
+    skipped: list[Skipped] = field(default_factory=list)
+
+
+@dataclass
+class Encoded:
+    """A mapper's output: rows to store with their vectors (and optional patches / frames)."""
+
+    items: list[Item]
+    vectors: np.ndarray
+    patches: np.ndarray | None = None
+    frames: list[tuple[np.ndarray, np.ndarray] | None] | None = None
+    #: extra rows that are not counted as items of the collection (a video's per-frame entries)
+    entries: Encoded | None = None
+
+
+def skipped_of(it: SourceItem, reason: str) -> Skipped:
+    return Skipped(it.key, it.uri, reason, it.size, it.mtime)
+
+
+# ---- readers --------------------------------------------------------------------------------------
+class ImageReader(torch.utils.data.Dataset):
+    """Decodes and preprocesses one item per call; failures are returned, not raised."""
+
+    def __init__(self, items: Sequence[SourceItem], transform, formats=DEFAULT_FORMATS, max_pixels=DEFAULT_MAX_PIXELS):
+        self.items = list(items)
+        self.transform = transform
+        self.formats = formats
+        self.max_pixels = max_pixels
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        it = self.items[i]
+        try:
+            im = load_image(it.uri, formats=self.formats, max_pixels=self.max_pixels,
+                            draft_size=getattr(self.transform, "draft_size", None))
+            w, h = im.size
+            return i, self.transform(im), None, w, h
+        except BadImageError as e:
+            return i, None, e.reason, 0, 0
+        except Exception as e:  # a bug in a decoder must not end the build either
+            return i, None, f"unexpected error while decoding: {type(e).__name__}: {e}", 0, 0
+
+
+def _collate(batch):
+    return batch
+
+
+def _one_thread(*_: Any) -> None:
+    torch.set_num_threads(1)
+
+
+def read_images(items: Sequence[SourceItem], transform, *, batch_size: int, workers: int | None = None) -> Iterator[Decoded]:
+    """Decode images in DataLoader worker processes, ``batch_size`` at a time."""
+    workers = default_workers() if workers is None else workers
+    ds = ImageReader(items, transform)
+    loader = torch.utils.data.DataLoader(
+        ds, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=_collate,
+        worker_init_fn=_one_thread if workers else None, prefetch_factor=4 if workers else None,
+        persistent_workers=False, multiprocessing_context="fork" if workers and hasattr(os, "fork") else None,
+    )
+    for batch in loader:
+        out = Decoded("image", [])
+        for i, tensor, reason, w, h in batch:
+            it = ds.items[i]
+            if tensor is None:
+                out.skipped.append(skipped_of(it, reason))
+                log.warning("skipped %s: %s", it.uri, reason)
+            else:
+                out.items.append(it)
+                out.tensors.append(tensor)
+                out.sizes.append((w, h))
+        yield out
+
+
+def read_videos(items: Sequence[SourceItem], transform, sampling: dict, *, workers: int | None = None) -> Iterator[Decoded]:
+    """Sample and preprocess video frames in worker processes with a per-file timeout; one video per batch."""
+    fn = functools.partial(decode_video, transform=transform, sampling=sampling)
+    n = default_workers() if workers is None else max(1, workers)
+    with TimeoutPool(workers=n, timeout=float(sampling["timeout"]), init=_one_thread) as pool:
+        for i, res in pool.imap(fn, [v.uri for v in items]):
+            src = items[i]
+            if isinstance(res, TaskFailure):
+                log.warning("skipped %s: %s", src.uri, res.reason)
+                yield Decoded("video", [], skipped=[skipped_of(src, res.reason)])
+            else:
+                yield Decoded("video", [src], videos=[res])
+
+
+# ---- mapper ---------------------------------------------------------------------------------------
+class EncodeStage:
+    """Decoded batches -> encoded rows, the way this index stores them (patch grid and projection,
+    video sampling and pooling, per-frame entries)."""
+
+    def __init__(self, encoder: Encoder, *, patch_cfg: dict | None = None, projection: np.ndarray | None = None,
+                 video_cfg: dict | None = None, batch_size: int | None = None) -> None:
+        self.encoder = encoder
+        self.patch_cfg = patch_cfg
+        self.grid = int(patch_cfg["grid"]) if patch_cfg else None
+        self.projection = projection
+        self.video_cfg = video_cfg or {}
+        self.batch_size = batch_size or encoder.batch_size
+
+    def __call__(self, batch: Decoded) -> Encoded | None:
+        if not batch.items:
+            return None
+        return self.images(batch) if batch.kind == "image" else self.video(batch.items[0], batch.videos[0])
+
+    def images(self, batch: Decoded) -> Encoded:
+        with_patches = self.patch_cfg is not None
+        out = self.encoder.encode_image_tensors(torch.stack(batch.tensors), patches=with_patches, patch_grid=self.grid)
+        emb, pat = out if with_patches else (out, None)
+        if pat is not None:
+            pat = project_patches(pat, self.projection)
+        items = [_item(it, w, h) for it, (w, h) in zip(batch.items, batch.sizes)]
+        return Encoded(items, emb, pat)
+
+    def video(self, src: SourceItem, res: dict[str, Any]) -> Encoded:
+        with_patches = self.patch_cfg is not None
+        out = encode_frames(self.encoder, res["frames"], self.batch_size, patches=with_patches, patch_grid=self.grid)
+        emb, pat = out if with_patches else (out, None)
+        ts = res["timestamps"]
+        item = Item(id=-1, key=src.key, uri=src.uri, kind="video", size=src.size, mtime=src.mtime, caption=src.caption,
+                    width=res["width"], height=res["height"],
+                    extra={**src.extra, "duration": res["duration"], "fps": res["fps"], "frames": len(ts)})
+        fpat = project_patches(pat, self.projection) if pat is not None else None
+        vpat = fpat[len(fpat) // 2][None] if fpat is not None else None  # the middle frame stands for the video in EMD
+        enc = Encoded([item], pool_video(emb, self.video_cfg.get("pooling", "mean"))[None], vpat, frames=[(emb, ts)])
+        if self.video_cfg.get("frame_entries"):
+            fitems = [Item(id=-1, key=f"{src.key}#t={float(t):.3f}", uri=src.uri, kind="frame", size=src.size,
+                           mtime=src.mtime, extra={"video": src.key, "timestamp": float(t)}) for t in ts]
+            enc.entries = Encoded(fitems, emb, fpat)
+        return enc
+
+
+def _item(it: SourceItem, w: int, h: int) -> Item:
+    return Item(id=-1, key=it.key, uri=it.uri, kind=it.kind, size=it.size, mtime=it.mtime, caption=it.caption,
+                width=w, height=h, extra=dict(it.extra))
+
+
+# ---- writer ---------------------------------------------------------------------------------------
+class WriteStage:
+    """Adds encoded batches to an ``IndexWriter`` and keeps the report's counts."""
+
+    def __init__(self, writer, report: IngestReport, *, on_bad_vectors: str = "error") -> None:
+        self.writer = writer
+        self.report = report
+        self.on_bad_vectors = on_bad_vectors
+        self.existing = set(writer.meta.fingerprints())
+
+    def skip(self, skipped: Sequence[Skipped]) -> None:
+        if skipped:
+            self.writer.record_skipped(skipped)
+            self.report.skipped.extend(skipped)
+
+    def write(self, enc: Encoded) -> None:
+        videos = [it.key for it in enc.items if it.kind == "video" and it.key in self.existing]
+        if videos:  # a changed video: its old per-frame entries go, the new ones come with it
+            old = self.writer.meta.frame_item_ids(videos)
+            if old:
+                self.writer.remove(old)
+        stored = self.writer.add(enc.items, enc.vectors, enc.patches, frames=enc.frames, on_bad_vectors=self.on_bad_vectors)
+        for it in stored:
+            if it.key in self.existing:
+                self.report.updated += 1
+            else:
+                self.report.added += 1
+        if stored and enc.entries is not None:
+            e = enc.entries
+            self.writer.add(e.items, e.vectors, e.patches, on_bad_vectors=self.on_bad_vectors)
+
+
+# ---- one write ------------------------------------------------------------------------------------
+def run_stages(writer, items: Sequence[SourceItem], encoder: Encoder, report: IngestReport, *,
+               batch_size: int | None = None, workers: int | None = None, on_bad_vectors: str = "error") -> None:
+    """Decode, encode and add ``items`` to ``writer`` (videos through their own reader), recording skips
+    in ``report``."""
+    videos = [it for it in items if it.kind == "video"]
+    images = [it for it in items if it.kind != "video"]
+    if not items:
+        return
+    mapper = EncodeStage(encoder, patch_cfg=writer.patch_cfg, projection=writer.patch_projection(),
+                         video_cfg=writer.video_cfg, batch_size=batch_size)
+    sink = WriteStage(writer, report, on_bad_vectors=on_bad_vectors)
+    readers = []
+    if videos:
+        readers.append((videos, "videos", "video", lambda: read_videos(videos, encoder.image_transform, writer.video_cfg,
+                                                                        workers=workers)))
+    if images:
+        readers.append((images, "encoding", "img", lambda: read_images(images, encoder.image_transform,
+                                                                        batch_size=mapper.batch_size, workers=workers)))
+    for todo, desc, unit, reader in readers:
+        if unit == "img" and writer.patch_cfg is not None:  # one patch segment sized for all the images
+            writer.begin_patch_segment(len(todo), int(writer.patch_cfg["grid"]) ** 2, int(writer.patch_cfg["dim"]))
+        with tqdm(total=len(todo), desc=desc, unit=unit, disable=progress_enabled(), leave=False) as bar:
+            for batch in reader():
+                sink.skip(batch.skipped)
+                enc = mapper(batch)
+                if enc is not None:
+                    sink.write(enc)
+                bar.update(len(batch.items) + len(batch.skipped))
+
+__all__ = ["Decoded", "Encoded", "ImageReader", "read_images", "read_videos", "EncodeStage", "WriteStage", "run_stages"]

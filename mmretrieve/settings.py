@@ -1,0 +1,70 @@
+"""Settings read from the environment, in one place (light: no torch, no numpy).
+
+| variable | meaning | default |
+|---|---|---|
+| ``MMRETRIEVE_INDEX_DIR`` | home of named indexes | ``./indexes`` |
+| ``MMRETRIEVE_CACHE`` | caches (class-text embeddings, evaluation galleries) | ``~/.cache/mmretrieve`` |
+| ``MMRETRIEVE_THREADS`` | torch + FAISS threads | all available cores |
+| ``MMRETRIEVE_PRECISION`` | forces every ``precision="auto"`` (encoders, MLLM verifier): ``fp32``, ``bf16``, ``fp16`` | unset: per device |
+| ``MMRETRIEVE_SEARCH_DEVICE`` | where the coarse search runs: ``auto``, ``cpu``, ``cuda`` | ``auto`` |
+| ``MMRETRIEVE_CONFIG_DIR`` | an extra folder of presets, searched first | unset |
+| ``MMRETRIEVE_OPENCV_DOC`` | where Debian's opencv-doc sample data was unpacked | ``.cache/opencv-doc/...`` |
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from mmretrieve.errors import UsageError
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def index_dir() -> Path:
+    return Path(os.environ.get("MMRETRIEVE_INDEX_DIR") or "indexes")
+
+
+def cache_dir(create: bool = True) -> Path:
+    d = Path(os.environ.get("MMRETRIEVE_CACHE") or Path.home() / ".cache" / "mmretrieve")
+    if create:
+        d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def available_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def threads() -> int:
+    env = os.environ.get("MMRETRIEVE_THREADS")
+    if env:
+        try:
+            return max(1, int(env))
+        except ValueError:
+            raise UsageError(f"MMRETRIEVE_THREADS must be a whole number, got {env!r}") from None
+    return max(1, available_cores())
+
+
+def forced_precision() -> str | None:
+    """``MMRETRIEVE_PRECISION`` when set (what every ``precision="auto"`` then resolves to)."""
+    env = (os.environ.get("MMRETRIEVE_PRECISION") or "").strip().lower()
+    if not env or env == "auto":
+        return None
+    if env not in PRECISIONS:
+        raise UsageError(f"MMRETRIEVE_PRECISION must be one of {', '.join(PRECISIONS)}, got {env!r}")
+    return env
+
+
+def search_device() -> str:
+    return (os.environ.get("MMRETRIEVE_SEARCH_DEVICE") or "auto").lower()
+
+
+def config_dir() -> Path | None:
+    env = os.environ.get("MMRETRIEVE_CONFIG_DIR")
+    return Path(env) if env else None
+
+
+def opencv_doc_dir() -> Path | None:
+    env = os.environ.get("MMRETRIEVE_OPENCV_DOC")
+    return Path(env) if env else None
