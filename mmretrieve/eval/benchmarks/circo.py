@@ -11,17 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from mmretrieve.errors import DatasetError
+from mmretrieve.eval import datasets as D
 from mmretrieve.eval import metrics as M
-from mmretrieve.eval.datasets import (
-    TOP,
-    Benchmark,
-    CIRDataset,
-    CIRQuery,
-    check_missing,
-    finish,
-    read_json,
-    register,
-)
 
 CIRCO_TEXT_STYLES = ("relative", "shared")
 
@@ -36,8 +27,8 @@ def circo_text(relative_caption: str, shared_concept: str | None, style: str = "
     raise DatasetError(f"unknown CIRCO text style {style!r}; expected one of {', '.join(CIRCO_TEXT_STYLES)}")
 
 
-@register
-class CIRCO(Benchmark):
+@D.register
+class CIRCO(D.Benchmark):
     name = "circo"
     help = "CIRCO: mAP@5/10/25/50 and Recall@k"
     cli_options = {
@@ -46,28 +37,28 @@ class CIRCO(Benchmark):
     }
 
     def load(self, root: Path, split: str = "val", *, text_style: str = "relative", allow_missing: bool = False,
-             check_images: bool = True) -> CIRDataset:
-        info = read_json(root / "COCO2017_unlabeled" / "annotations" / "image_info_unlabeled2017.json")
+             check_images: bool = True) -> D.CIRDataset:
+        info = D.read_json(root / "COCO2017_unlabeled" / "annotations" / "image_info_unlabeled2017.json")
         img_dir = root / "COCO2017_unlabeled" / "unlabeled2017"
         try:
             gallery = {str(int(im["id"])): str(img_dir / im["file_name"]) for im in info["images"]}
         except (KeyError, TypeError, ValueError) as e:
             raise DatasetError(f"{root}: unexpected image_info_unlabeled2017.json structure ({e})") from None
         ann_file = root / "annotations" / f"{split}.json"
-        queries = [self._query(ann_file, i, a, text_style) for i, a in enumerate(read_json(ann_file))]
-        ds = CIRDataset("circo", split, root, {None: gallery}, queries, remove_reference=False,
-                        missing_images=check_missing(gallery, check_images), known_ids={None: set(gallery)},
+        queries = [self._query(ann_file, i, a, text_style) for i, a in enumerate(D.read_json(ann_file))]
+        ds = D.CIRDataset("circo", split, root, {None: gallery}, queries, remove_reference=False,
+                        missing_images=D.check_missing(gallery, check_images), known_ids={None: set(gallery)},
                         config={"text_style": text_style})
-        return finish(ds, allow_missing)
+        return D.finish(ds, allow_missing)
 
     @staticmethod
-    def _query(ann_file: Path, i: int, a: dict, text_style: str) -> CIRQuery:
+    def _query(ann_file: Path, i: int, a: dict, text_style: str) -> D.CIRQuery:
         try:
             gts = [str(int(x)) for x in a.get("gt_img_ids", [])]
             target = str(int(a["target_img_id"])) if a.get("target_img_id") is not None else None
             if target is not None and gts and gts[0] != target:
                 raise DatasetError(f"{ann_file}: entry {i}: target_img_id is not gt_img_ids[0]")
-            return CIRQuery(
+            return D.CIRQuery(
                 qid=str(int(a["id"])), reference=str(int(a["reference_img_id"])),
                 texts=[circo_text(a["relative_caption"], a.get("shared_concept"), text_style)],
                 target=target, gts=gts or ([target] if target else []), aspects=list(a.get("semantic_aspects", [])),
@@ -80,10 +71,10 @@ class CIRCO(Benchmark):
         return M.circo_metrics(rankings, queries)
 
     def submission_files(self, ds, full):
-        return {"circo.json": {qid: [int(x) for x in r[:TOP]] for qid, r in full.items()}}
+        return {"circo.json": {qid: [int(x) for x in r[:D.TOP]] for qid, r in full.items()}}
 
     def score_files(self, ds, path, data, subset_path):
         from mmretrieve.eval.submission import validate_lists
 
-        rec = validate_lists(path, data, ds, min_len=min(TOP, len(ds.galleries[None])), cast=int)
+        rec = validate_lists(path, data, ds, min_len=min(D.TOP, len(ds.galleries[None])), cast=int)
         return M.circo_metrics(rec, ds.queries)

@@ -11,48 +11,39 @@ from __future__ import annotations
 from pathlib import Path
 
 from mmretrieve.errors import DatasetError, SubmissionError
+from mmretrieve.eval import datasets as D
 from mmretrieve.eval import metrics as M
-from mmretrieve.eval.datasets import (
-    TOP,
-    Benchmark,
-    CIRDataset,
-    CIRQuery,
-    check_missing,
-    finish,
-    read_json,
-    register,
-)
 
 
-@register
-class CIRR(Benchmark):
+@D.register
+class CIRR(D.Benchmark):
     name = "cirr"
     help = "CIRR: Recall@1/5/10/50 and Recall_subset@1/2/3"
     remove_reference = True
     needs_full_ranking = True  # the subset metric needs every member's position
 
-    def load(self, root: Path, split: str = "val", *, allow_missing: bool = False, check_images: bool = True) -> CIRDataset:
+    def load(self, root: Path, split: str = "val", *, allow_missing: bool = False, check_images: bool = True) -> D.CIRDataset:
         """``split``: val, test (= test1) or train."""
         fsplit = {"test": "test1"}.get(split, split)
         cap_file = root / "captions" / f"cap.rc2.{fsplit}.json"
-        caps = read_json(cap_file)
-        names = read_json(root / "image_splits" / f"split.rc2.{fsplit}.json")
+        caps = D.read_json(cap_file)
+        names = D.read_json(root / "image_splits" / f"split.rc2.{fsplit}.json")
         if not isinstance(caps, list) or not isinstance(names, dict):
             raise DatasetError(f"{root}: unexpected CIRR annotation structure (captions must be a list, splits a mapping)")
         gallery = {str(n): str(root / str(p)) for n, p in names.items()}
         queries = []
         for i, c in enumerate(caps):
             try:
-                queries.append(CIRQuery(
+                queries.append(D.CIRQuery(
                     qid=str(c["pairid"]), reference=str(c["reference"]), texts=[str(c["caption"])],
                     target=str(c["target_hard"]) if c.get("target_hard") is not None else None,
                     subset=[str(m) for m in c["img_set"]["members"]], info={"caption": c["caption"]},
                 ))
             except (KeyError, TypeError) as e:
                 raise DatasetError(f"{cap_file}: entry {i} lacks {e}") from None
-        ds = CIRDataset("cirr", split, root, {None: gallery}, queries, remove_reference=True,
-                        missing_images=check_missing(gallery, check_images), known_ids={None: set(gallery)})
-        return finish(ds, allow_missing)
+        ds = D.CIRDataset("cirr", split, root, {None: gallery}, queries, remove_reference=True,
+                        missing_images=D.check_missing(gallery, check_images), known_ids={None: set(gallery)})
+        return D.finish(ds, allow_missing)
 
     def metrics(self, rankings, queries):
         return M.cirr_metrics(rankings, queries)
@@ -61,7 +52,7 @@ class CIRR(Benchmark):
         by_q = {q.qid: q for q in ds.queries}
         rec = {qid: M.remove_reference(r, by_q[qid].reference) for qid, r in full.items()}
         sub = {qid: [x for x in rec[qid] if x in set(by_q[qid].subset)] for qid in rec}
-        main = {"version": "rc2", "metric": "recall", **{q: r[:TOP] for q, r in rec.items()}}
+        main = {"version": "rc2", "metric": "recall", **{q: r[:D.TOP] for q, r in rec.items()}}
         subset = {"version": "rc2", "metric": "recall_subset", **{q: r[:3] for q, r in sub.items()}}
         return {"recall.json": main, "recall_subset.json": subset}
 
@@ -70,7 +61,7 @@ class CIRR(Benchmark):
 
         if data.get("version") != "rc2" or data.get("metric") != "recall":
             raise SubmissionError(f"{path}: a CIRR recall file has \"version\": \"rc2\" and \"metric\": \"recall\"")
-        rec = validate_lists(path, data, ds, min_len=min(TOP, len(ds.galleries[None]) - 1))
+        rec = validate_lists(path, data, ds, min_len=min(D.TOP, len(ds.galleries[None]) - 1))
         by_q = {q.qid: q for q in ds.queries}
         out = {f"recall@{k}": M.pct(M.recall_at(M.remove_reference(rec[q.qid], q.reference), q.target, k) for q in ds.queries)
                for k in M.CIRR_KS}

@@ -10,17 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from mmretrieve.errors import DatasetError
+from mmretrieve.eval import datasets as D
 from mmretrieve.eval import metrics as M
-from mmretrieve.eval.datasets import (
-    TOP,
-    Benchmark,
-    CIRDataset,
-    CIRQuery,
-    check_missing,
-    finish,
-    read_json,
-    register,
-)
 
 FIQ_CATEGORIES = ("dress", "shirt", "toptee")
 FIQ_CAPTION_STYLES = ("searle", "pic2word", "covr")
@@ -45,8 +36,8 @@ def fashioniq_texts(c1: str, c2: str, style: str = "searle") -> list[str]:
     raise DatasetError(f"unknown FashionIQ caption style {style!r}; expected one of {', '.join(FIQ_CAPTION_STYLES)}")
 
 
-@register
-class FashionIQ(Benchmark):
+@D.register
+class FashionIQ(D.Benchmark):
     name = "fashioniq"
     help = "FashionIQ: R@10/R@50 per category and average"
     cli_options = {
@@ -57,7 +48,7 @@ class FashionIQ(Benchmark):
     }
 
     def load(self, root: Path, split: str = "val", *, categories=FIQ_CATEGORIES, caption_style: str = "searle",
-             allow_missing: bool = False, check_images: bool = True) -> CIRDataset:
+             allow_missing: bool = False, check_images: bool = True) -> D.CIRDataset:
         if isinstance(categories, str):
             categories = [c.strip() for c in categories.split(",") if c.strip()]
         bad = [c for c in categories if c not in FIQ_CATEGORIES]
@@ -66,29 +57,29 @@ class FashionIQ(Benchmark):
         fashioniq_texts("a", "b", caption_style)  # validate early
         galleries, known, queries, missing = {}, {}, [], []
         for cat in categories:
-            asins = read_json(root / "image_splits" / f"split.{cat}.{split}.json")
+            asins = D.read_json(root / "image_splits" / f"split.{cat}.{split}.json")
             cap_file = root / "captions" / f"cap.{cat}.{split}.json"
-            caps = read_json(cap_file)
+            caps = D.read_json(cap_file)
             gal = {}
             for a in asins:
                 a = str(a)
                 jpg, png = root / "images" / f"{a}.jpg", root / "images" / f"{a}.png"
                 gal[a] = str(png if (not jpg.is_file() and png.is_file()) else jpg)
             galleries[cat], known[cat] = gal, set(gal)
-            missing += check_missing(gal, check_images)
+            missing += D.check_missing(gal, check_images)
             for i, c in enumerate(caps):
                 try:
                     c1, c2 = c["captions"][0], c["captions"][1]
-                    queries.append(CIRQuery(
+                    queries.append(D.CIRQuery(
                         qid=f"{cat}/{i}", reference=str(c["candidate"]), texts=fashioniq_texts(c1, c2, caption_style),
                         target=str(c["target"]) if c.get("target") is not None else None, group=cat,
                         info={"captions": [c1, c2]},
                     ))
                 except (KeyError, IndexError, TypeError) as e:
                     raise DatasetError(f"{cap_file}: entry {i} lacks {e}") from None
-        ds = CIRDataset("fashioniq", split, root, galleries, queries, remove_reference=False, missing_images=missing,
+        ds = D.CIRDataset("fashioniq", split, root, galleries, queries, remove_reference=False, missing_images=missing,
                         known_ids=known, config={"caption_style": caption_style, "categories": list(categories)})
-        return finish(ds, allow_missing)
+        return D.finish(ds, allow_missing)
 
     def metrics(self, rankings, queries):
         return M.fashioniq_metrics(rankings, queries)
@@ -96,5 +87,5 @@ class FashionIQ(Benchmark):
     def score_files(self, ds, path, data, subset_path):
         from mmretrieve.eval.submission import validate_lists
 
-        rec = validate_lists(path, data, ds, min_len=min(TOP, min(len(g) for g in ds.galleries.values())))
+        rec = validate_lists(path, data, ds, min_len=min(D.TOP, min(len(g) for g in ds.galleries.values())))
         return M.fashioniq_metrics(rec, ds.queries)
