@@ -20,6 +20,8 @@ Catch ``MMRetrieveError`` to handle anything mmretrieve refuses, or a branch of 
     │   ├── IndexCorruptedError   a file that fails its checks, named
     │   ├── IndexLockedError      another process is writing
     │   ├── EncoderMismatchError  the query encoder differs from the index's (also a ValueError)
+    │   ├── DiskFullError         no space left while writing a file, named (also an OSError); nothing published
+    │   ├── VersionNotFoundError  a version that is not (or no longer) kept (also a KeyError)
     │   └── ItemNotFoundError     no item with that id / key / path (also a KeyError)
     ├── IngestError
     │   └── SkippedInputsError    ``strict`` and some inputs were skipped: nothing was written
@@ -131,6 +133,17 @@ class EncoderMismatchError(StoreError, ValueError):
     pass
 
 
+class DiskFullError(StoreError, OSError):
+    """The disk filled while a file was written; the message names the file. Nothing was published."""
+
+
+class VersionNotFoundError(StoreError, KeyError):
+    """A version that the index does not (or no longer) keep."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
 class ItemNotFoundError(StoreError, KeyError):
     """No item with that id, key or path in the index."""
 
@@ -192,6 +205,6 @@ __all__ = [
     "MMRetrieveError", "UsageError", "UnknownNameError", "UnknownOptionError", "ConfigNotFoundError",
     "InputError", "SourceNotFoundError", "ManifestError", "BadImageError", "BadVideoError", "BadVectorsError",
     "StoreError", "IndexNotFoundError", "IndexExistsError", "IndexCorruptedError", "IndexLockedError",
-    "EncoderMismatchError", "ItemNotFoundError", "IngestError", "SkippedInputsError", "EncoderError",
+    "EncoderMismatchError", "DiskFullError", "VersionNotFoundError", "ItemNotFoundError", "IngestError", "SkippedInputsError", "EncoderError",
     "RerankError", "NoPatchesError", "MLLMError", "DeviceError", "OTConvergenceError", "DatasetError", "SubmissionError", "MissingDependencyError",
 ]

@@ -142,35 +142,41 @@ def test_save_load_identical_and_mmap(tmp_path, monkeypatch):
     np.testing.assert_array_equal(D2, D1)
 
 
+def _segment_file(path: Path, name: str = "vectors.npy") -> Path:
+    m = json.loads((path / "manifest.json").read_text())
+    return path / "segments" / m["segments"][0]["id"] / name
+
+
 def test_checksum_mismatch_detected(tmp_path):
     _vector_index(tmp_path / "i")
-    m = json.loads((tmp_path / "i" / "manifest.json").read_text())
-    f = tmp_path / "i" / m["version"] / "index.faiss"
+    f = _segment_file(tmp_path / "i")
     data = bytearray(f.read_bytes())
     data[len(data) // 2] ^= 0xFF
     f.write_bytes(bytes(data))
-    with pytest.raises(IndexCorruptedError, match="index.faiss: sha256 does not match"):
-        open_index(tmp_path / "i")
+    # opening is O(segments): every byte is checked by the full verification (open_index(verify=True),
+    # `mmretrieve index verify`)
+    with pytest.raises(IndexCorruptedError, match="vectors.npy: sha256 does not match"):
+        open_index(tmp_path / "i", verify="full")
 
 
 def test_truncated_index_clear_error(tmp_path):
     _vector_index(tmp_path / "i")
     m = json.loads((tmp_path / "i" / "manifest.json").read_text())
-    f = tmp_path / "i" / m["version"] / "index.faiss"
+    f = _segment_file(tmp_path / "i")
     f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
-    with pytest.raises(IndexCorruptedError, match="index.faiss: size"):
+    with pytest.raises(IndexCorruptedError, match="vectors.npy: size"):
         open_index(tmp_path / "i")
-    # without checksum verification FAISS itself fails: still a library error naming the file
-    m["files"]["index.faiss"]["bytes"] = f.stat().st_size
+    # without checksum verification (and with the manifest's size forged to match) the file's own header
+    # still gives it away: a library error naming the file
+    m["segments"][0]["files"]["vectors.npy"]["bytes"] = f.stat().st_size
     (tmp_path / "i" / "manifest.json").write_text(json.dumps(m))
-    with pytest.raises(IndexCorruptedError, match="index.faiss"):
+    with pytest.raises(IndexCorruptedError, match="vectors.npy"):
         open_index(tmp_path / "i", verify=False)
 
 
 def test_index_and_metadata_consistency_checked(tmp_path):
     _vector_index(tmp_path / "i", 20)
-    m = json.loads((tmp_path / "i" / "manifest.json").read_text())
-    db = tmp_path / "i" / m["version"] / "meta.sqlite"
+    db = tmp_path / "i" / "meta.sqlite"
     con = sqlite3.connect(db)
     con.execute("DELETE FROM items WHERE id = 3")
     con.commit()
@@ -510,12 +516,19 @@ def test_single_writer_lock_and_reader_snapshot(tmp_path):
     assert len(reader) == 30
     fresh = reader.reopen()
     assert len(fresh) == 29 and fresh.search_vectors(x[0], 1)[1][0, 0] != 0
-    # two writes later the reader's version folder is gone from disk, and its open files still work
+    # two writes later the reader's snapshot still answers; its version (and the reopened one's) is kept
+    # while a reader holds its lease, beside the retained live and previous ones, and collected once the
+    # readers are closed
     for k in ("a", "b"):
         with IndexWriter(path, encoder_info=INFO) as w2:
             w2.add(_items([k]), _vectors(1, seed=ord(k)))
     assert reader.search_vectors(x[0], 1)[1][0, 0] == 0
-    assert sorted(p.name for p in path.iterdir() if p.name.startswith("v")) == ["v0003", "v0004"]
+    assert sorted(p.name for p in path.iterdir() if p.name.startswith("v")) == ["v0001", "v0002", "v0003", "v0004"]
+    reader.close()
+    fresh.close()
+    with IndexWriter(path, encoder_info=INFO) as w3:
+        w3.add(_items(["c"]), _vectors(1, seed=99))
+    assert sorted(p.name for p in path.iterdir() if p.name.startswith("v")) == ["v0004", "v0005"]
 
 
 def test_no_pickle_anywhere():

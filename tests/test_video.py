@@ -184,17 +184,16 @@ def test_broken_and_hanging_videos_are_skipped(video_dir, embedded, monkeypatch,
 
 
 def test_patch_segments_hold_only_the_rows_used(video_dir, tiny_clip):
-    # videos are written item by item into a segment opened with spare room; it is trimmed on commit
+    # videos are written item by item; each segment's patch store holds exactly one row per stored vector
     build_index("vp", video_dir, encoder=tiny_clip, patches={"grid": 2}, video={"num_frames": 2})
     idx = open_index("vp")
-    vdir = idx.path / idx.version
     rows: dict[str, int] = {}
     for it in idx.meta.iter_items():
-        if it.patch_seg:
-            rows[it.patch_seg] = max(rows.get(it.patch_seg, 0), it.patch_row + 1)
-    assert rows and {p.name for p in vdir.glob("patches-*.npy")} == set(rows)
-    for name, n in rows.items():
-        assert np.load(vdir / name, mmap_mode="r").shape[0] == n
+        rows[it.segment] = max(rows.get(it.segment, 0), it.row + 1)
+    segs = {e["id"]: e for e in idx.manifest["segments"]}
+    assert rows and set(rows) == set(segs)
+    for sid, n in rows.items():
+        assert np.load(idx.path / "segments" / sid / "patches.npy", mmap_mode="r").shape[0] == n == segs[sid]["rows"]
 
 
 def test_truncated_video_with_its_index_first_is_refused(tmp_path):

@@ -25,8 +25,7 @@ import numpy as np
 import torch
 
 from mmretrieve.errors import DeviceError, UsageError
-from mmretrieve.index.flatscan import IdRows
-from mmretrieve.store import faiss_ops as store
+from mmretrieve.index.flatscan import IdRows, inner_index
 
 log = logging.getLogger(__name__)
 
@@ -40,9 +39,10 @@ def faiss_has_gpu() -> bool:
 
 
 def is_flat(findex) -> bool:
+    """``findex``: a FAISS index, or ``"flat"`` for an index of raw-vector (Flat) segments."""
     import faiss
 
-    return isinstance(store.inner_index(findex), faiss.IndexFlat)
+    return findex == "flat" if isinstance(findex, str) else isinstance(inner_index(findex), faiss.IndexFlat)
 
 
 def gpu_search_possible(findex) -> str | None:
@@ -65,22 +65,27 @@ class TorchFlatSearcher:
 
     backend = "torch"
 
-    def __init__(self, findex, device: torch.device | str = "cuda", *, precision: str = "fp32",
+    def __init__(self, source, device: torch.device | str = "cuda", *, precision: str = "fp32",
                  max_scores_bytes: int = 1 << 30) -> None:
+        """``source``: a FAISS Flat index (IDMap2-wrapped or not) or ``(vectors (n, d), ids (n,), metric_ip)``."""
         import faiss
 
-        inner = store.inner_index(findex)
-        if not isinstance(inner, faiss.IndexFlat):
-            raise TypeError(f"the torch searcher needs a Flat index, got {type(inner).__name__}")
+        if isinstance(source, tuple):
+            xb, ids, self.metric_ip = source
+        else:
+            inner = inner_index(source)
+            if not isinstance(inner, faiss.IndexFlat):
+                raise TypeError(f"the torch searcher needs a Flat index, got {type(inner).__name__}")
+            self.metric_ip = inner.metric_type == faiss.METRIC_INNER_PRODUCT
+            xb = inner.reconstruct_n(0, inner.ntotal) if inner.ntotal else np.zeros((0, inner.d), np.float32)
+            ids = faiss.vector_to_array(source.id_map) if hasattr(source, "id_map") else np.arange(inner.ntotal)
         self.device = torch.device(device)
-        self.metric_ip = inner.metric_type == faiss.METRIC_INNER_PRODUCT
-        n, d = inner.ntotal, inner.d
-        xb = inner.reconstruct_n(0, n) if n else np.zeros((0, d), np.float32)
+        n, d = int(len(xb)), int(xb.shape[1])
         dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
-        self.xb = torch.from_numpy(np.ascontiguousarray(xb)).to(self.device, dtype)
+        self.xb = torch.from_numpy(np.ascontiguousarray(xb, dtype=np.float32)).to(self.device, dtype)
         if not self.metric_ip:
             self.norms = (self.xb.float() ** 2).sum(1)
-        self.id_rows = IdRows(findex)
+        self.id_rows = IdRows(np.asarray(ids, dtype=np.int64))
         self.ids = self.id_rows.ids
         self.ids_t = torch.from_numpy(self.ids).to(self.device)
         self.max_scores_bytes = int(max_scores_bytes)
@@ -148,7 +153,13 @@ class FaissGpuSearcher:
 
 
 def make_gpu_searcher(findex, device: str | torch.device = "cuda", *, precision: str = "fp32"):
-    """The best GPU searcher for ``findex``; raises with the reason when none can be made."""
+    """The best GPU searcher for ``findex`` (a FAISS index, or ``(vectors, ids, metric_ip)`` of Flat
+    segments); raises with the reason when none can be made."""
+    if isinstance(findex, tuple):
+        dev = torch.device(device)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise DeviceError("search on cuda requested but CUDA is not available on this machine")
+        return TorchFlatSearcher(findex, dev, precision=precision)
     dev = torch.device(device)
     if dev.type != "cuda":  # the torch scan also runs on CPU (tests compare it with FAISS there)
         return TorchFlatSearcher(findex, dev, precision=precision)
@@ -159,11 +170,11 @@ def make_gpu_searcher(findex, device: str | torch.device = "cuda", *, precision:
             return FaissGpuSearcher(findex, dev)
         except Exception as e:  # e.g. HNSW, which FAISS cannot clone to a GPU
             if not is_flat(findex):
-                raise UsageError(f"faiss-gpu cannot search this {type(store.inner_index(findex)).__name__} index on the GPU: {e}") from e
+                raise UsageError(f"faiss-gpu cannot search this {type(inner_index(findex)).__name__} index on the GPU: {e}") from e
             log.warning("faiss-gpu clone failed (%s); using the torch exact scan", e)
     if is_flat(findex):
         return TorchFlatSearcher(findex, dev, precision=precision)
     raise UsageError(
-        f"GPU search of a {type(store.inner_index(findex)).__name__} index needs faiss-gpu "
+        f"GPU search of a {type(inner_index(findex)).__name__} index needs faiss-gpu "
         "(pip install 'mmretrieve[gpu]'); without it only Flat indexes are searched on the GPU"
     )

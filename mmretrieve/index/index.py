@@ -13,79 +13,122 @@ frame side-stores, and the search functions of ``mmretrieve.index.search``.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
+import weakref
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from mmretrieve.errors import IndexCorruptedError, ItemNotFoundError, NoPatchesError
+from mmretrieve.errors import IndexCorruptedError, ItemNotFoundError, NoPatchesError, UsageError
 from mmretrieve.index import search as _search
-from mmretrieve.index.vectors import VectorIndex
+from mmretrieve.index.vectors import SegmentedVectors
 from mmretrieve.query import Query
 from mmretrieve.results import SearchResults
-from mmretrieve.store import faiss_ops
-from mmretrieve.store.layout import check_encoder_compat, read_manifest, resolve_index_path, verify_files
-from mmretrieve.store.meta import Item, MetaDB, resolve_item
-from mmretrieve.store.sidestores import load_projection, timestamps_file
+from mmretrieve.store.layout import META, check_encoder_compat, read_manifest, resolve_index_path
+from mmretrieve.store.leases import Lease, gc_lock
+from mmretrieve.store.meta import Item, MetaDB, Visibility, resolve_item
+from mmretrieve.store.segments import SegmentFiles
+from mmretrieve.store.sidestores import load_projection
+from mmretrieve.store.verify import check_shared_files, verify_metadata
 
 log = logging.getLogger(__name__)
 
 
-class Index:
-    """A read-only snapshot of one version of an index."""
+VERIFY_LEVELS = ("none", "fast", "full")
 
-    def __init__(self, path: Path, manifest: dict, faiss_index, meta: MetaDB, encoder=None, *,
-                 search_device: str | None = "auto", nprobe: int | None = None, ef_search: int | None = None) -> None:
+
+def _verify_level(verify) -> str:
+    """``True`` -> ``full``; ``False`` (no checksums, as before segments) -> ``fast``."""
+    if verify is True:
+        return "full"
+    if verify in (False, None):
+        return "fast"
+    if verify not in VERIFY_LEVELS:
+        raise UsageError(f"verify must be one of {', '.join(VERIFY_LEVELS)} (or True / False), got {verify!r}")
+    return verify
+
+
+class Index:
+    """A read-only snapshot of one version of an index (held by a lease until ``close``)."""
+
+    def __init__(self, path: Path, manifest: dict, segments: list[SegmentFiles], meta: MetaDB, lease=None, *,
+                 search_device: str | None = "auto", nprobe: int | None = None, ef_search: int | None = None,
+                 nlist: int | None = None) -> None:
         self.path = Path(path)
         self.manifest = manifest
         self.meta = meta
-        self.vector_index = VectorIndex(faiss_index, tombstones=meta.tombstones(), search_device=search_device,
-                                        nprobe=nprobe, ef_search=ef_search, name=self.path.name)
+        self.segments = segments
+        self.lease = lease
+        self.vector_index = SegmentedVectors(
+            segments, dim=int(manifest["encoder"]["dim"]), metric=manifest.get("metric", "ip"),
+            kind="flat" if manifest.get("faiss") == "flat" else "faiss", search_device=search_device, nprobe=nprobe,
+            ef_search=ef_search, nlist=nlist, name=self.path.name)
         self._encoder = None
-        self._side_cache: dict[str, Any] = {}
-        if encoder is not None:
-            self.encoder = encoder
+        if self.lease is not None:
+            self._finalizer = weakref.finalize(self, meta.close)
 
     # ---- opening ---------------------------------------------------------------------------------
     @classmethod
     def open(cls, name_or_path: str | os.PathLike, *, index_dir: str | os.PathLike | None = None, encoder=None,
-             verify: bool = True, mmap: bool = False, search_device: str | None = "auto", nprobe: int | None = None,
-             ef_search: int | None = None) -> Index:
-        """Open the live version. ``verify`` checks sha256s; ``mmap`` memory-maps the FAISS index (Flat).
+             verify="fast", version: str | None = None, mmap: bool = True, search_device: str | None = "auto",
+             nprobe: int | None = None, ef_search: int | None = None) -> Index:
+        """Open the live version (or a retained ``version``: ``v0007``, ``previous``), in O(segments).
+
+        ``verify``: ``"fast"`` (default) checks the manifest, the sizes and headers of every file and that
+        the metadata lists one row per stored vector; ``"full"`` (or ``True``) also checks every byte
+        against its sha256 and every metadata row against its checksum; ``False`` means ``"fast"``;
+        ``"none"`` skips the checks (benchmarks). Flat segments are always memory-mapped (``mmap`` is kept for older callers).
 
         ``search_device``: ``auto`` searches on the GPU when CUDA is present and the index can be searched
-        there (faiss-gpu, or the torch exact scan for Flat indexes), else on the CPU; ``cpu`` / ``cuda``
-        force one (``cuda`` fails with the reason when it cannot). ``$MMRETRIEVE_SEARCH_DEVICE`` sets the
-        default. ``nprobe`` / ``ef_search``: the IVF / HNSW search breadth of every search of this
-        snapshot (IVF default: min(nlist, 32) lists). ``encoder``: the query encoder (a name or an
-        ``Encoder``; default: the one that built the index, created on first use).
+        there, else on the CPU; ``cpu`` / ``cuda`` force one (``cuda`` fails with the reason when it
+        cannot). ``$MMRETRIEVE_SEARCH_DEVICE`` sets the default. ``nprobe`` / ``ef_search``: the IVF /
+        HNSW search breadth (IVF default: min(nlist, 32) lists; raised where deletions leave a search
+        short). ``encoder``: the query encoder (a name or an ``Encoder``; default: the one that built the
+        index, created on first use).
         """
         path = resolve_index_path(name_or_path, index_dir)
-        manifest = read_manifest(path)
-        vdir = path / manifest["version"]
-        verify_files(vdir, manifest, check=verify)
-        findex = faiss_ops.read_faiss(vdir / "index.faiss", mmap=mmap)
+        level = _verify_level(verify)
+        with gc_lock(path, exclusive=False):  # no file of this version can be collected once the lease exists
+            manifest = read_manifest(path, version)
+            lease = Lease(path, manifest["version"])
         try:
-            meta = MetaDB.open_readonly(vdir / "meta.sqlite")
-            n_items, n_tomb = meta.count(), len(meta.tombstones())
-        except Exception as e:
-            raise IndexCorruptedError(f"{vdir / 'meta.sqlite'}: unreadable metadata ({e})") from None
-        if findex.ntotal != n_items + n_tomb:
-            raise IndexCorruptedError(
-                f"{vdir}: FAISS holds {findex.ntotal} vectors but the metadata lists {n_items} items + {n_tomb} tombstones"
-            )
-        if findex.d != int(manifest["encoder"]["dim"]):
-            raise IndexCorruptedError(f"{vdir / 'index.faiss'}: dim {findex.d}, manifest says {manifest['encoder']['dim']}")
-        idx = cls(path, manifest, findex, meta, search_device=search_device, nprobe=nprobe, ef_search=ef_search)
+            idx = cls._open_snapshot(path, manifest, lease, level, search_device, nprobe, ef_search)
+        except BaseException:
+            lease.release()
+            raise
         if encoder is not None:
             from mmretrieve.encoders import create_encoder
 
             idx.encoder = create_encoder(encoder) if isinstance(encoder, str) else encoder
         return idx
+
+    @classmethod
+    def _open_snapshot(cls, path, manifest, lease, level, search_device, nprobe, ef_search) -> Index:
+        segments = [SegmentFiles(path, e, check=level) for e in manifest["segments"]]
+        view = Visibility({s.sid: s.deleted for s in segments})
+        if level != "none":
+            check_shared_files(path, manifest, full=level == "full")
+        meta = MetaDB.open_reader(path / META, view)
+        if level != "none":
+            rows = sum(s.rows for s in segments)
+            records = sum(meta.count_records(s.sid) for s in segments)
+            dead = sum(len(s.deleted) for s in segments)
+            if records != rows:
+                meta.close()
+                raise IndexCorruptedError(f"{path}: FAISS holds {rows} vectors but the metadata lists {records - dead} "
+                                          f"items + {dead} tombstones (the segments and {path / META} disagree)")
+        if level == "full":
+            verify_metadata(path, meta, segments)
+        nlist = None
+        if manifest.get("faiss") != "flat" and segments:
+            from mmretrieve.index.flatscan import inner_index
+
+            nlist = getattr(inner_index(segments[0].faiss_index()), "nlist", None)
+        return cls(path, manifest, segments, meta, lease, search_device=search_device, nprobe=nprobe,
+                   ef_search=ef_search, nlist=nlist)
 
     def reopen(self) -> Index:
         """The latest committed version (this object keeps its snapshot)."""
@@ -95,6 +138,8 @@ class Index:
 
     def close(self) -> None:
         self.meta.close()
+        if self.lease is not None:
+            self.lease.release()
 
     def __enter__(self) -> Index:
         return self
@@ -118,11 +163,6 @@ class Index:
     @property
     def encoder_name(self) -> str:
         return self.manifest["encoder"]["name"]
-
-    @property
-    def faiss(self):
-        """The snapshot's FAISS index (read-only)."""
-        return self.vector_index.faiss
 
     @property
     def search_device(self) -> str:
@@ -157,10 +197,14 @@ class Index:
             "metric": m["metric"],
             "factory": m["factory"],
             "faiss": m.get("faiss"),
+            "operation": m.get("operation"),
             "counts": m["counts"],
             "patches": m.get("patches"),
             "video": m.get("video"),
-            "bytes": sum(f["bytes"] for f in m["files"].values()),
+            "segments": len(m["segments"]),
+            "retain": m.get("retain"),
+            "vector_dtype": m.get("vector_dtype"),
+            "bytes": _data_bytes(m),
             "created_at": m.get("created_at"),
             "updated_at": m.get("updated_at"),
         }
@@ -182,47 +226,56 @@ class Index:
         return int(e) if isinstance(e, (int, np.integer)) else self.get(e).id
 
     # ---- stored vectors and side-stores ---------------------------------------------------------------
+    def _located(self, ids: Sequence[int]) -> list[Item]:
+        items = self.items(ids)
+        missing = [int(i) for i in ids if int(i) not in items]
+        if missing:
+            raise ItemNotFoundError(f"no item {missing[0]} in index {self.path}")
+        return [items[int(i)] for i in ids]
+
     def vectors(self, ids: Sequence[int]) -> np.ndarray:
-        """Stored embeddings of ``ids`` (exact for Flat/HNSW; IVF-PQ returns its lossy reconstruction)."""
-        return self.vector_index.reconstruct(ids)
+        """Stored embeddings of ``ids`` (exact for fp32 Flat and HNSW; fp16 and PQ give what they store)."""
+        out = np.zeros((len(ids), self.dim), np.float32)
+        by_seg: dict[str, list[tuple[int, int]]] = {}
+        for j, it in enumerate(self._located(ids)):
+            by_seg.setdefault(it.segment, []).append((j, it.row))
+        for sid, pairs in by_seg.items():
+            js, rows = zip(*pairs)
+            out[list(js)] = self.vector_index.by_id[sid].vectors(np.array(rows))
+        return out
 
     def exact_vectors(self) -> bool:
-        """Whether ``vectors()`` returns the stored embeddings exactly (Flat, HNSW-Flat)."""
-        return self.vector_index.exact()
+        """Whether ``vectors()`` returns the stored embeddings exactly (fp32 Flat, HNSW-Flat)."""
+        return all(s.exact() for s in self.segments) if self.segments else self.manifest.get("vector_dtype") != "float16"
 
     def has_patches(self) -> bool:
         return bool(self.manifest.get("patches"))
 
     def patch_projection(self) -> np.ndarray | None:
         """The fixed projection patch features were stored through (``patches={"dim": D}``), or None."""
-        return load_projection(self.path / self.version, self.manifest.get("patches"))
+        return load_projection(self.path, self.manifest.get("patches"))
 
     def patches(self, ids: Sequence[int]) -> np.ndarray:
         """(n, P, Dp) float32 patch features of ``ids`` from the side-store."""
         if not self.has_patches():
             raise NoPatchesError(f"index {self.path} has no patch store (build it with --patches)")
-        items = self.items(ids)
         pc = self.manifest["patches"]
         out = np.zeros((len(ids), int(pc["grid"]) ** 2, int(pc["dim"])), np.float32)
-        for j, i in enumerate(ids):
-            it = items.get(int(i))
-            if it is None or it.patch_seg is None:
-                raise NoPatchesError(f"item {i} has no stored patches")
-            out[j] = self._side_file(it.patch_seg)[it.patch_row]
+        for j, it in enumerate(self._located(ids)):
+            seg = self.vector_index.by_id[it.segment]
+            if "patches.npy" not in seg.entry["files"]:
+                raise NoPatchesError(f"item {it.id} has no stored patches")
+            out[j] = seg.array("patches.npy")[it.row]
         return out
 
     def frames(self, ids: Sequence[int]) -> list[tuple[np.ndarray, np.ndarray] | None]:
         """Per id: ``(frame embeddings (T, D) float32, timestamps (T,))`` of a video, ``None`` for other items."""
-        items = self.items(ids)
         out: list[tuple[np.ndarray, np.ndarray] | None] = []
-        for i in ids:
-            it = items.get(int(i))
-            if it is None:
-                raise ItemNotFoundError(f"no item {i} in index {self.path}")
-            if it.frame_seg is None:
+        for it in self._located(ids):
+            if not it.frame_count:
                 out.append(None)
                 continue
-            emb, ts = self._frame_segment(it.frame_seg)
+            emb, ts = self._frame_arrays(it.segment)
             sl = slice(it.frame_start, it.frame_start + it.frame_count)
             out.append((np.asarray(emb[sl], dtype=np.float32), np.asarray(ts[sl], dtype=np.float32)))
         return out
@@ -234,43 +287,32 @@ class Index:
         as stored when possible (see ``frame_similarities``)."""
         import torch
 
-        spans = self.meta.frame_spans(ids)
-        missing = [int(i) for i in ids if int(i) not in spans]
-        if missing:
-            raise ItemNotFoundError(f"no item {missing[0]} in index {self.path}")
-        info = [spans[int(i)] for i in ids]
-        counts = np.array([c if seg is not None else 1 for seg, _, c, _ in info], dtype=np.int64)
+        items = self._located(ids)
+        counts = np.array([it.frame_count or 1 for it in items], dtype=np.int64)
         offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-        segs = {seg for seg, _, _, _ in info if seg is not None}
-
-        def rows(sel):  # stored rows of the selected items, in order
-            st = np.array([info[j][1] for j in sel], dtype=np.int64)
-            ct = counts[sel]
-            return np.repeat(st - np.concatenate([[0], np.cumsum(ct)[:-1]]), ct) + np.arange(int(ct.sum()))
-
-        if len(segs) == 1 and all(seg is not None for seg, _, _, _ in info):
+        segs = {it.segment for it in items if it.frame_count}
+        if len(segs) == 1 and all(it.frame_count for it in items):
             # the common case (every candidate a video of one segment): one gather, stored fp16 kept
-            emb, ts = self._frame_segment(next(iter(segs)))
-            src = rows(np.arange(len(ids)))
+            emb, ts = self._frame_arrays(next(iter(segs)))
+            src = np.concatenate([np.arange(it.frame_start, it.frame_start + it.frame_count) for it in items])
             E16 = torch.from_numpy(np.ascontiguousarray(emb[src]))
             return (E16 if as_torch else E16.float().numpy()), np.asarray(ts[src]), offsets
         n = int(offsets[-1])
         E = np.empty((n, self.dim), np.float32)
         T = np.full(n, np.nan, np.float32)
-        for seg in segs:
-            sel = np.array([j for j, (s_, _, _, _) in enumerate(info) if s_ == seg])
-            emb, ts = self._frame_segment(seg)
-            src = rows(sel)
-            dst = np.concatenate([np.arange(offsets[j], offsets[j + 1]) for j in sel])
-            E[dst] = torch.from_numpy(np.ascontiguousarray(emb[src])).float().numpy()
-            T[dst] = ts[src]
-        rest = [j for j, (s_, _, _, _) in enumerate(info) if s_ is None]
+        rest = []
+        for j, it in enumerate(items):
+            if it.frame_count:
+                emb, ts = self._frame_arrays(it.segment)
+                sl = slice(it.frame_start, it.frame_start + it.frame_count)
+                E[offsets[j] : offsets[j + 1]] = np.asarray(emb[sl], np.float32)
+                T[offsets[j] : offsets[j + 1]] = ts[sl]
+            else:
+                rest.append(j)
+                if it.extra.get("timestamp") is not None:
+                    T[offsets[j]] = float(it.extra["timestamp"])
         if rest:
             E[offsets[rest]] = self.vectors([int(ids[j]) for j in rest])
-            for j in rest:
-                t = (json.loads(info[j][3]) if info[j][3] else {}).get("timestamp")
-                if t is not None:
-                    T[offsets[j]] = float(t)
         return (torch.from_numpy(E) if as_torch else E), T, offsets
 
     @staticmethod
@@ -286,15 +328,9 @@ class Index:
             out[s : s + chunk] = E[s : s + chunk].float() @ qt
         return out.numpy()
 
-    def _side_file(self, name: str, *, mmap: bool = True):
-        arr = self._side_cache.get(name)
-        if arr is None:
-            arr = np.load(self.path / self.version / name, mmap_mode="r" if mmap else None, allow_pickle=False)
-            self._side_cache[name] = arr
-        return arr
-
-    def _frame_segment(self, name: str):
-        return self._side_file(name), self._side_file(timestamps_file(name), mmap=False)
+    def _frame_arrays(self, sid: str):
+        seg = self.vector_index.by_id[sid]
+        return seg.array("frames.npy"), seg.array("frames_ts.npy", mmap=False)
 
     # ---- search (see mmretrieve.index.search) ----------------------------------------------------
     def search_vectors(self, queries: np.ndarray, k: int = 10, *, nprobe: int | None = None,
@@ -304,6 +340,12 @@ class Index:
 
     def gpu_searcher(self):
         return self.vector_index.gpu_searcher()
+
+    def versions(self) -> list[dict[str, Any]]:
+        """The versions the index keeps (see ``mmretrieve index versions``)."""
+        from mmretrieve.store.layout import version_summaries
+
+        return version_summaries(self.path)
 
     def search(self, query: Query | None = None, *, text=None, image=None, video=None, fusion: str | None = None,
                k: int = 10, exclude: Sequence[int | str] | None = None, exclude_reference: bool = True,
@@ -345,6 +387,11 @@ class Index:
 
     def hydrate(self, query: dict, ids, scores, **kw) -> SearchResults:
         return _search.hydrate(self, query, ids, scores, **kw)
+
+
+def _data_bytes(m: dict) -> int:
+    segs = sum(f["bytes"] for e in m["segments"] for f in e["files"].values())
+    return segs + sum(f["bytes"] for f in (m.get("files") or {}).values())
 
 
 def open_index(name_or_path: str | os.PathLike, **kw) -> Index:

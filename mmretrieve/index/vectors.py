@@ -1,8 +1,13 @@
-"""The vectors of one index snapshot: exact or approximate top-k, and reading stored vectors back.
+"""The vectors of one index snapshot: top-k over all its segments, and stored vectors read back.
 
-The search back end is picked per call: a BLAS scan for few queries on a Flat index (``flatscan``), the
-GPU when the snapshot searches there (``gpu``), else FAISS itself with the tombstone filter and the
-IVF / HNSW breadth as search parameters.
+Each segment is searched on its own and the per-segment top-k lists are merged (by score, ties by id),
+which gives the ids and, to float rounding, the scores of one Flat index over the same vectors. Flat
+segments are scanned with BLAS over their memory-mapped rows (``flatscan``: resident memory grows with
+what a search touches), deleted rows masked; FAISS segments (IVF, HNSW, PQ ...) are searched by FAISS
+with their deleted and excluded ids filtered by a selector, and with a breadth (IVF ``nprobe``, HNSW
+``efSearch``) raised and the search repeated while a segment returns fewer results than it has live
+rows to give, so a search returns ``k`` results whenever the snapshot holds ``k`` live items, whatever
+the share of deletions. On a GPU, Flat segments are searched as one matrix (``gpu``).
 """
 
 from __future__ import annotations
@@ -15,8 +20,7 @@ import numpy as np
 
 from mmretrieve import settings
 from mmretrieve.errors import BadVectorsError, DeviceError, UsageError
-from mmretrieve.index.flatscan import BlasFlatScanner
-from mmretrieve.store import faiss_ops
+from mmretrieve.index.flatscan import FlatScan, inner_index
 
 log = logging.getLogger(__name__)
 
@@ -42,29 +46,72 @@ def resolve_search_device(device: str | None, findex) -> str:
     return device
 
 
-class VectorIndex:
-    """Search and read back the vectors of one snapshot (a FAISS ``IndexIDMap2``).
+class SegmentSearch:
+    """Top-k in one segment (``SegmentFiles``), with its deleted rows never returned."""
 
-    ``tombstones``: ids deleted without being removed from FAISS (HNSW, IVF), never returned.
-    ``nprobe`` / ``ef_search``: the IVF / HNSW search breadth when a call gives none (IVF default:
-    min(nlist, 32) lists; FAISS's own default of 1 loses most neighbours)."""
+    def __init__(self, seg, metric_ip: bool) -> None:
+        self.seg, self.metric_ip = seg, metric_ip
+        self.live = seg.rows - len(seg.deleted)
+        self._scan = None
 
-    def __init__(self, findex, *, tombstones: Sequence[int] = (), search_device: str | None = "auto",
-                 nprobe: int | None = None, ef_search: int | None = None, name: str = "") -> None:
-        self.faiss = findex
-        self.dim = int(findex.d)
-        self.tombstones = [int(i) for i in tombstones]
-        self.search_device = resolve_search_device(search_device, findex)
-        nlist = getattr(faiss_ops.inner_index(findex), "nlist", None)
+    def search(self, q: np.ndarray, k: int, *, exclude=(), nprobe=None, ef_search=None):
+        if self.seg.kind == "flat":
+            if self._scan is None:
+                self._scan = FlatScan(self.seg.array("vectors.npy"), self.seg.ids, metric_ip=self.metric_ip)
+            return self._scan.search(q, k, exclude=exclude, deleted_rows=self.seg.deleted)
+        return self._faiss_search(q, k, exclude, nprobe, ef_search)
+
+    def _faiss_search(self, q, k, exclude, nprobe, ef_search):
+        import faiss
+
+        index = self.seg.faiss_index()
+        dead = np.unique(np.concatenate([np.asarray(self.seg.ids[self.seg.deleted], np.int64),
+                                         np.asarray(list(exclude), np.int64)]))
+        want = min(k, max(0, self.live - len(exclude)))
+        inner = inner_index(index)
+        hnsw, ivf = hasattr(inner, "hnsw"), hasattr(inner, "nprobe")
+        ef, probe = ef_search or (max(16, 2 * k) if hnsw else None), nprobe
+        nlist = getattr(inner, "nlist", None)
+        for _ in range(12):  # the breadth grows until every query has what the segment can give
+            p = faiss.SearchParametersHNSW() if hnsw else faiss.SearchParametersIVF() if ivf else faiss.SearchParameters()
+            if hnsw:
+                p.efSearch = int(ef)
+            if ivf and probe:
+                p.nprobe = int(probe)
+            if len(dead):
+                p.sel = faiss.IDSelectorNot(faiss.IDSelectorBatch(np.ascontiguousarray(dead)))
+            D, I = index.search(q, k, params=p)
+            if (I >= 0).sum(1).min() >= want or not (hnsw or (ivf and nlist and (probe or 1) < nlist)):
+                break
+            ef = ef * 2 if hnsw else ef
+            probe = min(nlist, (probe or 1) * 2) if ivf else probe
+            if hnsw and ef > max(4096, 4 * self.seg.rows):
+                break
+        return D, I
+
+
+class SegmentedVectors:
+    """Search and read back the vectors of one snapshot (its ``SegmentFiles``)."""
+
+    def __init__(self, segments: Sequence, *, dim: int, metric: str = "ip", kind: str = "flat",
+                 search_device: str | None = "auto", nprobe: int | None = None, ef_search: int | None = None,
+                 nlist: int | None = None, name: str = "") -> None:
+        self.segments = list(segments)
+        self.by_id = {s.sid: s for s in self.segments}
+        self.dim, self.metric_ip, self.kind, self.name = int(dim), metric == "ip", kind, name
+        self.search_device = resolve_search_device(search_device, "flat" if kind == "flat" else kind)
         self.nprobe = int(nprobe) if nprobe else (min(int(nlist), 32) if nlist else None)
         self.ef_search = int(ef_search) if ef_search else None
-        self.name = name
+        self._searchers = [SegmentSearch(s, self.metric_ip) for s in self.segments]
         self._gpu = None
-        self._blas = None
 
     @property
     def ntotal(self) -> int:
-        return int(self.faiss.ntotal)
+        return sum(s.rows for s in self.segments)
+
+    @property
+    def live(self) -> int:
+        return sum(s.live for s in self._searchers)
 
     def search(self, queries: np.ndarray, k: int = 10, *, nprobe: int | None = None, ef_search: int | None = None,
                exclude: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -74,48 +121,42 @@ class VectorIndex:
             q = q[None]
         if q.ndim != 2 or q.shape[1] != self.dim:
             raise BadVectorsError(f"expected query vectors of dim {self.dim}, got shape {tuple(q.shape)}")
-        if not self.ntotal:  # nothing stored (an untrained IVF would even refuse to search)
-            kk = max(1, int(k))
-            return np.full((len(q), kk), -np.inf, np.float32), np.full((len(q), kk), -1, np.int64)
-        k = max(1, min(int(k), self.ntotal))
-        excl = self.tombstones + [int(i) for i in (exclude or [])]
-        nprobe, ef_search = nprobe or self.nprobe, ef_search or self.ef_search
+        k = max(1, min(int(k), max(1, self.live)))
+        excl = [int(i) for i in (exclude or [])]
+        if not self.live:
+            return np.full((len(q), k), -np.inf, np.float32), np.full((len(q), k), -1, np.int64)
         if self.search_device == "cuda":
-            return self.gpu_searcher().search(q, k, exclude=excl, nprobe=nprobe)
-        if BlasFlatScanner.worth_it(self.faiss, len(q)):  # few queries on a Flat index: one BLAS pass
-            if self._blas is None:
-                self._blas = BlasFlatScanner(self.faiss)
-            return self._blas.search(q, k, exclude=excl)
-        params = faiss_ops.search_params(self.faiss, exclude=excl, nprobe=nprobe, ef_search=ef_search)
-        if params is None:
-            return self.faiss.search(q, k)
-        return self.faiss.search(q, k, params=params)
+            return self.gpu_searcher().search(q, k, exclude=excl)
+        parts = [s.search(q, k, exclude=excl, nprobe=nprobe or self.nprobe, ef_search=ef_search or self.ef_search)
+                 for s in self._searchers if s.live]
+        return merge_topk(parts, k, self.metric_ip)
 
     def gpu_searcher(self):
-        """The GPU searcher of this snapshot (built on first use: the vectors are copied once)."""
+        """The GPU searcher of this snapshot: its live Flat rows as one matrix (copied once, on first use)."""
         if self._gpu is None:
             from mmretrieve.index.gpu import make_gpu_searcher
 
             t = time.perf_counter()
-            self._gpu = make_gpu_searcher(self.faiss, "cuda")
-            log.info("%s: %d vectors on the GPU (%s back end) in %.2f s", self.name, self.ntotal, self._gpu.backend,
-                     time.perf_counter() - t)
+            if self.kind != "flat":
+                raise UsageError("GPU search of FAISS segments needs faiss-gpu, which is not used for segments yet")
+            keep = [np.setdiff1d(np.arange(s.rows), s.deleted) for s in self.segments]
+            xb = np.concatenate([np.asarray(s.array("vectors.npy")[r], np.float32) for s, r in zip(self.segments, keep)])
+            ids = np.concatenate([s.ids[r] for s, r in zip(self.segments, keep)])
+            self._gpu = make_gpu_searcher((xb, ids, self.metric_ip), "cuda")
+            log.info("%s: %d vectors on the GPU in %.2f s", self.name, len(ids), time.perf_counter() - t)
         return self._gpu
 
-    def reconstruct(self, ids: Sequence[int]) -> np.ndarray:
-        """Stored embeddings of ``ids`` (exact for Flat/HNSW; IVF-PQ returns its lossy reconstruction)."""
-        out = np.zeros((len(ids), self.dim), np.float32)
-        for j, i in enumerate(ids):
-            out[j] = self.faiss.reconstruct(int(i))
-        return out
 
-    def exact(self) -> bool:
-        """Whether ``reconstruct`` returns the stored embeddings exactly (Flat, HNSW-Flat)."""
-        import faiss
-
-        inner = faiss_ops.inner_index(self.faiss)
-        return isinstance(inner, faiss.IndexFlat) or (
-            hasattr(inner, "hnsw") and isinstance(faiss.downcast_index(inner.storage), faiss.IndexFlat))
+def merge_topk(parts: list[tuple[np.ndarray, np.ndarray]], k: int, metric_ip: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Per-segment FAISS-style results -> the best ``k`` per query (ties by id, as one Flat index over
+    vectors added in id order would give)."""
+    if len(parts) == 1:
+        return parts[0]
+    D = np.concatenate([p[0] for p in parts], axis=1)
+    I = np.concatenate([p[1] for p in parts], axis=1)
+    score = np.where(I >= 0, D if metric_ip else -D, -np.inf)
+    order = np.lexsort((np.where(I >= 0, I, np.iinfo(np.int64).max), -score), axis=1)[:, :k]
+    return np.take_along_axis(D, order, 1), np.take_along_axis(I, order, 1)
 
 
-__all__ = ["VectorIndex", "resolve_search_device", "SEARCH_DEVICES"]
+__all__ = ["SegmentedVectors", "SegmentSearch", "merge_topk", "resolve_search_device", "SEARCH_DEVICES"]

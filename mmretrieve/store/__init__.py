@@ -1,6 +1,7 @@
-"""The on-disk format of an index: layout and manifest (``layout``), FAISS operations (``faiss_ops``),
-metadata (``meta``), patch / frame side-stores and the patch projection (``sidestores``), and the one
-way to write a version (``IndexWriter``). Reading is the ``index`` layer's job."""
+"""The on-disk format of an index (see ``layout`` for the files and guarantees): segments (``segments``),
+metadata (``meta``), the patch projection (``sidestores``), readers' leases (``leases``), file writing
+with checksums (``io``), merging (``compaction``), verification (``verify``) and the one way to write
+a version (``IndexWriter``). Searching is the ``index`` layer's job."""
 
 from mmretrieve.store.layout import (
     DEFAULT_FACTORY,
@@ -8,13 +9,15 @@ from mmretrieve.store.layout import (
     check_encoder_compat,
     default_index_dir,
     describe_manifest,
+    list_versions,
     read_manifest,
     resolve_index_path,
 )
-from mmretrieve.store.meta import Item, MetaDB, Skipped, resolve_item
-from mmretrieve.store.writer import IndexWriter
+from mmretrieve.store.meta import Item, MetaDB, Skipped, Visibility, resolve_item
+from mmretrieve.store.writer import IndexWriter, rollback
 
 __all__ = [
     "DEFAULT_FACTORY", "MANIFEST", "IndexWriter", "Item", "MetaDB", "Skipped", "check_encoder_compat",
-    "default_index_dir", "describe_manifest", "read_manifest", "resolve_index_path", "resolve_item",
+    "default_index_dir", "describe_manifest", "read_manifest", "resolve_index_path", "resolve_item", "rollback",
+    "Visibility", "list_versions",
 ]

@@ -1,43 +1,84 @@
-"""The on-disk layout of an index: paths, the manifest, checksums, encoder identity.
+"""The on-disk layout of an index (format 2): immutable segments, small version manifests, one SQLite
+database written incrementally -- the shape of Lucene, Milvus and Lance.
 
 A named index is a directory::
 
-    manifest.json      the live version, encoder (name, dim, identity), metric, FAISS factory, counts,
-                       sha256 + size of every file of the live version, format version
-    v000N/index.faiss  FAISS IndexIDMap2 around the factory index: external ids stay stable under delete
-    v000N/meta.sqlite  items (id, key, uri, kind, size, mtime, caption, ...), skipped inputs, tombstones
-    v000N/patches-*.npy   optional fp16 patch features (rows referenced from meta), memory-mapped
-    v000N/frames-*.npy    per-frame embeddings of videos (fp16) and frames-*.ts.npy their timestamps
-    .lock              single-writer lock (flock)
+    manifest.json          the live version (replaced atomically with ``os.replace``): format, encoder
+                           (name, dim, identity), metric, factory, vector dtype, counts, and the list of
+                           segments with their row counts, deletion files and the size + sha256 of
+                           every file (computed while it was written)
+    v0007/manifest.json    the manifest of every retained version (the live one included)
+    segments/s000012/      one write's batch, never changed after it is written:
+        ids.npy            int64 external ids of the rows
+        vectors.npy        Flat: the raw vectors, fp32 or fp16 (memory-mapped by readers)
+        index.faiss        other factories: the segment's FAISS index (IVF on the shared trained
+                           template, HNSW per segment, PQ/SQ codes), external ids inside
+        patches.npy        optional fp16 patch features, one row per vector row
+        frames.npy         optional fp16 per-frame embeddings of the segment's videos
+        frames_ts.npy      their timestamps
+        del-v0009.npy      rows deleted as of version v0009 (copy-on-write: a new file per version that
+                           deletes from this segment; older versions keep theirs)
+    template.faiss         non-Flat factories: the trained, empty FAISS index every segment is cloned from
+    patch_proj.npy         optional fixed projection of patch features
+    meta.sqlite            items (id, key, uri, kind, ..., the segment and row that hold each), skipped
+                           inputs: one database in WAL mode, rows added per write, never copied
+    leases/                readers' leases (pid, process start time, version)
+    .lock                  the single-writer lock;  .gc.lock  lease registration vs. file collection
 
-A write builds ``v000{N+1}`` aside (unchanged side-store files are hard-linked, not copied), fsyncs it,
-and only then swaps ``manifest.json`` with ``os.replace``. A crash at any point leaves the previous
-version loadable; stray version folders and temp files are ignored by readers and removed by the next
-write. Opening verifies every file's sha256 against the manifest (``verify=False`` skips it), checks that
-FAISS' ``ntotal`` equals the metadata's item + tombstone count, and refuses a query encoder that differs
-from the one that built the index.
+**Visibility.** A version sees the rows of the segments its manifest lists, minus the rows its
+deletion files list. Every segment row has exactly one metadata row (``segment``, ``row``); an item
+updated in a Flat index keeps its id (old row deleted, new row in the new segment); other factories
+give it a new id. Rows of segments that no retained version lists are removed with the segment.
+
+**Writes** cost O(batch): a write adds its batch as new segment(s) and, for deletions, one small
+deletion file per touched segment, inserts the batch's metadata rows in one transaction, then
+publishes a new manifest (``vNNNN/manifest.json``, then ``manifest.json`` replaced). A crash at any
+point leaves the previous version (SQLite rolls the transaction back; unreferenced segment folders are
+collected by the next writer). A write that changes nothing publishes nothing.
+
+**Opening** is O(segments): the manifest, the headers and sizes of the segment files and the small
+files are checked; ``verify="full"`` (``mmretrieve index verify``) checks every byte against the
+sha256s and the metadata rows against their own checksums.
+
+**Snapshots that last.** An open ``Index`` registers a lease (pid + start time + version) under
+``.gc.lock``; files are collected only when no retained version (``retain``, default 2: the live one
+and the previous) and no live lease needs them. A dead process's lease is ignored.
+
+**Compaction** (``mmretrieve index compact``, and automatically after writes) merges segments and drops
+deleted rows; the tiered policy merges ``MERGE_FACTOR`` (10) segments of the same size tier
+(``floor(log10(rows))``), so every row is rewritten at most once per tier: at most ``ceil(log10 N) + 1``
+times over its life, and at most 9 segments stay per tier. A segment with half its rows deleted is
+rewritten on its own.
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
 import os
 import re
-import shutil
-import uuid
 from pathlib import Path
 from typing import Any
 
 from mmretrieve import settings
-from mmretrieve.errors import EncoderMismatchError, IndexCorruptedError, IndexNotFoundError, UsageError
+from mmretrieve.errors import (
+    EncoderMismatchError,
+    IndexCorruptedError,
+    IndexNotFoundError,
+    UsageError,
+    VersionNotFoundError,
+)
 
 FORMAT = "mmretrieve-index"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
+META = "meta.sqlite"
+SEGMENTS = "segments"
+LEASES = "leases"
+TEMPLATE = "template.faiss"
 DEFAULT_FACTORY = "Flat"
+DEFAULT_RETAIN = 2
 VERSION_RE = re.compile(r"^v(\d{4,})$")
+VECTOR_DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16"}
 
 # Tests set this to a callable(stage) to simulate a crash between the steps of a write.
 _CRASH_HOOK = None
@@ -48,6 +89,7 @@ def crash_point(stage: str) -> None:
         _CRASH_HOOK(stage)
 
 
+# ---- paths ---------------------------------------------------------------------------------------
 def default_index_dir() -> Path:
     return settings.index_dir()
 
@@ -65,89 +107,113 @@ def resolve_index_path(name_or_path: str | os.PathLike, index_dir: str | os.Path
     return (Path(index_dir) if index_dir else default_index_dir()) / s
 
 
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while True:
-            b = fh.read(chunk)
-            if not b:
-                break
-            h.update(b)
-    return h.hexdigest()
+def version_name(n: int) -> str:
+    return f"v{n:04d}"
 
 
-def fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
+def version_number(name: str) -> int:
+    m = VERSION_RE.match(str(name))
+    if not m:
+        raise UsageError(f"not a version name: {name!r} (expected e.g. v0007)")
+    return int(m.group(1))
+
+
+def segment_dir(root: Path, sid: str) -> Path:
+    return root / SEGMENTS / sid
+
+
+# ---- manifests -------------------------------------------------------------------------------------
+def _load_json(path: Path) -> dict:
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        with open(path, "rb") as fh:
+            data = json.loads(fh.read().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise IndexCorruptedError(f"{path}: unreadable manifest (not UTF-8: {e})") from None
+    except (OSError, json.JSONDecodeError) as e:
+        raise IndexCorruptedError(f"{path}: unreadable manifest ({e})") from None
+    if not isinstance(data, dict):
+        raise IndexCorruptedError(f"{path}: unreadable manifest (not a JSON object)")
+    return data
 
 
-def fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+def check_format(m: dict, mpath: Path) -> dict:
+    if m.get("format") != FORMAT:
+        raise IndexCorruptedError(f"{mpath}: not an mmretrieve manifest")
+    fv = int(m.get("format_version", 0) or 0)
+    if fv > FORMAT_VERSION:
+        raise IndexCorruptedError(
+            f"{mpath}: format version {fv} is newer than this mmretrieve understands ({FORMAT_VERSION}); upgrade mmretrieve")
+    if fv < FORMAT_VERSION:
+        raise IndexCorruptedError(
+            f"{mpath}: format version {fv} (one FAISS file per version, mmretrieve <= 0.1) is not read by this "
+            f"mmretrieve (format {FORMAT_VERSION}: segments). Rebuild it from its source with `mmretrieve index "
+            f"build {mpath.parent.name} SOURCE --overwrite`, or convert it in place with `mmretrieve index upgrade "
+            f"{mpath.parent}`")
+    for key in ("version", "encoder", "segments", "counts"):
+        if key not in m:
+            raise IndexCorruptedError(f"{mpath}: manifest lacks {key!r}")
+    return m
 
 
-def write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(data, fh, indent=2, sort_keys=True)
-        fh.flush()
-        os.fsync(fh.fileno())
-    crash_point("before-manifest-replace")
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
-def read_manifest(path: Path) -> dict:
+def read_manifest(path: Path, version: str | None = None) -> dict:
+    """The live manifest of the index at ``path`` (or a retained ``version``, e.g. ``v0007``)."""
+    path = Path(path)
     mpath = path / MANIFEST
     if not mpath.is_file():
         if path.is_dir():
             raise IndexNotFoundError(f"{path} is not an mmretrieve index (no {MANIFEST})")
         raise IndexNotFoundError(f"index not found: {path}")
-    try:
-        with open(mpath, encoding="utf-8") as fh:
-            m = json.load(fh)
-    except (OSError, json.JSONDecodeError) as e:
-        raise IndexCorruptedError(f"{mpath}: unreadable manifest ({e})") from None
-    if m.get("format") != FORMAT:
-        raise IndexCorruptedError(f"{mpath}: not an mmretrieve manifest")
-    if int(m.get("format_version", 0)) > FORMAT_VERSION:
-        raise IndexCorruptedError(
-            f"{mpath}: format version {m.get('format_version')} is newer than this mmretrieve understands ({FORMAT_VERSION})"
-        )
-    return m
+    live = check_format(_load_json(mpath), mpath)
+    if version in (None, "", "live", live["version"]):
+        return live
+    if version == "previous":
+        version = live.get("previous")
+        if not version:
+            raise VersionNotFoundError(f"index {path} has no previous version ({live['version']} is the first)")
+    vpath = path / version / MANIFEST
+    version_number(version)
+    if not vpath.is_file():
+        kept = ", ".join(list_versions(path)) or "none"
+        raise VersionNotFoundError(f"index {path} does not keep version {version} (kept: {kept})")
+    return check_format(_load_json(vpath), vpath)
 
 
-def verify_files(vdir: Path, manifest: dict, *, check: bool) -> None:
-    files = manifest.get("files") or {}
-    for name in ("index.faiss", "meta.sqlite"):
-        if name not in files:
-            raise IndexCorruptedError(f"{vdir.parent / MANIFEST}: manifest lists no {name}")
-    for name, info in files.items():
-        fp = vdir / name
-        if not fp.is_file():
-            raise IndexCorruptedError(f"{fp}: missing (listed in the manifest of {manifest.get('version')})")
-        size = fp.stat().st_size
-        if size != info.get("bytes"):
-            raise IndexCorruptedError(f"{fp}: size {size} bytes, manifest says {info.get('bytes')} (truncated or replaced?)")
-        if check and sha256_file(fp) != info.get("sha256"):
-            raise IndexCorruptedError(f"{fp}: sha256 does not match the manifest (file corrupted or modified)")
+def list_versions(path: Path) -> list[str]:
+    """The retained versions, oldest first."""
+    path = Path(path)
+    if not path.is_dir():
+        return []
+    out = [p.name for p in path.iterdir() if VERSION_RE.match(p.name) and (p / MANIFEST).is_file()]
+    return sorted(out, key=version_number)
 
 
+def version_summaries(path: Path) -> list[dict[str, Any]]:
+    """One line of facts per retained version (for ``mmretrieve index versions``)."""
+    live = read_manifest(path)["version"]
+    out = []
+    for v in list_versions(path):
+        try:
+            m = check_format(_load_json(path / v / MANIFEST), path / v / MANIFEST)
+            out.append({"version": v, "live": v == live, "updated_at": m.get("updated_at"),
+                        "items": m["counts"].get("items"), "segments": len(m["segments"]),
+                        "operation": m.get("operation")})
+        except IndexCorruptedError as e:
+            out.append({"version": v, "live": v == live, "error": str(e)})
+    return out
+
+
+# ---- encoder identity ------------------------------------------------------------------------------
 def check_encoder_compat(built: dict, query: dict, where: Path | str) -> None:
-    """Raise ``EncoderMismatchError`` naming the first field that differs."""
+    """Raise ``EncoderMismatchError`` naming the first field that differs. An index of imported vectors
+    (``imported: true``) is checked on name and dim only."""
     bname, qname, bdim, qdim = built.get("name"), query.get("name"), built.get("dim"), query.get("dim")
     if bdim != qdim or bname != qname:
         msg = f"index {where} was built with encoder {bname!r} (dim {bdim}); the query encoder is {qname!r} (dim {qdim})"
         if bdim != qdim:
             msg += f": expected dim {bdim}, got {qdim}"
         raise EncoderMismatchError(msg)
+    if built.get("imported"):
+        return
     for field in sorted(set(built) | set(query)):
         if field in ("name", "dim", "modalities"):
             continue
@@ -162,7 +228,8 @@ def describe_manifest(m: dict[str, Any]) -> str:
     c = m.get("counts", {})
     return (
         f"{m.get('encoder', {}).get('name')} dim {m.get('encoder', {}).get('dim')}, {m.get('factory')}, "
-        f"{c.get('items', 0)} items ({c.get('skipped', 0)} skipped), version {m.get('version')}"
+        f"{c.get('items', 0)} items ({c.get('skipped', 0)} skipped), {len(m.get('segments', []))} segment(s), "
+        f"version {m.get('version')}"
     )
 
 
@@ -175,9 +242,6 @@ def pkg_version() -> str:
         return "unknown"
 
 
-def link_or_copy(src: Path, dst: Path) -> None:
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
-
+__all__ = ["FORMAT", "FORMAT_VERSION", "MANIFEST", "META", "DEFAULT_FACTORY", "DEFAULT_RETAIN", "read_manifest",
+           "list_versions", "version_summaries", "resolve_index_path", "default_index_dir", "check_encoder_compat",
+           "describe_manifest", "crash_point", "version_name", "version_number", "segment_dir"]

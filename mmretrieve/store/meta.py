@@ -1,26 +1,36 @@
-"""SQLite metadata of an index version: items, skipped inputs, tombstones, counters.
+"""The metadata database: one SQLite file in WAL mode, written incrementally, never copied.
 
-Each index version has its own ``meta.sqlite``; a write copies the live one into the new version folder
-and changes the copy, so a crash never touches what readers see. Committed versions are opened
-read-only and immutable.
+Every segment row has one ``items`` row naming its ``segment`` and ``row``. What a version sees is decided
+by a ``Visibility`` (the segments its manifest lists and the rows their deletion files list), so a reader
+keeps its snapshot while a writer inserts the rows of new segments in its own transaction, and rows are
+removed only with the segments that no retained version lists. Each row carries a CRC32 of its content
+(``index verify`` recomputes them).
 """
 
 from __future__ import annotations
 
 import json
 import sqlite3
+import threading
 import time
-from collections.abc import Iterable, Sequence
+import zlib
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mmretrieve.errors import ItemNotFoundError
+import numpy as np
 
+from mmretrieve.errors import IndexCorruptedError, ItemNotFoundError
+
+SCHEMA_VERSION = "2"
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS items(
-    id INTEGER PRIMARY KEY,
-    key TEXT NOT NULL UNIQUE,
+    rid INTEGER PRIMARY KEY,
+    id INTEGER NOT NULL,
+    segment TEXT NOT NULL,
+    row INTEGER NOT NULL,
+    key TEXT NOT NULL,
     uri TEXT NOT NULL,
     kind TEXT NOT NULL DEFAULT 'image',
     size INTEGER,
@@ -29,13 +39,14 @@ CREATE TABLE IF NOT EXISTS items(
     width INTEGER,
     height INTEGER,
     added_at REAL,
-    patch_seg TEXT,
-    patch_row INTEGER,
-    frame_seg TEXT,
     frame_start INTEGER,
     frame_count INTEGER,
-    extra TEXT
+    extra TEXT,
+    crc INTEGER NOT NULL
 );
+CREATE UNIQUE INDEX IF NOT EXISTS items_pos ON items(segment, row);
+CREATE INDEX IF NOT EXISTS items_id ON items(id);
+CREATE INDEX IF NOT EXISTS items_key ON items(key);
 CREATE INDEX IF NOT EXISTS items_uri ON items(uri);
 CREATE TABLE IF NOT EXISTS skipped(
     key TEXT PRIMARY KEY,
@@ -45,19 +56,19 @@ CREATE TABLE IF NOT EXISTS skipped(
     reason TEXT NOT NULL,
     at REAL
 );
-CREATE TABLE IF NOT EXISTS tombstones(id INTEGER PRIMARY KEY);
 CREATE TABLE IF NOT EXISTS info(k TEXT PRIMARY KEY, v TEXT NOT NULL);
 """
 
 ITEM_COLUMNS = (
-    "id", "key", "uri", "kind", "size", "mtime", "caption", "width", "height", "added_at", "patch_seg", "patch_row",
-    "frame_seg", "frame_start", "frame_count", "extra",
+    "id", "segment", "row", "key", "uri", "kind", "size", "mtime", "caption", "width", "height", "added_at",
+    "frame_start", "frame_count", "extra",
 )
+_SELECT = f"SELECT {', '.join(ITEM_COLUMNS)} FROM items"
 
 
 @dataclass
 class Item:
-    """One indexed item (an image, a video, ...)."""
+    """One indexed item (an image, a video, a video frame, an imported vector ...)."""
 
     id: int
     key: str
@@ -69,24 +80,28 @@ class Item:
     width: int | None = None
     height: int | None = None
     added_at: float | None = None
-    patch_seg: str | None = None
-    patch_row: int | None = None
-    #: videos: their per-frame embeddings are rows frame_start .. frame_start + frame_count of frame_seg
-    frame_seg: str | None = None
+    #: where the item's vector (and patches) are: a segment and a row of it
+    segment: str | None = None
+    row: int | None = None
+    #: videos: their per-frame embeddings are rows frame_start .. frame_start + frame_count of the segment's frames
     frame_start: int | None = None
     frame_count: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def from_row(cls, row: Sequence[Any]) -> Item:
-        return cls(*row[:-1], extra=json.loads(row[-1]) if row[-1] else {})  # columns in ITEM_COLUMNS order
+    def from_row(cls, r: Sequence[Any]) -> Item:
+        return cls(id=r[0], segment=r[1], row=r[2], key=r[3], uri=r[4], kind=r[5], size=r[6], mtime=r[7], caption=r[8],
+                   width=r[9], height=r[10], added_at=r[11], frame_start=r[12], frame_count=r[13],
+                   extra=json.loads(r[14]) if r[14] else {})
 
     def to_row(self) -> tuple:
-        return (
-            self.id, self.key, self.uri, self.kind, self.size, self.mtime, self.caption, self.width, self.height,
-            self.added_at, self.patch_seg, self.patch_row, self.frame_seg, self.frame_start, self.frame_count,
-            json.dumps(self.extra) if self.extra else None,
-        )
+        return (self.id, self.segment, self.row, self.key, self.uri, self.kind, self.size, self.mtime, self.caption,
+                self.width, self.height, self.added_at, self.frame_start, self.frame_count,
+                json.dumps(self.extra, sort_keys=True) if self.extra else None)
+
+
+def row_crc(row: tuple) -> int:
+    return zlib.crc32(repr(row).encode("utf-8", "surrogatepass"))
 
 
 @dataclass
@@ -98,42 +113,91 @@ class Skipped:
     mtime: float | None = None
 
 
+class Visibility:
+    """What one version sees: its segments and, per segment, the sorted rows deleted in it."""
+
+    def __init__(self, deleted: dict[str, np.ndarray] | None = None) -> None:
+        self.deleted: dict[str, np.ndarray] = {s: np.asarray(d, dtype=np.int64) for s, d in (deleted or {}).items()}
+
+    @property
+    def segments(self) -> list[str]:
+        return list(self.deleted)
+
+    def copy(self) -> Visibility:
+        return Visibility({s: d.copy() for s, d in self.deleted.items()})
+
+    def add_segment(self, sid: str) -> None:
+        self.deleted.setdefault(sid, np.zeros(0, np.int64))
+
+    def drop_segment(self, sid: str) -> None:
+        self.deleted.pop(sid, None)
+
+    def delete(self, sid: str, rows: Iterable[int]) -> None:
+        self.deleted[sid] = np.union1d(self.deleted[sid], np.asarray(list(rows), dtype=np.int64))
+
+    def visible(self, sid: str, row: int) -> bool:
+        d = self.deleted.get(sid)
+        if d is None:
+            return False
+        if not len(d):
+            return True
+        i = np.searchsorted(d, row)
+        return not (i < len(d) and d[i] == row)
+
+
 class MetaDB:
-    def __init__(self, conn: sqlite3.Connection, path: Path, readonly: bool) -> None:
+    """The database seen through a ``Visibility`` (a reader's snapshot, or a writer's working view)."""
+
+    def __init__(self, conn: sqlite3.Connection, path: Path, view: Visibility, *, readonly: bool) -> None:
         self.conn = conn
         self.path = path
+        self.view = view
         self.readonly = readonly
+        self._lock = threading.RLock()  # one connection, shared by a server's threads
 
     # ---- opening ----------------------------------------------------------------------------------
     @classmethod
-    def create(cls, path: Path, copy_from: Path | None = None) -> MetaDB:
-        """A writable database at ``path`` (a new file), optionally starting as a copy of ``copy_from``."""
-        if path.exists():
-            path.unlink()
-        conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
-        if copy_from is not None:
-            src = sqlite3.connect(f"file:{copy_from}?mode=ro", uri=True)
-            try:
-                src.backup(conn)
-            finally:
-                src.close()
-        conn.execute("PRAGMA journal_mode=OFF")  # the whole file is new and unpublished until committed
-        conn.execute("PRAGMA synchronous=OFF")
-        conn.executescript(SCHEMA)
-        conn.execute("BEGIN")
-        return cls(conn, path, readonly=False)
+    def open_writer(cls, path: Path, view: Visibility) -> MetaDB:
+        """A read-write connection (created with the schema when missing) holding the write transaction."""
+        try:
+            conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=30)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.executescript(SCHEMA)
+            conn.execute("INSERT OR IGNORE INTO info(k, v) VALUES('schema', ?)", (SCHEMA_VERSION,))
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.DatabaseError as e:
+            raise IndexCorruptedError(f"{path}: unreadable metadata database ({e})") from None
+        return cls(conn, path, view, readonly=False)
 
     @classmethod
-    def open_readonly(cls, path: Path) -> MetaDB:
+    def open_reader(cls, path: Path, view: Visibility) -> MetaDB:
         if not path.is_file():
-            raise FileNotFoundError(path)
-        conn = sqlite3.connect(f"file:{path}?mode=ro&immutable=1", uri=True, check_same_thread=False)
-        return cls(conn, path, readonly=True)
+            raise IndexCorruptedError(f"{path}: missing (the index's metadata database)")
+        try:
+            conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False, timeout=30)
+            conn.execute("SELECT v FROM info WHERE k='schema'").fetchone()
+        except sqlite3.DatabaseError as e:
+            raise IndexCorruptedError(f"{path}: unreadable metadata database ({e})") from None
+        return cls(conn, path, view, readonly=True)
 
-    def commit_and_close(self) -> None:
+    def commit(self) -> None:
         self.conn.execute("COMMIT")
-        self.conn.execute("VACUUM")
-        self.conn.close()
+
+    def rollback(self) -> None:
+        try:
+            self.conn.execute("ROLLBACK")
+        except sqlite3.Error:
+            pass
+
+    def begin(self) -> None:
+        self.conn.execute("BEGIN IMMEDIATE")
+
+    def checkpoint(self) -> None:
+        try:
+            self.conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        except sqlite3.Error:
+            pass
 
     def close(self) -> None:
         try:
@@ -141,138 +205,144 @@ class MetaDB:
         except sqlite3.Error:
             pass
 
-    # ---- info ---------------------------------------------------------------------------------------
-    def get_info(self, k: str, default: str | None = None) -> str | None:
-        row = self.conn.execute("SELECT v FROM info WHERE k=?", (k,)).fetchone()
-        return row[0] if row else default
+    def _q(self, sql: str, params: Sequence[Any] = ()) -> list[tuple]:
+        with self._lock:
+            try:
+                return self.conn.execute(sql, params).fetchall()
+            except sqlite3.DatabaseError as e:
+                raise IndexCorruptedError(f"{self.path}: metadata query failed ({e})") from None
 
-    def set_info(self, k: str, v: Any) -> None:
-        self.conn.execute("INSERT OR REPLACE INTO info(k, v) VALUES(?, ?)", (k, str(v)))
+    # ---- visibility helpers -------------------------------------------------------------------------
+    def _segs_sql(self) -> tuple[str, list[str]]:
+        segs = self.view.segments
+        return ("segment IN (" + ",".join("?" * len(segs)) + ")") if segs else "0", segs
 
-    def next_id(self) -> int:
-        return int(self.get_info("next_id", "0"))
+    def _visible(self, rows: Sequence[tuple], *, seg: int = 1, row: int = 2, make=Item.from_row) -> list:
+        """The rows a version sees (vectorised per segment for long lists)."""
+        if len(rows) < 64:
+            return [make(r) for r in rows if self.view.visible(r[seg], r[row])]
+        keep = np.ones(len(rows), dtype=bool)
+        segs = np.array([r[seg] for r in rows], dtype=object)
+        pos = np.array([r[row] for r in rows], dtype=np.int64)
+        for sid in set(segs.tolist()):
+            d = self.view.deleted.get(sid)
+            m = segs == sid
+            if d is None:
+                keep &= ~m
+            elif len(d):
+                keep[m] &= ~np.isin(pos[m], d)
+        return [make(r) for r, k in zip(rows, keep) if k]
 
-    def reserve_ids(self, n: int) -> list[int]:
-        start = self.next_id()
-        self.set_info("next_id", start + n)
-        return list(range(start, start + n))
-
-    # ---- items --------------------------------------------------------------------------------------
-    def count(self, kind: str | None = None) -> int:
-        if kind:
-            return self.conn.execute("SELECT COUNT(*) FROM items WHERE kind=?", (kind,)).fetchone()[0]
-        return self.conn.execute("SELECT COUNT(*) FROM items").fetchone()[0]
-
-    def count_skipped(self) -> int:
-        return self.conn.execute("SELECT COUNT(*) FROM skipped").fetchone()[0]
-
-    def tombstones(self) -> list[int]:
-        return [r[0] for r in self.conn.execute("SELECT id FROM tombstones ORDER BY id")]
-
-    def upsert_items(self, items: Iterable[Item]) -> None:
+    # ---- writing ------------------------------------------------------------------------------------
+    def insert_items(self, items: Sequence[Item]) -> None:
         rows = [it.to_row() for it in items]
-        self.conn.executemany(
-            f"INSERT OR REPLACE INTO items({', '.join(ITEM_COLUMNS)}) VALUES({', '.join('?' * len(ITEM_COLUMNS))})", rows
-        )
-        self.conn.executemany("DELETE FROM skipped WHERE key=?", [(r[1],) for r in rows])
+        with self._lock:
+            self.conn.executemany(
+                f"INSERT INTO items({', '.join(ITEM_COLUMNS)}, crc) VALUES({', '.join('?' * (len(ITEM_COLUMNS) + 1))})",
+                [(*r, row_crc(r)) for r in rows])
+            self.conn.executemany("DELETE FROM skipped WHERE key=?", [(r[3],) for r in rows])
 
-    def delete_items(self, ids: Sequence[int]) -> None:
-        self.conn.executemany("DELETE FROM items WHERE id=?", [(int(i),) for i in ids])
-
-    def add_tombstones(self, ids: Sequence[int]) -> None:
-        self.conn.executemany("INSERT OR IGNORE INTO tombstones(id) VALUES(?)", [(int(i),) for i in ids])
-
-    def clear_tombstones(self, ids: Sequence[int] | None = None) -> None:
-        if ids is None:
-            self.conn.execute("DELETE FROM tombstones")
-        else:
-            self.conn.executemany("DELETE FROM tombstones WHERE id=?", [(int(i),) for i in ids])
+    def drop_segments(self, sids: Sequence[str]) -> None:
+        with self._lock:
+            self.conn.executemany("DELETE FROM items WHERE segment=?", [(s,) for s in sids])
 
     def record_skipped(self, skipped: Iterable[Skipped]) -> None:
         now = time.time()
-        self.conn.executemany(
-            "INSERT OR REPLACE INTO skipped(key, uri, size, mtime, reason, at) VALUES(?,?,?,?,?,?)",
-            [(s.key, s.uri, s.size, s.mtime, s.reason, now) for s in skipped],
-        )
+        with self._lock:
+            self.conn.executemany(
+                "INSERT OR REPLACE INTO skipped(key, uri, size, mtime, reason, at) VALUES(?,?,?,?,?,?)",
+                [(s.key, s.uri, s.size, s.mtime, s.reason, now) for s in skipped])
 
     def forget_skipped(self, keys: Sequence[str]) -> None:
-        self.conn.executemany("DELETE FROM skipped WHERE key=?", [(k,) for k in keys])
+        with self._lock:
+            self.conn.executemany("DELETE FROM skipped WHERE key=?", [(k,) for k in keys])
+
+    # ---- reading --------------------------------------------------------------------------------------
+    def count(self, kind: str | None = None) -> int:
+        """Visible items (of ``kind``): O(N); the manifest keeps the counts for cheap answers."""
+        return sum(1 for it in self.iter_items() if kind is None or it.kind == kind)
+
+    def count_records(self, sid: str) -> int:
+        return self._q("SELECT COUNT(*) FROM items WHERE segment=?", (sid,))[0][0]
+
+    def count_skipped(self) -> int:
+        return self._q("SELECT COUNT(*) FROM skipped")[0][0]
 
     def skipped(self, limit: int | None = None) -> list[Skipped]:
         q = "SELECT key, uri, reason, size, mtime FROM skipped ORDER BY key"
         if limit:
             q += f" LIMIT {int(limit)}"
-        return [Skipped(*r) for r in self.conn.execute(q)]
+        return [Skipped(*r) for r in self._q(q)]
 
     def items_by_ids(self, ids: Sequence[int]) -> dict[int, Item]:
         out: dict[int, Item] = {}
-        ids = [int(i) for i in ids if i >= 0]
+        ids = [int(i) for i in ids if int(i) >= 0]
+        cond, segs = self._segs_sql()
         for start in range(0, len(ids), 900):
             chunk = ids[start : start + 900]
-            q = f"SELECT {', '.join(ITEM_COLUMNS)} FROM items WHERE id IN ({','.join('?' * len(chunk))})"
-            for row in self.conn.execute(q, chunk):
-                out[row[0]] = Item.from_row(row)
+            rows = self._q(f"{_SELECT} WHERE id IN ({','.join('?' * len(chunk))}) AND {cond}", [*chunk, *segs])
+            for it in self._visible(rows):
+                out[it.id] = it
+        return out
+
+    def items_by_keys(self, keys: Sequence[str]) -> dict[str, Item]:
+        out: dict[str, Item] = {}
+        keys = list(keys)
+        cond, segs = self._segs_sql()
+        for start in range(0, len(keys), 900):
+            chunk = keys[start : start + 900]
+            rows = self._q(f"{_SELECT} WHERE key IN ({','.join('?' * len(chunk))}) AND {cond}", [*chunk, *segs])
+            for it in self._visible(rows):
+                out[it.key] = it
         return out
 
     def item_by_key(self, key: str) -> Item | None:
-        row = self.conn.execute(f"SELECT {', '.join(ITEM_COLUMNS)} FROM items WHERE key=?", (key,)).fetchone()
-        return Item.from_row(row) if row else None
+        return self.items_by_keys([key]).get(key)
 
     def items_by_uri(self, uri: str) -> list[Item]:
-        rows = self.conn.execute(f"SELECT {', '.join(ITEM_COLUMNS)} FROM items WHERE uri=?", (uri,)).fetchall()
-        return [Item.from_row(r) for r in rows]
+        cond, segs = self._segs_sql()
+        return self._visible(self._q(f"{_SELECT} WHERE uri=? AND {cond}", [uri, *segs]))
 
-    def fingerprints(self) -> dict[str, tuple[int, int | None, float | None, str, str | None]]:
-        """key -> (id, size, mtime, uri, caption) of every item."""
-        return {k: (i, s, m, u, c) for i, k, s, m, u, c in self.conn.execute("SELECT id, key, size, mtime, uri, caption FROM items")}
-
-    def skipped_fingerprints(self) -> dict[str, tuple[int | None, float | None]]:
-        return {k: (s, m) for k, s, m in self.conn.execute("SELECT key, size, mtime FROM skipped")}
+    def iter_items(self, batch: int = 10000) -> Iterator[Item]:
+        """Every visible item, by id."""
+        cond, segs = self._segs_sql()
+        with self._lock:
+            cur = self.conn.execute(f"{_SELECT} WHERE {cond} ORDER BY id", segs)
+            rows = cur.fetchall()
+        yield from self._visible(rows)
 
     def all_ids(self) -> list[int]:
-        return [r[0] for r in self.conn.execute("SELECT id FROM items ORDER BY id")]
+        return [it.id for it in self.iter_items()]
 
-    def iter_items(self, batch: int = 10000):
-        cur = self.conn.execute(f"SELECT {', '.join(ITEM_COLUMNS)} FROM items ORDER BY id")
-        while True:
-            rows = cur.fetchmany(batch)
-            if not rows:
-                return
-            for r in rows:
-                yield Item.from_row(r)
+    def fingerprints(self) -> dict[str, tuple[int, int | None, float | None, str, str | None]]:
+        """key -> (id, size, mtime, uri, caption) of every visible item (one pass; for ``index add``)."""
+        cond, segs = self._segs_sql()
+        rows = self._q(f"SELECT id, segment, row, key, size, mtime, uri, caption FROM items WHERE {cond}", segs)
+        return {r[3]: (r[0], r[4], r[5], r[6], r[7]) for r in self._visible(rows, make=tuple)}
 
-    def patch_segments(self) -> list[str]:
-        return [r[0] for r in self.conn.execute("SELECT DISTINCT patch_seg FROM items WHERE patch_seg IS NOT NULL")]
-
-    def frame_spans(self, ids: Sequence[int]) -> dict[int, tuple[str | None, int | None, int | None, str | None]]:
-        """id -> (frame_seg, frame_start, frame_count, extra JSON): the lookups the frames reranker needs,
-        without building Item objects."""
-        out = {}
-        ids = [int(i) for i in ids]
-        for start in range(0, len(ids), 900):
-            chunk = ids[start : start + 900]
-            q = f"SELECT id, frame_seg, frame_start, frame_count, extra FROM items WHERE id IN ({','.join('?' * len(chunk))})"
-            for r in self.conn.execute(q, chunk):
-                out[r[0]] = r[1:]
-        return out
+    def skipped_fingerprints(self) -> dict[str, tuple[int | None, float | None]]:
+        return {k: (s, m) for k, s, m in self._q("SELECT key, size, mtime FROM skipped")}
 
     def frame_item_ids(self, video_keys: Sequence[str]) -> list[int]:
-        """Ids of the per-frame entries (kind 'frame') of these videos."""
+        """Ids of the visible per-frame entries (kind 'frame') of these videos."""
+        cond, segs = self._segs_sql()
         out: list[int] = []
         for k in video_keys:
-            out += [r[0] for r in self.conn.execute(
-                "SELECT id FROM items WHERE kind='frame' AND json_extract(extra, '$.video')=?", (k,))]
+            rows = self._q(f"SELECT id, segment, row FROM items WHERE kind='frame' AND "
+                           f"json_extract(extra, '$.video')=? AND {cond}", [k, *segs])
+            out += [r[0] for r in self._visible(rows, make=tuple)]
         return out
 
-    def frame_segments(self) -> list[str]:
-        return [r[0] for r in self.conn.execute("SELECT DISTINCT frame_seg FROM items WHERE frame_seg IS NOT NULL")]
+    def rows_of(self, sid: str) -> list[tuple]:
+        """Every metadata row of segment ``sid`` with its stored checksum (compaction, verification)."""
+        return self._q(f"SELECT {', '.join(ITEM_COLUMNS)}, crc FROM items WHERE segment=? ORDER BY row", (sid,))
 
 
 def resolve_item(meta: MetaDB, k: int | str, where) -> int:
     """The id of an item named by ``k``: an int is an id; a string is ``id:N``, ``key:K``, a key, a number
     (an id), or a file path. A bare number that is the key of one item and the id of another is refused
     as ambiguous. Raises ``ItemNotFoundError`` naming ``where`` (the index)."""
-    if isinstance(k, int) or (hasattr(k, "dtype") and getattr(k.dtype, "kind", "") in "iu"):
+    if isinstance(k, (int, np.integer)) and not isinstance(k, bool):
         return int(k)
     s = str(k)
     if s.startswith("id:") and s[3:].lstrip("-").isdigit():
@@ -300,3 +370,6 @@ def resolve_item(meta: MetaDB, k: int | str, where) -> int:
     if it is None:
         raise ItemNotFoundError(f"no item {s!r} in index {where} (give an id, a key or a file path)")
     return it.id
+
+
+__all__ = ["Item", "Skipped", "Visibility", "MetaDB", "resolve_item", "row_crc", "ITEM_COLUMNS"]

@@ -1,21 +1,22 @@
 """Side-stores kept beside the vectors, and the patch projection, in one place.
 
-- **Patch features** (for the EMD reranker): fp16 ``(rows, P, Dp)`` segments ``patches-<version>-NNN.npy``,
-  memory-mapped by readers; an item records its segment and row. ``patches={"dim": D}`` stores them
-  projected to fewer dimensions by a fixed random orthogonal matrix (``patch_proj.npy``, stored with
-  the index so queries are projected the same way).
-- **Frames** of videos: fp16 ``(T, D)`` rows ``frames-<version>.npy`` with their timestamps in
-  ``frames-<version>.ts.npy``; an item records its segment, first row and row count.
+- **Patch features** (for the EMD reranker): fp16 ``(rows, P, Dp)`` in each segment's ``patches.npy``,
+  one row per vector row, memory-mapped by readers. ``patches={"dim": D}`` stores them projected to
+  fewer dimensions by a fixed random orthogonal matrix (``patch_proj.npy`` at the index root, so
+  queries are projected the same way).
+- **Frames** of videos: fp16 ``(T, D)`` rows in each segment's ``frames.npy`` with their timestamps in
+  ``frames_ts.npy``; a video's item records its first frame row and frame count.
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 
-from mmretrieve.errors import BadVectorsError, UsageError
+from mmretrieve.errors import UsageError
+
+PROJECTION = "patch_proj.npy"
 
 
 def patch_config(encoder, patches: bool | dict) -> dict | None:
@@ -49,10 +50,10 @@ def make_projection(cfg: dict) -> np.ndarray:
     return q.astype(np.float32)
 
 
-def load_projection(folder: Path, cfg: dict | None) -> np.ndarray | None:
+def load_projection(root: Path, cfg: dict | None) -> np.ndarray | None:
     if not cfg or not cfg.get("projection"):
         return None
-    return np.load(Path(folder) / cfg["projection"], allow_pickle=False)
+    return np.load(Path(root) / PROJECTION, allow_pickle=False)
 
 
 def project_patches(P: np.ndarray, proj: np.ndarray | None) -> np.ndarray:
@@ -64,88 +65,4 @@ def project_patches(P: np.ndarray, proj: np.ndarray | None) -> np.ndarray:
     return P / np.maximum(np.linalg.norm(P, axis=-1, keepdims=True), 1e-12)
 
 
-class PatchSegments:
-    """Writes fp16 patch segments into a version folder, each opened with room to spare and trimmed on close."""
-
-    def __init__(self, folder: Path, version: str) -> None:
-        self.folder, self.version = Path(folder), version
-        self._seg: np.memmap | None = None
-        self._name: str | None = None
-        self._rows = 0
-
-    def begin(self, capacity: int, n_patches: int, patch_dim: int) -> None:
-        from numpy.lib.format import open_memmap
-
-        self.close()
-        existing = [f for f in os.listdir(self.folder) if f.startswith("patches-")]
-        self._name = f"patches-{self.version}-{len(existing):03d}.npy"
-        self._seg = open_memmap(self.folder / self._name, mode="w+", dtype=np.float16,
-                                shape=(max(capacity, 1), n_patches, patch_dim))
-        self._rows = 0
-
-    def write(self, patches: np.ndarray) -> tuple[str, int]:
-        """Store ``patches`` (n, P, Dp); returns (segment name, first row)."""
-        n = len(patches)
-        if self._seg is None or self._rows + n > self._seg.shape[0]:
-            self.begin(max(n, 1024), patches.shape[1], patches.shape[2])
-        first = self._rows
-        self._seg[first : first + n] = patches.astype(np.float16)
-        self._rows += n
-        return self._name, first
-
-    def close(self) -> None:
-        """Flush the open segment, trimmed to the rows used."""
-        if self._seg is None:
-            return
-        seg, used = self._seg, self._rows
-        self._seg = None
-        seg.flush()
-        path = self.folder / self._name
-        if used < seg.shape[0]:
-            if used == 0:
-                del seg
-                path.unlink()
-            else:
-                tmp = path.with_suffix(".trim.npy")
-                np.save(tmp, np.asarray(seg[:used]))
-                del seg
-                os.replace(tmp, path)
-        else:
-            del seg
-
-
-class FrameStore:
-    """Collects the per-frame embeddings of one write's videos; ``write`` saves them as one segment."""
-
-    def __init__(self, version: str, dim: int) -> None:
-        self.segment = f"frames-{version}.npy"
-        self.dim = dim
-        self._emb: list[np.ndarray] = []
-        self._ts: list[np.ndarray] = []
-        self._rows = 0
-
-    def add(self, emb: np.ndarray, ts: np.ndarray, uri: str) -> tuple[str, int, int]:
-        """Store one video's frames; returns (segment, first row, count)."""
-        emb = np.asarray(emb, dtype=np.float32)
-        if emb.ndim != 2 or emb.shape[1] != self.dim or len(ts) != len(emb):
-            raise BadVectorsError(f"frames of {uri}: expected ({len(ts)}, {self.dim}) embeddings, got {emb.shape}")
-        first = self._rows
-        self._emb.append(emb.astype(np.float16))
-        self._ts.append(np.asarray(ts, dtype=np.float32))
-        self._rows += len(emb)
-        return self.segment, first, len(emb)
-
-    def write(self, folder: Path) -> None:
-        if not self._emb:
-            return
-        for arr, suffix in ((np.concatenate(self._emb), ".npy"), (np.concatenate(self._ts), ".ts.npy")):
-            with open(Path(folder) / self.segment.replace(".npy", suffix), "wb") as fh:
-                np.save(fh, arr, allow_pickle=False)
-
-
-def timestamps_file(frame_segment: str) -> str:
-    return frame_segment.replace(".npy", ".ts.npy")
-
-
-__all__ = ["patch_config", "make_projection", "load_projection", "project_patches", "PatchSegments", "FrameStore",
-           "timestamps_file"]
+__all__ = ["patch_config", "make_projection", "load_projection", "project_patches", "PROJECTION"]

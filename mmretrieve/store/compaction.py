@@ -1,0 +1,178 @@
+"""Compaction: merge segments, dropping deleted rows (``mmretrieve index compact``; automatic after writes).
+
+**Tiered policy.** A segment's tier is ``floor(log10(live rows))``. When a tier holds ``MERGE_FACTOR``
+(10) segments, they are merged into one (which lands a tier up). A row is therefore rewritten at most
+once per tier: at most ``ceil(log10 N) + 1`` times over its life at N rows (6 at a million, counting the
+first write), and at most 9 segments stay per tier, so a search fans out over at most ``9 * (tiers)``
+segments. A segment with half or more of its rows deleted is rewritten on its own (its live rows
+only; dropped when none is left).
+
+A merge streams the live rows of its segments into a new segment (vectors, ids, patches, frames; FAISS
+segments by ``merge_from`` for IVF, rebuilt from their stored vectors otherwise) and copies their
+metadata rows with the new positions, so ids, keys and results stay exactly as they were.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import uuid
+from collections import defaultdict
+from dataclasses import replace
+
+import numpy as np
+
+from mmretrieve.store import io
+from mmretrieve.store.layout import SEGMENTS, segment_dir
+from mmretrieve.store.meta import Item
+from mmretrieve.store.segments import SegmentFiles, is_ivf, segment_index
+
+MERGE_FACTOR = 10
+DELETED_SHARE = 0.5
+CHUNK = 65_536
+
+
+def tier(entry: dict) -> int:
+    return int(math.floor(math.log10(max(int(entry["rows"]) - int(entry["deleted"]), 1))))
+
+
+def plan(segments: list[dict], factor: int = MERGE_FACTOR) -> list[list[dict]]:
+    """The merges the tiered policy asks for now (each a list of segment entries)."""
+    groups, used = [], set()
+    for e in segments:
+        if int(e["rows"]) and int(e["deleted"]) / int(e["rows"]) >= DELETED_SHARE:
+            groups.append([e])
+            used.add(e["id"])
+    by_tier: dict[int, list[dict]] = defaultdict(list)
+    for e in segments:
+        if e["id"] not in used:
+            by_tier[tier(e)].append(e)
+    for t in sorted(by_tier):
+        segs = by_tier[t]
+        while len(segs) >= factor:
+            groups.append(segs[:factor])
+            segs = segs[factor:]
+    return groups
+
+
+def write_amplification_bound(n_rows: int) -> int:
+    """How many times, at most, the policy writes a row of an index of ``n_rows`` rows (the first write included)."""
+    return int(math.ceil(math.log10(max(n_rows, 10)))) + 1
+
+
+def _live(seg: SegmentFiles) -> np.ndarray:
+    return np.setdiff1d(np.arange(seg.rows, dtype=np.int64), seg.deleted, assume_unique=True)
+
+
+def merge_segments(writer, group: list[dict], sid: str) -> dict | None:
+    """Write the live rows of ``group`` as segment ``sid`` and insert their metadata rows; returns its
+    manifest entry (None when no row is live)."""
+    segs = [SegmentFiles(writer.path, e, check="none") for e in group]
+    lives = [_live(s) for s in segs]
+    total = int(sum(len(x) for x in lives))
+    if not total:
+        return None
+    records, frame_rows = _remap_rows(writer, segs, lives, sid)
+    tmp = writer.path / SEGMENTS / f".{sid}.{uuid.uuid4().hex[:8]}.tmp"
+    tmp.mkdir(parents=True)
+    try:
+        files = {"ids.npy": io.write_npy(tmp / "ids.npy", np.concatenate([s.ids[r] for s, r in zip(segs, lives)]))}
+        if writer.flat:
+            files["vectors.npy"] = _stream(tmp / "vectors.npy", segs, lives, "vectors.npy", writer.manifest["vector_dtype"])
+        else:
+            files["index.faiss"] = io.write_faiss(tmp / "index.faiss", _merged_faiss(writer, segs, lives))
+        if writer.patch_cfg and all((s.dir / "patches.npy").exists() for s in segs):
+            files["patches.npy"] = _stream(tmp / "patches.npy", segs, lives, "patches.npy", "float16")
+        if frame_rows:
+            files.update(_frames(tmp, segs, records, frame_rows))
+        io.fsync_dir(tmp)
+        os.rename(tmp, segment_dir(writer.path, sid))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    writer._written.append(sid)
+    writer.meta.insert_items([it for it, _ in records])
+    with writer.meta._lock:
+        writer.meta.conn.execute("INSERT OR REPLACE INTO info(k, v) VALUES(?, ?)", (f"segment:{sid}", writer.version))
+    return {"id": sid, "kind": group[0]["kind"], "dtype": group[0].get("dtype"), "rows": total, "frames": frame_rows,
+            "deleted": 0, "deletions": None, "files": files}
+
+
+def _remap_rows(writer, segs, lives, sid) -> tuple[list[tuple[Item, tuple[str, int]]], int]:
+    """The merged segment's metadata rows (new row and frame positions) with where each one's frames were."""
+    out, row, frame_rows = [], 0, 0
+    for s, live in zip(segs, lives):
+        keep = set(live.tolist())
+        for r in writer.meta.rows_of(s.sid):
+            if r[2] not in keep:
+                continue
+            it = Item.from_row(r[:-1])
+            src = (s.sid, it.frame_start)
+            it = replace(it, segment=sid, row=row)
+            if it.frame_count:
+                it.frame_start, frame_rows = frame_rows, frame_rows + int(it.frame_count)
+            out.append((it, src))
+            row += 1
+    return out, frame_rows
+
+
+def _stream(path, segs, lives, name: str, dtype: str) -> dict:
+    first = segs[0].array(name)
+    out = io.NpyStream(path, dtype, (int(sum(len(x) for x in lives)), *first.shape[1:]))
+    try:
+        for s, live in zip(segs, lives):
+            arr = s.array(name)
+            for c in range(0, len(live), CHUNK):
+                out.write(np.asarray(arr[live[c : c + CHUNK]], dtype=dtype))
+        return out.close()
+    except BaseException:
+        out.abort()
+        raise
+
+
+def _frames(tmp, segs, records, frame_rows) -> dict:
+    by_sid = {s.sid: s for s in segs}
+    dim = segs[0].array("frames.npy").shape[1] if (segs[0].dir / "frames.npy").exists() else None
+    if dim is None:
+        dim = next(by_sid[src[0]].array("frames.npy").shape[1] for it, src in records if it.frame_count)
+    emb = io.NpyStream(tmp / "frames.npy", "float16", (frame_rows, dim))
+    ts = io.NpyStream(tmp / "frames_ts.npy", "float32", (frame_rows,))
+    try:
+        for it, (old_sid, old_start) in records:
+            if it.frame_count:
+                s = by_sid[old_sid]
+                sl = slice(int(old_start), int(old_start) + int(it.frame_count))
+                emb.write(s.array("frames.npy")[sl])
+                ts.write(s.array("frames_ts.npy")[sl])
+        return {"frames.npy": emb.close(), "frames_ts.npy": ts.close()}
+    except BaseException:
+        emb.abort()
+        ts.abort()
+        raise
+
+
+def _merged_faiss(writer, segs, lives):
+    """IVF: the segments' lists merged (codes copied), deleted ids removed; others rebuilt from the
+    stored vectors (HNSW graphs cannot be merged)."""
+    import faiss
+
+    template = writer.template()
+    if is_ivf(template):
+        out = faiss.clone_index(template)
+        faiss.extract_index_ivf(out).set_direct_map_type(faiss.DirectMap.NoMap)
+        for s, live in zip(segs, lives):
+            idx = faiss.clone_index(s.faiss_index())
+            faiss.extract_index_ivf(idx).set_direct_map_type(faiss.DirectMap.NoMap)
+            dead = np.setdiff1d(s.ids[:], s.ids[live])
+            if len(dead):
+                idx.remove_ids(faiss.IDSelectorBatch(np.ascontiguousarray(dead, dtype=np.int64)))
+            out.merge_from(idx, 0)
+        faiss.extract_index_ivf(out).set_direct_map_type(faiss.DirectMap.Hashtable)
+        return out
+    ids = np.concatenate([s.ids[r] for s, r in zip(segs, lives)])
+    vecs = np.concatenate([s.vectors(r) for s, r in zip(segs, lives)])
+    return segment_index(template, vecs, ids)
+
+
+__all__ = ["plan", "merge_segments", "tier", "write_amplification_bound", "MERGE_FACTOR", "DELETED_SHARE"]

@@ -1,0 +1,278 @@
+"""Segments: one write's batch of rows, immutable once written (see ``layout`` for the files).
+
+``SegmentBuilder`` buffers a segment's rows in memory and writes its files through the hashing writer
+into a temp folder that is renamed into ``segments/`` (a crash leaves a folder no manifest lists, which
+the next writer collects). ``SegmentFiles`` opens a written segment for reading: arrays memory-mapped,
+headers and sizes checked against the manifest entry (``check="fast"``), or every byte against its
+sha256 (``check="full"``).
+
+Kinds: ``flat`` (raw fp32 / fp16 vectors, scanned with BLAS) and ``faiss`` (any other factory: the
+segment's own FAISS index, cloned from the index's trained template, holding external ids).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mmretrieve.errors import IndexCorruptedError, UsageError
+from mmretrieve.store import io
+from mmretrieve.store.layout import SEGMENTS, crash_point, segment_dir
+
+
+def is_flat_factory(factory: str) -> bool:
+    return factory.strip().lower() == "flat"
+
+
+def _faiss():
+    import faiss
+
+    return faiss
+
+
+def metric_type(metric: str):
+    faiss = _faiss()
+    if metric == "ip":
+        return faiss.METRIC_INNER_PRODUCT
+    if metric == "l2":
+        return faiss.METRIC_L2
+    raise UsageError(f"unknown metric {metric!r} (expected 'ip' or 'l2')")
+
+
+def new_template(dim: int, factory: str, metric: str = "ip"):
+    """The empty FAISS index of a non-Flat factory (trained later when it needs training)."""
+    faiss = _faiss()
+    factory = factory.strip()
+    if factory.upper().startswith("IDMAP"):
+        raise UsageError("give the factory without IDMap: mmretrieve keeps the ids itself")
+    try:
+        return faiss.index_factory(int(dim), factory, metric_type(metric))
+    except RuntimeError as e:
+        raise UsageError(f"invalid FAISS factory string {factory!r}: {str(e).splitlines()[-1]}") from None
+
+
+def is_ivf(index) -> bool:
+    faiss = _faiss()
+    try:
+        faiss.extract_index_ivf(index)
+        return True
+    except RuntimeError:
+        return False
+
+
+def train_template(template, vectors: np.ndarray, factory: str):
+    if template.is_trained:
+        return template
+    try:
+        template.train(np.ascontiguousarray(vectors, dtype=np.float32))
+    except RuntimeError as e:
+        raise UsageError(
+            f"FAISS factory {factory!r} could not be trained on {len(vectors)} vectors: {str(e).strip().splitlines()[-1]}. "
+            "Use fewer clusters / a smaller PQ, or 'Flat' for small collections") from None
+    return template
+
+
+def segment_index(template, vectors: np.ndarray, ids: np.ndarray):
+    """A segment's FAISS index: a clone of the trained template holding ``vectors`` under ``ids``. IVF
+    keeps ids natively (with a direct map, so vectors can be read back); others go in an IDMap2."""
+    faiss = _faiss()
+    idx = faiss.clone_index(template)
+    if is_ivf(idx):
+        faiss.extract_index_ivf(idx).set_direct_map_type(faiss.DirectMap.Hashtable)
+        idx.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), np.ascontiguousarray(ids, dtype=np.int64))
+        return idx
+    idx = faiss.IndexIDMap2(idx)
+    if len(vectors):
+        idx.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), np.ascontiguousarray(ids, dtype=np.int64))
+    return idx
+
+
+class SegmentBuilder:
+    """The rows of one new segment, buffered until ``write``."""
+
+    def __init__(self, sid: str, dim: int, *, kind: str = "flat", dtype: str = "float32",
+                 patch_shape: tuple[int, int] | None = None) -> None:
+        self.sid, self.dim, self.kind, self.dtype = sid, int(dim), kind, dtype
+        self.patch_shape = patch_shape
+        self._ids: list[np.ndarray] = []
+        self._vecs: list[np.ndarray] = []
+        self._patches: list[np.ndarray] = []
+        self._frames: list[np.ndarray] = []
+        self._ts: list[np.ndarray] = []
+        self.rows = 0
+        self.frame_rows = 0
+        self.nbytes = 0
+
+    def add(self, ids: np.ndarray, vectors: np.ndarray, patches: np.ndarray | None = None) -> int:
+        """Buffer rows; returns the first row number they got."""
+        first = self.rows
+        self._ids.append(np.asarray(ids, dtype=np.int64))
+        self._vecs.append(np.asarray(vectors, dtype=np.float32))
+        if self.patch_shape is not None:
+            if patches is None:
+                raise UsageError("this index stores patch features: every added row needs its patches")
+            self._patches.append(np.asarray(patches, dtype=np.float16))
+        self.rows += len(ids)
+        self.nbytes += self._vecs[-1].nbytes + (self._patches[-1].nbytes if self._patches else 0)
+        return first
+
+    def add_frames(self, emb: np.ndarray, ts: np.ndarray) -> int:
+        """Buffer one video's frames; returns their first frame row."""
+        first = self.frame_rows
+        self._frames.append(np.asarray(emb, dtype=np.float16))
+        self._ts.append(np.asarray(ts, dtype=np.float32))
+        self.frame_rows += len(emb)
+        self.nbytes += self._frames[-1].nbytes
+        return first
+
+    def vectors(self) -> np.ndarray:
+        return np.concatenate(self._vecs) if self._vecs else np.zeros((0, self.dim), np.float32)
+
+    def write(self, root: Path, *, template=None) -> dict[str, Any]:
+        """Write the segment's files and move them into ``segments/<sid>``; returns its manifest entry."""
+        tmp = root / SEGMENTS / f".{self.sid}.{uuid.uuid4().hex[:8]}.tmp"
+        tmp.mkdir(parents=True)
+        try:
+            crash_point("before-index-write")
+            ids = np.concatenate(self._ids) if self._ids else np.zeros(0, np.int64)
+            files = {"ids.npy": io.write_npy(tmp / "ids.npy", ids)}
+            vecs = self.vectors()
+            if self.kind == "flat":
+                files["vectors.npy"] = io.write_npy(tmp / "vectors.npy", vecs.astype(self.dtype, copy=False))
+            else:
+                files["index.faiss"] = io.write_faiss(tmp / "index.faiss", segment_index(template, vecs, ids))
+            if self.patch_shape is not None:
+                pat = np.concatenate(self._patches) if self._patches else np.zeros((0, *self.patch_shape), np.float16)
+                files["patches.npy"] = io.write_npy(tmp / "patches.npy", pat)
+            if self._frames:
+                files["frames.npy"] = io.write_npy(tmp / "frames.npy", np.concatenate(self._frames))
+                files["frames_ts.npy"] = io.write_npy(tmp / "frames_ts.npy", np.concatenate(self._ts))
+            crash_point("after-index-write")
+            io.fsync_dir(tmp)
+            crash_point("before-version-rename")
+            os.rename(tmp, segment_dir(root, self.sid))
+            io.fsync_dir(root / SEGMENTS)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return {"id": self.sid, "kind": self.kind, "dtype": self.dtype if self.kind == "flat" else None,
+                "rows": self.rows, "frames": self.frame_rows, "deleted": 0, "deletions": None, "files": files}
+
+
+def write_deletions(root: Path, sid: str, version: str, rows: np.ndarray) -> tuple[str, dict]:
+    """A segment's deletion file for ``version`` (sorted rows): (file name, its size + sha256)."""
+    name = f"del-{version}.npy"
+    return name, io.write_npy(segment_dir(root, sid) / name, np.asarray(rows, dtype=np.int64))
+
+
+# ---- reading --------------------------------------------------------------------------------------
+def _npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype, int]:
+    with open(path, "rb") as fh:
+        major, _ = np.lib.format.read_magic(fh)
+        read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read(fh)
+        return shape, dtype, fh.tell()
+
+
+class SegmentFiles:
+    """A written segment opened for reading (arrays memory-mapped on first use)."""
+
+    def __init__(self, root: Path, entry: dict[str, Any], *, check: str = "fast") -> None:
+        self.root, self.entry = Path(root), entry
+        self.sid, self.kind, self.rows = entry["id"], entry["kind"], int(entry["rows"])
+        self.dir = segment_dir(self.root, self.sid)
+        if check != "none":
+            self.check(full=check == "full")
+        self._cache: dict[str, Any] = {}
+
+    def files(self) -> dict[str, dict]:
+        out = dict(self.entry["files"])
+        if self.entry.get("deletions"):
+            out[self.entry["deletions"]] = self.entry["deletions_file"]
+        return out
+
+    def check(self, *, full: bool = False) -> None:
+        """Sizes and npy headers against the manifest entry; with ``full``, every byte's sha256."""
+        for name, info in self.files().items():
+            p = self.dir / name
+            try:
+                size = p.stat().st_size
+            except FileNotFoundError:
+                raise IndexCorruptedError(f"{p}: missing (listed in the manifest)") from None
+            if size != info["bytes"]:
+                raise IndexCorruptedError(f"{p}: size {size} bytes, manifest says {info['bytes']} (truncated or replaced?)")
+            if name.endswith(".npy"):
+                try:
+                    shape, dtype, offset = _npy_header(p)
+                except (ValueError, OSError) as e:
+                    raise IndexCorruptedError(f"{p}: not a valid .npy file ({e})") from None
+                if offset + int(np.prod(shape)) * dtype.itemsize != size:
+                    raise IndexCorruptedError(f"{p}: {size} bytes, its header promises {offset + int(np.prod(shape)) * dtype.itemsize} "
+                                              "(truncated?)")
+                want = self.entry.get("frames") if name.startswith("frames") else (None if name.startswith("del-") else self.rows)
+                if want is not None and (not shape or shape[0] != want):
+                    raise IndexCorruptedError(f"{p}: {shape[0] if shape else 0} rows, manifest says {want}")
+            if full and io.sha256_file(p) != info["sha256"]:
+                raise IndexCorruptedError(f"{p}: sha256 does not match the manifest (file corrupted or modified)")
+
+    def array(self, name: str, *, mmap: bool = True) -> np.ndarray:
+        arr = self._cache.get(name)
+        if arr is None:
+            try:
+                arr = np.load(self.dir / name, mmap_mode="c" if mmap else None, allow_pickle=False)
+            except (ValueError, OSError) as e:
+                raise IndexCorruptedError(f"{self.dir / name}: unreadable ({e})") from None
+            self._cache[name] = arr
+        return arr
+
+    @property
+    def ids(self) -> np.ndarray:
+        return self.array("ids.npy")
+
+    @property
+    def deleted(self) -> np.ndarray:
+        name = self.entry.get("deletions")
+        return self.array(name, mmap=False) if name else np.zeros(0, np.int64)
+
+    def faiss_index(self):
+        idx = self._cache.get("index.faiss")
+        if idx is None:
+            faiss = _faiss()
+            try:
+                idx = faiss.read_index(str(self.dir / "index.faiss"))
+            except RuntimeError as e:
+                raise IndexCorruptedError(f"{self.dir / 'index.faiss'}: FAISS cannot read it "
+                                          f"({str(e).strip().splitlines()[-1]})") from None
+            if is_ivf(idx) and faiss.extract_index_ivf(idx).direct_map.type == faiss.DirectMap.NoMap:
+                faiss.extract_index_ivf(idx).set_direct_map_type(faiss.DirectMap.Hashtable)
+            self._cache["index.faiss"] = idx
+        return idx
+
+    def vectors(self, rows: np.ndarray) -> np.ndarray:
+        """Stored vectors of ``rows`` (float32; FAISS segments reconstruct them by id)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if self.kind == "flat":
+            return np.asarray(self.array("vectors.npy")[rows], dtype=np.float32)
+        idx = self.faiss_index()
+        out = np.zeros((len(rows), int(idx.d)), np.float32)
+        for j, r in enumerate(rows):
+            out[j] = idx.reconstruct(int(self.ids[r]))
+        return out
+
+    def exact(self) -> bool:
+        """Whether ``vectors`` returns the stored embeddings exactly (Flat fp32, HNSW-Flat)."""
+        if self.kind == "flat":
+            return self.entry.get("dtype", "float32") == "float32"
+        faiss = _faiss()
+        inner = faiss.downcast_index(self.faiss_index().index) if hasattr(self.faiss_index(), "id_map") else self.faiss_index()
+        return isinstance(inner, faiss.IndexFlat) or (
+            hasattr(inner, "hnsw") and isinstance(faiss.downcast_index(inner.storage), faiss.IndexFlat))
+
+
+__all__ = ["SegmentBuilder", "SegmentFiles", "write_deletions", "new_template", "train_template", "segment_index",
+           "is_flat_factory", "is_ivf", "metric_type"]
