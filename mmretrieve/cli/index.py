@@ -40,8 +40,71 @@ def cmd_build(args) -> int:
         args.name, args.source, encoder=args.encoder, index_dir=args.index_dir, factory=args.factory,
         patches=_patches_arg(args), video={k: v for k, v in video.items() if v is not None}, overwrite=args.overwrite,
         batch_size=args.batch_size, workers=args.workers, on_bad_vectors=args.on_bad_vectors, strict=args.strict,
+        vector_dtype=args.vector_dtype, retain=args.retain,
     )
     return _report_out(report, args)
+
+
+def cmd_import(args) -> int:
+    from mmretrieve.ingest import import_embeddings
+
+    report = import_embeddings(args.name, args.source, encoder=args.encoder, index_dir=args.index_dir, keys=args.keys,
+                               normalize=args.normalize, on_bad_vectors=args.on_bad_vectors, factory=args.factory,
+                               vector_dtype=args.vector_dtype)
+    return _report_out(report, args)
+
+
+def cmd_compact(args) -> int:
+    from mmretrieve.store import compact_index
+
+    m = compact_index(args.name, index_dir=args.index_dir, everything=args.all)
+    if args.json:
+        out_json({"version": m["version"], "segments": len(m["segments"])} if m else {"version": None})
+    elif m is None:
+        print("nothing to merge")
+    else:
+        print(f"published {m['version']}: {len(m['segments'])} segment(s), {m['counts']['items']} items, "
+              f"{m['counts']['tombstones']} deleted rows left")
+    return EXIT_OK
+
+
+def cmd_verify(args) -> int:
+    from mmretrieve.store import verify_index
+
+    res = verify_index(args.name, index_dir=args.index_dir, version=args.version, all_versions=args.all)
+    rows = res if isinstance(res, list) else [res]
+    if args.json:
+        out_json(rows)
+    else:
+        for r in rows:
+            print(f"{r['version']}: ok ({r['segments']} segment(s), {r['files']} files, {r['bytes'] / 1e6:.2f} MB, "
+                  f"{r['rows']} metadata rows checked)")
+    return EXIT_OK
+
+
+def cmd_versions(args) -> int:
+    from mmretrieve.store import index_versions
+
+    rows = index_versions(args.name, index_dir=args.index_dir)
+    if args.json:
+        out_json(rows)
+        return EXIT_OK
+    import time as _time
+
+    for r in rows:
+        when = _time.strftime("%Y-%m-%d %H:%M:%S", _time.localtime(r["updated_at"])) if r.get("updated_at") else "?"
+        flag = "  (live)" if r["live"] else ""
+        print(f"{r['version']}  {when}  {r.get('items', '?'):>9} items  {r.get('segments', '?'):>3} segment(s)  "
+              f"{r.get('operation') or ''}{flag}" if "error" not in r else f"{r['version']}  unreadable: {r['error']}")
+    return EXIT_OK
+
+
+def cmd_rollback(args) -> int:
+    from mmretrieve.store import rollback_index
+
+    m = rollback_index(args.name, args.to, index_dir=args.index_dir)
+    print(f"published {m['version']}: the content of {m['operation'].split()[-1]} ({m['counts']['items']} items)")
+    return EXIT_OK
 
 
 def cmd_add(args) -> int:
@@ -63,7 +126,8 @@ def cmd_rm(args) -> int:
 def cmd_info(args) -> int:
     from mmretrieve.index import open_index
 
-    idx = open_index(args.name, index_dir=args.index_dir, verify=not args.no_verify)
+    idx = open_index(args.name, index_dir=args.index_dir, verify="none" if args.no_verify else "fast",
+                     version=args.version)
     info = idx.info()
     if args.skipped:
         info["skipped_items"] = [{"key": s.key, "uri": s.uri, "reason": s.reason} for s in idx.meta.skipped()]
@@ -79,6 +143,7 @@ def cmd_info(args) -> int:
     print(f"faiss     {info['factory']} ({info['faiss']}), metric {info['metric']}")
     print(f"items     {c['items']} ({c['images']} images, {c['videos']} videos), {c['skipped']} skipped, {c['tombstones']} tombstones")
     print(f"patches   {patches}")
+    print(f"segments  {info['segments']} ({info['vector_dtype']} vectors), keeps {info['retain']} version(s)")
     print(f"size      {info['bytes'] / 1e6:.2f} MB")
     for s in info.get("skipped_items", []):
         print(f"  skipped {s['uri']}: {s['reason']}")
@@ -138,12 +203,16 @@ def _build_parser(isub, common, ingest) -> None:
     b.add_argument("--frame-entries", action="store_true", help="videos: also index every frame (moment search)")
     b.add_argument("--video-timeout", type=float, default=None,
                    help="videos: seconds per file before the decoder is killed (default 60)")
+    b.add_argument("--vector-dtype", choices=["float32", "float16"], default="float32",
+                   help="how Flat segments store vectors (float16: half the memory and bandwidth)")
+    b.add_argument("--retain", type=int, default=None, help="versions to keep, the live one included (default 2)")
     b.set_defaults(func=cmd_build)
 
 
 def register(sub, common: argparse.ArgumentParser) -> None:
     ix = sub.add_parser("index", parents=[common], help="build, grow, shrink and inspect indexes")
-    isub = ix.add_subparsers(dest="index_cmd", required=True, metavar="{build,add,rm,info,list}")
+    isub = ix.add_subparsers(dest="index_cmd", required=True,
+                             metavar="{build,add,rm,info,list,import,compact,verify,versions,rollback}")
     ingest = _ingest_options()
     _build_parser(isub, common, ingest)
     a = isub.add_parser("add", parents=[common, ingest], help="add new or changed files (only those are encoded)")
@@ -157,9 +226,47 @@ def register(sub, common: argparse.ArgumentParser) -> None:
     i = isub.add_parser("info", parents=[common], help="show an index's manifest and counts")
     i.add_argument("name", help="index name or path")
     i.add_argument("--skipped", action="store_true", help="list skipped inputs and their reasons")
-    i.add_argument("--no-verify", action="store_true", help="skip sha256 verification")
+    i.add_argument("--no-verify", action="store_true", help="skip the size and header checks of the files")
+    i.add_argument("--version", default=None, help="a retained version (e.g. v0007, previous; default: live)")
     i.add_argument("--json", action="store_true", help="print as JSON")
     i.set_defaults(func=cmd_info)
     ls = isub.add_parser("list", parents=[common], help="list the indexes under the indexes home")
     ls.add_argument("--json", action="store_true", help="print as JSON")
     ls.set_defaults(func=cmd_list)
+    _maintenance_parsers(isub, common)
+
+
+def _maintenance_parsers(isub, common) -> None:
+    im = isub.add_parser("import", parents=[common], help="import embeddings computed elsewhere (new index or append)")
+    im.add_argument("name", help="index name or path (created when missing)")
+    im.add_argument("source", help="clip-retrieval output folder (img_emb/ + metadata/), a .npy (+ --keys) or a .parquet")
+    im.add_argument("--encoder", default=None, help="the model that computed the vectors (needed for a new index)")
+    im.add_argument("--keys", default=None, help="for a .npy: a text file with one key per row (default <stem>.keys.txt)")
+    im.add_argument("--normalize", action="store_true", help="L2-normalise vectors that are not (default: refuse them)")
+    im.add_argument("--on-bad-vectors", choices=["error", "drop"], default="error",
+                    help="NaN / inf / zero vectors: fail (default) or drop them and report them")
+    im.add_argument("--factory", default="Flat", help="FAISS factory string of a new index (default Flat)")
+    im.add_argument("--vector-dtype", choices=["float32", "float16"], default="float32",
+                    help="how a new Flat index stores vectors")
+    im.add_argument("--json", action="store_true", help="print the report as JSON")
+    im.add_argument("--show-skipped", type=int, default=20, metavar="N", help="list up to N skipped rows (default 20)")
+    im.set_defaults(func=cmd_import)
+    c = isub.add_parser("compact", parents=[common], help="merge segments (tiered policy) and drop deleted rows")
+    c.add_argument("name", help="index name or path")
+    c.add_argument("--all", action="store_true", help="merge every segment into one")
+    c.add_argument("--json", action="store_true", help="print as JSON")
+    c.set_defaults(func=cmd_compact)
+    v = isub.add_parser("verify", parents=[common], help="check every byte of a version against its checksums")
+    v.add_argument("name", help="index name or path")
+    v.add_argument("--version", default=None, help="a retained version (default: the live one)")
+    v.add_argument("--all", action="store_true", help="every retained version")
+    v.add_argument("--json", action="store_true", help="print as JSON")
+    v.set_defaults(func=cmd_verify)
+    vs = isub.add_parser("versions", parents=[common], help="list the versions the index keeps")
+    vs.add_argument("name", help="index name or path")
+    vs.add_argument("--json", action="store_true", help="print as JSON")
+    vs.set_defaults(func=cmd_versions)
+    rb = isub.add_parser("rollback", parents=[common], help="publish a new version with an older version's content")
+    rb.add_argument("name", help="index name or path")
+    rb.add_argument("--to", default="previous", help="the version to go back to (default: previous)")
+    rb.set_defaults(func=cmd_rollback)

@@ -21,8 +21,9 @@ def cmd_search(args) -> int:
     options = parse_kv(args.fusion_options) if args.fusion_options else {}
     if args.weight is not None:
         options["weight"] = args.weight
-    idx = open_index(args.name, index_dir=args.index_dir, verify=not args.no_verify, encoder=args.encoder,
-                     search_device=args.search_device, nprobe=args.nprobe, ef_search=args.ef_search)
+    idx = open_index(args.name, index_dir=args.index_dir, verify="none" if args.no_verify else "fast",
+                     encoder=args.encoder, version=args.version, search_device=args.search_device, nprobe=args.nprobe,
+                     ef_search=args.ef_search)
     pipeline = None
     if args.pipeline or args.rerank:
         from mmretrieve.rerank.pipeline import Pipeline
@@ -53,7 +54,8 @@ def register(sub, common) -> None:
     s.add_argument("--encoder", default=None, help="query encoder (default: the index's own)")
     s.add_argument("--rerank", action="append", default=None, help='reranker spec, e.g. "emd:k=100,alpha=0.7" (repeatable)')
     s.add_argument("--pipeline", default=None, help="a pipeline preset (configs/pipelines/NAME) or YAML file")
-    s.add_argument("--no-verify", action="store_true", help="skip sha256 verification of the index files")
+    s.add_argument("--no-verify", action="store_true", help="skip the size and header checks of the index files")
+    s.add_argument("--version", default=None, help="search a retained version (e.g. v0007, previous; default: live)")
     s.add_argument("--nprobe", type=int, default=None, help="IVF indexes: lists probed (default min(nlist, 32))")
     s.add_argument("--ef-search", type=int, default=None, help="HNSW indexes: search breadth efSearch")
     s.add_argument("--search-device", choices=["auto", "cpu", "cuda"], default=None,

@@ -24,7 +24,7 @@ from dataclasses import replace
 import numpy as np
 
 from mmretrieve.store import io
-from mmretrieve.store.layout import SEGMENTS, segment_dir
+from mmretrieve.store.layout import SEGMENTS, crash_point, segment_dir
 from mmretrieve.store.meta import Item
 from mmretrieve.store.segments import SegmentFiles, is_ivf, segment_index
 
@@ -77,6 +77,7 @@ def merge_segments(writer, group: list[dict], sid: str) -> dict | None:
     tmp = writer.path / SEGMENTS / f".{sid}.{uuid.uuid4().hex[:8]}.tmp"
     tmp.mkdir(parents=True)
     try:
+        crash_point("before-index-write")
         files = {"ids.npy": io.write_npy(tmp / "ids.npy", np.concatenate([s.ids[r] for s, r in zip(segs, lives)]))}
         if writer.flat:
             files["vectors.npy"] = _stream(tmp / "vectors.npy", segs, lives, "vectors.npy", writer.manifest["vector_dtype"])
@@ -86,15 +87,16 @@ def merge_segments(writer, group: list[dict], sid: str) -> dict | None:
             files["patches.npy"] = _stream(tmp / "patches.npy", segs, lives, "patches.npy", "float16")
         if frame_rows:
             files.update(_frames(tmp, segs, records, frame_rows))
+        crash_point("after-index-write")
         io.fsync_dir(tmp)
+        crash_point("before-version-rename")
         os.rename(tmp, segment_dir(writer.path, sid))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     writer._written.append(sid)
+    writer.meta.note_segment(sid, writer.version)
     writer.meta.insert_items([it for it, _ in records])
-    with writer.meta._lock:
-        writer.meta.conn.execute("INSERT OR REPLACE INTO info(k, v) VALUES(?, ?)", (f"segment:{sid}", writer.version))
     return {"id": sid, "kind": group[0]["kind"], "dtype": group[0].get("dtype"), "rows": total, "frames": frame_rows,
             "deleted": 0, "deletions": None, "files": files}
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from mmretrieve.errors import IndexCorruptedError, ItemNotFoundError
+from mmretrieve.errors import DiskFullError, IndexCorruptedError, ItemNotFoundError, StoreError
 
 SCHEMA_VERSION = "2"
 SCHEMA = """
@@ -98,6 +98,14 @@ class Item:
         return (self.id, self.segment, self.row, self.key, self.uri, self.kind, self.size, self.mtime, self.caption,
                 self.width, self.height, self.added_at, self.frame_start, self.frame_count,
                 json.dumps(self.extra, sort_keys=True) if self.extra else None)
+
+
+def _disk_full(path: Path) -> bool:
+    try:
+        st = __import__("os").statvfs(Path(path).parent)
+        return st.f_bavail * st.f_frsize < (1 << 20)
+    except OSError:
+        return False
 
 
 def row_crc(row: tuple) -> int:
@@ -178,11 +186,25 @@ class MetaDB:
             conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False, timeout=30)
             conn.execute("SELECT v FROM info WHERE k='schema'").fetchone()
         except sqlite3.DatabaseError as e:
+            if _disk_full(path):
+                raise DiskFullError(f"{path}: no space left on device to open the metadata database (SQLite needs a "
+                                    "few KB for its shared-memory file); free some space") from None
             raise IndexCorruptedError(f"{path}: unreadable metadata database ({e})") from None
         return cls(conn, path, view, readonly=True)
 
+    def write(self, sql: str, params: Sequence[Any] = (), *, many: bool = False) -> None:
+        """A write statement of the writer's transaction; a full disk is a ``DiskFullError`` naming the file."""
+        with self._lock:
+            try:
+                (self.conn.executemany if many else self.conn.execute)(sql, params)
+            except sqlite3.OperationalError as e:
+                if "full" in str(e).lower():
+                    raise DiskFullError(f"{self.path}: no space left on device while writing the metadata "
+                                        "(nothing was published; the previous version is intact)") from None
+                raise StoreError(f"{self.path}: {e}") from None
+
     def commit(self) -> None:
-        self.conn.execute("COMMIT")
+        self.write("COMMIT")
 
     def rollback(self) -> None:
         try:
@@ -191,7 +213,7 @@ class MetaDB:
             pass
 
     def begin(self) -> None:
-        self.conn.execute("BEGIN IMMEDIATE")
+        self.write("BEGIN IMMEDIATE")
 
     def checkpoint(self) -> None:
         try:
@@ -236,26 +258,28 @@ class MetaDB:
     # ---- writing ------------------------------------------------------------------------------------
     def insert_items(self, items: Sequence[Item]) -> None:
         rows = [it.to_row() for it in items]
-        with self._lock:
-            self.conn.executemany(
-                f"INSERT INTO items({', '.join(ITEM_COLUMNS)}, crc) VALUES({', '.join('?' * (len(ITEM_COLUMNS) + 1))})",
-                [(*r, row_crc(r)) for r in rows])
-            self.conn.executemany("DELETE FROM skipped WHERE key=?", [(r[3],) for r in rows])
+        self.write(f"INSERT INTO items({', '.join(ITEM_COLUMNS)}, crc) VALUES({', '.join('?' * (len(ITEM_COLUMNS) + 1))})",
+                   [(*r, row_crc(r)) for r in rows], many=True)
+        self.write("DELETE FROM skipped WHERE key=?", [(r[3],) for r in rows], many=True)
 
     def drop_segments(self, sids: Sequence[str]) -> None:
-        with self._lock:
-            self.conn.executemany("DELETE FROM items WHERE segment=?", [(s,) for s in sids])
+        self.write("DELETE FROM items WHERE segment=?", [(s,) for s in sids], many=True)
+        self.write("DELETE FROM info WHERE k=?", [(f"segment:{s}",) for s in sids], many=True)
+
+    def note_segment(self, sid: str, version: str) -> None:
+        """Record that a segment's rows exist (so a crashed write's rows can be found and dropped)."""
+        self.write("INSERT OR REPLACE INTO info(k, v) VALUES(?, ?)", (f"segment:{sid}", version))
+
+    def noted_segments(self) -> list[str]:
+        return [r[0][len("segment:"):] for r in self._q("SELECT k FROM info WHERE k LIKE 'segment:%'")]
 
     def record_skipped(self, skipped: Iterable[Skipped]) -> None:
         now = time.time()
-        with self._lock:
-            self.conn.executemany(
-                "INSERT OR REPLACE INTO skipped(key, uri, size, mtime, reason, at) VALUES(?,?,?,?,?,?)",
-                [(s.key, s.uri, s.size, s.mtime, s.reason, now) for s in skipped])
+        self.write("INSERT OR REPLACE INTO skipped(key, uri, size, mtime, reason, at) VALUES(?,?,?,?,?,?)",
+                   [(s.key, s.uri, s.size, s.mtime, s.reason, now) for s in skipped], many=True)
 
     def forget_skipped(self, keys: Sequence[str]) -> None:
-        with self._lock:
-            self.conn.executemany("DELETE FROM skipped WHERE key=?", [(k,) for k in keys])
+        self.write("DELETE FROM skipped WHERE key=?", [(k,) for k in keys], many=True)
 
     # ---- reading --------------------------------------------------------------------------------------
     def count(self, kind: str | None = None) -> int:

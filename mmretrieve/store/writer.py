@@ -105,12 +105,15 @@ class IndexWriter:
         self._closed = False
         if not create and not (self.path / MANIFEST).is_file():  # before anything is made there (no stray lock)
             raise IndexNotFoundError(f"index not found: {self.path}")
+        self._made_dir = not self.path.exists()  # an aborted first build leaves nothing behind
         self.path.mkdir(parents=True, exist_ok=True)
         self._acquire_lock()
         try:
             self._setup(encoder_info, factory, metric, patches, video, vector_dtype, create, overwrite, retain)
         except BaseException:
             self._release_lock()
+            if self._made_dir:
+                shutil.rmtree(self.path, ignore_errors=True)
             raise
         self.auto_compact = auto_compact
         self.segment_rows, self.segment_bytes = int(segment_rows), int(segment_bytes)
@@ -201,6 +204,7 @@ class IndexWriter:
         self._pending: list[tuple[list[Item], np.ndarray]] = []  # non-Flat rows waiting for a trained template
         self._touched: set[str] = set()
         self._written: list[str] = []  # segment folders this session wrote
+        self._deletion_files: list[tuple[str, str]] = []  # and deletion files
         self._changed = fresh  # a new (or overwritten) index is published even when empty
         self._fresh = fresh
         if prev is not None:  # what a crashed write left behind (unpublished segments and their rows) goes first
@@ -211,7 +215,7 @@ class IndexWriter:
         """The highest segment number on disk or in the database (a crashed write's included)."""
         d = self.path / SEGMENTS
         nums = [int(p.name[1:]) for p in d.iterdir() if p.name[1:].isdigit()] if d.is_dir() else []
-        nums += [int(r[0][len("segment:s"):]) for r in self.meta._q("SELECT k FROM info WHERE k LIKE 'segment:s%'")]
+        nums += [int(s[1:]) for s in self.meta.noted_segments() if s[1:].isdigit()]
         return max(nums, default=-1)
 
     def _next_version_number(self) -> int:
@@ -318,7 +322,16 @@ class IndexWriter:
         return list(range(start, start + n))
 
     def _buffer(self, items: list[Item], vectors: np.ndarray, patches, frames) -> None:
-        b = self._builder_for()
+        """Put rows into the open segment, starting a new one each ``segment_rows`` rows (or bytes)."""
+        s = 0
+        while s < len(items):
+            b = self._builder_for()
+            e = min(len(items), s + self.segment_rows - b.rows)
+            self._buffer_into(b, items[s:e], vectors[s:e], patches[s:e] if patches is not None else None,
+                              frames[s:e] if frames is not None else None)
+            s = e
+
+    def _buffer_into(self, b: SegmentBuilder, items, vectors, patches, frames) -> None:
         first = b.add(np.array([it.id for it in items], dtype=np.int64), vectors, patches)
         for j, (it, fr) in enumerate(zip(items, frames or [None] * len(items))):
             it.segment, it.row = b.sid, first + j
@@ -340,8 +353,7 @@ class IndexWriter:
                                            dtype=self.manifest["vector_dtype"],
                                            patch_shape=(int(pc["grid"]) ** 2, int(pc["dim"])) if pc else None)
             self.view.add_segment(sid)
-            with self.meta._lock:
-                self.meta.conn.execute("INSERT OR REPLACE INTO info(k, v) VALUES(?, ?)", (f"segment:{sid}", self.version))
+            self.meta.note_segment(sid, self.version)
         return self._builder
 
     def _flush(self) -> None:
@@ -441,6 +453,7 @@ class IndexWriter:
         self._flush()
         for e in self.segments:
             if e["id"] in self._touched:
+                self._deletion_files.append((e["id"], f"del-{self.version}.npy"))
                 name, info = write_deletions(self.path, e["id"], self.version, self.view.deleted[e["id"]])
                 e.update(deletions=name, deletions_file=info, deleted=len(self.view.deleted[e["id"]]))
         self._touched.clear()
@@ -466,16 +479,23 @@ class IndexWriter:
 
     def _after_publish(self) -> None:
         """Collect what no version needs, then merge segments the tiered policy picks (each merge is one
-        more published version)."""
-        self.meta.begin()
-        self.collect()
-        if self.auto_compact:
-            from mmretrieve.store.compaction import plan
+        more published version). The write is published already: a failure here (a full disk, say) is
+        logged and left to the next write, which collects and merges again."""
+        from mmretrieve.errors import MMRetrieveError
+        from mmretrieve.store.compaction import plan
 
-            for group in plan(self.segments):
-                self._merge_and_publish(group)
-        self.meta.commit()
-        self.meta.checkpoint()
+        try:
+            self.meta.begin()
+            self.collect()
+            if self.auto_compact:
+                for group in plan(self.segments):
+                    self._merge_and_publish(group)
+            self.meta.commit()
+            self.meta.checkpoint()
+        except (MMRetrieveError, OSError) as e:
+            self.meta.rollback()
+            log.warning("%s: %s was published, but tidying up after it failed (%s); the next write retries",
+                        self.path, self.manifest_live["version"], e)
 
     def _merge_and_publish(self, group: list[dict]) -> None:
         from mmretrieve.store.compaction import merge_segments
@@ -524,18 +544,15 @@ class IndexWriter:
             for d in seg_root.iterdir():
                 if d.name in needed:
                     for f in d.glob("del-*.npy"):
-                        if (d.name, f.name) not in needed_files and not f.name.endswith(f"{self.version}.npy"):
+                        if (d.name, f.name) not in needed_files:
                             f.unlink(missing_ok=True)
                 elif d.name not in self.view.deleted:
                     shutil.rmtree(d, ignore_errors=True)
                     gone.append(d.name)
-        known = [r[0][len("segment:"):] for r in self.meta._q("SELECT k FROM info WHERE k LIKE 'segment:%'")]
-        stale = [s for s in known if s not in needed and s not in self.view.deleted]
+        stale = [s for s in self.meta.noted_segments() if s not in needed and s not in self.view.deleted]
         gone = sorted(set(gone) | set(stale))
         if gone:
             self.meta.drop_segments(gone)
-            with self.meta._lock:
-                self.meta.conn.executemany("DELETE FROM info WHERE k=?", [(f"segment:{s}",) for s in gone])
         for p in self.path.iterdir():  # temp files a crash left behind
             if p.name.endswith(".tmp") and p.name.startswith("."):
                 p.unlink(missing_ok=True) if p.is_file() else shutil.rmtree(p, ignore_errors=True)
@@ -574,8 +591,12 @@ class IndexWriter:
         if not self._published:
             for sid in self._written:
                 shutil.rmtree(self.path / SEGMENTS / sid, ignore_errors=True)
+            for sid, name in self._deletion_files:
+                (self.path / SEGMENTS / sid / name).unlink(missing_ok=True)
         self.meta.close()
         self._release_lock()
+        if self._made_dir and not (self.path / MANIFEST).exists():
+            shutil.rmtree(self.path, ignore_errors=True)
 
     def __enter__(self) -> IndexWriter:
         return self

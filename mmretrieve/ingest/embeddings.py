@@ -1,0 +1,245 @@
+"""Importing embeddings computed elsewhere (another machine, another tool) into an index.
+
+Sources (``read_embeddings``):
+
+- **clip-retrieval's output folder**: ``img_emb/img_emb_{i}.npy`` with ``metadata/metadata_{i}.parquet``
+  (columns ``image_path`` and optionally ``caption``; the row order matches the embeddings). Keys are the
+  image paths.
+- a **.npy** of vectors (n, d) with its keys in a text file (one per line): ``--keys FILE``, or
+  ``<stem>.keys.txt`` beside it.
+- a **.parquet** with a key column (``key``, ``id`` or ``image_path``) and a vector column
+  (``embedding``, ``vector`` or ``emb``: a list of floats per row), optionally ``uri`` / ``image_path``
+  and ``caption``.
+
+Vectors are checked: the index's dimension, finite, non-zero, and L2-normalised (an inner-product index
+ranks by the dot product, so unnormalised vectors would rank by their length); ``normalize=True``
+normalises them instead of refusing, and ``on_bad_vectors="drop"`` drops and reports bad rows.
+
+>>> import mmretrieve as mr
+>>> mr.import_embeddings("laion-sample", "/data/clip-retrieval-out", encoder="open_clip:ViT-B-32@laion2b_s34b_b79k")  # doctest: +SKIP
+>>> mr.add_vectors("mine", vectors, keys=["a", "b"], encoder="my-model")                                        # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from mmretrieve.errors import (
+    BadVectorsError,
+    InputError,
+    MissingDependencyError,
+    SourceNotFoundError,
+    UsageError,
+)
+from mmretrieve.ingest.report import IngestReport
+from mmretrieve.store import DEFAULT_FACTORY, IndexWriter, Item, Skipped, read_manifest, resolve_index_path
+from mmretrieve.store.layout import MANIFEST
+
+log = logging.getLogger(__name__)
+
+KEY_COLUMNS = ("key", "id", "image_path")
+VECTOR_COLUMNS = ("embedding", "vector", "emb")
+NORM_TOLERANCE = 1e-3
+
+
+@dataclass
+class EmbeddingBatch:
+    keys: list[str]
+    vectors: np.ndarray
+    uris: list[str]
+    captions: list[str | None]
+    source: str
+
+
+def _parquet():
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise MissingDependencyError("reading parquet needs pyarrow: pip install pyarrow") from None
+    return pq
+
+
+def _shard_number(p: Path) -> int:
+    m = re.search(r"(\d+)$", p.stem)
+    return int(m.group(1)) if m else -1
+
+
+def _clip_retrieval(root: Path) -> Iterator[EmbeddingBatch]:
+    pq = _parquet()
+    embs = sorted((root / "img_emb").glob("img_emb_*.npy"), key=_shard_number)
+    if not embs:
+        raise InputError(f"{root}: no img_emb/img_emb_*.npy (expected clip-retrieval's output folder)")
+    for e in embs:
+        meta = root / "metadata" / f"metadata_{_shard_number(e)}.parquet"
+        if not meta.is_file():
+            raise InputError(f"{e}: its metadata file {meta} is missing")
+        vecs = np.load(e, mmap_mode="r", allow_pickle=False)
+        table = pq.read_table(meta)
+        if "image_path" not in table.column_names:
+            raise InputError(f"{meta}: no image_path column (found: {', '.join(table.column_names)})")
+        paths = [str(x) for x in table.column("image_path").to_pylist()]
+        if len(paths) != len(vecs):
+            raise InputError(f"{meta}: {len(paths)} rows but {e} holds {len(vecs)} embeddings")
+        caps = table.column("caption").to_pylist() if "caption" in table.column_names else [None] * len(paths)
+        yield EmbeddingBatch(paths, np.asarray(vecs, dtype=np.float32), paths, caps, str(e))
+
+
+def _npy(path: Path, keys: str | os.PathLike | None) -> Iterator[EmbeddingBatch]:
+    vecs = np.load(path, mmap_mode="r", allow_pickle=False)
+    kpath = Path(keys) if keys else path.with_suffix(".keys.txt")
+    if not kpath.is_file():
+        raise InputError(f"{path}: its keys are missing: give --keys FILE (one key per line) or put them in {kpath}")
+    with open(kpath, encoding="utf-8") as fh:
+        names = [line.rstrip("\n") for line in fh if line.strip()]
+    if len(names) != len(vecs):
+        raise InputError(f"{kpath}: {len(names)} keys but {path} holds {len(vecs)} vectors")
+    yield EmbeddingBatch(names, np.asarray(vecs, dtype=np.float32), names, [None] * len(names), str(path))
+
+
+def _parquet_file(path: Path) -> Iterator[EmbeddingBatch]:
+    table = _parquet().read_table(path)
+    cols = table.column_names
+    kcol = next((c for c in KEY_COLUMNS if c in cols), None)
+    vcol = next((c for c in VECTOR_COLUMNS if c in cols), None)
+    if kcol is None or vcol is None:
+        raise InputError(f"{path}: needs a key column ({'/'.join(KEY_COLUMNS)}) and a vector column "
+                         f"({'/'.join(VECTOR_COLUMNS)}); found {', '.join(cols)}")
+    keys = [str(k) for k in table.column(kcol).to_pylist()]
+    try:
+        vecs = np.asarray(table.column(vcol).to_pylist(), dtype=np.float32)
+    except ValueError as e:
+        raise InputError(f"{path}: column {vcol!r} is not a list of equal-length float vectors ({e})") from None
+    uri_col = "uri" if "uri" in cols else ("image_path" if "image_path" in cols else None)
+    uris = [str(u) for u in table.column(uri_col).to_pylist()] if uri_col else list(keys)
+    caps = table.column("caption").to_pylist() if "caption" in cols else [None] * len(keys)
+    yield EmbeddingBatch(keys, vecs, uris, caps, str(path))
+
+
+def read_embeddings(source: str | os.PathLike, *, keys: str | os.PathLike | None = None) -> Iterator[EmbeddingBatch]:
+    """Batches of (keys, vectors, uris, captions) from ``source`` (see the module docstring)."""
+    src = Path(source).expanduser()
+    if not src.exists():
+        raise SourceNotFoundError(f"embeddings not found: {src}")
+    if src.is_dir():
+        yield from _clip_retrieval(src)
+    elif src.suffix.lower() == ".npy":
+        yield from _npy(src, keys)
+    elif src.suffix.lower() == ".parquet":
+        yield from _parquet_file(src)
+    else:
+        raise InputError(f"{src}: expected clip-retrieval's output folder, a .npy (with keys) or a .parquet")
+
+
+def check_vectors(vectors: np.ndarray, dim: int, names: Sequence[str], *, normalize: bool, on_bad_vectors: str,
+                  where: str) -> tuple[np.ndarray, np.ndarray]:
+    """(vectors to store, boolean mask of the rows kept): shape, finiteness, non-zero and unit norms."""
+    v = np.asarray(vectors, dtype=np.float32)
+    if v.ndim != 2 or v.shape[1] != dim:
+        raise BadVectorsError(f"{where}: expected vectors of shape (n, {dim}), got {tuple(v.shape)}")
+    norms = np.linalg.norm(v, axis=1)
+    bad = ~np.isfinite(v).all(1) | ~np.isfinite(norms) | (norms < 1e-6)
+    if bad.any() and on_bad_vectors != "drop":
+        i = int(np.flatnonzero(bad)[0])
+        raise BadVectorsError(f"{where}: {int(bad.sum())} vector(s) are NaN, infinite or zero, e.g. {names[i]!r}; "
+                              "pass on_bad_vectors='drop' (--on-bad-vectors drop) to skip them")
+    off = ~bad & (np.abs(norms - 1) > NORM_TOLERANCE)
+    if off.any():
+        if not normalize:
+            lo, hi = float(norms[off].min()), float(norms[off].max())
+            raise BadVectorsError(f"{where}: {int(off.sum())} vector(s) are not L2-normalised (norms {lo:.3g} .. {hi:.3g}); "
+                                  "pass normalize=True (--normalize) to normalise them")
+        v = v.copy()
+        v[off] /= norms[off, None]
+    return v, ~bad
+
+
+def _encoder_info(encoder, dim: int) -> dict:
+    if isinstance(encoder, dict):
+        return {**encoder, "dim": int(encoder.get("dim", dim))}
+    if hasattr(encoder, "info"):
+        return encoder.info.to_dict()
+    if not encoder:
+        raise UsageError("importing vectors into a new index needs the encoder that made them (--encoder NAME), so "
+                         "queries are encoded in the same space")
+    # the model is not loaded here: the index records its name and dim, and queries check those two
+    return {"name": str(encoder), "dim": int(dim), "modalities": ["image", "text"], "normalize": True, "metric": "ip",
+            "imported": True}
+
+
+def import_embeddings(name_or_path, source, *, encoder=None, index_dir=None, keys=None, normalize: bool = False,
+                      on_bad_vectors: str = "error", factory: str = DEFAULT_FACTORY, vector_dtype: str = "float32",
+                      batches: Sequence[EmbeddingBatch] | None = None) -> IngestReport:
+    """Import precomputed embeddings into a new index (``encoder`` names the model that made them) or
+    append them to an existing one (as ``index add`` appends: existing keys are replaced). One version is
+    published for the whole import."""
+    t0 = time.perf_counter()
+    path = resolve_index_path(name_or_path, index_dir)
+    it = iter(batches) if batches is not None else read_embeddings(source, keys=keys)
+    first = next(it, None)
+    if first is None:
+        raise InputError(f"{source}: no embeddings")
+    exists = (path / MANIFEST).is_file()
+    if exists:
+        built = read_manifest(path)["encoder"]
+        if encoder is not None and str(getattr(encoder, "name", encoder)) != built["name"]:
+            raise UsageError(f"index {path} holds vectors of {built['name']!r}, not {getattr(encoder, 'name', encoder)!r}")
+        writer = IndexWriter(path)
+    else:
+        writer = IndexWriter(path, encoder_info=_encoder_info(encoder, first.vectors.shape[1]), factory=factory,
+                             vector_dtype=vector_dtype, create=True)
+    report = IngestReport(index_path=str(path))
+    try:
+        for batch in [first, *it]:
+            _add_batch(writer, batch, report, normalize=normalize, on_bad_vectors=on_bad_vectors)
+        manifest = writer.commit()
+    except BaseException:
+        writer.abort()
+        raise
+    report.version = manifest["version"] if manifest else None
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def _add_batch(writer: IndexWriter, batch: EmbeddingBatch, report: IngestReport, *, normalize, on_bad_vectors) -> None:
+    report.scanned += len(batch.keys)
+    vecs, keep = check_vectors(batch.vectors, writer.dim, batch.keys, normalize=normalize,
+                               on_bad_vectors=on_bad_vectors, where=batch.source)
+    bad = [Skipped(k, u, "bad embedding (NaN, inf or zero norm)") for k, u, ok in zip(batch.keys, batch.uris, keep) if not ok]
+    if bad:
+        writer.record_skipped(bad)
+        report.skipped.extend(bad)
+    rows = np.flatnonzero(keep)
+    existing = set(writer.meta.items_by_keys([batch.keys[i] for i in rows]))
+    for s in range(0, len(rows), 50_000):
+        sel = rows[s : s + 50_000]
+        items = [Item(id=-1, key=batch.keys[i], uri=batch.uris[i], kind="image", caption=batch.captions[i],
+                      extra={"imported_from": batch.source}) for i in sel]
+        stored = writer.add(items, vecs[sel])
+        n_upd = sum(1 for st in stored if st.key in existing)
+        report.updated += n_upd
+        report.added += len(stored) - n_upd
+
+
+def add_vectors(name_or_path, vectors: np.ndarray, keys: Sequence[str], *, uris: Sequence[str] | None = None,
+                captions: Sequence[str | None] | None = None, encoder=None, index_dir=None, normalize: bool = False,
+                on_bad_vectors: str = "error", factory: str = DEFAULT_FACTORY, vector_dtype: str = "float32") -> IngestReport:
+    """Add vectors under ``keys`` (a new index needs ``encoder``: a name, an ``Encoder`` or its info dict)."""
+    keys = [str(k) for k in keys]
+    batch = EmbeddingBatch(keys, np.asarray(vectors, dtype=np.float32), [str(u) for u in (uris or keys)],
+                           list(captions or [None] * len(keys)), "add_vectors")
+    if len(batch.uris) != len(keys) or len(batch.captions) != len(keys) or len(batch.vectors) != len(keys):
+        raise UsageError(f"{len(keys)} keys, {len(batch.vectors)} vectors, {len(batch.uris)} uris and "
+                         f"{len(batch.captions)} captions: give one of each per row")
+    return import_embeddings(name_or_path, None, encoder=encoder, index_dir=index_dir, normalize=normalize,
+                             on_bad_vectors=on_bad_vectors, factory=factory, vector_dtype=vector_dtype, batches=[batch])
+
+
+__all__ = ["import_embeddings", "add_vectors", "read_embeddings", "check_vectors", "EmbeddingBatch"]
