@@ -176,10 +176,11 @@ def _encoder_info(encoder, dim: int) -> dict:
 
 def import_embeddings(name_or_path, source, *, encoder=None, index_dir=None, keys=None, normalize: bool = False,
                       on_bad_vectors: str = "error", factory: str = DEFAULT_FACTORY, vector_dtype: str = "float32",
-                      batches: Sequence[EmbeddingBatch] | None = None) -> IngestReport:
+                      batches: Sequence[EmbeddingBatch] | None = None, **writer_options) -> IngestReport:
     """Import precomputed embeddings into a new index (``encoder`` names the model that made them) or
     append them to an existing one (as ``index add`` appends: existing keys are replaced). One version is
-    published for the whole import."""
+    published for the whole import. ``writer_options`` go to the ``IndexWriter`` (``segment_rows``,
+    ``auto_compact``, ``retain``)."""
     t0 = time.perf_counter()
     path = resolve_index_path(name_or_path, index_dir)
     it = iter(batches) if batches is not None else read_embeddings(source, keys=keys)
@@ -191,10 +192,10 @@ def import_embeddings(name_or_path, source, *, encoder=None, index_dir=None, key
         built = read_manifest(path)["encoder"]
         if encoder is not None and str(getattr(encoder, "name", encoder)) != built["name"]:
             raise UsageError(f"index {path} holds vectors of {built['name']!r}, not {getattr(encoder, 'name', encoder)!r}")
-        writer = IndexWriter(path)
+        writer = IndexWriter(path, **writer_options)
     else:
         writer = IndexWriter(path, encoder_info=_encoder_info(encoder, first.vectors.shape[1]), factory=factory,
-                             vector_dtype=vector_dtype, create=True)
+                             vector_dtype=vector_dtype, create=True, **writer_options)
     report = IngestReport(index_path=str(path))
     try:
         for batch in [first, *it]:

@@ -147,8 +147,7 @@ def check_format(m: dict, mpath: Path) -> dict:
         raise IndexCorruptedError(
             f"{mpath}: format version {fv} (one FAISS file per version, mmretrieve <= 0.1) is not read by this "
             f"mmretrieve (format {FORMAT_VERSION}: segments). Rebuild it from its source with `mmretrieve index "
-            f"build {mpath.parent.name} SOURCE --overwrite`, or convert it in place with `mmretrieve index upgrade "
-            f"{mpath.parent}`")
+            f"build {mpath.parent.name} SOURCE --overwrite` (the same command that built it, plus --overwrite)")
     for key in ("version", "encoder", "segments", "counts"):
         if key not in m:
             raise IndexCorruptedError(f"{mpath}: manifest lacks {key!r}")

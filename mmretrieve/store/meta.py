@@ -171,6 +171,7 @@ class MetaDB:
             conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=30)
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute("PRAGMA journal_size_limit=8388608")  # the WAL is truncated to 8 MB after a checkpoint
             conn.executescript(SCHEMA)
             conn.execute("INSERT OR IGNORE INTO info(k, v) VALUES('schema', ?)", (SCHEMA_VERSION,))
             conn.execute("BEGIN IMMEDIATE")
@@ -298,34 +299,28 @@ class MetaDB:
             q += f" LIMIT {int(limit)}"
         return [Skipped(*r) for r in self._q(q)]
 
-    def items_by_ids(self, ids: Sequence[int]) -> dict[int, Item]:
-        out: dict[int, Item] = {}
-        ids = [int(i) for i in ids if int(i) >= 0]
-        cond, segs = self._segs_sql()
-        for start in range(0, len(ids), 900):
-            chunk = ids[start : start + 900]
-            rows = self._q(f"{_SELECT} WHERE id IN ({','.join('?' * len(chunk))}) AND {cond}", [*chunk, *segs])
-            for it in self._visible(rows):
-                out[it.id] = it
+    # point lookups go through their own index (id, key, uri) and are filtered by the version's
+    # visibility in Python: a segment condition in SQL makes the planner scan the segment index instead
+    def _lookup(self, column: str, values: Sequence[Any]) -> list[Item]:
+        out: list[Item] = []
+        values = list(values)
+        for start in range(0, len(values), 900):
+            chunk = values[start : start + 900]
+            out += self._visible(self._q(f"{_SELECT} INDEXED BY items_{column} WHERE {column} IN "
+                                         f"({','.join('?' * len(chunk))})", chunk))
         return out
 
+    def items_by_ids(self, ids: Sequence[int]) -> dict[int, Item]:
+        return {it.id: it for it in self._lookup("id", [int(i) for i in ids if int(i) >= 0])}
+
     def items_by_keys(self, keys: Sequence[str]) -> dict[str, Item]:
-        out: dict[str, Item] = {}
-        keys = list(keys)
-        cond, segs = self._segs_sql()
-        for start in range(0, len(keys), 900):
-            chunk = keys[start : start + 900]
-            rows = self._q(f"{_SELECT} WHERE key IN ({','.join('?' * len(chunk))}) AND {cond}", [*chunk, *segs])
-            for it in self._visible(rows):
-                out[it.key] = it
-        return out
+        return {it.key: it for it in self._lookup("key", keys)}
 
     def item_by_key(self, key: str) -> Item | None:
         return self.items_by_keys([key]).get(key)
 
     def items_by_uri(self, uri: str) -> list[Item]:
-        cond, segs = self._segs_sql()
-        return self._visible(self._q(f"{_SELECT} WHERE uri=? AND {cond}", [uri, *segs]))
+        return self._lookup("uri", [uri])
 
     def iter_items(self, batch: int = 10000) -> Iterator[Item]:
         """Every visible item, by id."""
@@ -348,12 +343,12 @@ class MetaDB:
         return {k: (s, m) for k, s, m in self._q("SELECT key, size, mtime FROM skipped")}
 
     def frame_item_ids(self, video_keys: Sequence[str]) -> list[int]:
-        """Ids of the visible per-frame entries (kind 'frame') of these videos."""
-        cond, segs = self._segs_sql()
+        """Ids of the visible per-frame entries (kind 'frame') of these videos: their keys are
+        ``<video key>#t=<seconds>``, so a range of the key index finds them."""
         out: list[int] = []
         for k in video_keys:
-            rows = self._q(f"SELECT id, segment, row FROM items WHERE kind='frame' AND "
-                           f"json_extract(extra, '$.video')=? AND {cond}", [k, *segs])
+            rows = self._q("SELECT id, segment, row FROM items INDEXED BY items_key WHERE key >= ? AND key < ? AND "
+                           "kind='frame' AND json_extract(extra, '$.video')=?", [f"{k}#t=", f"{k}#t>", k])
             out += [r[0] for r in self._visible(rows, make=tuple)]
         return out
 

@@ -1,0 +1,200 @@
+"""``mmretrieve bench store``: how the costs of the segment store grow with the collection.
+
+For each N (default 10k, 100k, 1M random unit vectors of d 512, imported through ``index import``), in one
+run, each operation in a fresh process: ``add`` of 10 vectors, ``rm`` of 3, ``open``, the first and the
+median search latency, bytes written per write, peak and anonymous RSS, and the disk used after 5 small
+writes; the same operations by a hand-written FAISS + SQLite script (``IndexIDMap2(IndexFlatIP)`` file +
+a table, rewritten on each change) as the baseline. Growth is printed as ratios to the smallest N.
+Also: a search over 10 segments against one segment of the same vectors, and the write amplification
+of the tiered compaction (bytes written by merges per byte of data) against its stated bound.
+
+Targets: add and rm at 1M within 2x of their cost at 10k and under 1 s; bytes written per add O(batch)
+(under 10 MB for 10 vectors at 1M); open at 1M under 1 s with under 100 MB more anonymous RSS; 10
+segments within 1.2x of one; disk after 5 small adds within 1.1x of the data.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+HELP = "store costs (add, rm, open, search, bytes written, RSS, disk) at 10k/100k/1M vs a FAISS+SQLite script"
+OPS = ("add10", "rm3", "open", "add10x5")
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--sizes", default="10000,100000,1000000", help="comma-separated N (default 10000,100000,1000000)")
+    p.add_argument("--dim", type=int, default=512, help="vector dimension (default 512)")
+    p.add_argument("--no-baseline", action="store_true", help="skip the FAISS + SQLite baseline")
+    p.add_argument("--dir", default=None, help="work folder (default: a temporary one; needs ~8 GB at 1M)")
+
+
+def _source(tmp: Path, n: int, d: int) -> Path:
+    """n random unit vectors as a .npy with its keys file, written in chunks."""
+    path = tmp / f"vec{n}.npy"
+    arr = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(n, d))
+    rng = np.random.default_rng(n)
+    for s in range(0, n, 100_000):
+        x = rng.standard_normal((min(n, s + 100_000) - s, d), dtype=np.float32)
+        arr[s : s + len(x)] = x / np.linalg.norm(x, axis=1, keepdims=True)
+    arr.flush()
+    del arr
+    path.with_suffix(".keys.txt").write_text("".join(f"{i}\n" for i in range(n)))
+    return path
+
+
+def _op(op: str, path: Path, seed: int = 1) -> dict:
+    env = {**os.environ, "MMRETRIEVE_SEARCH_DEVICE": "cpu"}
+    p = subprocess.run([sys.executable, "-m", "mmretrieve.bench.store_ops", op, str(path), str(seed)],
+                       capture_output=True, text=True, env=env, timeout=3600)
+    if p.returncode != 0:
+        raise RuntimeError(f"bench store: {op} on {path} failed:\n{p.stderr[-3000:]}")
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def _measure(path: Path, prefix: str) -> dict:
+    out = {}
+    for op in OPS:
+        src = path.with_name(path.name + f"-{op}")
+        shutil.copytree(path, src)
+        try:
+            out[op] = _op(prefix + op, src, seed=7)
+        finally:
+            shutil.rmtree(src, ignore_errors=True)
+    return out
+
+
+def _one_size(tmp: Path, n: int, d: int, baseline: bool) -> dict:
+    from mmretrieve.bench.store_ops import base_build, disk_bytes
+    from mmretrieve.ingest import import_embeddings
+
+    src = _source(tmp, n, d)
+    t = time.perf_counter()
+    import_embeddings(tmp / f"ours{n}", src, encoder="bench-random")
+    row = {"n": n, "import_s": round(time.perf_counter() - t, 2), "data_bytes": disk_bytes(tmp / f"ours{n}")}
+    row["ours"] = _measure(tmp / f"ours{n}", "")
+    if baseline:
+        t = time.perf_counter()
+        base_build(tmp / f"base{n}", np.load(src, mmap_mode="r"))
+        row["base_build_s"] = round(time.perf_counter() - t, 2)
+        row["base_data_bytes"] = disk_bytes(tmp / f"base{n}")
+        row["base"] = _measure(tmp / f"base{n}", "base-")
+    shutil.rmtree(tmp / f"base{n}", ignore_errors=True)
+    return row
+
+
+def _fanout(tmp: Path, n: int, d: int) -> dict:
+    """Median single-query latency over 10 segments vs one segment of the same vectors."""
+    from mmretrieve.ingest.embeddings import import_embeddings
+
+    src = tmp / f"vec{n}.npy"
+    out = {}
+    for segs in (1, 10):
+        import_embeddings(tmp / f"fan{segs}", src, encoder="bench-random", segment_rows=-(-n // segs), auto_compact=False)
+        out[segs] = _op("open", tmp / f"fan{segs}", seed=3)["median_search_s"]
+        shutil.rmtree(tmp / f"fan{segs}", ignore_errors=True)
+    return {"n": n, "one_segment_ms": round(out[1] * 1e3, 2), "ten_segments_ms": round(out[10] * 1e3, 2),
+            "ratio": round(out[10] / out[1], 3), "target": "<= 1.2"}
+
+
+def _amplification(tmp: Path, d: int, writes: int = 400, batch: int = 50) -> dict:
+    """Many small writes into one index: bytes written by compaction merges per byte of live data."""
+    from mmretrieve.bench.store_ops import disk_bytes
+    from mmretrieve.ingest import add_vectors
+    from mmretrieve.store import compaction
+
+    path = tmp / "amp"
+    merged = {"bytes": 0, "merges": 0}
+    real = compaction.merge_segments
+
+    def counting(writer, group, sid):
+        entry = real(writer, group, sid)
+        if entry is not None:
+            merged["bytes"] += sum(f["bytes"] for f in entry["files"].values())
+            merged["merges"] += 1
+        return entry
+
+    compaction.merge_segments = counting
+    try:
+        rng = np.random.default_rng(0)
+        for j in range(writes):
+            x = rng.standard_normal((batch, d), dtype=np.float32)
+            add_vectors(path, x / np.linalg.norm(x, axis=1, keepdims=True), keys=[f"{j}-{i}" for i in range(batch)],
+                        encoder="bench-random")
+    finally:
+        compaction.merge_segments = real
+    from mmretrieve.store import read_manifest
+
+    m = read_manifest(path)
+    data = sum(f["bytes"] for e in m["segments"] for f in e["files"].values())
+    n = writes * batch
+    res = {"rows": n, "writes": writes, "batch": batch, "segments": len(m["segments"]), "merges": merged["merges"],
+           "merge_bytes_per_data_byte": round(merged["bytes"] / data, 2),
+           "bound_rewrites_per_row": compaction.write_amplification_bound(n), "disk_bytes": disk_bytes(path)}
+    shutil.rmtree(path, ignore_errors=True)
+    return res
+
+
+def run(args) -> dict:
+    d = int(args.dim)
+    sizes = [int(s) for s in str(args.sizes).split(",") if s.strip()]
+    tmp = Path(args.dir or tempfile.mkdtemp(prefix="mmr-bench-store-"))
+    tmp.mkdir(parents=True, exist_ok=True)
+    try:
+        rows = [_one_size(tmp, n, d, not args.no_baseline) for n in sizes]
+        fan = _fanout(tmp, sizes[-1], d)
+        amp = _amplification(tmp, d)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {"benchmark": "store", "dim": d, "results": rows, "fanout": fan, "compaction": amp}
+
+
+def _fmt(r: dict, key: str) -> str:
+    o = r[key]
+    return (f"add10 {o['add10']['seconds']:7.3f} s {o['add10']['written'] / 1e6:8.2f} MB  "
+            f"rm3 {o['rm3']['seconds']:7.3f} s {o['rm3']['written'] / 1e6:8.2f} MB  "
+            f"open {o['open']['open_s']:6.3f} s +{(o['open']['anon_after_open'] - o['open']['anon_before']) / 1e6:7.1f} MB anon  "
+            f"search first {o['open']['first_search_s'] * 1e3:7.1f} ms median {o['open']['median_search_s'] * 1e3:7.1f} ms  "
+            f"peak RSS add {o['add10']['peak_rss'] / 1e9:5.2f} GB  disk after 5 adds {o['add10x5']['disk_after'] / 1e6:8.1f} MB")
+
+
+def render(res: dict) -> list[str]:
+    rows = res["results"]
+    out = [f"store benchmark: d={res['dim']}, random unit vectors imported through `index import`; each operation "
+           "in a fresh process"]
+    for r in rows:
+        out.append(f"  N={r['n']:>9,}  mmretrieve  {_fmt(r, 'ours')}")
+        if "base" in r:
+            out.append(f"  {'':11s}  FAISS+SQLite {_fmt(r, 'base')}")
+    b = rows[0]
+    out.append(f"  growth vs N={b['n']:,} (mmretrieve / baseline):")
+    for r in rows[1:]:
+        def ratio(key, op, field="seconds", r=r):
+            return r[key][op][field] / max(b[key][op][field], 1e-9)
+        line = (f"    N={r['n']:>9,}: add {ratio('ours', 'add10'):6.2f}x, rm {ratio('ours', 'rm3'):6.2f}x, "
+                f"open {ratio('ours', 'open', 'open_s'):6.2f}x, bytes/add {ratio('ours', 'add10', 'written'):6.2f}x")
+        if "base" in r:
+            line += (f"   | baseline add {ratio('base', 'add10'):7.2f}x, rm {ratio('base', 'rm3'):7.2f}x, "
+                     f"open {ratio('base', 'open', 'open_s'):7.2f}x, bytes/add {ratio('base', 'add10', 'written'):8.1f}x")
+        out.append(line)
+    big = rows[-1]["ours"]
+    data = rows[-1]["data_bytes"]
+    out.append(f"  at N={rows[-1]['n']:,}: disk after 5 small adds / data = {big['add10x5']['disk_after'] / data:.3f} "
+               f"(target <= 1.1); add {big['add10']['seconds']:.3f} s, rm {big['rm3']['seconds']:.3f} s (targets < 1 s, "
+               f"<= 2x of N={b['n']:,}); {big['add10']['written'] / 1e6:.2f} MB written per add of 10 (target < 10 MB)")
+    f = res["fanout"]
+    out.append(f"  search over 10 segments vs one (N={f['n']:,}): {f['ten_segments_ms']} vs {f['one_segment_ms']} ms "
+               f"= {f['ratio']}x (target <= 1.2)")
+    a = res["compaction"]
+    out.append(f"  compaction: {a['writes']} writes of {a['batch']} -> {a['segments']} segments after {a['merges']} merges; "
+               f"merges wrote {a['merge_bytes_per_data_byte']}x the data (bound: each row rewritten <= "
+               f"{a['bound_rewrites_per_row'] - 1} times)")
+    return out
