@@ -214,3 +214,37 @@ def test_open_clip_local_checkpoint_file(tmp_path, tiny_clip_dir):
         assert enc.identity() == {"pretrained": "open_clip_model.safetensors"}
     finally:
         _MODEL_CONFIGS.pop("mmr-tiny-test", None)
+
+
+def test_embedded_text_model_matches_transformers_bert():
+    """The plain-torch MiniLM (no transformers import at run time) computes what transformers' BertModel
+    does, with mean pooling, on texts of every kind (short, long and truncated, accents, empty)."""
+    _require_embedded()
+    import torch.nn.functional as F
+    from transformers import AutoModel, AutoTokenizer
+
+    from mmretrieve.encoders.minilm import MiniLM
+
+    m = MiniLM(torch.device("cpu"))
+    texts = ["a photo of a cat.", "A red motorcycle parked in a garage", "Ünïcødé — tëxt", "word " * 400, ""]
+    tok = AutoTokenizer.from_pretrained(str(m.path))
+    ref = AutoModel.from_pretrained(str(m.path)).eval()
+    with torch.no_grad():
+        b = tok(texts, padding=True, truncation=True, max_length=256, return_tensors="pt")
+        h = ref(**b).last_hidden_state
+        mask = b["attention_mask"].unsqueeze(-1).float()
+        want = F.normalize((h * mask).sum(1) / mask.sum(1).clamp(min=1e-9), dim=-1)
+    np.testing.assert_allclose(m.encode(texts).numpy(), want.numpy(), atol=1e-5)
+
+
+def test_embedded_encoder_starts_without_transformers_or_dynamo():
+    import subprocess
+    import sys
+
+    _require_embedded()
+    code = ("import sys, time; t = time.perf_counter(); from mmretrieve import create_encoder; "
+            "e = create_encoder('embedded'); e.encode_texts(['a cat']); "
+            "print([m for m in ('transformers', 'torch._dynamo', 'open_clip', 'timm') if m in sys.modules])")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip().splitlines()[-1] == "[]"

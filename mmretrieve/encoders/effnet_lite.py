@@ -68,7 +68,8 @@ def _fold(conv: nn.Conv2d, bn: nn.BatchNorm2d, size: int) -> tuple[list[nn.Modul
         padding = 0
     else:
         padding = pad // 2
-    fused = nn.Conv2d(conv.in_channels, conv.out_channels, (kh, kw), stride, padding, groups=conv.groups, bias=True)
+    fused = torch.nn.utils.skip_init(nn.Conv2d, conv.in_channels, conv.out_channels, (kh, kw), stride, padding,
+                                     groups=conv.groups, bias=True)  # weights are copied in below: no init
     with torch.no_grad():
         fused.weight.copy_(w * scale.view(-1, 1, 1, 1))
         fused.bias.copy_(bias)
@@ -113,7 +114,7 @@ class FusedLite(nn.Module):
         mods, _ = _fold(model._conv_head, model._bn1, size)
         layers += [*mods, act(inplace=True)]
         self.features = nn.Sequential(*layers)
-        self.fc = nn.Linear(model._fc.in_features, model._fc.out_features)
+        self.fc = torch.nn.utils.skip_init(nn.Linear, model._fc.in_features, model._fc.out_features)
         with torch.no_grad():
             self.fc.weight.copy_(model._fc.weight)
             self.fc.bias.copy_(model._fc.bias)
