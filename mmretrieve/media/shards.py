@@ -1,0 +1,214 @@
+"""Sharded collections: webdataset tar shards and parquet files, streamed (never unpacked to disk).
+
+- **webdataset** (what img2dataset writes, how LAION, DataComp and CC3M are distributed): a tar per
+  shard, each sample's files named ``<key>.<ext>``: the image (``jpg``, ``png``, ``webp``, ...), an
+  optional caption (``txt``) and metadata (``json``: its ``caption`` and ``key`` are used when present,
+  the rest is kept as the item's extra). Shards are local paths or brace patterns
+  (``shards/{00000..00123}.tar``, ``{a,b}.tar``), or a folder of ``.tar`` files.
+- **parquet**: image bytes (a ``binary`` column ``image`` / ``jpg`` / ``bytes``, or Hugging Face's
+  ``{"bytes", "path"}`` struct) or image paths (``image_path`` / ``path``, relative to the file), a
+  caption (``caption`` / ``text``) and a key (``key`` / ``id``; else ``<file stem>/<row>``); other
+  columns go to the item's extra.
+
+A sample becomes a ``SourceItem`` whose ``data`` holds the image bytes and whose ``uri`` is
+``<shard>#<key>``. A member that cannot be read, a sample without an image and a shard cut short
+(a truncated tar) are reported, never fatal: ``ShardProblem`` records go to the ingest report.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import posixpath
+import re
+import tarfile
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mmretrieve.errors import InputError, MissingDependencyError, SourceNotFoundError
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm")
+#: a member larger than this is refused (a sample, not a file system)
+MAX_MEMBER_BYTES = 256 << 20
+PARQUET_IMAGE_COLUMNS = ("image", "jpg", "png", "bytes", "img")
+PARQUET_PATH_COLUMNS = ("image_path", "path", "file", "filename")
+
+
+@dataclass
+class ShardSample:
+    """One sample of a shard: its key, the image bytes (or a path), caption and metadata."""
+
+    key: str
+    uri: str
+    data: bytes | None = None
+    path: str | None = None
+    caption: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ShardProblem:
+    """Something in a shard that could not be used (the rest of the shard still is)."""
+
+    key: str
+    uri: str
+    reason: str
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """``a{00..02}.tar`` -> a00.tar a01.tar a02.tar (zero padding kept); ``{x,y}`` alternatives;
+    several groups multiply."""
+    m = re.search(r"\{([^{}]*)\}", pattern)
+    if not m:
+        return [pattern]
+    head, body, tail = pattern[: m.start()], m.group(1), pattern[m.end() :]
+    rng = re.fullmatch(r"(-?\d+)\.\.(-?\d+)", body)
+    if rng:
+        a, b = rng.group(1), rng.group(2)
+        width = len(a) if a.lstrip("-").startswith("0") or len(a) == len(b) else 0
+        lo, hi = int(a), int(b)
+        step = 1 if hi >= lo else -1
+        options = [str(i).zfill(width) for i in range(lo, hi + step, step)]
+    else:
+        options = body.split(",")
+    return [x for opt in options for x in expand_braces(head + opt + tail)]
+
+
+def resolve_shards(source: str | os.PathLike) -> list[Path]:
+    """The shard files a source names: one file, a brace / glob pattern, or a folder of ``.tar`` / ``.parquet``."""
+    s = str(source)
+    p = Path(s).expanduser()
+    if p.is_dir():
+        files = sorted(list(p.glob("*.tar")) + list(p.glob("*.parquet")))
+        if not files:
+            raise InputError(f"{p}: no .tar or .parquet shards in this folder")
+        return files
+    names = [n for part in expand_braces(os.path.expanduser(s)) for n in (sorted(glob.glob(part)) if any(c in part for c in "*?[") else [part])]
+    missing = [n for n in names if not Path(n).is_file()]
+    if missing:
+        raise SourceNotFoundError(f"{len(missing)} shard(s) of {s} not found, e.g. {missing[0]}")
+    if not names:
+        raise SourceNotFoundError(f"no shards match {s}")
+    return [Path(n) for n in names]
+
+
+def is_shard_source(source: str | os.PathLike) -> bool:
+    s = str(source)
+    if "{" in s and "}" in s:
+        return True
+    p = Path(s).expanduser()
+    return p.suffix.lower() in (".tar", ".parquet") or (p.is_dir() and any(p.glob("*.tar")))
+
+
+# ---- webdataset -------------------------------------------------------------------------------------
+def _split_name(name: str) -> tuple[str, str]:
+    """webdataset's rule: the key is the path up to the first dot of the file name; the rest the extension."""
+    d, base = posixpath.split(name)
+    stem, _, ext = base.partition(".")
+    return (posixpath.join(d, stem) if d else stem), ext.lower()
+
+
+def _sample(shard: Path, key: str, parts: dict[str, bytes]) -> ShardSample | ShardProblem:
+    uri = f"{shard}#{key}"
+    img = next((parts[e] for e in IMAGE_EXTS if e in parts), None)
+    if img is None:
+        return ShardProblem(key, uri, f"no image in the sample (files: {', '.join(sorted(parts)) or 'none'})")
+    meta: dict[str, Any] = {}
+    if "json" in parts:
+        try:
+            meta = json.loads(parts["json"].decode("utf-8"))
+            meta = meta if isinstance(meta, dict) else {}
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+            meta = {}
+    caption = meta.pop("caption", None)
+    if "txt" in parts:
+        caption = parts["txt"].decode("utf-8", "replace").strip() or caption
+    name = str(meta.pop("key", None) or key)
+    extra = {k: v for k, v in meta.items() if isinstance(v, (str, int, float, bool)) and k not in ("status", "error_message")}
+    return ShardSample(name, f"{shard}#{name}", data=img, caption=str(caption) if caption else None, extra=extra)
+
+
+def iter_webdataset(shard: Path) -> Iterator[ShardSample | ShardProblem]:
+    """Samples of a tar shard, read as a stream; a shard cut short ends with a ``ShardProblem``."""
+    cur, parts, n = None, {}, 0
+    try:
+        with tarfile.open(shard, mode="r|*") as tf:
+            for m in tf:
+                if not m.isfile():
+                    continue
+                key, ext = _split_name(m.name)
+                if m.size > MAX_MEMBER_BYTES:
+                    yield ShardProblem(key, f"{shard}#{key}", f"member {m.name} is {m.size} bytes (over {MAX_MEMBER_BYTES})")
+                    continue
+                data = tf.extractfile(m).read()
+                if key != cur and cur is not None:
+                    yield _sample(shard, cur, parts)
+                    n += 1
+                    parts = {}
+                cur = key
+                parts[ext] = data
+        if cur is not None:
+            yield _sample(shard, cur, parts)
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
+        if cur is not None and parts:
+            yield ShardProblem(cur, f"{shard}#{cur}", f"cut short: the tar ends inside this sample ({e})")
+        yield ShardProblem("", str(shard), f"truncated or corrupt tar after {n} sample(s): {e}")
+
+
+# ---- parquet -------------------------------------------------------------------------------------------
+def iter_parquet(path: Path, batch_rows: int = 1024) -> Iterator[ShardSample | ShardProblem]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise MissingDependencyError("parquet inputs need pyarrow: pip install pyarrow") from None
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as e:  # pyarrow raises its own error types for broken files
+        yield ShardProblem("", str(path), f"not a readable parquet file: {e}")
+        return
+    cols = pf.schema_arrow.names
+    icol = next((c for c in PARQUET_IMAGE_COLUMNS if c in cols), None)
+    pcol = next((c for c in PARQUET_PATH_COLUMNS if c in cols), None)
+    if icol is None and pcol is None:
+        raise InputError(f"{path}: no image column ({', '.join(PARQUET_IMAGE_COLUMNS)}) and no path column "
+                         f"({', '.join(PARQUET_PATH_COLUMNS)}); found {', '.join(cols)}")
+    kcol = next((c for c in ("key", "id") if c in cols), None)
+    ccol = next((c for c in ("caption", "text") if c in cols), None)
+    row = 0
+    for batch in pf.iter_batches(batch_size=batch_rows):
+        for rec in batch.to_pylist():
+            yield _parquet_sample(path, row, rec, icol, pcol, kcol, ccol)
+            row += 1
+
+
+def _parquet_sample(path: Path, row: int, rec: dict, icol, pcol, kcol, ccol) -> ShardSample | ShardProblem:
+    key = str(rec[kcol]) if kcol and rec.get(kcol) is not None else f"{path.stem}/{row}"
+    uri = f"{path}#{key}"
+    data = rec.get(icol) if icol else None
+    if isinstance(data, dict):  # Hugging Face datasets: {"bytes": ..., "path": ...}
+        data = data.get("bytes") or None
+    img_path = rec.get(pcol) if pcol else None
+    if data is None and not img_path:
+        return ShardProblem(key, uri, "no image bytes and no image path in this row")
+    if data is None:
+        img_path = str(Path(img_path) if Path(img_path).is_absolute() else path.parent / img_path)
+    used = {icol, pcol, kcol, ccol}
+    extra = {k: v for k, v in rec.items() if k not in used and isinstance(v, (str, int, float, bool))}
+    cap = rec.get(ccol) if ccol else None
+    return ShardSample(key, img_path if data is None else uri, data=bytes(data) if data is not None else None,
+                       path=img_path if data is None else None, caption=str(cap) if cap else None, extra=extra)
+
+
+def iter_shard(shard: Path) -> Iterator[ShardSample | ShardProblem]:
+    if shard.suffix.lower() == ".parquet":
+        yield from iter_parquet(shard)
+    else:
+        yield from iter_webdataset(shard)
+
+
+__all__ = ["ShardSample", "ShardProblem", "expand_braces", "resolve_shards", "is_shard_source", "iter_webdataset",
+           "iter_parquet", "iter_shard"]
