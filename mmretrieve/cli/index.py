@@ -40,6 +40,7 @@ def cmd_build(args) -> int:
         args.name, args.source, encoder=args.encoder, index_dir=args.index_dir, factory=args.factory,
         patches=_patches_arg(args), video={k: v for k, v in video.items() if v is not None}, overwrite=args.overwrite,
         batch_size=args.batch_size, workers=args.workers, on_bad_vectors=args.on_bad_vectors, strict=args.strict,
+        image_timeout=args.image_timeout,
     )
     return _report_out(report, args)
 
@@ -48,7 +49,7 @@ def cmd_add(args) -> int:
     from mmretrieve.ingest import add_to_index
 
     report = add_to_index(args.name, args.source, index_dir=args.index_dir, batch_size=args.batch_size, workers=args.workers,
-                          on_bad_vectors=args.on_bad_vectors, strict=args.strict)
+                          on_bad_vectors=args.on_bad_vectors, strict=args.strict, image_timeout=args.image_timeout)
     return _report_out(report, args)
 
 
@@ -112,6 +113,8 @@ def _ingest_options() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=None, help="images per encoder batch (default: the encoder's)")
     p.add_argument("--workers", type=int, default=None, help="decoder processes (default: cores - 1, at least 1)")
     p.add_argument("--strict", action="store_true", help="any skipped input is an error: nothing is written")
+    p.add_argument("--image-timeout", type=float, default=None,
+                   help="seconds one image may take to decode before its worker is killed (default 30)")
     p.add_argument("--on-bad-vectors", choices=["error", "drop"], default="error",
                    help="NaN / inf / zero embeddings: fail the write (default) or drop them and report them")
     p.add_argument("--json", action="store_true", help="print the report as JSON")

@@ -41,6 +41,7 @@ def build_index(
     workers: int | None = None,
     on_bad_vectors: str = "error",
     strict: bool = False,
+    image_timeout: float | None = None,
 ) -> IngestReport:
     """Index every image and video of ``source`` (a folder, recursively, or a CSV/JSONL manifest).
 
@@ -49,6 +50,8 @@ def build_index(
     or a dict ``{"grid": 4, "dim": 256}`` to pool the grid / project the features to fewer dimensions.
     ``video``: frame sampling and storage of videos, e.g. ``{"num_frames": 16}``, ``{"fps": 1,
     "max_frames": 64}``, ``{"frame_entries": True}`` (see ``mmretrieve.media.video.VIDEO_DEFAULTS``).
+    ``image_timeout``: seconds one image may take to decode before its worker is killed (default 30); a
+    decoder that fails, crashes, is killed or hangs costs only its own file, reported with the reason.
     """
     from mmretrieve.media.video import resolve_video_config
 
@@ -64,7 +67,7 @@ def build_index(
     writer = IndexWriter(path, encoder_info=enc.info.to_dict(), factory=factory, patches=pcfg, video=vcfg, create=True,
                          overwrite=overwrite)
     _ingest_and_commit(writer, lambda: scan.items, scan.missing, enc, report, batch_size=batch_size, workers=workers,
-                       on_bad_vectors=on_bad_vectors, strict=strict, t0=t0)
+                       on_bad_vectors=on_bad_vectors, strict=strict, t0=t0, image_timeout=image_timeout)
     return report
 
 
@@ -78,6 +81,7 @@ def add_to_index(
     workers: int | None = None,
     on_bad_vectors: str = "error",
     strict: bool = False,
+    image_timeout: float | None = None,
 ) -> IngestReport:
     """Encode only the new or changed files of ``source`` and publish a new version."""
     path = resolve_index_path(name_or_path, index_dir)
@@ -91,12 +95,13 @@ def add_to_index(
     _ingest_and_commit(
         writer, lambda: select_changed(scan.items, writer.meta.fingerprints(), writer.meta.skipped_fingerprints(), report),
         scan.missing, enc, report, batch_size=batch_size, workers=workers, on_bad_vectors=on_bad_vectors, strict=strict, t0=t0,
+        image_timeout=image_timeout,
     )
     return report
 
 
 def _ingest_and_commit(writer: IndexWriter, todo, missing_files, enc, report: IngestReport, *, batch_size, workers,
-                       on_bad_vectors, strict: bool, t0: float) -> None:
+                       on_bad_vectors, strict: bool, t0: float, image_timeout: float | None = None) -> None:
     """The shared tail of build and add: record missing files, ingest, publish (or abort on any error,
     and in strict mode on any skipped input)."""
     try:
@@ -104,7 +109,8 @@ def _ingest_and_commit(writer: IndexWriter, todo, missing_files, enc, report: In
         missing = [skipped_of(it, "file not found") for it in missing_files]
         writer.record_skipped(missing)
         report.skipped.extend(missing)
-        run_stages(writer, items, enc, report, batch_size=batch_size, workers=workers, on_bad_vectors=on_bad_vectors)
+        run_stages(writer, items, enc, report, batch_size=batch_size, workers=workers, on_bad_vectors=on_bad_vectors,
+                   image_timeout=image_timeout)
         if strict and report.skipped:
             raise SkippedInputsError(report)
         # an indexed item whose file is now broken or gone no longer stands for what is on disk
