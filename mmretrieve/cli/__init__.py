@@ -60,13 +60,14 @@ def main(argv: list[str] | None = None) -> int:
 
 def _report_error(e: Exception, args) -> int:
     from mmretrieve.errors import SkippedInputsError
+    from mmretrieve.results import printable
 
     if args.verbose:
         log.exception("failed")
-    print(f"error: {e}", file=sys.stderr)
+    print(f"error: {printable(e)}", file=sys.stderr)
     if isinstance(e, SkippedInputsError):
         for s in e.report.skipped[:50]:
-            print(f"  skipped {s.uri}: {s.reason}", file=sys.stderr)
+            print(f"  skipped {printable(s.uri)}: {printable(s.reason)}", file=sys.stderr)
         return EXIT_SKIPPED
     return EXIT_ERROR
 

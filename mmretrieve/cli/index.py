@@ -20,14 +20,21 @@ def _patches_arg(args) -> bool | dict:
 
 
 def _report_out(report, args) -> int:
+    from mmretrieve.results import printable
+
     if args.json:
         out_json(report.to_dict())
         return EXIT_OK
     print(report.summary())
-    for s in report.skipped[: args.show_skipped]:
-        print(f"  skipped {s.uri}: {s.reason}")
-    if len(report.skipped) > args.show_skipped:
-        print(f"  ... and {len(report.skipped) - args.show_skipped} more (see `mmretrieve index info NAME --skipped`)")
+    n = args.show_skipped
+    for s in report.skipped[:n]:
+        print(f"  skipped {printable(s.uri)}: {printable(s.reason)}")
+    if len(report.skipped) > n:
+        print(f"  ... and {len(report.skipped) - n} more (see `mmretrieve index info NAME --skipped`)")
+    for uri in report.pruned[:n]:
+        print(f"  removed {printable(uri)}: file deleted")
+    for alias, kept in report.aliases[:n]:
+        print(f"  alias {printable(alias)}: the same file as {printable(kept)} (indexed once)")
     return EXIT_OK
 
 
@@ -49,7 +56,8 @@ def cmd_add(args) -> int:
     from mmretrieve.ingest import add_to_index
 
     report = add_to_index(args.name, args.source, index_dir=args.index_dir, batch_size=args.batch_size, workers=args.workers,
-                          on_bad_vectors=args.on_bad_vectors, strict=args.strict, image_timeout=args.image_timeout)
+                          on_bad_vectors=args.on_bad_vectors, strict=args.strict, image_timeout=args.image_timeout,
+                          prune=not args.no_prune)
     return _report_out(report, args)
 
 
@@ -63,6 +71,7 @@ def cmd_rm(args) -> int:
 
 def cmd_info(args) -> int:
     from mmretrieve.index import open_index
+    from mmretrieve.results import printable
 
     idx = open_index(args.name, index_dir=args.index_dir, verify=not args.no_verify)
     info = idx.info()
@@ -82,7 +91,7 @@ def cmd_info(args) -> int:
     print(f"patches   {patches}")
     print(f"size      {info['bytes'] / 1e6:.2f} MB")
     for s in info.get("skipped_items", []):
-        print(f"  skipped {s['uri']}: {s['reason']}")
+        print(f"  skipped {printable(s['uri'])}: {printable(s['reason'])}")
     return EXIT_OK
 
 
@@ -103,8 +112,10 @@ def cmd_list(args) -> int:
     elif not rows:
         print(f"no indexes under {base}")
     else:
+        from mmretrieve.results import printable
+
         for name, desc in rows:
-            print(f"{name:24s} {desc}")
+            print(f"{printable(name):24s} {printable(desc)}")
     return EXIT_OK
 
 
@@ -149,9 +160,12 @@ def register(sub, common: argparse.ArgumentParser) -> None:
     isub = ix.add_subparsers(dest="index_cmd", required=True, metavar="{build,add,rm,info,list}")
     ingest = _ingest_options()
     _build_parser(isub, common, ingest)
-    a = isub.add_parser("add", parents=[common, ingest], help="add new or changed files (only those are encoded)")
+    a = isub.add_parser("add", parents=[common, ingest],
+                        help="add new or changed files (only those are encoded), remove those deleted from the folder")
     a.add_argument("name", help="index name or path")
     a.add_argument("source", help="the folder or manifest (new and changed files are encoded)")
+    a.add_argument("--no-prune", action="store_true",
+                   help="keep indexed items whose file was deleted from the folder (default: remove and list them)")
     a.set_defaults(func=cmd_add)
     r = isub.add_parser("rm", parents=[common], help="remove items by id, key or path")
     r.add_argument("name", help="index name or path")

@@ -32,6 +32,7 @@ from mmretrieve.media.images import DEFAULT_FORMATS, DEFAULT_MAX_PIXELS, load_im
 from mmretrieve.media.scan import SourceItem
 from mmretrieve.media.video import decode_video
 from mmretrieve.media.workers import TaskFailure, TimeoutPool
+from mmretrieve.results import printable
 from mmretrieve.runtime import default_workers, progress_enabled
 from mmretrieve.store.meta import Item, Skipped
 from mmretrieve.store.sidestores import project_patches
@@ -123,7 +124,7 @@ def read_images(items: Sequence[SourceItem], transform, *, batch_size: int, work
             it = items[i]
             if isinstance(res, TaskFailure):
                 out.skipped.append(skipped_of(it, res.reason))
-                log.warning("skipped %s: %s", it.uri, res.reason)
+                log.warning("skipped %s: %s", printable(it.uri), printable(res.reason))
             else:
                 arr, w, h = res
                 out.items.append(it)
@@ -144,7 +145,7 @@ def read_videos(items: Sequence[SourceItem], transform, sampling: dict, *, worke
         for i, res in pool.imap(fn, [v.uri for v in items]):
             src = items[i]
             if isinstance(res, TaskFailure):
-                log.warning("skipped %s: %s", src.uri, res.reason)
+                log.warning("skipped %s: %s", printable(src.uri), printable(res.reason))
                 yield Decoded("video", [], skipped=[skipped_of(src, res.reason)])
             else:
                 yield Decoded("video", [src], videos=[res])
