@@ -26,7 +26,10 @@ def resolve_device(device: str | None = None) -> torch.device:
     """``None``/``"auto"`` picks CUDA when present, else CPU."""
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise UsageError(f"unknown device {device!r}; expected auto, cpu, cuda or cuda:N (or another torch device)") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise DeviceError(f"device {device!r} requested but CUDA is not available on this machine")
     return dev

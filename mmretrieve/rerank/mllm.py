@@ -27,12 +27,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from mmretrieve.errors import ItemNotFoundError, MissingDependencyError, MLLMError
-from mmretrieve.rerank.base import RERANKERS, Reranker, RerankOutput
+from mmretrieve.errors import ItemNotFoundError, MissingDependencyError, MLLMError, UsageError
+from mmretrieve.rerank.base import RERANKERS, Reranker, RerankOutput, option_device
 from mmretrieve.runtime import resolve_device
 
 log = logging.getLogger(__name__)
 
+
+DTYPES = ("auto", "fp32", "float32", "bf16", "bfloat16", "fp16", "float16")
 
 HOW_TO = (
     "the mllm reranker needs a vision-language model: mllm:model=Qwen/Qwen2-VL-2B-Instruct (a Hugging Face hub id, "
@@ -130,10 +132,19 @@ class MLLMReranker(Reranker):
         self.prompt = prompt
         self.answer_fallback = answer_fallback
         self.collage = bool(collage)
-        self.batch_size = max(1, int(batch_size))
+        if int(batch_size) < 1:
+            raise UsageError(f"mllm: batch_size must be >= 1, got {batch_size}")
+        if max_pixels is not None and int(max_pixels) < 1:
+            raise UsageError(f"mllm: max_pixels must be >= 1 (or none for no cap), got {max_pixels}")
+        if dtype not in DTYPES:
+            raise UsageError(f"mllm: dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        if answer_fallback not in (None, "first"):
+            raise UsageError(f"mllm: answer_fallback must be 'first' or unset, got {answer_fallback!r}")
+        self.batch_size = int(batch_size)
         self.max_pixels = int(max_pixels) if max_pixels else None
         self.processor_kwargs = _parse_kwargs(processor_kwargs)
         self.dtype = dtype
+        option_device("mllm", device)  # a bad device fails here, not after the model has loaded
         self.device = device
         self.trust_remote_code = bool(trust_remote_code)
         from mmretrieve.config import load_config
@@ -160,8 +171,6 @@ class MLLMReranker(Reranker):
             return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
         table = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
                  "fp16": torch.float16, "float16": torch.float16}
-        if self.dtype not in table:
-            raise MLLMError(f"mllm: dtype must be auto, fp32, bf16 or fp16, got {self.dtype!r}")
         return table[self.dtype]
 
     def load(self):
