@@ -25,7 +25,7 @@ import os
 
 import torch
 
-from mmretrieve.encoders.base import Encoder, EncoderError
+from mmretrieve.encoders.base import Encoder, EncoderError, stat_files
 from mmretrieve.encoders.transforms import Uint8Transform
 from mmretrieve.errors import MissingDependencyError, UsageError
 from mmretrieve.runtime import resolve_device, resolve_precision, torch_dtype
@@ -100,6 +100,14 @@ class OpenClipEncoder(Encoder):
 
     def identity(self) -> dict:
         return {"pretrained": os.path.basename(self._pretrained) if self._pretrained else None}
+
+    def weights_fingerprint(self) -> list | None:
+        if self.name.startswith("open_clip:local-dir:"):
+            d = self.name[len("open_clip:local-dir:") :]
+            return stat_files(os.path.join(d, f) for f in (*WEIGHT_FILES, "open_clip_config.json"))
+        if self._pretrained and os.path.isfile(self._pretrained):
+            return stat_files([self._pretrained])
+        return None
 
     @property
     def image_transform(self):

@@ -20,7 +20,7 @@ import os
 
 import torch
 
-from mmretrieve.encoders.base import Encoder, EncoderError
+from mmretrieve.encoders.base import Encoder, EncoderError, stat_files
 from mmretrieve.encoders.transforms import Uint8Transform
 from mmretrieve.errors import MissingDependencyError
 from mmretrieve.runtime import resolve_device, resolve_precision, torch_dtype
@@ -100,6 +100,10 @@ class TimmEncoder(Encoder):
 
     def identity(self) -> dict:
         return {"weights": self._source, "img_size": self._img_size}
+
+    def weights_fingerprint(self) -> list | None:
+        path = self.name.partition("@")[2]
+        return stat_files([path]) if path and path != "random" else None
 
     @property
     def image_transform(self):
