@@ -18,6 +18,7 @@ image's size before the processor sees it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -27,6 +28,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from mmretrieve.encoders.hub import hub_source
 from mmretrieve.errors import ItemNotFoundError, MissingDependencyError, MLLMError, UsageError
 from mmretrieve.rerank.base import RERANKERS, Reranker, RerankOutput, option_device
 from mmretrieve.runtime import resolve_device
@@ -188,11 +190,17 @@ class MLLMReranker(Reranker):
         local = os.path.isdir(self.model)
         if not local and (self.model.startswith(("/", ".", "~")) or self.model.count("/") > 1):
             raise MLLMError(f"model folder not found: {self.model}. {HOW_TO}")
+        source = contextlib.nullcontext("local") if local else hub_source(
+            self.model, asked=f"could not load vision-language model {self.model!r} (mllm:model=)", error=MLLMError,
+            local_hint="mllm:model=/path/to/model (a folder with the processor and weights)")
         try:
-            processor = AutoProcessor.from_pretrained(self.model, trust_remote_code=self.trust_remote_code, local_files_only=local)
-            model = AutoModelForImageTextToText.from_pretrained(
-                self.model, dtype=dtype, trust_remote_code=self.trust_remote_code, local_files_only=local
-            )
+            with source as where:
+                offline = where != "hub"
+                processor = AutoProcessor.from_pretrained(self.model, trust_remote_code=self.trust_remote_code,
+                                                          local_files_only=offline)
+                model = AutoModelForImageTextToText.from_pretrained(
+                    self.model, dtype=dtype, trust_remote_code=self.trust_remote_code, local_files_only=offline
+                )
         except (OSError, ValueError) as e:
             raise MLLMError(f"could not load vision-language model {self.model!r}: {e}. {HOW_TO}") from None
         if self.adapter:
