@@ -179,30 +179,30 @@ class MLLMReranker(Reranker):
         """Load processor + model (+ adapter) once; raises ``MLLMError`` saying how to provide them."""
         if self._loaded is not None:
             return self._loaded
-        try:
-            from transformers import AutoModelForImageTextToText, AutoProcessor
-            from transformers.utils import logging as hf_logging
-        except ImportError:
-            raise MissingDependencyError("the mllm reranker needs transformers: pip install 'mmretrieve[mllm]'") from None
-        hf_logging.disable_progress_bar()
-        dev = resolve_device(self.device)
-        dtype = self._torch_dtype(dev)
         local = os.path.isdir(self.model)
         if not local and (self.model.startswith(("/", ".", "~")) or self.model.count("/") > 1):
             raise MLLMError(f"model folder not found: {self.model}. {HOW_TO}")
-        source = contextlib.nullcontext("local") if local else hub_source(
+        source = contextlib.nullcontext("local") if local else hub_source(  # entered first: fails before any import
             self.model, asked=f"could not load vision-language model {self.model!r} (mllm:model=)", error=MLLMError,
             local_hint="mllm:model=/path/to/model (a folder with the processor and weights)")
-        try:
-            with source as where:
-                offline = where != "hub"
+        with source as where:
+            try:
+                from transformers import AutoModelForImageTextToText, AutoProcessor
+                from transformers.utils import logging as hf_logging
+            except ImportError:
+                raise MissingDependencyError("the mllm reranker needs transformers: pip install 'mmretrieve[mllm]'") from None
+            hf_logging.disable_progress_bar()
+            dev = resolve_device(self.device)
+            dtype = self._torch_dtype(dev)
+            offline = where != "hub"
+            try:
                 processor = AutoProcessor.from_pretrained(self.model, trust_remote_code=self.trust_remote_code,
                                                           local_files_only=offline)
                 model = AutoModelForImageTextToText.from_pretrained(
                     self.model, dtype=dtype, trust_remote_code=self.trust_remote_code, local_files_only=offline
                 )
-        except (OSError, ValueError) as e:
-            raise MLLMError(f"could not load vision-language model {self.model!r}: {e}. {HOW_TO}") from None
+            except (OSError, ValueError) as e:
+                raise MLLMError(f"could not load vision-language model {self.model!r}: {e}. {HOW_TO}") from None
         if self.adapter:
             try:
                 from peft import PeftModel
