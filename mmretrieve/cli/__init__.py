@@ -23,6 +23,8 @@ from mmretrieve.cli.common import COMMON_DEFAULTS, EXIT_ERROR, EXIT_SKIPPED, com
 log = logging.getLogger("mmretrieve.cli")
 
 COMMAND_GROUPS = ("misc", "index", "search", "eval", "bench")
+#: commands that answer one query at a time: torch gets one thread by default (``runtime.default_threads``)
+QUERY_COMMANDS = frozenset({"search", "serve"})
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from mmretrieve.runtime import set_threads
 
-        set_threads(args.threads)
+        set_threads(args.threads, workload="query" if args.cmd in QUERY_COMMANDS else "batch")
         return args.func(args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -165,7 +165,7 @@ class EMDReranker(Reranker):
         if solver == "auto":
             solver = default_solver(dev, Ct.shape[1])
         if solver == "exact":
-            from mmretrieve.runtime import default_threads
+            from mmretrieve.settings import threads as default_threads
 
             return emd_exact(S, a, b, threads=self.threads or default_threads())
         if solver == "sinkhorn":
