@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import difflib
+import operator
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -121,6 +122,24 @@ def check_options(where: str, given: Iterable[str], accepted: Iterable[str], *, 
     hint = f" (did you mean {', '.join(map(repr, hints))}?)" if hints else ""
     known = ", ".join(accepted) if accepted else "none"
     raise UnknownOptionError(f"unknown {noun}(s) {', '.join(map(repr, unknown))} for {where}; known: {known}{hint}")
+
+
+def positive_int(value: Any, name: str, where: str) -> int:
+    """``value`` as an int >= 1, else a ``UsageError`` naming ``where`` and ``name`` (``True``, ``2.5``,
+    ``"3"`` are refused: a count is never silently rounded or coerced).
+
+    >>> positive_int(5, "k", "Index.search")
+    5
+    """
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        n = operator.index(value)
+    except TypeError:
+        raise UsageError(f"{where}: {name} must be a positive integer, got {value!r}") from None
+    if n < 1:
+        raise UsageError(f"{where}: {name} must be a positive integer, got {n}")
+    return n
 
 
 def list_presets(subdir: str = "") -> list[str]:

@@ -186,13 +186,16 @@ def coarse_strategy(fusion: str, options: dict[str, Any] | None = None) -> Coars
 @dataclass
 class Query:
     """A text, an image, or both. ``text`` may be a list of phrasings: their normalised embeddings are
-    averaged (e.g. FashionIQ's two captions in both orders). ``image_id``: the query image's id when it
-    is itself in the index (its stored embedding and patches are reused instead of re-encoding).
+    averaged (e.g. FashionIQ's two captions in both orders). ``image`` is always a file (or a PIL image);
+    ``item`` names an item of the index instead (an id, a key, ``id:N`` / ``key:K``), whose stored
+    embedding is the visual side. ``image_id``: the visual side's id when it is itself in the index (its
+    stored embedding and patches are reused instead of re-encoding; the index sets it).
     ``options`` are the fusion's (e.g. ``weight`` for ``weighted``; ``k1``, ``mode`` for ``intersection``)."""
 
     text: str | list[str] | None = None
     image: Any = None  # a PIL image or a path
     video: str | os.PathLike | None = None
+    item: int | str | None = None
     fusion: str = "sum"
     options: dict[str, Any] = field(default_factory=dict)
     image_id: int | None = None
@@ -206,10 +209,10 @@ class Query:
                 raise UsageError("empty query text")
         elif self.text is not None and not str(self.text).strip():
             raise UsageError("empty query text")
-        if self.text is None and self.image is None and self.video is None:
-            raise UsageError("a query needs a text, an image, a video, or an image/video plus a text")
-        if self.image is not None and self.video is not None:
-            raise UsageError("a query has an image or a video, not both")
+        if self.text is None and self.image is None and self.video is None and self.item is None:
+            raise UsageError("a query needs a text, an image, a video or an item, or one of those plus a text")
+        if sum(x is not None for x in (self.image, self.video, self.item)) > 1:
+            raise UsageError("a query has one of an image, a video or an item, not several")
         self.options = dict(self.options or {})
         strategy = coarse_strategy(self.fusion, self.options)  # unknown fusion or option: refused here
         if self.options and not self.kind.startswith("composed"):
@@ -219,7 +222,7 @@ class Query:
 
     @property
     def kind(self) -> str:
-        visual = "video" if self.video is not None else "image" if self.image is not None else None
+        visual = "video" if self.video is not None else "image" if self.image is not None or self.item is not None else None
         if visual and self.text is not None:
             return "composed" if visual == "image" else "composed-video"
         return visual or "text"
@@ -241,6 +244,8 @@ class Query:
             d["image"] = self.image_path or "<PIL image>"
         if self.video is not None:
             d["video"] = str(self.video)
+        if self.item is not None:
+            d["item"] = self.item
         if self.kind.startswith("composed"):
             d.update(self._strategy.describe())
         return d

@@ -2,9 +2,36 @@
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+#: invisible characters that reorder or hide text on a terminal (bidirectional overrides and isolates)
+_BIDI = frozenset("\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
+def printable(s: Any) -> str:
+    """``s`` safe for a terminal: control characters (newlines, tabs, ESC, DEL, C1), bidirectional
+    overrides and the surrogates of undecodable file names are written as escapes (``\\n``, ``\\x1b``,
+    ``\\u202e``), so a file name cannot fake a row or send terminal commands. JSON output keeps the raw text.
+
+    >>> printable("cat\\n1  0.99  fake.jpg\\x1b[2J")
+    'cat\\\\n1  0.99  fake.jpg\\\\x1b[2J'
+    """
+    s = str(s)
+    if s.isprintable():
+        return s
+    out = []
+    for ch in s:
+        cat = unicodedata.category(ch)
+        if cat == "Cs":  # a byte of an undecodable name (os.fsdecode's surrogate escape)
+            out.append(f"\\u{ord(ch):04x}")
+        elif cat in ("Cc", "Zl", "Zp") or ch in _BIDI:
+            out.append(ch.encode("unicode_escape").decode("ascii"))
+        else:
+            out.append(ch)
+    return "".join(out)
 
 
 @dataclass
@@ -72,7 +99,8 @@ class SearchResults:
         head = ["rank", "score", *[f"#{s}" for s in stage_cols], "key"]
         rows = []
         for h in self.hits:
-            key = h.key if len(h.key) <= max_width else "..." + h.key[-(max_width - 3) :]
+            key = printable(h.key)
+            key = key if len(key) <= max_width else "..." + key[-(max_width - 3) :]
             extra = ""
             if "timestamp" in h.extra:
                 extra = f"  @ {h.extra['timestamp']:.2f}s"

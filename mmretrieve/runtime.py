@@ -26,7 +26,10 @@ def resolve_device(device: str | None = None) -> torch.device:
     """``None``/``"auto"`` picks CUDA when present, else CPU."""
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise UsageError(f"unknown device {device!r}; expected auto, cpu, cuda or cuda:N (or another torch device)") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise DeviceError(f"device {device!r} requested but CUDA is not available on this machine")
     return dev
@@ -82,8 +85,27 @@ def torch_dtype(precision: str) -> torch.dtype:
     return _DTYPES[precision]
 
 
-def default_threads() -> int:
-    return settings.threads()
+#: how much work one call does: ``query`` (one query at a time: a search, a server) or ``batch`` (ingest,
+#: evaluation, benchmarks)
+WORKLOADS = ("query", "batch")
+
+
+def default_threads(workload: str = "batch") -> int:
+    """torch intra-op threads for ``workload`` when neither ``--threads`` nor ``MMRETRIEVE_THREADS`` says.
+
+    Measured with ``mmretrieve bench threads`` on 2 cores (README, "Threads"): one query is encoded fastest
+    by one thread, idle or not, and several threads become many times slower as soon as another process
+    wants a core (spinning OpenMP workers); a batch job's decoder worker processes already take one core
+    each, so torch gets the cores they leave (at least one). So: ``query`` -> 1, ``batch`` -> cores minus
+    decoder workers (1 on 2 cores, 8 on 16)."""
+    env = settings.threads_env()
+    if env is not None:
+        return env
+    if workload not in WORKLOADS:
+        raise UsageError(f"unknown workload {workload!r}; expected one of {', '.join(WORKLOADS)}")
+    if workload == "query":
+        return 1
+    return max(1, settings.available_cores() - default_workers())
 
 
 def default_workers() -> int:
@@ -98,14 +120,19 @@ def progress_enabled() -> bool | None:
     return None if logging.getLogger("mmretrieve").getEffectiveLevel() <= logging.INFO else True
 
 
-def set_threads(n: int | None) -> int:
-    """Set torch intra-op and FAISS OpenMP threads to ``n`` (default: available cores). Returns n."""
-    n = default_threads() if not n else int(n)
-    torch.set_num_threads(n)
+def set_threads(n: int | None = None, workload: str = "batch") -> int:
+    """Set torch's intra-op threads to ``n`` (default: ``MMRETRIEVE_THREADS``, else ``default_threads(workload)``)
+    and FAISS's OpenMP threads to ``n`` when given (else all available cores: a scan of a large index is
+    bound by memory bandwidth, which more threads do raise). Returns torch's thread count."""
+    given = int(n) if n else settings.threads_env()
+    if given is not None and given < 1:
+        raise UsageError(f"threads must be >= 1, got {given}")
+    t = given or default_threads(workload)
+    torch.set_num_threads(t)
     try:
         import faiss
 
-        faiss.omp_set_num_threads(n)
+        faiss.omp_set_num_threads(given or settings.available_cores())
     except Exception:  # faiss missing or built without OpenMP
         log.debug("could not set FAISS threads", exc_info=True)
-    return n
+    return t

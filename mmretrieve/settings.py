@@ -4,7 +4,7 @@
 |---|---|---|
 | ``MMRETRIEVE_INDEX_DIR`` | home of named indexes | ``./indexes`` |
 | ``MMRETRIEVE_CACHE`` | caches (class-text embeddings, evaluation galleries) | ``~/.cache/mmretrieve`` |
-| ``MMRETRIEVE_THREADS`` | torch + FAISS threads | all available cores |
+| ``MMRETRIEVE_THREADS`` | torch + FAISS threads | torch: 1 for queries, the cores decoder workers leave for batch work; FAISS: all cores |
 | ``MMRETRIEVE_PRECISION`` | forces every ``precision="auto"`` (encoders, MLLM verifier): ``fp32``, ``bf16``, ``fp16`` | unset: per device |
 | ``MMRETRIEVE_SEARCH_DEVICE`` | where the coarse search runs: ``auto``, ``cpu``, ``cuda`` | ``auto`` |
 | ``MMRETRIEVE_CONFIG_DIR`` | an extra folder of presets, searched first | unset |
@@ -36,14 +36,21 @@ def available_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def threads() -> int:
+def threads_env() -> int | None:
+    """``MMRETRIEVE_THREADS`` when set (it replaces every default thread count), else None."""
     env = os.environ.get("MMRETRIEVE_THREADS")
-    if env:
-        try:
-            return max(1, int(env))
-        except ValueError:
-            raise UsageError(f"MMRETRIEVE_THREADS must be a whole number, got {env!r}") from None
-    return max(1, available_cores())
+    if not env:
+        return None
+    try:
+        return max(1, int(env))
+    except ValueError:
+        raise UsageError(f"MMRETRIEVE_THREADS must be a whole number, got {env!r}") from None
+
+
+def threads() -> int:
+    """``MMRETRIEVE_THREADS``, else every available core (thread pools outside torch: the EMD solvers)."""
+    env = threads_env()
+    return env if env is not None else max(1, available_cores())
 
 
 def forced_precision() -> str | None:

@@ -25,6 +25,7 @@ BENCHMARKS = {
     "emd-ood": "emd_ood",
     "video": "video",
     "mllm": "mllm",
+    "threads": "threads",
 }
 
 

@@ -103,7 +103,7 @@ def run(args) -> dict:
     import torch
 
     from mmretrieve.rerank.emd import default_solver
-    from mmretrieve.runtime import default_threads
+    from mmretrieve.settings import threads as default_threads
 
     K, d = int(args.candidates), int(args.dim)
     threads = default_threads()

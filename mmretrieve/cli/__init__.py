@@ -23,6 +23,8 @@ from mmretrieve.cli.common import COMMON_DEFAULTS, EXIT_ERROR, EXIT_SKIPPED, com
 log = logging.getLogger("mmretrieve.cli")
 
 COMMAND_GROUPS = ("misc", "index", "search", "eval", "bench")
+#: commands that answer one query at a time: torch gets one thread by default (``runtime.default_threads``)
+QUERY_COMMANDS = frozenset({"search", "serve"})
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from mmretrieve.runtime import set_threads
 
-        set_threads(args.threads)
+        set_threads(args.threads, workload="query" if args.cmd in QUERY_COMMANDS else "batch")
         return args.func(args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -60,13 +62,14 @@ def main(argv: list[str] | None = None) -> int:
 
 def _report_error(e: Exception, args) -> int:
     from mmretrieve.errors import SkippedInputsError
+    from mmretrieve.results import printable
 
     if args.verbose:
         log.exception("failed")
-    print(f"error: {e}", file=sys.stderr)
+    print(f"error: {printable(e)}", file=sys.stderr)
     if isinstance(e, SkippedInputsError):
         for s in e.report.skipped[:50]:
-            print(f"  skipped {s.uri}: {s.reason}", file=sys.stderr)
+            print(f"  skipped {printable(s.uri)}: {printable(s.reason)}", file=sys.stderr)
         return EXIT_SKIPPED
     return EXIT_ERROR
 

@@ -104,6 +104,19 @@ def cmd_score(args) -> int:
     return EXIT_OK
 
 
+def cmd_check(args) -> int:
+    from mmretrieve.eval.submission import check_submission
+
+    reports = check_submission(args.dataset, args.rankings, root=args.root, split=args.split, subset=args.subset_rankings)
+    if args.json:
+        out_json(reports)
+        return EXIT_OK
+    for r in reports:
+        print(f"ok: {r['file']}: {r['metric']}, {r['queries']} queries, up to {r['ids_per_query']} ids each "
+              f"(checked against {r['checked_against']})")
+    return EXIT_OK
+
+
 def _run_options() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
     p.add_argument("--root", required=True, help="the dataset's top folder, in its official layout")
@@ -164,3 +177,13 @@ def register(sub, common) -> None:
     es.add_argument("--subset-rankings", default=None, help="CIRR recall_subset file (found next to the recall file by default)")
     es.add_argument("--json", action="store_true", help="print the metrics as JSON")
     es.set_defaults(func=cmd_score)
+    ek = esub.add_parser("check", parents=[common],
+                         help="check a test-split submission file's format (keys, counts, id formats), no ground truth needed")
+    ek.add_argument("dataset", choices=[n for n in BENCHMARKS.names() if BENCHMARKS.get(n).official_queries],
+                    help="which benchmark's submission format")
+    ek.add_argument("--rankings", required=True, help="the submission file (CIRR recall / recall_subset file, CIRCO file)")
+    ek.add_argument("--subset-rankings", default=None, help="CIRR recall_subset file (found next to the recall file by default)")
+    ek.add_argument("--root", default=None, help="the dataset's top folder: also check query and image ids against the split")
+    ek.add_argument("--split", default="test", help="the split the file is for (default test)")
+    ek.add_argument("--json", action="store_true", help="print what was checked as JSON")
+    ek.set_defaults(func=cmd_check)

@@ -20,14 +20,21 @@ def _patches_arg(args) -> bool | dict:
 
 
 def _report_out(report, args) -> int:
+    from mmretrieve.results import printable
+
     if args.json:
         out_json(report.to_dict())
         return EXIT_OK
     print(report.summary())
-    for s in report.skipped[: args.show_skipped]:
-        print(f"  skipped {s.uri}: {s.reason}")
-    if len(report.skipped) > args.show_skipped:
-        print(f"  ... and {len(report.skipped) - args.show_skipped} more (see `mmretrieve index info NAME --skipped`)")
+    n = args.show_skipped
+    for s in report.skipped[:n]:
+        print(f"  skipped {printable(s.uri)}: {printable(s.reason)}")
+    if len(report.skipped) > n:
+        print(f"  ... and {len(report.skipped) - n} more (see `mmretrieve index info NAME --skipped`)")
+    for uri in report.pruned[:n]:
+        print(f"  removed {printable(uri)}: file deleted")
+    for alias, kept in report.aliases[:n]:
+        print(f"  alias {printable(alias)}: the same file as {printable(kept)} (indexed once)")
     return EXIT_OK
 
 
@@ -40,7 +47,7 @@ def cmd_build(args) -> int:
         args.name, args.source, encoder=args.encoder, index_dir=args.index_dir, factory=args.factory,
         patches=_patches_arg(args), video={k: v for k, v in video.items() if v is not None}, overwrite=args.overwrite,
         batch_size=args.batch_size, workers=args.workers, on_bad_vectors=args.on_bad_vectors, strict=args.strict,
-        vector_dtype=args.vector_dtype, retain=args.retain,
+        vector_dtype=args.vector_dtype, retain=args.retain, image_timeout=args.image_timeout,
     )
     return _report_out(report, args)
 
@@ -111,7 +118,8 @@ def cmd_add(args) -> int:
     from mmretrieve.ingest import add_to_index
 
     report = add_to_index(args.name, args.source, index_dir=args.index_dir, batch_size=args.batch_size, workers=args.workers,
-                          on_bad_vectors=args.on_bad_vectors, strict=args.strict)
+                          on_bad_vectors=args.on_bad_vectors, strict=args.strict, image_timeout=args.image_timeout,
+                          prune=not args.no_prune)
     return _report_out(report, args)
 
 
@@ -125,6 +133,7 @@ def cmd_rm(args) -> int:
 
 def cmd_info(args) -> int:
     from mmretrieve.index import open_index
+    from mmretrieve.results import printable
 
     idx = open_index(args.name, index_dir=args.index_dir, verify="none" if args.no_verify else "fast",
                      version=args.version)
@@ -146,7 +155,7 @@ def cmd_info(args) -> int:
     print(f"segments  {info['segments']} ({info['vector_dtype']} vectors), keeps {info['retain']} version(s)")
     print(f"size      {info['bytes'] / 1e6:.2f} MB")
     for s in info.get("skipped_items", []):
-        print(f"  skipped {s['uri']}: {s['reason']}")
+        print(f"  skipped {printable(s['uri'])}: {printable(s['reason'])}")
     return EXIT_OK
 
 
@@ -167,8 +176,10 @@ def cmd_list(args) -> int:
     elif not rows:
         print(f"no indexes under {base}")
     else:
+        from mmretrieve.results import printable
+
         for name, desc in rows:
-            print(f"{name:24s} {desc}")
+            print(f"{printable(name):24s} {printable(desc)}")
     return EXIT_OK
 
 
@@ -177,6 +188,8 @@ def _ingest_options() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=None, help="images per encoder batch (default: the encoder's)")
     p.add_argument("--workers", type=int, default=None, help="decoder processes (default: cores - 1, at least 1)")
     p.add_argument("--strict", action="store_true", help="any skipped input is an error: nothing is written")
+    p.add_argument("--image-timeout", type=float, default=None,
+                   help="seconds one image may take to decode before its worker is killed (default 30)")
     p.add_argument("--on-bad-vectors", choices=["error", "drop"], default="error",
                    help="NaN / inf / zero embeddings: fail the write (default) or drop them and report them")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -215,9 +228,12 @@ def register(sub, common: argparse.ArgumentParser) -> None:
                              metavar="{build,add,rm,info,list,import,compact,verify,versions,rollback}")
     ingest = _ingest_options()
     _build_parser(isub, common, ingest)
-    a = isub.add_parser("add", parents=[common, ingest], help="add new or changed files (only those are encoded)")
+    a = isub.add_parser("add", parents=[common, ingest],
+                        help="add new or changed files (only those are encoded), remove those deleted from the folder")
     a.add_argument("name", help="index name or path")
     a.add_argument("source", help="the folder or manifest (new and changed files are encoded)")
+    a.add_argument("--no-prune", action="store_true",
+                   help="keep indexed items whose file was deleted from the folder (default: remove and list them)")
     a.set_defaults(func=cmd_add)
     r = isub.add_parser("rm", parents=[common], help="remove items by id, key or path")
     r.add_argument("name", help="index name or path")

@@ -10,10 +10,10 @@ def cmd_search(args) -> int:
     from mmretrieve.index import open_index
     from mmretrieve.query import FUSIONS, Query
 
-    if args.text is None and args.image is None and args.video is None:
-        return usage_error("give --text, --image or --video, or an image/video plus --text (a composed query)")
-    if args.image is not None and args.video is not None:
-        return usage_error("give --image or --video, not both")
+    if args.text is None and args.image is None and args.video is None and args.item is None:
+        return usage_error("give --text, --image, --video or --item, or one of those plus --text (a composed query)")
+    if sum(x is not None for x in (args.image, args.video, args.item)) > 1:
+        return usage_error("give one of --image, --video or --item, not several")
     if args.k < 1:
         return usage_error(f"-k must be at least 1 (got {args.k})")
     if args.fusion is not None and args.fusion not in FUSIONS.names():
@@ -31,7 +31,7 @@ def cmd_search(args) -> int:
         pipeline = Pipeline.from_config(args.pipeline) if args.pipeline else Pipeline.from_specs(args.rerank)
     default = "weighted" if args.weight is not None else "sum"
     fusion = args.fusion or (pipeline.coarse_fusion if pipeline is not None else None) or default
-    query = Query(text=args.text, image=args.image, video=args.video, fusion=fusion, options=options)
+    query = Query(text=args.text, image=args.image, video=args.video, item=args.item, fusion=fusion, options=options)
     res = idx.search(query, k=args.k, exclude_reference=not args.keep_reference, pipeline=pipeline)
     if args.json:
         out_json(res.to_dict())
@@ -46,6 +46,8 @@ def register(sub, common) -> None:
     s.add_argument("--text", default=None, help="query text, or the modification text of a composed query")
     s.add_argument("--image", default=None, help="query image file (with --text: the reference image of a composed query)")
     s.add_argument("--video", default=None, help="query video file (its frames are encoded and pooled)")
+    s.add_argument("--item", default=None, metavar="ID|KEY",
+                   help="query by an item of the index (id, key, id:N or key:K): its stored vector; --image is always a file")
     s.add_argument("--fusion", default=None, help="composed queries: sum (default), weighted, intersection, text, image")
     s.add_argument("--weight", type=float, default=None, help="text weight for --fusion weighted (0..1; implies weighted)")
     s.add_argument("--fusion-options", default=None, help="e.g. 'k1=200,mode=product' for intersection")

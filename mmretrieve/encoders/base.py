@@ -13,6 +13,7 @@ processes and hands ready tensors to ``encode_image_tensors``, so the transform 
 from __future__ import annotations
 
 import logging
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -70,6 +71,11 @@ class Encoder(ABC):
     def identity(self) -> dict[str, Any]:
         """Settings that change the embedding space; an index refuses a query encoder that differs."""
         return {}
+
+    def weights_fingerprint(self) -> list | None:
+        """(name, size, mtime) of the local weight files the encoder loaded, when it knows them: caches of
+        its features (``eval``) are keyed on it, so another checkpoint at the same path is noticed."""
+        return None
 
     @property
     def info(self) -> EncoderInfo:
@@ -167,6 +173,18 @@ class Encoder(ABC):
             for start in range(0, len(texts), bs):
                 out.append(_normalize_np(self._forward_texts(texts[start : start + bs])))
         return np.concatenate(out) if out else np.zeros((0, self.dim), np.float32)
+
+
+def stat_files(paths) -> list:
+    """[(path, size, mtime_ns)] of the files that exist among ``paths``."""
+    out = []
+    for p in paths:
+        try:
+            st = os.stat(p)
+        except OSError:
+            continue
+        out.append((str(p), st.st_size, st.st_mtime_ns))
+    return out
 
 
 def _normalize_np(x: torch.Tensor) -> np.ndarray:

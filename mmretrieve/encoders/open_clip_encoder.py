@@ -19,13 +19,15 @@ after ``ln_post`` and projected by ``visual.proj`` into the joint space.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 
 import torch
 
-from mmretrieve.encoders.base import Encoder, EncoderError
+from mmretrieve.encoders.base import Encoder, EncoderError, stat_files
+from mmretrieve.encoders.hub import hub_source
 from mmretrieve.encoders.transforms import Uint8Transform
 from mmretrieve.errors import MissingDependencyError, UsageError
 from mmretrieve.runtime import resolve_device, resolve_precision, torch_dtype
@@ -101,6 +103,14 @@ class OpenClipEncoder(Encoder):
     def identity(self) -> dict:
         return {"pretrained": os.path.basename(self._pretrained) if self._pretrained else None}
 
+    def weights_fingerprint(self) -> list | None:
+        if self.name.startswith("open_clip:local-dir:"):
+            d = self.name[len("open_clip:local-dir:") :]
+            return stat_files(os.path.join(d, f) for f in (*WEIGHT_FILES, "open_clip_config.json"))
+        if self._pretrained and os.path.isfile(self._pretrained):
+            return stat_files([self._pretrained])
+        return None
+
     @property
     def image_transform(self):
         return self._transform
@@ -160,11 +170,13 @@ def _check_source(model_name: str, pretrained: str | None, allow_random_init: bo
 def _create(open_clip, spec: str, model_name: str, pretrained: str | None):
     """The model (random-initialised ones reproducibly) and its preprocessing; load failures explained."""
     try:
-        with torch.random.fork_rng(devices=[]):
+        with _hub_weights(open_clip, spec, model_name, pretrained), torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)  # random-init models (tests, benchmarks) are reproducible
             model, _, preprocess = open_clip.create_model_and_transforms(
                 model_name, pretrained=pretrained, device="cpu", weights_only=True
             )
+    except EncoderError:
+        raise
     except Exception as e:  # download failures, missing files, bad configs
         where = pretrained or model_name
         offline = os.environ.get("HF_HUB_OFFLINE") == "1"
@@ -180,6 +192,22 @@ def _create(open_clip, spec: str, model_name: str, pretrained: str | None):
             )
         ) from e
     return model, preprocess
+
+
+def _hub_weights(open_clip, spec: str, model_name: str, pretrained: str | None):
+    """Where hub weights come from (see ``encoders.hub``): fails at once when the hub cannot be reached
+    and the weights are not cached; local files and random weights need nothing."""
+    repo = None
+    if model_name.startswith("hf-hub:"):
+        repo = model_name[len("hf-hub:") :].split("@")[0]
+    elif pretrained and not os.path.isfile(pretrained):
+        repo = (open_clip.get_pretrained_cfg(model_name, pretrained) or {}).get("hf_hub", "").strip("/") or None
+    if repo is None:
+        return contextlib.nullcontext()
+    hint = "open_clip:local-dir:/path/to/dir (a folder with open_clip_config.json and the weights)"
+    if not model_name.startswith("hf-hub:"):
+        hint = f"open_clip:{model_name}@/path/to/open_clip_model.safetensors, or {hint}"
+    return hub_source(repo, asked=f"could not load open_clip model {spec!r}", local_hint=hint)
 
 
 def _can_trim(model) -> bool:

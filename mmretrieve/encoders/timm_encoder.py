@@ -14,18 +14,37 @@ Options: ``img_size`` (ViTs interpolate their position embeddings; e.g. 224 inst
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 
 import torch
 
-from mmretrieve.encoders.base import Encoder, EncoderError
+from mmretrieve.encoders.base import Encoder, EncoderError, stat_files
+from mmretrieve.encoders.hub import hub_source
 from mmretrieve.encoders.transforms import Uint8Transform
 from mmretrieve.errors import MissingDependencyError
 from mmretrieve.runtime import resolve_device, resolve_precision, torch_dtype
 
 log = logging.getLogger(__name__)
+
+
+def _hub_weights(model_name: str, from_hub: bool):
+    """Fail at once when hub weights can be neither downloaded nor found in the cache (``encoders.hub``)."""
+    if not from_hub:
+        return contextlib.nullcontext()
+    from timm.models import get_pretrained_cfg
+
+    try:
+        cfg = get_pretrained_cfg(model_name)
+    except Exception:  # an unknown name: timm.create_model says so
+        cfg = None
+    repo = getattr(cfg, "hf_hub_id", None)
+    if not repo:
+        return contextlib.nullcontext()
+    return hub_source(repo.split("@")[0], asked=f"could not create timm model {model_name!r}",
+                      local_hint=f"timm:{model_name}@/path/to/model.safetensors")
 
 
 class TimmEncoder(Encoder):
@@ -62,11 +81,13 @@ class TimmEncoder(Encoder):
                 raise EncoderError(f"timm: weights file not found: {source}")
             overlay = {"file": source}
         try:
-            with torch.random.fork_rng(devices=[]):
+            with _hub_weights(model_name, pretrained and not overlay), torch.random.fork_rng(devices=[]):
                 torch.manual_seed(0)
                 model = timm.create_model(
                     model_name, pretrained=pretrained, num_classes=0, pretrained_cfg_overlay=overlay, **kwargs
                 )
+        except EncoderError:
+            raise
         except Exception as e:
             hint = (
                 " Pretrained weights come from the Hugging Face hub on first use; offline, download them on a "
@@ -100,6 +121,10 @@ class TimmEncoder(Encoder):
 
     def identity(self) -> dict:
         return {"weights": self._source, "img_size": self._img_size}
+
+    def weights_fingerprint(self) -> list | None:
+        path = self.name.partition("@")[2]
+        return stat_files([path]) if path and path != "random" else None
 
     @property
     def image_transform(self):

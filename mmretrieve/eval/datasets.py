@@ -57,6 +57,8 @@ class CIRDataset:
     dropped_queries: int = 0
     #: every image id the split knows (incl. missing files): rankings may only contain these
     known_ids: dict[str | None, set[str]] = field(default_factory=dict)
+    #: evaluate without missing or unreadable images (dropping the queries that need them) instead of failing
+    allow_missing: bool = False
 
     @property
     def benchmark(self) -> Benchmark:
@@ -75,7 +77,29 @@ class CIRDataset:
     def with_queries(self, queries: list[CIRQuery]) -> CIRDataset:
         """The same split restricted to ``queries`` (e.g. ``--limit``)."""
         return CIRDataset(self.name, self.split, self.root, self.galleries, queries, self.remove_reference, self.config,
-                          self.missing_images, self.dropped_queries, self.known_ids)
+                          self.missing_images, self.dropped_queries, self.known_ids, self.allow_missing)
+
+    def drop_unusable(self, bad: dict[str, str], group=None, queries: list[CIRQuery] | None = None) -> list[CIRQuery]:
+        """Gallery images of ``group`` that exist but cannot be read (id -> reason): an error naming how
+        many and which, or (``allow_missing``) the queries that need them are dropped and counted; returns
+        the queries kept (of ``queries``, default all)."""
+        queries = self.queries if queries is None else queries
+        if not bad:
+            return queries
+        ex = "; ".join(f"{i}: {r}" for i, r in sorted(bad.items())[:5])
+        where = f"{self.name} {self.split}" + (f" ({group})" if group else "")
+        if not self.allow_missing:
+            raise DatasetError(f"{where}: {len(bad)} gallery image(s) could not be read ({ex}"
+                               f"{'; ...' if len(bad) > 5 else ''}); pass --allow-missing to evaluate without them "
+                               "(queries that need them are dropped)")
+        keep = [q for q in queries if q.reference not in bad and (q.target is None or q.target not in bad)]
+        self.dropped_queries += len(queries) - len(keep)
+        self.missing_images = sorted(set(self.missing_images) | set(bad))
+        log.warning("%s: %d unreadable gallery image(s) (%s); %d quer%s dropped", where, len(bad), ex,
+                    len(queries) - len(keep), "y" if len(queries) - len(keep) == 1 else "ies")
+        if not keep:
+            raise DatasetError(f"{where}: no query is left once the unreadable images are dropped: nothing to evaluate")
+        return keep
 
     def metrics(self, rankings: dict[str, list[str]]) -> dict[str, float]:
         return self.benchmark.metrics(rankings, self.queries)
@@ -141,6 +165,17 @@ class Benchmark:
     def score_files(self, ds: CIRDataset, path: Path, data: dict, subset_path: Path | None) -> dict[str, float]:
         raise NotImplementedError
 
+    #: query count of each split as the official files have it (``eval check`` without ``--root``)
+    official_queries: ClassVar[dict[str, int]] = {}
+
+    def check_submission(self, path: Path, data: Any, ds: CIRDataset | None, split: str) -> dict[str, Any]:
+        """Check a submission file's format without ground truth (``eval check``): raise ``SubmissionError``
+        naming the file, query and id at fault, or return what was checked. ``ds`` (the split's
+        annotations, without images) adds the checks of query and image ids against the split."""
+        from mmretrieve.errors import SubmissionError
+
+        raise SubmissionError(f"{self.name} has no official submission format to check")
+
 
 BENCHMARKS: Registry[Benchmark] = Registry("dataset")
 #: the registry under its former name
@@ -182,10 +217,18 @@ def check_missing(gallery: dict[str, str], check_images: bool) -> list[str]:
 
 
 def finish(ds: CIRDataset, allow_missing: bool) -> CIRDataset:
-    """Drop missing images (and the queries that need them) or refuse, naming the problem."""
+    """Drop missing images (and the queries that need them) or refuse, naming the problem. A split whose
+    every gallery image is missing, or with no query left, is refused even with ``allow_missing``:
+    evaluating it would only score zero."""
+    ds.allow_missing = bool(allow_missing)
     missing = set(ds.missing_images)
     if not missing:
         return ds
+    total = sum(len(g) for g in ds.galleries.values())
+    if total and len(missing) >= total:
+        raise DatasetError(f"{ds.name} {ds.split}: none of the {total} gallery images exists under {ds.root} "
+                           f"(e.g. {next(iter(next(iter(ds.galleries.values())).values()), '?')}); is --root the dataset's "
+                           "top folder, in its official layout?")
     ex = ", ".join(sorted(missing)[:5])
     if not allow_missing:
         raise DatasetError(
@@ -201,6 +244,8 @@ def finish(ds: CIRDataset, allow_missing: bool) -> CIRDataset:
         else:
             keep.append(q)
     ds.queries = keep
+    if not keep:
+        raise DatasetError(f"{ds.name} {ds.split}: every query needs a missing image (e.g. {ex}): nothing to evaluate")
     log.warning("%s %s: %d missing image(s) (e.g. %s); %d quer%s dropped", ds.name, ds.split, len(missing), ex,
                 ds.dropped_queries, "y" if ds.dropped_queries == 1 else "ies")
     return ds

@@ -1,7 +1,9 @@
 """The evaluation runner: every stage of a pipeline scored with the official metrics, side by side.
 
-Gallery features are computed once and cached on disk as an mmretrieve index keyed by the encoder and
-the image list (``$MMRETRIEVE_CACHE/eval/<dataset>-<split>-<group>-<key>``); reference images reuse their
+Gallery features are computed once and cached on disk as an mmretrieve index keyed by the encoder (its
+identity, precision, device and local weight files) and the image list with each file's size and mtime
+(``$MMRETRIEVE_CACHE/eval/<dataset>-<split>-<group>-<key>``): an image replaced in place, or another
+checkpoint at the same path, is encoded again. Reference images reuse their
 stored embeddings and patches; query texts are encoded in batches and the coarse stage is one batched
 FAISS search, so evaluating cached features is a matter of seconds.
 """
@@ -12,6 +14,7 @@ import csv
 import hashlib
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,15 +69,32 @@ def cache_root() -> Path:
     return default_cache_root() / "eval"
 
 
+def encoder_key(encoder: Encoder) -> dict[str, Any]:
+    """What makes an encoder's features: its identity, precision, device, and its local weight files."""
+    return {**encoder.info.to_dict(), "precision": encoder.precision, "device": str(getattr(encoder.device, "type", "")),
+            "weights": encoder.weights_fingerprint()}
+
+
+def file_identity(path: str) -> tuple[int, int] | None:
+    """(size, mtime in ns) of a file, or None when it cannot be read: a file replaced in place changes it."""
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError):
+        return None
+    return st.st_size, st.st_mtime_ns
+
+
 def cached_index(tag: str, gallery: dict[str, str], encoder: Encoder, *, patches: bool = False, batch_size=None,
                  workers=None, cache=None, video: dict | None = None):
     """Open (or build once) a cached index of ``gallery`` (image id -> path), keyed by the encoder and the
-    image list, under ``cache`` (default ``$MMRETRIEVE_CACHE/eval``)."""
+    images (paths, sizes and mtimes), under ``cache`` (default ``$MMRETRIEVE_CACHE/eval``). Images that
+    could not be read are recorded in the index's skipped list (``idx.meta.skipped()``)."""
     from mmretrieve.index import open_index
     from mmretrieve.ingest import build_index
 
+    files = sorted((i, p, file_identity(p)) for i, p in gallery.items())
     key = hashlib.sha256(
-        json.dumps([encoder.info.to_dict(), sorted(gallery.items()), bool(patches), video or {}], sort_keys=True, default=str).encode()
+        json.dumps([encoder_key(encoder), files, bool(patches), video or {}], sort_keys=True, default=str).encode()
     ).hexdigest()[:16]
     base = Path(cache) if cache else cache_root()
     path = base / f"{tag}-{key}"
@@ -91,18 +111,15 @@ def cached_index(tag: str, gallery: dict[str, str], encoder: Encoder, *, patches
         for i, p in sorted(gallery.items()):
             w.writerow([p, i])
     log.info("encoding the %s gallery (%d images, once; cached in %s)", tag, len(gallery), path)
-    report = build_index(path, manifest, encoder=encoder, overwrite=True, patches=patches, batch_size=batch_size,
-                         workers=workers, video=video)
-    if report.skipped:
-        log.warning("%d gallery image(s) could not be read and are not ranked, e.g. %s: %s",
-                    len(report.skipped), report.skipped[0].uri, report.skipped[0].reason)
+    build_index(path, manifest, encoder=encoder, overwrite=True, patches=patches, batch_size=batch_size,
+                workers=workers, video=video)
     return open_index(path, encoder=encoder, verify=False)
 
 
 def cached_text_embeddings(encoder: Encoder, texts: list[str], cache=None) -> np.ndarray:
     """``encoder.encode_texts(texts)``, stored once per encoder and text list (re-runs with other fusions
     or rerankers then cost no text encoding)."""
-    key = hashlib.sha256(json.dumps([encoder.info.to_dict(), texts], sort_keys=True, default=str).encode()).hexdigest()[:16]
+    key = hashlib.sha256(json.dumps([encoder_key(encoder), texts], sort_keys=True, default=str).encode()).hexdigest()[:16]
     base = Path(cache) if cache else cache_root()
     path = base / f"texts-{key}.npy"
     if path.is_file():
@@ -188,6 +205,10 @@ def evaluate(
         idx = gallery_index(ds, group, enc, patches=_needs_patches(pipe), batch_size=batch_size, workers=workers, cache=cache,
                             video=video)
         timings["gallery"] += time.perf_counter() - t0
+        kept = ds.drop_unusable({s.key: s.reason for s in idx.meta.skipped()}, group, qs)  # unreadable: fail or drop
+        if len(kept) < len(qs):
+            dropped = {q.qid for q in qs} - {q.qid for q in kept}
+            queries, qs = [q for q in queries if q.qid not in dropped], kept
         t0 = time.perf_counter()
         _rank_group(ds, idx, qs, text_vec, strategy, pipe, rankings)
         timings["queries"] += time.perf_counter() - t0

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import os
-import weakref
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -67,8 +66,9 @@ class Index:
             kind="flat" if manifest.get("faiss") == "flat" else "faiss", search_device=search_device, nprobe=nprobe,
             ef_search=ef_search, nlist=nlist, name=self.path.name)
         self._encoder = None
-        if self.lease is not None:
-            self._finalizer = weakref.finalize(self, meta.close)
+        # the metadata keeps the lease alive: `open_index(x).meta.iter_items()` outlives the Index object,
+        # and the version's rows must not be collected while it reads them (both close when collected)
+        meta.lease = lease
 
     # ---- opening ---------------------------------------------------------------------------------
     @classmethod

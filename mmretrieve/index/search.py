@@ -8,14 +8,16 @@ ends in ``hydrate``, which attaches the items' metadata and per-stage ranks.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from mmretrieve.config import check_options
-from mmretrieve.errors import UsageError
+from mmretrieve.config import check_options, positive_int
+from mmretrieve.errors import BadVectorsError, InputError, UsageError
 from mmretrieve.query import FUSIONS, Query
 from mmretrieve.results import Hit, SearchResults
 
@@ -73,14 +75,15 @@ def coarse_from_vectors(index, vecs: dict[str, np.ndarray], strategy, k: int, *,
 
 
 # ---- search -----------------------------------------------------------------------------------------
-SEARCH_OPTIONS = ("text", "image", "video", "fusion", "k", "exclude", "exclude_reference", "pipeline")
+SEARCH_OPTIONS = ("text", "image", "video", "item", "fusion", "k", "exclude", "exclude_reference", "pipeline")
 
 
-def search(index, query: Query | None = None, *, text=None, image=None, video=None, fusion: str | None = None,
+def search(index, query: Query | None = None, *, text=None, image=None, video=None, item=None, fusion: str | None = None,
            k: int = 10, exclude: Sequence[int | str] | None = None, exclude_reference: bool = True, pipeline=None,
            **options: Any) -> SearchResults:
     """See ``Index.search``. ``options`` are the fusion's (``weight``, ``k1``, ``mode``); anything else is
     refused with the list of valid options."""
+    k = positive_int(k, "k", "Index.search")
     pipe = None
     if pipeline is not None:
         from mmretrieve.rerank.pipeline import as_pipeline
@@ -91,17 +94,12 @@ def search(index, query: Query | None = None, *, text=None, image=None, video=No
         takes = FUSIONS.get(fusion).option_names
         check_options(f"Index.search (fusion {fusion!r} takes {', '.join(takes) or 'no options'})", options,
                       (*SEARCH_OPTIONS, *takes))
-        query = Query(text=text, image=image, video=video, fusion=fusion, options=dict(options))
-    elif options or text is not None or image is not None or video is not None or fusion is not None:
+        query = Query(text=text, image=image, video=video, item=item, fusion=fusion, options=dict(options))
+    elif options or any(x is not None for x in (text, image, video, item, fusion)):
         check_options("Index.search with a Query (options belong in the Query)", options, ())
-        raise UsageError("give either a Query or text= / image= / video= / fusion=, not both")
+        raise UsageError("give either a Query or text= / image= / video= / item= / fusion=, not both")
     excl = [index.as_id(e) for e in (exclude or [])]
-    ref_path = query.image_path or (str(query.video) if query.video is not None else None)
-    if query.image_id is None and ref_path:
-        try:
-            query.image_id = index.get(ref_path).id
-        except KeyError:
-            pass
+    resolve_visual(index, query)
     if exclude_reference and query.kind.startswith("composed") and query.image_id is not None:
         excl.append(query.image_id)
     if pipe is not None:
@@ -112,11 +110,69 @@ def search(index, query: Query | None = None, *, text=None, image=None, video=No
     return hydrate(index, query.describe(), ids, scores, stages={"coarse": ids}, timings={"coarse": (t1 - t0) * 1000})
 
 
+def resolve_visual(index, query: Query) -> None:
+    """Tie the query's visual side to the index: ``item=`` is looked up (id, key, ``id:`` / ``key:``) and
+    becomes its file and stored vector; an image or video *file* that is itself indexed, unchanged since
+    (same size and mtime), reuses its stored vector (and is the reference a composed query leaves out).
+    A path is only ever a file: ``image="3"`` is the file ``3``, never item 3."""
+    if query.image_id is not None:
+        return
+    if query.item is not None:
+        it = index.get(query.item)
+        if it.kind == "video":
+            query.video = it.uri
+        else:
+            query.image = it.uri
+        query.image_id = it.id
+        return
+    path = query.image_path or (os.fspath(query.video) if query.video is not None else None)
+    if path is None:
+        return
+    p = Path(path).expanduser()
+    try:
+        st = p.stat()
+    except (OSError, ValueError):
+        try:
+            index.get(path)
+        except (KeyError, UsageError):
+            return  # not a file and not an item either: the encoder reports the missing file
+        raise InputError(f"query {'video' if query.video is not None else 'image'} {path}: no such file (a query image "
+                         f"is always a file); to query the indexed item {path!r}, give item={path!r} (--item {path})") from None
+    same = [it for it in index.meta.items_by_uri(str(p.resolve())) if it.kind != "frame"
+            and it.size == st.st_size and it.mtime == st.st_mtime]
+    if same:
+        query.image_id = same[0].id
+
+
+def query_row(index, vector) -> np.ndarray:
+    """One query vector, validated: shape ``(d,)`` or ``(1, d)`` of the index's dim, finite, not zero."""
+    try:
+        v = np.asarray(vector, dtype=np.float32)
+    except (TypeError, ValueError) as e:
+        raise BadVectorsError(f"query vector: not numeric ({e})") from None
+    if v.ndim == 2 and v.shape[0] == 1:
+        v = v[0]
+    if v.ndim != 1:
+        raise BadVectorsError(
+            f"search_by_vector takes one vector of shape ({index.dim},) or (1, {index.dim}), got shape {tuple(v.shape)}; "
+            "for several, call it once per row or use Index.search_vectors (ids and scores of every row)")
+    if v.shape[0] != index.dim:
+        raise BadVectorsError(f"query vector: expected dim {index.dim}, got {v.shape[0]}")
+    bad = np.flatnonzero(~np.isfinite(v))
+    if len(bad):
+        raise BadVectorsError(f"query vector: {len(bad)} NaN or infinite value(s), the first at position {int(bad[0])}")
+    if not np.any(v):
+        raise BadVectorsError("query vector: all zeros (no direction to search)")
+    return v
+
+
 def search_by_vector(index, vector: np.ndarray, k: int = 10, **kw) -> SearchResults:
     """Search with a precomputed embedding (no encoder involved); results carry metadata."""
     check_options("Index.search_by_vector", kw, ("nprobe", "ef_search", "exclude"))
+    k = positive_int(k, "k", "Index.search_by_vector")
+    v = query_row(index, vector)
     t0 = time.perf_counter()
-    D, I = index.search_vectors(vector, k, **kw)
+    D, I = index.search_vectors(v[None], k, **kw)
     m = I[0] >= 0
     ids, scores = I[0][m], D[0][m]
     t1 = time.perf_counter()
@@ -146,4 +202,4 @@ def hydrate(index, query: dict, ids, scores, *, stages: dict[str, Sequence[int]]
     return SearchResults(hits=hits, query=query, stages=list(stages), timings_ms=timings or {})
 
 
-__all__ = ["search", "search_by_vector", "coarse", "coarse_from_vectors", "encode_query", "query_vector", "hydrate"]
+__all__ = ["search", "search_by_vector", "resolve_visual", "query_row", "coarse", "coarse_from_vectors", "encode_query", "query_vector", "hydrate"]

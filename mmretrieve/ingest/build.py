@@ -11,14 +11,16 @@ import logging
 import os
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 from mmretrieve.encoders import DEFAULT_ENCODER, create_encoder
 from mmretrieve.errors import IndexExistsError, SkippedInputsError
 from mmretrieve.ingest.report import IngestReport
 from mmretrieve.ingest.stages import run_stages, skipped_of
-from mmretrieve.media.scan import SourceItem, scan_source
+from mmretrieve.media.scan import ScanResult, SourceItem, scan_source
 from mmretrieve.store import DEFAULT_FACTORY, IndexWriter, read_manifest, resolve_index_path, resolve_item
 from mmretrieve.store.layout import MANIFEST, check_encoder_compat
+from mmretrieve.store.meta import Skipped
 from mmretrieve.store.sidestores import patch_config
 
 log = logging.getLogger(__name__)
@@ -43,6 +45,7 @@ def build_index(
     strict: bool = False,
     vector_dtype: str = "float32",
     retain: int | None = None,
+    image_timeout: float | None = None,
 ) -> IngestReport:
     """Index every image and video of ``source`` (a folder, recursively, or a CSV/JSONL manifest).
 
@@ -53,6 +56,8 @@ def build_index(
     "max_frames": 64}``, ``{"frame_entries": True}`` (see ``mmretrieve.media.video.VIDEO_DEFAULTS``).
     ``vector_dtype``: ``float16`` halves a Flat index's memory and bandwidth (scores within 1e-3).
     ``retain``: how many versions the index keeps (default 2: the live one and the previous).
+    ``image_timeout``: seconds one image may take to decode before its worker is killed (default 30); a
+    decoder that fails, crashes, is killed or hangs costs only its own file, reported with the reason.
     """
     from mmretrieve.media.video import resolve_video_config
 
@@ -64,11 +69,11 @@ def build_index(
     vcfg = resolve_video_config(video)
     enc = _encoder(encoder)
     pcfg = patch_config(enc, patches)
-    report = IngestReport(scanned=len(scan.items) + len(scan.missing), ignored=scan.ignored, index_path=str(path))
+    report = IngestReport(scanned=scan.count, ignored=scan.ignored, index_path=str(path), aliases=list(scan.aliases))
     writer = IndexWriter(path, encoder_info=enc.info.to_dict(), factory=factory, patches=pcfg, video=vcfg, create=True,
                          overwrite=overwrite, vector_dtype=vector_dtype, retain=retain)
-    _ingest_and_commit(writer, lambda: scan.items, scan.missing, enc, report, batch_size=batch_size, workers=workers,
-                       on_bad_vectors=on_bad_vectors, strict=strict, t0=t0)
+    _ingest_and_commit(writer, lambda: scan.items, scan_skips(scan), enc, report, batch_size=batch_size, workers=workers,
+                       on_bad_vectors=on_bad_vectors, strict=strict, t0=t0, image_timeout=image_timeout)
     return report
 
 
@@ -82,33 +87,48 @@ def add_to_index(
     workers: int | None = None,
     on_bad_vectors: str = "error",
     strict: bool = False,
+    image_timeout: float | None = None,
+    prune: bool = True,
 ) -> IngestReport:
-    """Encode only the new or changed files of ``source`` and publish a new version."""
+    """Encode only the new or changed files of ``source`` and publish a new version.
+
+    ``prune`` (a folder source): items indexed from this folder whose file is gone are removed and
+    listed in ``report.pruned``; ``prune=False`` keeps them. (Items of other sources, and items a
+    manifest named by an explicit id, are never pruned by a folder.)"""
     path = resolve_index_path(name_or_path, index_dir)
     manifest = read_manifest(path)  # a missing index is reported before any model loads
     t0 = time.perf_counter()
     scan = scan_source(source)
     enc = _encoder(manifest["encoder"]["name"] if encoder is None else encoder)
     check_encoder_compat(manifest["encoder"], enc.info.to_dict(), path)
-    report = IngestReport(scanned=len(scan.items) + len(scan.missing), ignored=scan.ignored, index_path=str(path))
+    report = IngestReport(scanned=scan.count, ignored=scan.ignored, index_path=str(path), aliases=list(scan.aliases))
+    src = Path(source).expanduser()
+    root = src.resolve() if prune and src.is_dir() else None
     writer = IndexWriter(path, encoder_info=enc.info.to_dict())
     _ingest_and_commit(
         writer, lambda: select_changed(scan.items, writer.meta.fingerprints(), writer.meta.skipped_fingerprints(), report),
-        scan.missing, enc, report, batch_size=batch_size, workers=workers, on_bad_vectors=on_bad_vectors, strict=strict, t0=t0,
+        scan_skips(scan), enc, report, batch_size=batch_size, workers=workers, on_bad_vectors=on_bad_vectors, strict=strict,
+        t0=t0, image_timeout=image_timeout, prune=(root, {it.key for it in scan.items}) if root else None,
     )
     return report
 
 
-def _ingest_and_commit(writer: IndexWriter, todo, missing_files, enc, report: IngestReport, *, batch_size, workers,
-                       on_bad_vectors, strict: bool, t0: float) -> None:
-    """The shared tail of build and add: record missing files, ingest, publish (or abort on any error,
-    and in strict mode on any skipped input)."""
+def scan_skips(scan: ScanResult) -> list[Skipped]:
+    """The scan's entries that cannot be indexed, as skip records: files not found, then the rest with reasons."""
+    return [skipped_of(it, "file not found") for it in scan.missing] + [skipped_of(it, why) for it, why in scan.skipped]
+
+
+def _ingest_and_commit(writer: IndexWriter, todo, skips: list[Skipped], enc, report: IngestReport, *, batch_size, workers,
+                       on_bad_vectors, strict: bool, t0: float, image_timeout: float | None = None,
+                       prune: tuple[Path, set[str]] | None = None) -> None:
+    """The shared tail of build and add: record the scan's skips, ingest, prune (``(folder, keys found)``),
+    publish (or abort on any error, and in strict mode on any skipped input)."""
     try:
         items = todo()
-        missing = [skipped_of(it, "file not found") for it in missing_files]
-        writer.record_skipped(missing)
-        report.skipped.extend(missing)
-        run_stages(writer, items, enc, report, batch_size=batch_size, workers=workers, on_bad_vectors=on_bad_vectors)
+        writer.record_skipped(skips)
+        report.skipped.extend(skips)
+        run_stages(writer, items, enc, report, batch_size=batch_size, workers=workers, on_bad_vectors=on_bad_vectors,
+                   image_timeout=image_timeout)
         if strict and report.skipped:
             raise SkippedInputsError(report)
         # an indexed item whose file is now broken or gone no longer stands for what is on disk
@@ -116,6 +136,8 @@ def _ingest_and_commit(writer: IndexWriter, todo, missing_files, enc, report: In
         stale_ids = [it.id for it in stale if it is not None]
         if stale_ids:
             report.stale_removed = _remove_items(writer, stale_ids)
+        if prune is not None:
+            report.pruned = _prune(writer, *prune, skip=set(stale_ids))
         manifest = writer.commit()
     except BaseException:
         writer.abort()
@@ -145,6 +167,23 @@ def _remove_items(writer: IndexWriter, ids: list[int]) -> int:
     videos = [it.key for it in writer.meta.items_by_ids(ids).values() if it.kind == "video"]
     frame_ids = [i for i in writer.meta.frame_item_ids(videos) if i not in set(ids)]
     return writer.remove(ids + frame_ids) - len(frame_ids)
+
+
+def _prune(writer: IndexWriter, root: Path, found: set[str], *, skip: set[int]) -> list[str]:
+    """Remove the items of folder ``root`` whose file is gone (keyed by their path, under ``root``, not in
+    ``found``) and forget the skip records of files that are gone; returns the removed items' paths."""
+    prefix = str(root).rstrip(os.sep) + os.sep
+
+    def under(uri: str) -> bool:
+        return uri.startswith(prefix)
+
+    gone = [it for it in writer.meta.iter_items() if it.kind != "frame" and it.key == it.uri and under(it.uri)
+            and it.key not in found and it.id not in skip]
+    if gone:
+        _remove_items(writer, [it.id for it in gone])
+    current = {s.key for s in writer.meta.skipped() if under(s.uri) and s.key not in found and not os.path.lexists(s.uri)}
+    writer.meta.forget_skipped(sorted(current))
+    return [it.uri for it in gone]
 
 
 def select_changed(scan_items: Sequence[SourceItem], fingerprints: dict, skipped_fp: dict, report: IngestReport) -> list[SourceItem]:

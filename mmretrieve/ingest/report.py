@@ -16,6 +16,10 @@ class IngestReport:
     skipped: list[Skipped] = field(default_factory=list)
     #: items that were indexed but whose file is now broken or gone: removed, so search no longer returns them
     stale_removed: int = 0
+    #: paths of indexed items removed because their file was deleted from the folder (``index add``)
+    pruned: list[str] = field(default_factory=list)
+    #: (path, the path indexed for the same file): symlinks, hard links and repeated rows, indexed once
+    aliases: list[tuple[str, str]] = field(default_factory=list)
     ignored: int = 0
     seconds: float = 0.0
     index_path: str | None = None
@@ -31,8 +35,12 @@ class IngestReport:
 
     def summary(self) -> str:
         parts = [f"{self.added} added", f"{self.updated} updated", f"{self.unchanged} unchanged", f"{len(self.skipped)} skipped"]
+        if self.aliases:
+            parts.append(f"{len(self.aliases)} alias(es) of files already listed (indexed once)")
         if self.stale_removed:
             parts.append(f"{self.stale_removed} indexed item(s) removed (file now broken or missing)")
+        if self.pruned:
+            parts.append(f"{len(self.pruned)} indexed item(s) removed (file deleted)")
         if self.ignored:
             parts.append(f"{self.ignored} non-media files ignored")
         s = f"{self.scanned} scanned: " + ", ".join(parts) + f" in {self.seconds:.1f}s"
@@ -50,6 +58,8 @@ class IngestReport:
             "unchanged": self.unchanged,
             "ignored": self.ignored,
             "stale_removed": self.stale_removed,
+            "pruned": list(self.pruned),
+            "aliases": [{"path": a, "same_as": b} for a, b in self.aliases],
             "skipped": [{"key": s.key, "uri": s.uri, "reason": s.reason} for s in self.skipped],
             "seconds": round(self.seconds, 3),
         }

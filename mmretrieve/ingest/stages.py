@@ -1,9 +1,9 @@
 """Ingestion as stages, as clip-retrieval's inference runs it: readers -> mapper (the encoder) -> writer.
 
 - **Readers** decode in worker processes and turn every failure into a ``Skipped`` record:
-  ``read_images`` (a ``torch.utils.data.DataLoader`` whose workers run the encoder's picklable image
-  transform) and ``read_videos`` (a ``TimeoutPool``: a decoder that hangs or crashes costs its file only).
-  Both yield ``Decoded`` batches.
+  ``read_images`` (workers run the encoder's picklable image transform) and ``read_videos``, both over a
+  ``TimeoutPool``: a decoder that fails, hangs, crashes or is killed costs its own file only, and a
+  fresh worker takes its place. Both yield ``Decoded`` batches.
 - The **mapper** (``EncodeStage``) turns a decoded batch into an ``Encoded`` one: item rows, vectors and
   the optional patch features (projected as the index stores them) and video frames.
 - The **writer** (``WriteStage``) adds encoded batches to an ``IndexWriter``, records skips and counts
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,6 +32,7 @@ from mmretrieve.media.images import DEFAULT_FORMATS, DEFAULT_MAX_PIXELS, load_im
 from mmretrieve.media.scan import SourceItem
 from mmretrieve.media.video import decode_video
 from mmretrieve.media.workers import TaskFailure, TimeoutPool
+from mmretrieve.results import printable
 from mmretrieve.runtime import default_workers, progress_enabled
 from mmretrieve.store.meta import Item, Skipped
 from mmretrieve.store.sidestores import project_patches
@@ -70,60 +70,71 @@ def skipped_of(it: SourceItem, reason: str) -> Skipped:
 
 
 # ---- readers --------------------------------------------------------------------------------------
-class ImageReader(torch.utils.data.Dataset):
-    """Decodes and preprocesses one item per call; failures are returned, not raised."""
+#: seconds one image may take to decode and preprocess before its worker is killed (``image_timeout``)
+DEFAULT_IMAGE_TIMEOUT = 30.0
 
-    def __init__(self, items: Sequence[SourceItem], transform, formats=DEFAULT_FORMATS, max_pixels=DEFAULT_MAX_PIXELS):
-        self.items = list(items)
+
+class DecodeImage:
+    """Decode and preprocess one image file (the picklable task a decoder worker runs).
+
+    Returns ``(uint8 array (3, H, W), width, height)``; a bad file raises ``BadImageError`` with its
+    reason. Arrays, not tensors, go back to the parent: they travel by value through the pipe, so a
+    result sent just before its worker dies is still readable."""
+
+    def __init__(self, transform, formats=DEFAULT_FORMATS, max_pixels=DEFAULT_MAX_PIXELS) -> None:
         self.transform = transform
         self.formats = formats
         self.max_pixels = max_pixels
 
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i: int):
-        it = self.items[i]
+    def __call__(self, uri: str):
+        if _DECODE_HOOK is not None:
+            _DECODE_HOOK(uri)
         try:
-            im = load_image(it.uri, formats=self.formats, max_pixels=self.max_pixels,
+            im = load_image(uri, formats=self.formats, max_pixels=self.max_pixels,
                             draft_size=getattr(self.transform, "draft_size", None))
             w, h = im.size
-            return i, self.transform(im), None, w, h
-        except BadImageError as e:
-            return i, None, e.reason, 0, 0
+            return self.transform(im).numpy(), w, h
+        except BadImageError:
+            raise
         except Exception as e:  # a bug in a decoder must not end the build either
-            return i, None, f"unexpected error while decoding: {type(e).__name__}: {e}", 0, 0
+            raise BadImageError(uri, f"unexpected error while decoding: {type(e).__name__}: {e}") from None
 
 
-def _collate(batch):
-    return batch
+#: tests set this to make a decoder worker crash, hang or be killed on chosen files (inherited by fork)
+_DECODE_HOOK = None
 
 
 def _one_thread(*_: Any) -> None:
     torch.set_num_threads(1)
 
 
-def read_images(items: Sequence[SourceItem], transform, *, batch_size: int, workers: int | None = None) -> Iterator[Decoded]:
-    """Decode images in DataLoader worker processes, ``batch_size`` at a time."""
-    workers = default_workers() if workers is None else workers
-    ds = ImageReader(items, transform)
-    loader = torch.utils.data.DataLoader(
-        ds, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=_collate,
-        worker_init_fn=_one_thread if workers else None, prefetch_factor=4 if workers else None,
-        persistent_workers=False, multiprocessing_context="fork" if workers and hasattr(os, "fork") else None,
-    )
-    for batch in loader:
+def read_images(items: Sequence[SourceItem], transform, *, batch_size: int, workers: int | None = None,
+                timeout: float | None = None) -> Iterator[Decoded]:
+    """Decode images in worker processes (a ``TimeoutPool``), ``batch_size`` inputs per ``Decoded``.
+
+    A decoder that fails, crashes, is killed (e.g. out of memory) or takes longer than ``timeout``
+    seconds costs its own file only, reported with the reason; a fresh worker takes over."""
+    n = default_workers() if workers is None else max(1, workers)
+    depth = max(4, min(256, 4 * batch_size // n))  # keeps the workers decoding while a batch is encoded
+    task = DecodeImage(transform)
+    limit = DEFAULT_IMAGE_TIMEOUT if timeout is None else float(timeout)
+    with TimeoutPool(workers=n, timeout=limit, init=_one_thread, depth=depth) as pool:
         out = Decoded("image", [])
-        for i, tensor, reason, w, h in batch:
-            it = ds.items[i]
-            if tensor is None:
-                out.skipped.append(skipped_of(it, reason))
-                log.warning("skipped %s: %s", it.uri, reason)
+        for i, res in pool.imap(task, [it.uri for it in items]):
+            it = items[i]
+            if isinstance(res, TaskFailure):
+                out.skipped.append(skipped_of(it, res.reason))
+                log.warning("skipped %s: %s", printable(it.uri), printable(res.reason))
             else:
+                arr, w, h = res
                 out.items.append(it)
-                out.tensors.append(tensor)
+                out.tensors.append(torch.from_numpy(arr))
                 out.sizes.append((w, h))
-        yield out
+            if len(out.items) + len(out.skipped) >= batch_size:
+                yield out
+                out = Decoded("image", [])
+        if out.items or out.skipped:
+            yield out
 
 
 def read_videos(items: Sequence[SourceItem], transform, sampling: dict, *, workers: int | None = None) -> Iterator[Decoded]:
@@ -134,7 +145,7 @@ def read_videos(items: Sequence[SourceItem], transform, sampling: dict, *, worke
         for i, res in pool.imap(fn, [v.uri for v in items]):
             src = items[i]
             if isinstance(res, TaskFailure):
-                log.warning("skipped %s: %s", src.uri, res.reason)
+                log.warning("skipped %s: %s", printable(src.uri), printable(res.reason))
                 yield Decoded("video", [], skipped=[skipped_of(src, res.reason)])
             else:
                 yield Decoded("video", [src], videos=[res])
@@ -225,9 +236,10 @@ class WriteStage:
 
 # ---- one write ------------------------------------------------------------------------------------
 def run_stages(writer, items: Sequence[SourceItem], encoder: Encoder, report: IngestReport, *,
-               batch_size: int | None = None, workers: int | None = None, on_bad_vectors: str = "error") -> None:
+               batch_size: int | None = None, workers: int | None = None, on_bad_vectors: str = "error",
+               image_timeout: float | None = None) -> None:
     """Decode, encode and add ``items`` to ``writer`` (videos through their own reader), recording skips
-    in ``report``."""
+    in ``report``. ``image_timeout``: seconds per image before its decoder is killed (default 30)."""
     videos = [it for it in items if it.kind == "video"]
     images = [it for it in items if it.kind != "video"]
     if not items:
@@ -241,7 +253,8 @@ def run_stages(writer, items: Sequence[SourceItem], encoder: Encoder, report: In
                                                                         workers=workers)))
     if images:
         readers.append((images, "encoding", "img", lambda: read_images(images, encoder.image_transform,
-                                                                        batch_size=mapper.batch_size, workers=workers)))
+                                                                        batch_size=mapper.batch_size, workers=workers,
+                                                                        timeout=image_timeout)))
     for todo, desc, unit, reader in readers:
         if unit == "img" and writer.patch_cfg is not None:  # one patch segment sized for all the images
             writer.begin_patch_segment(len(todo), int(writer.patch_cfg["grid"]) ** 2, int(writer.patch_cfg["dim"]))
@@ -253,4 +266,4 @@ def run_stages(writer, items: Sequence[SourceItem], encoder: Encoder, report: In
                     sink.write(enc)
                 bar.update(len(batch.items) + len(batch.skipped))
 
-__all__ = ["Decoded", "Encoded", "ImageReader", "read_images", "read_videos", "EncodeStage", "WriteStage", "run_stages"]
+__all__ = ["Decoded", "Encoded", "DecodeImage", "read_images", "read_videos", "EncodeStage", "WriteStage", "run_stages"]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import errno
+import io
 import json
 import os
 from dataclasses import dataclass, field
@@ -34,9 +36,26 @@ class SourceItem:
 
 @dataclass
 class ScanResult:
+    """What a scan found. Every media entry lands in exactly one list, so ``count`` is exact:
+    ``items`` (to index), ``missing`` (not found: manifest rows, dangling links), ``skipped`` (entries that
+    cannot be indexed, with the reason: symlink loops, undecodable names, unreadable folders) and
+    ``aliases`` (another path of a file already listed: indexed once)."""
+
     items: list[SourceItem]
     ignored: int = 0  # files with extensions that are not media (README.txt, .DS_Store, ...)
     missing: list[SourceItem] = field(default_factory=list)  # manifest rows whose file does not exist
+    skipped: list[tuple[SourceItem, str]] = field(default_factory=list)
+    #: (the alias, the path it duplicates): the same file reached twice (a symlink, a hard link, a repeated row)
+    aliases: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def count(self) -> int:
+        """Media entries seen (everything but the ignored non-media files)."""
+        return len(self.items) + len(self.missing) + len(self.skipped) + len(self.aliases)
+
+
+#: ``Item.extra`` names mmretrieve writes itself (frame entries, videos); a manifest column may not take them
+RESERVED_COLUMNS = frozenset({"video", "timestamp", "duration", "fps", "frames"})
 
 
 def media_kind(path: str | Path) -> str | None:
@@ -48,20 +67,35 @@ def media_kind(path: str | Path) -> str | None:
     return None
 
 
+def shown(path: str | os.PathLike) -> str:
+    """A path as valid text: bytes that are not UTF-8 (``os.fsdecode``'s surrogates) become ``\\xNN``."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def valid_text(s: str) -> bool:
+    """Whether ``s`` can be stored as UTF-8 text (no lone surrogates from undecodable bytes)."""
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _stat(item: SourceItem) -> bool:
     try:
         st = os.stat(item.uri)
-    except OSError:
+    except (OSError, ValueError):  # ValueError: a NUL byte in the path
         return False
     item.size, item.mtime = st.st_size, st.st_mtime
     return True
 
 
 def scan_source(source: str | os.PathLike, *, kinds: tuple[str, ...] = ("image", "video")) -> ScanResult:
-    """List the media of a folder (recursive, sorted, hidden files skipped) or of a manifest file."""
+    """List the media of a folder (recursive, sorted, hidden files skipped) or of a manifest file.
+    One bad entry never stops a scan: it is reported in ``skipped`` / ``missing`` with its reason."""
     src = Path(source).expanduser()
     if not src.exists():
-        raise SourceNotFoundError(f"source not found: {src}")
+        raise SourceNotFoundError(f"source not found: {shown(src)}")
     if src.is_dir():
         return _scan_folder(src, kinds)
     suffix = src.suffix.lower()
@@ -70,79 +104,167 @@ def scan_source(source: str | os.PathLike, *, kinds: tuple[str, ...] = ("image",
     if suffix in (".jsonl", ".ndjson"):
         return _scan_manifest(src, _read_jsonl(src))
     if media_kind(src):
-        it = SourceItem(key=str(src.resolve()), uri=str(src.resolve()), kind=media_kind(src) or "image")
-        _stat(it)
-        return ScanResult([it])
-    raise InputError(f"{src}: expected a folder, a .csv/.jsonl manifest, or a media file")
+        out = ScanResult([])
+        _add_file(out, {}, str(src), media_kind(src) or "image")
+        return out
+    raise InputError(f"{shown(src)}: expected a folder, a .csv/.jsonl manifest, or a media file")
 
 
 def _scan_folder(root: Path, kinds: tuple[str, ...]) -> ScanResult:
-    items, missing, ignored = [], [], 0
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+    out = ScanResult([])
+    seen: dict[tuple[int, int], tuple[int, str]] = {}  # (device, inode) -> (position in items, path)
+
+    def unlistable(e: OSError) -> None:
+        where = shown(e.filename or root)
+        out.skipped.append((SourceItem(key=where, uri=where, kind="folder"), f"cannot list folder: {e.strerror or e}"))
+
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False, onerror=unlistable):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for fn in sorted(filenames):
             if fn.startswith("."):
                 continue
-            p = Path(dirpath) / fn
-            kind = media_kind(p)
+            kind = media_kind(fn)
             if kind is None or kind not in kinds:
-                ignored += 1
+                out.ignored += 1
                 continue
-            uri = str(p.resolve())
-            it = SourceItem(key=uri, uri=uri, kind=kind)
-            if _stat(it):
-                items.append(it)
-            else:  # a dangling link, or a file gone since the listing: reported as not found
-                missing.append(SourceItem(key=str(p.absolute()), uri=str(p.absolute()), kind=kind))
-    return ScanResult(items, missing=missing, ignored=ignored)
+            _add_file(out, seen, os.path.join(dirpath, fn), kind)
+    return out
+
+
+def _add_file(out: ScanResult, seen: dict, p: str, kind: str) -> None:
+    """One folder entry -> ``out.items`` / ``missing`` / ``skipped`` / ``aliases`` (never raises)."""
+    here = os.path.abspath(p)
+    if not valid_text(here):
+        out.skipped.append((SourceItem(key=shown(here), uri=shown(here), kind=kind),
+                            "file name is not valid UTF-8 (shown with \\x escapes); rename the file to index it"))
+        return
+    try:
+        st = os.stat(here)  # follows links
+        uri = str(Path(here).resolve(strict=True))
+    except (OSError, RuntimeError) as e:
+        if isinstance(e, RuntimeError) or getattr(e, "errno", None) == errno.ELOOP:
+            out.skipped.append((SourceItem(key=here, uri=here, kind=kind), "symlink loop"))
+        elif getattr(e, "errno", None) in (errno.ENOENT, errno.ENOTDIR):  # a dangling link, or gone since the listing
+            out.missing.append(SourceItem(key=here, uri=here, kind=kind))
+        else:
+            out.skipped.append((SourceItem(key=here, uri=here, kind=kind), f"cannot read: {e.strerror or e}"))
+        return
+    if not valid_text(uri):
+        out.skipped.append((SourceItem(key=here, uri=here, kind=kind),
+                            f"links to {shown(uri)}, whose name is not valid UTF-8; rename it to index it"))
+        return
+    ino = (st.st_dev, st.st_ino)
+    if ino in seen:  # the same file again (a symlink or a hard link): indexed once, under its real path
+        pos, first = seen[ino]
+        if here == uri and first != out.items[pos].uri:  # the file itself, after a link to it: the link is the alias
+            out.aliases.append((first, here))
+            seen[ino] = (pos, here)
+        else:
+            out.aliases.append((here, first))
+        return
+    seen[ino] = (len(out.items), here)
+    out.items.append(SourceItem(key=uri, uri=uri, kind=kind, size=st.st_size, mtime=st.st_mtime))
+
+
+def _read_text(path: Path) -> str:
+    """The manifest as text; a file that is not UTF-8 is refused naming the line of the first bad byte."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise ManifestError(f"{path}: cannot read the manifest ({e.strerror or e})") from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise ManifestError(f"{path}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); "
+                            "save the manifest as UTF-8") from None
 
 
 def _read_csv(path: Path) -> list[tuple[int, dict[str, Any]]]:
-    with open(path, newline="", encoding="utf-8-sig") as fh:
-        delim = "\t" if path.suffix.lower() == ".tsv" else ","
-        reader = csv.DictReader(fh, delimiter=delim)
-        if not reader.fieldnames or "path" not in [f.strip() for f in reader.fieldnames]:
-            raise ManifestError(f"{path}: a manifest needs a 'path' column (found: {reader.fieldnames})")
-        # reader.line_num: the physical line a row ends on (blank lines and quoted newlines counted)
-        return [(reader.line_num, {k.strip(): v for k, v in row.items() if k}) for row in reader]
+    text = _read_text(path)
+    delim = "\t" if path.suffix.lower() == ".tsv" else ","
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delim, strict=True)
+    rows, start = [], 1
+    try:
+        header = next(reader, None)
+        if not header or "path" not in [f.strip() for f in header]:
+            raise ManifestError(f"{path}: a manifest needs a 'path' column (found: {header})")
+        names = [f.strip() for f in header]
+        start = reader.line_num + 1
+        for values in reader:
+            # reader.line_num: the physical line a row ends on (blank lines and quoted newlines counted)
+            if values:
+                rows.append((reader.line_num, {k: v for k, v in zip(names, values) if k}))
+            start = reader.line_num + 1
+    except csv.Error as e:
+        hint = " (a quote that is never closed?)" if "end of data" in str(e) else ""
+        raise ManifestError(f"{path}:{start}: malformed CSV row: {e}{hint}") from None
+    return rows
 
 
 def _read_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
     rows = []
-    with open(path, encoding="utf-8") as fh:
-        for i, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ManifestError(f"{path}:{i}: invalid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise ManifestError(f"{path}:{i}: expected a JSON object per line")
-            rows.append((i, row))
+    for i, line in enumerate(_read_text(path).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ManifestError(f"{path}:{i}: invalid JSON ({e.msg} at column {e.colno})") from None
+        except RecursionError:
+            raise ManifestError(f"{path}:{i}: JSON nested too deeply") from None
+        if not isinstance(row, dict):
+            raise ManifestError(f"{path}:{i}: expected a JSON object per line, got {type(row).__name__}")
+        rows.append((i, row))
     return rows
+
+
+def _text_field(path: Path, line: int, row: dict, name: str) -> str | None:
+    """A row's ``path`` / ``id`` / ``caption`` as text, or None when empty; refused (with file, line and
+    column) when it is not a string or a number, holds a NUL byte or is not valid Unicode."""
+    v = row.get(name)
+    if v is None or v == "":
+        return None
+    if isinstance(v, bool) or not isinstance(v, (str, int, float)):
+        raise ManifestError(f"{path}:{line}: column {name!r} must be text, got {type(v).__name__}")
+    v = str(v).strip()
+    if "\x00" in v:
+        raise ManifestError(f"{path}:{line}: column {name!r} contains a NUL byte")
+    if not valid_text(v):
+        raise ManifestError(f"{path}:{line}: column {name!r} is not valid Unicode (a lone surrogate escape)")
+    return v or None
 
 
 def _scan_manifest(path: Path, rows: list[tuple[int, dict[str, Any]]]) -> ScanResult:
     base = path.parent.resolve()
-    items, missing, seen = [], [], {}
+    out = ScanResult([])
+    seen: dict[str, int] = {}
     for line, row in rows:
-        p = row.get("path")
-        if not p or not str(p).strip():
+        reserved = sorted(RESERVED_COLUMNS & set(row))
+        if reserved:
+            raise ManifestError(f"{path}:{line}: column {reserved[0]!r} is a name mmretrieve keeps for its own metadata "
+                                f"({', '.join(sorted(RESERVED_COLUMNS))}); rename it, e.g. to 'user_{reserved[0]}'")
+        p = _text_field(path, line, row, "path")
+        if p is None:
             raise ManifestError(f"{path}:{line}: empty 'path'")
-        full = Path(str(p).strip())
+        full = Path(p).expanduser()
         full = full if full.is_absolute() else base / full
-        uri = str(full.resolve())
-        key = str(row.get("id")).strip() if row.get("id") not in (None, "") else uri
+        explicit = _text_field(path, line, row, "id")
+        try:
+            uri = str(full.resolve())
+        except (OSError, RuntimeError):
+            where = str(full.absolute())
+            out.skipped.append((SourceItem(key=explicit or where, uri=where, kind=media_kind(p) or "image"), "symlink loop"))
+            continue
+        key = explicit or uri
         if key in seen:
+            if explicit is None:  # the same file listed twice without ids: indexed once
+                out.aliases.append((f"{path}:{line}: {p}", f"line {seen[key]}"))
+                continue
             raise ManifestError(f"{path}:{line}: duplicate id {key!r} (first on line {seen[key]})")
         seen[key] = line
-        caption = row.get("caption")
-        kind = media_kind(uri) or "image"
         extra = {k: v for k, v in row.items() if k not in ("path", "id", "caption") and v not in (None, "")}
-        it = SourceItem(key=key, uri=uri, kind=kind, caption=str(caption) if caption not in (None, "") else None, extra=extra)
-        if _stat(it):
-            items.append(it)
-        else:
-            missing.append(it)
-    return ScanResult(items, missing=missing)
+        it = SourceItem(key=key, uri=uri, kind=media_kind(uri) or "image", caption=_text_field(path, line, row, "caption"),
+                        extra=extra)
+        (out.items if _stat(it) else out.missing).append(it)
+    return out

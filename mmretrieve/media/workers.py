@@ -1,8 +1,14 @@
 """``TimeoutPool``: run a function over many inputs in worker processes, each call bounded by a timeout.
 
-A decoder that hangs on a hostile file is killed when its time is up, one that crashes (segfault) takes
-only its own process down; either way the input is reported as failed and a fresh worker takes its
-place. Results come back in input order, with several tasks in flight per worker.
+A decoder that hangs on a hostile file is killed when its time is up, one that crashes (segfault) or is
+killed (the kernel's OOM killer) takes only its own process down; either way the input is reported as
+failed with its reason and a fresh worker takes its place. Results come back in input order.
+
+Each worker holds up to ``depth`` tasks, so it keeps decoding while the parent is busy elsewhere (e.g.
+encoding the previous batch); a thread in the worker sends finished results, so a full pipe never stops
+the decoding. Every worker publishes the task it is running (and since when) in a small shared-memory
+board: that is how a crash or a timeout is charged to exactly one input, and the other tasks the worker
+held are handed to its replacement.
 """
 
 from __future__ import annotations
@@ -10,15 +16,21 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import os
+import queue
 import signal
+import threading
 import time
 import traceback
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
 log = logging.getLogger(__name__)
+
+#: a worker that dies between tasks this many times in a row takes the input it held first down with it
+_MAX_BLAMELESS_DEATHS = 3
 
 
 @dataclass
@@ -28,38 +40,71 @@ class TaskFailure:
     reason: str
 
 
-def _worker_main(conn: Connection, fn: Callable[[Any], Any], init: Callable[[], None] | None) -> None:
+def _run_task(fn: Callable[[Any], Any], arg: Any) -> Any:
+    try:
+        return fn(arg)
+    except Exception as e:  # a task error is a result, not a dead worker
+        if not hasattr(e, "reason"):
+            log.debug("task failed:\n%s", traceback.format_exc())
+        return TaskFailure(getattr(e, "reason", None) or f"{type(e).__name__}: {e}")
+
+
+def _sender(out: Connection, results: queue.SimpleQueue) -> None:
+    """The worker's sending thread: results leave in order, however slowly the parent reads them."""
+    while True:
+        item = results.get()
+        if item is None:
+            return
+        try:
+            out.send(item)
+        except (BrokenPipeError, OSError):
+            return
+        except Exception as e:  # a result that cannot be pickled
+            out.send((item[0], TaskFailure(f"result could not be sent: {type(e).__name__}: {e}")))
+
+
+def _worker_main(tasks: Connection, out: Connection, board, fn: Callable[[Any], Any],
+                 init: Callable[[], None] | None) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C
     if init is not None:
         init()
+    results: queue.SimpleQueue = queue.SimpleQueue()
+    sender = threading.Thread(target=_sender, args=(out, results), daemon=True)
+    sender.start()
     while True:
         try:
-            msg = conn.recv()
+            msg = tasks.recv()
         except (EOFError, OSError):
-            return
+            break
         if msg is None:
-            return
+            break
         idx, arg = msg
-        try:
-            res = fn(arg)
-        except Exception as e:  # a task error is a result, not a dead worker
-            res = TaskFailure(getattr(e, "reason", None) or f"{type(e).__name__}: {e}")
-            if not hasattr(e, "reason"):
-                log.debug("task failed:\n%s", traceback.format_exc())
-        try:
-            conn.send((idx, res))
-        except (BrokenPipeError, OSError):
-            return
+        board[1] = time.monotonic()  # the start first: the parent reads the index, then the start
+        board[0] = idx
+        res = _run_task(fn, arg)
+        board[0] = -1
+        results.put((idx, res))
+    results.put(None)
+    sender.join()
 
 
 class _Worker:
     def __init__(self, ctx, fn, init) -> None:
-        self.conn, child = ctx.Pipe(duplex=True)
-        self.proc = ctx.Process(target=_worker_main, args=(child, fn, init), daemon=True)
+        self.tasks, child_tasks = ctx.Pipe(duplex=False)[::-1]  # (writer here, reader there)
+        child_out, self.out = ctx.Pipe(duplex=False)[::-1]
+        self.board = ctx.RawArray("d", [-1.0, 0.0])  # [running task index or -1, its start (monotonic)]
+        self.proc = ctx.Process(target=_worker_main, args=(child_tasks, child_out, self.board, fn, init), daemon=True)
         self.proc.start()
-        child.close()
-        self.task: int | None = None
-        self.started = 0.0
+        child_tasks.close()
+        child_out.close()
+        self.inflight: deque[int] = deque()
+        self.sent_at = 0.0
+
+    def running(self) -> tuple[int | None, float]:
+        """(index, start) of the task the worker is running now, or (None, 0) between tasks."""
+        idx = int(self.board[0])
+        start = float(self.board[1])
+        return (idx if idx >= 0 else None), start
 
     def kill(self) -> None:
         try:
@@ -67,25 +112,29 @@ class _Worker:
         except (OSError, ValueError):
             pass
         self.proc.join(timeout=5)
-        self.conn.close()
+        for c in (self.tasks, self.out):
+            c.close()
 
 
 class TimeoutPool:
     """``for i, result in pool.imap(fn, inputs)``: results in input order; ``TaskFailure`` on error,
-    crash or timeout.
+    crash or timeout. ``depth``: tasks handed to each worker ahead of time.
 
     >>> with TimeoutPool(workers=2, timeout=30) as pool:                     # doctest: +SKIP
     ...     for i, res in pool.imap(decode, paths): ...
     """
 
     def __init__(self, workers: int = 1, timeout: float = 60.0, init: Callable[[], None] | None = None,
-                 start_method: str | None = None) -> None:
+                 start_method: str | None = None, depth: int = 1) -> None:
         self.n = max(1, int(workers))
         self.timeout = float(timeout)
         self.init = init
+        self.depth = max(1, int(depth))
         method = start_method or ("fork" if hasattr(os, "fork") else "spawn")
         self.ctx = mp.get_context(method)
         self._workers: list[_Worker] = []
+        #: how many workers were replaced (crashed, killed or timed out) during the last ``imap``
+        self.replaced = 0
 
     def __enter__(self) -> TimeoutPool:
         return self
@@ -96,68 +145,128 @@ class TimeoutPool:
     def close(self) -> None:
         for w in self._workers:
             try:
-                w.conn.send(None)
+                w.tasks.send(None)
             except (BrokenPipeError, OSError):
                 pass
         for w in self._workers:
             w.proc.join(timeout=1)
             if w.proc.is_alive():
                 w.kill()
+            else:
+                w.tasks.close()
+                w.out.close()
         self._workers = []
 
     def imap(self, fn: Callable[[Any], Any], inputs: Iterable[Any]) -> Iterator[tuple[int, Any]]:
         self.close()
+        self.replaced = 0
+        self._fn = fn
         self._workers = [_Worker(self.ctx, fn, self.init) for _ in range(self.n)]
-        todo = iter(enumerate(inputs))
-        exhausted = False
-        done: dict[int, Any] = {}
+        self._todo = iter(enumerate(inputs))
+        self._retry: deque[tuple[int, Any]] = deque()
+        self._args: dict[int, Any] = {}
+        self._done: dict[int, Any] = {}
+        self._blameless = 0
         next_out = 0
         try:
             while True:
-                # hand out work
-                for w in self._workers:
-                    if w.task is None and not exhausted:
-                        item = next(todo, None)
-                        if item is None:
-                            exhausted = True
-                            break
-                        idx, arg = item
-                        w.task, w.started = idx, time.monotonic()
-                        w.conn.send((idx, arg))
-                busy = [w for w in self._workers if w.task is not None]
-                while next_out in done:
-                    yield next_out, done.pop(next_out)
+                self._hand_out()
+                while next_out in self._done:
+                    yield next_out, self._done.pop(next_out)
                     next_out += 1
+                busy = [w for w in self._workers if w.inflight]
                 if not busy:
-                    if exhausted:
+                    if not self._retry and self._todo is None:
                         return
                     continue
-                now = time.monotonic()
-                wait_s = max(0.0, min(w.started + self.timeout - now for w in busy))
-                ready = wait([w.conn for w in busy], timeout=wait_s)
+                ready = wait([w.out for w in busy], timeout=self._wait_s(busy))
                 for w in busy:
-                    if w.conn in ready:
-                        try:
-                            idx, res = w.conn.recv()
-                        except (EOFError, OSError):
-                            code = w.proc.exitcode
-                            w.proc.join(timeout=1)
-                            code = w.proc.exitcode if code is None else code
-                            why = f"decoder process died ({_describe_exit(code)})"
-                            done[w.task] = TaskFailure(why)
-                            self._replace(w, fn)
-                            continue
-                        done[idx] = res
-                        w.task = None
-                    elif time.monotonic() - w.started >= self.timeout:
-                        done[w.task] = TaskFailure(f"timed out after {self.timeout:g}s (decoder hung); worker killed")
-                        self._replace(w, fn)
+                    if w.out in ready:
+                        self._receive(w)
+                    else:
+                        self._check_timeout(w)
         finally:
             self.close()
 
-    def _replace(self, w: _Worker, fn) -> None:
+    # ---- the parent's bookkeeping ------------------------------------------------------------------
+    def _next_task(self) -> tuple[int, Any] | None:
+        if self._retry:
+            return self._retry.popleft()
+        if self._todo is not None:
+            item = next(self._todo, None)
+            if item is not None:
+                return item
+            self._todo = None
+        return None
+
+    def _hand_out(self) -> None:
+        for w in self._workers:
+            while len(w.inflight) < self.depth:
+                item = self._next_task()
+                if item is None:
+                    return
+                idx, arg = item
+                self._args[idx] = arg
+                if not w.inflight:
+                    w.sent_at = time.monotonic()
+                w.inflight.append(idx)
+                try:
+                    w.tasks.send((idx, arg))
+                except (BrokenPipeError, OSError):  # died already: noticed when its results pipe closes
+                    break
+
+    def _wait_s(self, busy: list[_Worker]) -> float:
+        now = time.monotonic()
+        ends = []
+        for w in busy:
+            idx, start = w.running()
+            ends.append((start if idx is not None else max(w.sent_at, now)) + self.timeout)
+        return max(0.0, min(min(ends) - now, 1.0))  # look again at least every second
+
+    def _finish(self, w: _Worker, idx: int, res: Any) -> None:
+        if idx in w.inflight:
+            w.inflight.remove(idx)
+        self._args.pop(idx, None)
+        self._done[idx] = res
+        w.sent_at = time.monotonic()
+
+    def _receive(self, w: _Worker) -> None:
+        try:
+            while True:
+                idx, res = w.out.recv()
+                self._finish(w, idx, res)
+                self._blameless = 0
+                if not w.out.poll():
+                    return
+        except (EOFError, OSError):
+            code = w.proc.exitcode
+            w.proc.join(timeout=1)
+            code = w.proc.exitcode if code is None else code
+            self._lose(w, f"decoder process died ({_describe_exit(code)})")
+
+    def _check_timeout(self, w: _Worker) -> None:
+        idx, start = w.running()
+        if idx is not None and time.monotonic() - start >= self.timeout:
+            self._lose(w, f"timed out after {self.timeout:g}s (decoder hung); worker killed")
+
+    def _lose(self, w: _Worker, why: str) -> None:
+        """A dead or hung worker: its running task fails with ``why``, the rest go to its replacement."""
+        idx, _ = w.running()
+        if idx is None or idx not in w.inflight:
+            self._blameless += 1
+            idx = w.inflight[0] if self._blameless >= _MAX_BLAMELESS_DEATHS and w.inflight else None
+        if idx is not None:
+            self._blameless = 0
+            log.warning("decoder worker lost on input %d: %s", idx, why)
+            self._finish(w, idx, TaskFailure(why))
+        self._retry.extendleft(reversed([(i, self._args[i]) for i in w.inflight]))
+        w.inflight.clear()
+        self._replace(w)
+
+    def _replace(self, w: _Worker) -> None:
         w.kill()
-        self._workers[self._workers.index(w)] = _Worker(self.ctx, fn, self.init)
+        self.replaced += 1
+        self._workers[self._workers.index(w)] = _Worker(self.ctx, self._fn, self.init)
 
 
 def _describe_exit(code: int | None) -> str:
@@ -165,7 +274,10 @@ def _describe_exit(code: int | None) -> str:
         return "no exit code"
     if code < 0:
         try:
-            return f"signal {signal.Signals(-code).name}"
+            name = signal.Signals(-code).name
         except ValueError:
             return f"signal {-code}"
+        if -code == signal.SIGKILL:
+            return f"killed by {name}, e.g. by the out-of-memory killer"
+        return f"signal {name}"
     return f"exit code {code}"

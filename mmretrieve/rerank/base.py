@@ -23,7 +23,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from mmretrieve.config import check_options
+from mmretrieve.config import check_options, positive_int
 from mmretrieve.errors import UsageError
 from mmretrieve.registry import Registry
 
@@ -76,8 +76,7 @@ class Reranker(ABC):
     name: str = "reranker"
 
     def __init__(self, *, k: int = 100, alpha: float | None = 0.5, norm: str = "none") -> None:
-        if int(k) < 1:
-            raise UsageError(f"{self.name}: k must be >= 1, got {k}")
+        k = positive_int(k, "k", self.name)
         if alpha is not None and not 0.0 <= float(alpha) <= 1.0:
             raise UsageError(f"{self.name}: alpha must be in [0, 1] (1 = replace the previous score), got {alpha}")
         if norm not in NORMS:
@@ -164,6 +163,16 @@ def parse_option(reranker: str, option: str, value: Any, typ: Any) -> Any:
     names = " or ".join({bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(t, str(t))
                         for t in allowed)
     raise UsageError(f"reranker {reranker!r}: option {option} must be {names}, got {value!r}")
+
+
+def option_device(reranker: str, device: str | None):
+    """A reranker's ``device`` option as a torch device; a bad one names the reranker and the option."""
+    from mmretrieve.runtime import resolve_device
+
+    try:
+        return resolve_device(device)
+    except (RuntimeError, ValueError) as e:
+        raise UsageError(f"{reranker}: option device: {e}") from None
 
 
 def list_rerankers() -> list[str]:

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from mmretrieve.errors import NoPatchesError, UsageError
-from mmretrieve.rerank.base import RERANKERS, Reranker, RerankOutput
+from mmretrieve.rerank.base import RERANKERS, Reranker, RerankOutput, option_device
 from mmretrieve.rerank.ot import (
     WEIGHTS,
     emd_exact,
@@ -29,7 +29,6 @@ from mmretrieve.rerank.ot import (
     similarity_matrices,
     sinkhorn_batched,
 )
-from mmretrieve.runtime import resolve_device
 from mmretrieve.store.sidestores import project_patches
 
 log = logging.getLogger(__name__)
@@ -80,6 +79,12 @@ class EMDReranker(Reranker):
             raise UsageError(f"emd: reg must be > 0, got {reg}")
         if int(max_iter) < 1:
             raise UsageError(f"emd: max_iter must be >= 1, got {max_iter}")
+        if tol is not None and not float(tol) >= 0:
+            raise UsageError(f"emd: tol must be >= 0 (0: run every iteration; unset: the adaptive default), got {tol}")
+        if threads is not None and int(threads) < 1:
+            raise UsageError(f"emd: threads must be >= 1 (or unset for the default), got {threads}")
+        if int(cache_size) < 0:
+            raise UsageError(f"emd: cache_size must be >= 0, got {cache_size}")
         self.weights = weights
         self.solver = solver
         self.reg = float(reg)
@@ -91,7 +96,7 @@ class EMDReranker(Reranker):
         self.threads = threads
         self.device = device
         self.cache_size = int(cache_size)
-        self._dev = resolve_device(device)
+        self._dev = option_device("emd", device)
         self._cache: OrderedDict[tuple, np.ndarray] = OrderedDict()
         self._encoder = None
 
@@ -160,7 +165,7 @@ class EMDReranker(Reranker):
         if solver == "auto":
             solver = default_solver(dev, Ct.shape[1])
         if solver == "exact":
-            from mmretrieve.runtime import default_threads
+            from mmretrieve.settings import threads as default_threads
 
             return emd_exact(S, a, b, threads=self.threads or default_threads())
         if solver == "sinkhorn":

@@ -18,6 +18,7 @@ image's size before the processor sees it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -27,12 +28,15 @@ import numpy as np
 import torch
 from PIL import Image
 
-from mmretrieve.errors import ItemNotFoundError, MissingDependencyError, MLLMError
-from mmretrieve.rerank.base import RERANKERS, Reranker, RerankOutput
+from mmretrieve.encoders.hub import hub_source
+from mmretrieve.errors import ItemNotFoundError, MissingDependencyError, MLLMError, UsageError
+from mmretrieve.rerank.base import RERANKERS, Reranker, RerankOutput, option_device
 from mmretrieve.runtime import resolve_device
 
 log = logging.getLogger(__name__)
 
+
+DTYPES = ("auto", "fp32", "float32", "bf16", "bfloat16", "fp16", "float16")
 
 HOW_TO = (
     "the mllm reranker needs a vision-language model: mllm:model=Qwen/Qwen2-VL-2B-Instruct (a Hugging Face hub id, "
@@ -130,10 +134,19 @@ class MLLMReranker(Reranker):
         self.prompt = prompt
         self.answer_fallback = answer_fallback
         self.collage = bool(collage)
-        self.batch_size = max(1, int(batch_size))
+        if int(batch_size) < 1:
+            raise UsageError(f"mllm: batch_size must be >= 1, got {batch_size}")
+        if max_pixels is not None and int(max_pixels) < 1:
+            raise UsageError(f"mllm: max_pixels must be >= 1 (or none for no cap), got {max_pixels}")
+        if dtype not in DTYPES:
+            raise UsageError(f"mllm: dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        if answer_fallback not in (None, "first"):
+            raise UsageError(f"mllm: answer_fallback must be 'first' or unset, got {answer_fallback!r}")
+        self.batch_size = int(batch_size)
         self.max_pixels = int(max_pixels) if max_pixels else None
         self.processor_kwargs = _parse_kwargs(processor_kwargs)
         self.dtype = dtype
+        option_device("mllm", device)  # a bad device fails here, not after the model has loaded
         self.device = device
         self.trust_remote_code = bool(trust_remote_code)
         from mmretrieve.config import load_config
@@ -160,32 +173,36 @@ class MLLMReranker(Reranker):
             return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
         table = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
                  "fp16": torch.float16, "float16": torch.float16}
-        if self.dtype not in table:
-            raise MLLMError(f"mllm: dtype must be auto, fp32, bf16 or fp16, got {self.dtype!r}")
         return table[self.dtype]
 
     def load(self):
         """Load processor + model (+ adapter) once; raises ``MLLMError`` saying how to provide them."""
         if self._loaded is not None:
             return self._loaded
-        try:
-            from transformers import AutoModelForImageTextToText, AutoProcessor
-            from transformers.utils import logging as hf_logging
-        except ImportError:
-            raise MissingDependencyError("the mllm reranker needs transformers: pip install 'mmretrieve[mllm]'") from None
-        hf_logging.disable_progress_bar()
-        dev = resolve_device(self.device)
-        dtype = self._torch_dtype(dev)
         local = os.path.isdir(self.model)
         if not local and (self.model.startswith(("/", ".", "~")) or self.model.count("/") > 1):
             raise MLLMError(f"model folder not found: {self.model}. {HOW_TO}")
-        try:
-            processor = AutoProcessor.from_pretrained(self.model, trust_remote_code=self.trust_remote_code, local_files_only=local)
-            model = AutoModelForImageTextToText.from_pretrained(
-                self.model, dtype=dtype, trust_remote_code=self.trust_remote_code, local_files_only=local
-            )
-        except (OSError, ValueError) as e:
-            raise MLLMError(f"could not load vision-language model {self.model!r}: {e}. {HOW_TO}") from None
+        source = contextlib.nullcontext("local") if local else hub_source(  # entered first: fails before any import
+            self.model, asked=f"could not load vision-language model {self.model!r} (mllm:model=)", error=MLLMError,
+            local_hint="mllm:model=/path/to/model (a folder with the processor and weights)")
+        with source as where:
+            try:
+                from transformers import AutoModelForImageTextToText, AutoProcessor
+                from transformers.utils import logging as hf_logging
+            except ImportError:
+                raise MissingDependencyError("the mllm reranker needs transformers: pip install 'mmretrieve[mllm]'") from None
+            hf_logging.disable_progress_bar()
+            dev = resolve_device(self.device)
+            dtype = self._torch_dtype(dev)
+            offline = where != "hub"
+            try:
+                processor = AutoProcessor.from_pretrained(self.model, trust_remote_code=self.trust_remote_code,
+                                                          local_files_only=offline)
+                model = AutoModelForImageTextToText.from_pretrained(
+                    self.model, dtype=dtype, trust_remote_code=self.trust_remote_code, local_files_only=offline
+                )
+            except (OSError, ValueError) as e:
+                raise MLLMError(f"could not load vision-language model {self.model!r}: {e}. {HOW_TO}") from None
         if self.adapter:
             try:
                 from peft import PeftModel

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from mmretrieve.config import check_options, load_config, parse_spec
+from mmretrieve.config import check_options, load_config, parse_spec, positive_int
 from mmretrieve.errors import ConfigNotFoundError, RerankError, UsageError
 from mmretrieve.rerank.base import Reranker, create_reranker
 from mmretrieve.results import SearchResults
@@ -106,6 +106,7 @@ class Pipeline:
 
     def run(self, index, query, *, k: int = 10, exclude: Sequence[int] = ()) -> SearchResults:
         """Coarse search then every stage; returns the top ``k`` with per-stage ranks and scores."""
+        k = positive_int(k, "k", "Pipeline.run")
         _ = index.encoder  # load the model outside the timed stages
         t0 = time.perf_counter()
         ids, scores = index.coarse(query, self.shortlist_size(k), exclude=list(exclude))

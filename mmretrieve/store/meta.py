@@ -162,6 +162,7 @@ class MetaDB:
         self.view = view
         self.readonly = readonly
         self._lock = threading.RLock()  # one connection, shared by a server's threads
+        self.lease = None  # a reader's lease on its version, held as long as this object lives
 
     # ---- opening ----------------------------------------------------------------------------------
     @classmethod

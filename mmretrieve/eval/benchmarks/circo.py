@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mmretrieve.errors import DatasetError
+from mmretrieve.errors import DatasetError, SubmissionError
 from mmretrieve.eval import datasets as D
 from mmretrieve.eval import metrics as M
+from mmretrieve.eval.submission import check_coverage, check_ids
 
 CIRCO_TEXT_STYLES = ("relative", "shared")
 
@@ -72,6 +73,22 @@ class CIRCO(D.Benchmark):
 
     def submission_files(self, ds, full):
         return {"circo.json": {qid: [int(x) for x in r[:D.TOP]] for qid, r in full.items()}}
+
+    official_queries = {"test": 800, "val": 220}
+
+    def check_submission(self, path, data, ds, split):
+        """The test server's format: ``{"<query id>": [50 unique int image ids]}`` covering every query."""
+        lo = D.TOP if ds is None else min(D.TOP, len(ds.galleries[None]))
+        got = check_ids(path, data, count=(lo, D.TOP), what="an image id (an integer)",
+                        pattern=lambda x: isinstance(x, int) and not isinstance(x, bool) and x >= 0)
+        against = check_coverage(path, got, ds, self.official_queries.get(split), split)
+        if ds is not None:
+            known = ds.known_ids[None]
+            for qid, lst in got.items():
+                bad = next((x for x in lst if str(x) not in known), None)
+                if bad is not None:
+                    raise SubmissionError(f"{path}: query {qid}: image id {bad} is not in the COCO unlabeled gallery")
+        return {"file": str(path), "metric": "map", "queries": len(got), "ids_per_query": D.TOP, "checked_against": against}
 
     def score_files(self, ds, path, data, subset_path):
         from mmretrieve.eval.submission import validate_lists

@@ -1,0 +1,60 @@
+"""Thread defaults that do not oversubscribe (chosen from ``mmretrieve bench threads``), and the overrides."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from mmretrieve import UsageError
+from mmretrieve.runtime import default_threads, default_workers, set_threads
+from mmretrieve.settings import available_cores
+
+
+def test_defaults_per_workload(monkeypatch):
+    monkeypatch.delenv("MMRETRIEVE_THREADS", raising=False)
+    assert default_threads("query") == 1
+    assert default_threads("batch") == max(1, available_cores() - default_workers())
+    monkeypatch.setattr("mmretrieve.settings.available_cores", lambda: 16)
+    assert default_workers() == 8 and default_threads("batch") == 8
+    with pytest.raises(UsageError, match="unknown workload 'serve'"):
+        default_threads("serve")
+
+
+def test_environment_and_explicit_counts_override(monkeypatch):
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setenv("MMRETRIEVE_THREADS", "3")
+        assert default_threads("query") == default_threads("batch") == 3
+        assert set_threads(None, workload="query") == 3 and torch.get_num_threads() == 3
+        assert set_threads(2, workload="query") == 2 and torch.get_num_threads() == 2
+        monkeypatch.setenv("MMRETRIEVE_THREADS", "lots")
+        with pytest.raises(UsageError, match="MMRETRIEVE_THREADS must be a whole number, got 'lots'"):
+            set_threads(None)
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("argv,env,expected", [
+    (["search", "nope", "--text", "x"], {}, 1),
+    (["search", "nope", "--text", "x", "--threads", "2"], {}, 2),
+    (["search", "nope", "--text", "x"], {"MMRETRIEVE_THREADS": "2"}, 2),
+    (["index", "info", "nope"], {}, None),  # batch: the cores the decoder workers leave
+])
+def test_the_cli_sets_threads_by_command(argv, env, expected, tmp_path):
+    code = textwrap.dedent(f"""
+        import torch
+        from mmretrieve.cli import main
+        from mmretrieve.runtime import default_threads
+        main({argv!r} + ["--index-dir", {str(tmp_path)!r}])
+        print(torch.get_num_threads(), default_threads("batch"))
+    """)
+
+    e = {k: v for k, v in os.environ.items() if k != "MMRETRIEVE_THREADS"}
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**e, **env}, timeout=120)
+    got, batch = map(int, p.stdout.split())
+    assert got == (batch if expected is None else expected), p.stderr
