@@ -39,7 +39,9 @@ def token_matches(expected: str | None, authorization: str | None, cookie: str |
     if authorization and authorization[:7].lower() == "bearer ":
         given = authorization[7:].strip()
     elif cookie:
-        given = cookie
+        from urllib.parse import unquote
+
+        given = unquote(cookie)
     return hmac.compare_digest(given.encode("utf-8", "surrogatepass"), expected.encode("utf-8", "surrogatepass"))
 
 

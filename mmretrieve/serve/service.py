@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from mmretrieve import settings
-from mmretrieve.errors import BadVectorsError, ItemNotFoundError, RequestTimeoutError, UsageError
+from mmretrieve.errors import BadVectorsError, ItemNotFoundError, RequestTimeoutError, ServiceBusyError, UsageError
 from mmretrieve.serve.config import ServeConfig
 from mmretrieve.serve.metrics import Metrics
 from mmretrieve.serve.safety import HeavyQueue, RerankPolicy, decode_base64, decode_image
@@ -163,7 +163,12 @@ class Service:
         query = await self._query(plan, image)
         timings["encode"] = (time.perf_counter() - t0) * 1000
         if plan.pipeline is not None and plan.pipeline.stages:
-            res = await asyncio.wrap_future(self.heavy.submit(lambda: self._execute(plan, query), deadline))
+            try:
+                fut = self.heavy.submit(lambda: self._execute(plan, query), deadline)
+            except ServiceBusyError:
+                self.metrics.inc("mmretrieve_heavy_rejected_total", {"index": name})
+                raise
+            res = await asyncio.wrap_future(fut)
         else:
             res = await self._in_pool(lambda: self._execute(plan, query), deadline)
         timings.update(res.timings_ms)
