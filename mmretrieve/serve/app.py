@@ -213,7 +213,7 @@ async def read_body(request: Request, model, service: Service):
         if not isinstance(data, dict):
             raise UsageError(f"the request body must be a JSON object, got {type(data).__name__}")
         return model.model_validate(data), None
-    if ctype != "multipart/form-data":
+    if ctype not in ("multipart/form-data", "application/x-www-form-urlencoded"):
         raise UsageError(f"send application/json or multipart/form-data, not {ctype!r}")
     form = await request.form(max_files=1, max_fields=32, max_part_size=256 << 10)
     upload, data = None, {}

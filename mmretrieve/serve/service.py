@@ -26,7 +26,13 @@ from typing import Any
 import numpy as np
 
 from mmretrieve import settings
-from mmretrieve.errors import BadVectorsError, ItemNotFoundError, RequestTimeoutError, ServiceBusyError, UsageError
+from mmretrieve.errors import (
+    BadVectorsError,
+    ItemNotFoundError,
+    RequestTimeoutError,
+    ServiceBusyError,
+    UsageError,
+)
 from mmretrieve.serve.config import ServeConfig
 from mmretrieve.serve.metrics import Metrics
 from mmretrieve.serve.safety import HeavyQueue, RerankPolicy, decode_base64, decode_image

@@ -25,6 +25,8 @@
     for (const c of children) if (c !== null && c !== undefined) e.append(c);
     return e;
   }
+  // items indexed from a folder are keyed by their path: show the file name
+  const shortKey = (k) => (k.includes("/") ? k.slice(k.lastIndexOf("/") + 1) : k);
   const fmt = (x, d = 3) => (x === null || x === undefined ? "–" : Number(x).toFixed(d));
   function status(msg, isError) {
     const s = $("status");
@@ -131,7 +133,7 @@
       $("ref-label").textContent = state.upload.name || "uploaded image";
     } else if (state.item) {
       $("ref-img").src = state.item.thumbnail + "?size=128";
-      $("ref-label").textContent = state.item.key;
+      $("ref-label").textContent = shortKey(state.item.key);
     }
     ref.hidden = !(state.upload || state.item);
     updateControls();
@@ -268,7 +270,7 @@
   function hitCard(h, stages) {
     const stagesEl = stagesLine(h, stages);
     const moment = h.moment !== null && h.moment !== undefined;
-    const label = [`${h.rank}. ${h.key}`, h.caption, `score ${fmt(h.score)}`, stagesEl ? stagesEl.textContent : null,
+    const label = [`${h.rank}. ${shortKey(h.key)}`, h.caption, `score ${fmt(h.score)}`, stagesEl ? stagesEl.textContent : null,
                    h.kind === "video" ? (moment ? `video, best moment ${fmt(h.moment, 1)} s` : "video") : null];
     const b = el("button", { type: "button", class: "hit", "aria-label": label.filter(Boolean).join(", ") });
     b.dataset.id = String(h.id);
@@ -276,7 +278,7 @@
     const thumb = el("div", { class: "thumb" }, el("img", { src: h.thumbnail + "?size=256", alt: "", loading: "lazy" }),
                      el("span", { class: "rank", text: `#${h.rank}` }));
     if (h.kind === "video") thumb.append(el("span", { class: "badge", text: moment ? `▶ ${fmt(h.moment, 1)} s` : "▶ video" }));
-    b.append(thumb, el("span", { class: "key", text: h.key, title: h.key }));
+    b.append(thumb, el("span", { class: "key", text: shortKey(h.key), title: h.key }));
     if (h.caption) b.append(el("span", { class: "caption", text: h.caption, title: h.caption }));
     b.append(el("span", { class: "score", text: `score ${fmt(h.score)}` }));
     if (stagesEl) b.append(el("span", { class: "stages" }, stagesEl));
@@ -319,7 +321,7 @@
     } else {
       media.append(el("img", { src: h.thumbnail + "?size=512", alt: h.caption || h.key }));
     }
-    $("d-title").textContent = `#${h.rank} ${h.key}`;
+    $("d-title").textContent = `#${h.rank} ${shortKey(h.key)}`;
     $("d-caption").textContent = h.caption || "";
     const st = stagesLine(h, stages);
     $("d-stages").replaceChildren(...(st ? [st] : []));
@@ -348,7 +350,7 @@
     showReference();
     $("q").focus();
     if ($("q").value.trim()) search();
-    else status(`Reference: ${h.key}. Type a modification text and press Enter.`);
+    else status(`Reference: ${shortKey(h.key)}. Type a modification text and press Enter.`);
   }
 
   // ---- wiring ---------------------------------------------------------------------------------------------
