@@ -21,7 +21,7 @@ pytest.importorskip("httpx", reason="FastAPI's test client needs httpx (the dev 
 from conftest import png_bomb  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 from PIL import Image  # noqa: E402
-from serve_helpers import build_gallery, running_server  # noqa: E402
+from serve_helpers import running_server  # noqa: E402
 
 from mmretrieve.serve import ServeConfig, Service, create_app  # noqa: E402
 from mmretrieve.serve.models import EmbedResponse, IndexDetail, ItemModel, SearchResponse  # noqa: E402
@@ -31,8 +31,8 @@ TOKEN = "a-test-token-of-24-chars"
 
 
 @pytest.fixture(scope="module")
-def home(tmp_path_factory, embedded, samples):
-    return build_gallery(tmp_path_factory.mktemp("serve"), embedded, samples)
+def home(serve_gallery):
+    return serve_gallery
 
 
 def make_service(home, embedded, **kw) -> Service:
@@ -516,3 +516,37 @@ def test_a_new_index_version_is_picked_up_while_serving(tmp_path, embedded, samp
             assert 'mmretrieve_index_reloads_total{index="live"} 1' in c.get("/metrics").text
     finally:
         svc.close()
+
+
+def test_the_command_serves_until_interrupted(home):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import httpx
+    from serve_helpers import free_port
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "mmretrieve", "serve", "gallery", "--index-dir", str(home),
+                             "--port", str(port), "--no-verify"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env={**os.environ, "MMRETRIEVE_TOKEN": ""})
+    try:
+        base = f"http://127.0.0.1:{port}"
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 120 and proc.poll() is None:
+            try:
+                if httpx.get(base + "/healthz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        r = httpx.post(base + S, json={"text": "a photo of a cat", "k": 3}, timeout=30)
+        assert r.status_code == 200 and r.json()["hits"][0]["key"] == "chelsea"
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, out
+    assert "no token needed" in out and f"page: http://127.0.0.1:{port}/" in out
