@@ -129,6 +129,16 @@ def test_composed_query_by_item_with_reranking_stages(client, ids):
     assert multi.json()["stages"] == ["coarse", "emd", "frames"]
 
 
+def test_batched_searches_match_the_index_and_leave_the_reference_out(client, service, ids):
+    idx = service.manager.get("gallery").index
+    body = {"item": ids["motorcycle_left"], "text": "a horse", "k": 6}
+    r = client.post(S, json=body).json()  # sum fusion: one vector, served by the search batcher
+    expected = idx.search(image=idx.get("key:motorcycle_left").uri, text="a horse", k=6)
+    assert [h["id"] for h in r["hits"]] == expected.ids and ids["motorcycle_left"] not in expected.ids
+    kept = client.post(S, json={**body, "keep_reference": True}).json()
+    assert kept["hits"][0]["key"] in ("motorcycle_left", "horse") and ids["motorcycle_left"] in [h["id"] for h in kept["hits"]]
+
+
 def test_more_like_this_and_a_preset_pipeline(client, ids):
     r = client.post(S, json={"item": ids["coffee"], "k": 3, "pipeline": "emd"}).json()
     assert r["hits"][0]["key"] == "coffee" and r["stages"] == ["coarse", "emd"]
@@ -206,7 +216,8 @@ def test_healthz_metrics_docs_and_page(client):
     assert 'mmretrieve_http_request_duration_seconds_bucket{endpoint="/api/v1/indexes/{name}/search",le="+Inf"}' in text
     assert 'mmretrieve_stage_duration_seconds_count{index="gallery",stage="coarse"}' in text
     assert 'mmretrieve_stage_duration_seconds_count{index="gallery",stage="emd"}' in text
-    assert 'mmretrieve_encode_batch_size_bucket{encoder="embedded",kind="text",le="1"}' in text
+    assert 'mmretrieve_batch_size_bucket{batcher="encode",encoder="embedded",kind="text",le="1"}' in text
+    assert 'mmretrieve_batch_size_bucket{batcher="search",index="gallery",le="1"}' in text
     assert 'mmretrieve_index_info{index="gallery",version="v0001"} 1' in text
     assert "# TYPE mmretrieve_http_errors_total counter" in text
     spec = client.get("/openapi.json").json()
@@ -379,6 +390,7 @@ def _gate(monkeypatch, svc):
     gate = threading.Event()
     run = svc._execute
     monkeypatch.setattr(svc, "_execute", lambda plan, q: (gate.wait(30), run(plan, q))[1])
+    monkeypatch.setattr(svc, "_batchable", lambda plan, q: None)  # every search through _execute
     return gate
 
 

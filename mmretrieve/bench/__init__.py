@@ -24,6 +24,7 @@ BENCHMARKS = {
     "emd-ood": "emd_ood",
     "video": "video",
     "mllm": "mllm",
+    "serve": "serve",
 }
 
 

@@ -16,7 +16,9 @@ def cmd_serve(args) -> int:
         max_upload_bytes=int(args.max_upload_mb * (1 << 20)), max_pixels=args.max_pixels, max_k=args.max_k,
         max_offset=args.max_offset, max_rerank_k=args.max_rerank_k, heavy_workers=args.heavy_workers,
         heavy_queue=args.heavy_queue, search_threads=args.search_threads, request_timeout_s=args.timeout,
-        cors_origins=list(args.cors_origin or []), batching=not args.no_batching, reload_interval_s=args.reload_interval,
+        cors_origins=list(args.cors_origin or []), batching=not args.no_batching,
+        batch_searches=not args.no_search_batching, batch_window_ms=args.batch_window_ms,
+        reload_interval_s=args.reload_interval,
         mllm=args.mllm,
     )
     config.check()
@@ -49,6 +51,10 @@ def register(sub, common) -> None:
                    help="an origin allowed to call the API from its pages (repeatable; default: no CORS)")
     s.add_argument("--no-batching", action="store_true",
                    help="encode each query alone instead of batching concurrent ones (for comparison)")
+    s.add_argument("--no-search-batching", action="store_true",
+                   help="scan the index once per query instead of once per batch of concurrent queries (for comparison)")
+    s.add_argument("--batch-window-ms", type=float, default=5.0,
+                   help="under load, how long the encoder waits for more queries to batch (default 5 ms)")
     s.add_argument("--reload-interval", type=float, default=1.0,
                    help="seconds between checks for a new index version (0: never; default 1)")
     s.add_argument("--mllm", default=None, metavar="MODEL",

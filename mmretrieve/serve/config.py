@@ -48,7 +48,11 @@ class ServeConfig:
     cors_origins: list[str] = field(default_factory=list)
     #: concurrent query encodings go into one encoder forward (measured: see README "Serving")
     batching: bool = True
+    #: concurrent single-vector coarse searches of one index go into one scan
+    batch_searches: bool = True
     max_batch: int = 32
+    #: how long the encoder thread waits for clients about to come back when recent batches were larger
+    batch_window_ms: float = 5.0
     #: seconds between checks for a newly published index version
     reload_interval_s: float = 1.0
     #: the vision-language model the ``mllm`` reranker may use (none: mllm is not offered)

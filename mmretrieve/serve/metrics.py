@@ -18,7 +18,8 @@ _HELP = {
     "mmretrieve_http_errors_total": ("counter", "HTTP answers with status >= 400, by endpoint and status"),
     "mmretrieve_http_request_duration_seconds": ("histogram", "time from request to response, by endpoint"),
     "mmretrieve_stage_duration_seconds": ("histogram", "time spent in one search stage (decode, encode, coarse, rerankers)"),
-    "mmretrieve_encode_batch_size": ("histogram", "query encodings run in one encoder forward"),
+    "mmretrieve_batch_size": ("histogram", "requests served by one batch: query encodings in one encoder forward "
+                                           "(batcher=encode), coarse searches in one scan (batcher=search)"),
     "mmretrieve_heavy_rejected_total": ("counter", "re-ranking requests refused with 503 because the queue was full"),
     "mmretrieve_timeouts_total": ("counter", "requests answered 504 after the per-request time limit"),
     "mmretrieve_index_reloads_total": ("counter", "newly published index versions picked up while serving"),

@@ -168,7 +168,10 @@ class Service:
         t0 = time.perf_counter()
         query = await self._query(plan, image)
         timings["encode"] = (time.perf_counter() - t0) * 1000
-        if plan.pipeline is not None and plan.pipeline.stages:
+        batched = self._batchable(plan, query)
+        if batched is not None:
+            res = await self._batched_search(handle, plan, *batched, deadline)
+        elif plan.pipeline is not None and plan.pipeline.stages:
             try:
                 fut = self.heavy.submit(lambda: self._execute(plan, query), deadline)
             except ServiceBusyError:
@@ -278,6 +281,29 @@ class Service:
             vecs["image"] = idx.vectors([plan.item.id])[0]
         query.cache[("vectors", idx.encoder_name)] = vecs  # Index.search's memo: no second encoding
         return query
+
+    def _batchable(self, plan: Plan, query):
+        """``(vector, exclude)`` when the request is one top-k of one vector (no rerankers, a strategy that
+        searches once): such searches of concurrent requests share one scan. None otherwise."""
+        from mmretrieve.query import CoarseStrategy
+
+        if plan.pipeline is not None and plan.pipeline.stages:
+            return None
+        if plan.vector is not None:
+            return plan.vector, ()
+        vecs = query.cache.get(("vectors", plan.index.encoder_name))
+        if vecs is None or type(query.strategy).search is not CoarseStrategy.search:
+            return None  # e.g. intersection: two searches and a union
+        composed = query.kind.startswith("composed")
+        exclude = (plan.item.id,) if composed and plan.item is not None and not plan.keep_reference else ()
+        return query.strategy.query_vector(vecs), exclude
+
+    async def _batched_search(self, handle, plan: Plan, vector, exclude, deadline: float):
+        t0 = time.perf_counter()
+        ids, scores = await asyncio.wrap_future(handle.searcher.search(plan.index, vector, plan.window, exclude))
+        ms = (time.perf_counter() - t0) * 1000
+        return await self._in_pool(lambda: plan.index.hydrate({}, ids, scores, stages={"coarse": ids},
+                                                              timings={"coarse": ms}), deadline)
 
     def _execute(self, plan: Plan, query):
         idx = plan.index

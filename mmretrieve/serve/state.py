@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from mmretrieve.errors import IndexNotFoundError, UsageError
-from mmretrieve.serve.batching import EncodeBatcher
+from mmretrieve.serve.batching import EncodeBatcher, SearchBatcher
 from mmretrieve.serve.config import ServeConfig
 from mmretrieve.serve.metrics import Metrics
 
@@ -40,6 +40,9 @@ class IndexHandle:
         self.loaded_at = time.time()
         self.reloads = 0
         self.last_error: str | None = None
+        cfg = manager.config
+        self.searcher = SearchBatcher(name, batching=cfg.batch_searches, window_ms=cfg.batch_window_ms,
+                                      metrics=manager.metrics)
 
     @property
     def version(self) -> str:
@@ -128,8 +131,8 @@ class IndexManager:
                 enc = self.encoders[name] = create_encoder(name)
                 log.info("encoder %s created in %.1f s", name, time.perf_counter() - t0)
             if enc.name not in self.batchers:
-                self.batchers[enc.name] = EncodeBatcher(enc, max_batch=self.config.max_batch,
-                                                        batching=self.config.batching, metrics=self.metrics)
+                self.batchers[enc.name] = EncodeBatcher(enc, max_batch=self.config.max_batch, batching=self.config.batching,
+                                                        window_ms=self.config.batch_window_ms, metrics=self.metrics)
             return enc
 
     def warm_up(self) -> None:
@@ -178,6 +181,8 @@ class IndexManager:
         for b in self.batchers.values():
             b.close()
         self.batchers.clear()
+        for h in self.handles.values():
+            h.searcher.close()
 
     def _index_gauges(self, m: Metrics) -> None:
         for name, h in self.handles.items():
