@@ -562,3 +562,31 @@ def test_the_command_serves_until_interrupted(home):
             proc.communicate()
     assert proc.returncode == 0, out
     assert "no token needed" in out and f"page: http://127.0.0.1:{port}/" in out
+
+
+def test_mllm_reranker_uses_the_servers_model_loaded_once(tmp_path, home, embedded, monkeypatch):
+    from transformers.utils import logging as hf_logging
+
+    from mmretrieve.rerank.mllm import MLLMReranker
+    from mmretrieve.testing import write_tiny_vlm
+
+    hf_logging.set_verbosity_error()
+    model = write_tiny_vlm(tmp_path / "vlm", "qwen2_vl")
+    loads = []
+    real = MLLMReranker.load
+    monkeypatch.setattr(MLLMReranker, "load", lambda self: (loads.append(1) if self._loaded is None else None, real(self))[1])
+    svc = make_service(home, embedded, mllm=model)
+    try:
+        with TestClient(create_app(svc), base_url="http://127.0.0.1") as c:
+            caps = c.get("/api/v1/indexes/gallery").json()["capabilities"]
+            assert caps["rerankers"]["mllm"] is None
+            r = c.post(S, json={"text": "a photo of a cat", "rerank": ["mllm:k=3"], "k": 3})
+            assert r.status_code == 200, r.text
+            assert r.json()["stages"] == ["coarse", "mllm"] and "p_yes" in r.json()["hits"][0]["extra"]
+            r = c.post(S, json={"text": "a photo of a cat", "rerank": ["mllm:k=4,alpha=0.5"], "k": 4})
+            assert r.status_code == 200 and r.json()["query"]["rerank"] == [{"name": "mllm", "k": 4, "alpha": 0.5}]
+            err(c.post(S, json={"text": "x", "rerank": [f"mllm:model={tmp_path}/other"]}), 400, "unknown option(s) 'model'")
+            err(c.post(S, json={"text": "x", "rerank": ["mllm:adapter=/tmp/x"]}), 400, "unknown option(s) 'adapter'")
+    finally:
+        svc.close()
+    assert len(loads) == 1, "the vision-language model was loaded more than once"

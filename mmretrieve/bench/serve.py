@@ -47,7 +47,8 @@ def add_arguments(p) -> None:
     p.add_argument("--memory-requests", type=int, default=10_000,
                    help="requests between the two memory readings, on the first index (default 10000; 0 skips)")
     p.add_argument("--time-limit", type=float, default=30.0, help="seconds a run may take before it stops (default 30)")
-    p.add_argument("--server-threads", type=int, default=None, help="the server's --threads (default: the cores)")
+    p.add_argument("--server-threads", type=int, default=None, help="the server's --threads, FAISS's (default: the cores)")
+    p.add_argument("--torch-threads", type=int, default=1, help="the server's --torch-threads (default 1, as the server's)")
     p.add_argument("--no-batching", action="store_true", help="query encodings one by one (the server's --no-batching)")
     p.add_argument("--no-search-batching", action="store_true",
                    help="one index scan per query (the server's --no-search-batching)")
@@ -98,6 +99,7 @@ class ServerProcess:
                "--reload-interval", "0", "--max-k", "100", "-q"]
         if args.server_threads:
             cmd += ["--threads", str(args.server_threads)]
+        cmd += ["--torch-threads", str(args.torch_threads)]
         if args.no_batching:
             cmd.append("--no-batching")
         if args.no_search_batching:
@@ -345,10 +347,13 @@ def _bench_index(label: str, path: Path, args, clients: list[int], enc, tmp: Pat
 
 
 def run(args) -> dict:
+    import torch
+
     from mmretrieve.encoders import create_encoder
     from mmretrieve.runtime import set_threads
 
-    threads = set_threads(args.server_threads)  # in-process runs use the server's thread count
+    threads = set_threads(args.server_threads)  # in-process runs use the server's thread counts
+    torch.set_num_threads(int(args.torch_threads))
     load0 = [round(x, 2) for x in os.getloadavg()]  # a shared machine: say how busy it was
     clients = [int(c) for c in str(args.clients).split(",") if c.strip()]
     sizes = [int(s) for s in str(args.sizes).split(",") if s.strip()]
@@ -362,14 +367,15 @@ def run(args) -> dict:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return {"benchmark": "serve", "threads": threads, "batching": not args.no_batching,
-            "search_batching": not args.no_search_batching, "requests": int(args.requests),
+            "search_batching": not args.no_search_batching, "torch_threads": int(args.torch_threads),
+            "requests": int(args.requests),
             "rounds": int(args.rounds), "clients": clients, "results": rows, "loadavg_before": load0,
             "loadavg_after": [round(x, 2) for x in os.getloadavg()]}
 
 
 def render(res: dict) -> list[str]:
     out = [f"serve benchmark: text searches (k=10) over loopback, {res['requests']} per run, best of {res['rounds']} "
-           f"interleaved rounds, server threads {res['threads']}, encode batching {'on' if res['batching'] else 'off'}, "
+           f"interleaved rounds, threads {res['threads']} (torch {res.get('torch_threads')}), encode batching {'on' if res['batching'] else 'off'}, "
            f"search batching {'on' if res['search_batching'] else 'off'}; "
            f"load average {res['loadavg_before'][0]:.1f} before, {res['loadavg_after'][0]:.1f} after"]
     for row in res["results"]:

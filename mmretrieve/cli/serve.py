@@ -18,7 +18,7 @@ def cmd_serve(args) -> int:
         heavy_queue=args.heavy_queue, search_threads=args.search_threads, request_timeout_s=args.timeout,
         cors_origins=list(args.cors_origin or []), batching=not args.no_batching,
         batch_searches=not args.no_search_batching, batch_window_ms=args.batch_window_ms,
-        reload_interval_s=args.reload_interval,
+        reload_interval_s=args.reload_interval, torch_threads=args.torch_threads,
         mllm=args.mllm,
     )
     config.check()
@@ -55,6 +55,9 @@ def register(sub, common) -> None:
                    help="scan the index once per query instead of once per batch of concurrent queries (for comparison)")
     s.add_argument("--batch-window-ms", type=float, default=5.0,
                    help="under load, how long the encoder waits for more queries to batch (default 5 ms)")
+    s.add_argument("--torch-threads", type=int, default=1,
+                   help="torch threads for encoders and rerankers (default 1: faster under concurrent load on few "
+                        "cores; --threads still sets FAISS's)")
     s.add_argument("--reload-interval", type=float, default=1.0,
                    help="seconds between checks for a new index version (0: never; default 1)")
     s.add_argument("--mllm", default=None, metavar="MODEL",

@@ -123,7 +123,6 @@ class Guard:
         self.allowed_hosts = allowed_hosts
         cfg = service.config
         self.max_body = cfg.max_upload_bytes * 4 // 3 + (64 << 10)  # base64 in JSON, plus the other fields
-        self.in_flight = 0
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -148,11 +147,11 @@ class Guard:
                                                f"(uploads: {self.service.config.max_upload_bytes} bytes)")
             return msg
 
-        self.in_flight += 1
+        self.service.in_flight += 1
         try:
             await self.app(scope, limited_receive, self._sender(send, state, path))
         finally:
-            self.in_flight -= 1
+            self.service.in_flight -= 1
             self._record(scope, state, t0)
 
     def _refusal(self, headers: dict):
@@ -161,7 +160,7 @@ class Guard:
         if self.allowed_hosts is not None and name.lower() not in self.allowed_hosts:
             return error_response(400, "UsageError", f"Host {host!r} is not this server's (a loopback server answers "
                                   "only to 127.0.0.1, localhost and ::1)")
-        if self.in_flight >= self.service.config.max_in_flight:
+        if self.service.in_flight >= self.service.config.max_in_flight:
             return error_response(503, "ServiceBusyError", "too many requests at once; try again later",
                                   {"Retry-After": "1"})
         cl = headers.get("content-length")

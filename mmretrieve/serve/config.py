@@ -53,6 +53,10 @@ class ServeConfig:
     max_batch: int = 32
     #: how long the encoder thread waits for clients about to come back when recent batches were larger
     batch_window_ms: float = 5.0
+    #: torch threads of the process (encoder forwards, rerankers); 1 measured faster on a 2-core machine
+    #: under concurrent load: a 2-thread forward stalls whenever either thread is descheduled, and its
+    #: spinning threads slow the index scans that run between forwards (README "Serving")
+    torch_threads: int | None = 1
     #: seconds between checks for a newly published index version
     reload_interval_s: float = 1.0
     #: the vision-language model the ``mllm`` reranker may use (none: mllm is not offered)

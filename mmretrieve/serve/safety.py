@@ -80,6 +80,7 @@ class HeavyQueue:
 
     def __init__(self, workers: int, queue: int, *, name: str = "heavy") -> None:
         self.capacity = int(workers) + int(queue)
+        self.workers = int(workers)
         self._pool = ThreadPoolExecutor(max_workers=int(workers), thread_name_prefix=name)
         self._lock = threading.Lock()
         self.depth = 0
@@ -113,7 +114,7 @@ class HeavyQueue:
 
     def retry_after(self) -> int:
         """Seconds after which a slot is likely free (the queue's length times the recent job time)."""
-        return max(1, min(60, math.ceil(self._avg_s * max(1, self.depth) / max(1, self._pool._max_workers))))
+        return max(1, min(60, math.ceil(self._avg_s * max(1, self.depth) / max(1, self.workers))))
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

@@ -20,6 +20,15 @@ def _uvicorn_options(config: ServeConfig) -> dict:
                 limit_concurrency=config.max_in_flight + 64)
 
 
+def apply_threads(config: ServeConfig) -> None:
+    """The process's torch threads (FAISS and BLAS keep theirs): a process-wide setting, made here and
+    not by ``Service``, so a service embedded in another program leaves that program's choice alone."""
+    if config.torch_threads:
+        import torch
+
+        torch.set_num_threads(int(config.torch_threads))
+
+
 def serve(config: ServeConfig, *, print_fn=print, encoders: dict | None = None) -> int:
     """Check the bind rule, load everything, print where the page is, serve until interrupted."""
     try:
@@ -42,6 +51,7 @@ def serve(config: ServeConfig, *, print_fn=print, encoders: dict | None = None) 
     from mmretrieve.serve.app import create_app
     from mmretrieve.serve.service import Service
 
+    apply_threads(config)
     t0 = time.perf_counter()
     service = Service(config, encoders=encoders).start()
     names = ", ".join(f"{n} ({len(h.index)} items, {h.version})" for n, h in service.manager.handles.items())
@@ -60,7 +70,9 @@ def app_factory():
     from mmretrieve.serve.app import create_app
     from mmretrieve.serve.service import Service
 
-    return create_app(Service(ServeConfig.from_json(os.environ[CONFIG_ENV])).start())
+    config = ServeConfig.from_json(os.environ[CONFIG_ENV])
+    apply_threads(config)
+    return create_app(Service(config).start())
 
 
-__all__ = ["serve", "app_factory", "CONFIG_ENV"]
+__all__ = ["serve", "app_factory", "apply_threads", "CONFIG_ENV"]

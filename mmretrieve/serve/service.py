@@ -105,7 +105,9 @@ class Service:
         self._thumb_lock = threading.Lock()
         self.started_at: float | None = None
         self.startup_s: float | None = None
-        self.metrics.on_render(lambda m: m.set("mmretrieve_heavy_queue_depth", None, self.heavy.depth))
+        self.in_flight = 0  # requests being handled (the app's guard counts them)
+        self.metrics.on_render(lambda m: (m.set("mmretrieve_heavy_queue_depth", None, self.heavy.depth),
+                                          m.set("mmretrieve_requests_in_flight", None, self.in_flight)))
 
     # ---- life cycle ---------------------------------------------------------------------------------
     def start(self) -> Service:
