@@ -206,9 +206,10 @@ def test_items_thumbnails_and_media_with_ranges(client, ids, service):
     assert vthumb.status_code == 200 and Image.open(io.BytesIO(vthumb.content)).format == "JPEG"
 
 
-def test_healthz_metrics_docs_and_page(client):
+def test_healthz_metrics_docs_and_page(client, ids):
     assert client.get("/healthz").json() == {"status": "ok", "indexes": {"gallery": "v0001"}}
     client.post(S, json={"text": "a cup of coffee"})
+    client.post(S, json={"item": ids["coffee"], "text": "but red", "rerank": ["emd:k=10"]})
     m = client.get("/metrics")
     assert m.status_code == 200 and m.headers["content-type"].startswith("text/plain")
     text = m.text

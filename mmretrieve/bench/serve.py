@@ -52,6 +52,8 @@ def add_arguments(p) -> None:
     p.add_argument("--no-batching", action="store_true", help="query encodings one by one (the server's --no-batching)")
     p.add_argument("--no-search-batching", action="store_true",
                    help="one index scan per query (the server's --no-search-batching)")
+    p.add_argument("--compare-batching", action="store_true",
+                   help="also run servers without encode batching and without search batching, interleaved with the rest")
     p.add_argument("--batch-window-ms", type=float, default=5.0, help="the server's --batch-window-ms (default 5)")
 
 
@@ -89,7 +91,7 @@ def _random_index(path: Path, n: int) -> Path:
 
 # ---- the server process ---------------------------------------------------------------------------------
 class ServerProcess:
-    def __init__(self, index: Path, args, log: Path) -> None:
+    def __init__(self, index: Path, args, log: Path, extra: tuple[str, ...] = ()) -> None:
         from mmretrieve.serve.server import CONFIG_ENV  # noqa: F401  (the serve extra must be installed)
 
         with __import__("socket").socket() as s:
@@ -104,7 +106,7 @@ class ServerProcess:
             cmd.append("--no-batching")
         if args.no_search_batching:
             cmd.append("--no-search-batching")
-        cmd += ["--batch-window-ms", str(args.batch_window_ms)]
+        cmd += ["--batch-window-ms", str(args.batch_window_ms), *extra]
         env = {**os.environ, "MMRETRIEVE_TOKEN": ""}
         self.name = index.name
         self.log = open(log, "w")  # noqa: SIM115
@@ -129,6 +131,12 @@ class ServerProcess:
             except OSError:
                 time.sleep(0.1)
         raise RuntimeError("the server did not start in time")
+
+    def cpu_s(self) -> float:
+        """CPU seconds the server process has used (all its threads)."""
+        with open(f"/proc/{self.proc.pid}/stat") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def rss_mb(self) -> float:
         with open(f"/proc/{self.proc.pid}/status") as fh:
@@ -297,12 +305,27 @@ def engine_load(service, name: str, clients: int, n: int, limit: float) -> dict:
 
 
 # ---- the benchmark ----------------------------------------------------------------------------------------
-def _interleaved(server, svc, idx, name: str, clients: int, n: int, limit: float, rounds: int) -> dict:
-    """Rounds of the three ways, interleaved (a shared machine's load drifts); the best round of each
-    is kept (noise only adds time), every round's req/s is reported, and errors of all rounds add up."""
-    ways = {"server": lambda: http_load(server.port, server.name, clients, n, limit),
-            "engine": lambda: engine_load(svc, name, clients, n, limit),
-            "plain": lambda: plain_load(idx, clients, n, limit)}
+def _with_cpu(fn, server=None):
+    """``fn`` with the CPU time it cost per request: this process's (the in-process searches, or the load
+    generator) and the server's. CPU time is far less sensitive to a shared machine's load than
+    req/s, so the HTTP overhead is also reported as CPU per request."""
+    def run() -> dict:
+        me0, srv0 = sum(os.times()[:2]), server.cpu_s() if server else 0.0
+        res = fn()
+        me, srv = sum(os.times()[:2]) - me0, (server.cpu_s() - srv0) if server else 0.0
+        n = max(1, res["requests"])
+        if server:
+            return {**res, "cpu_ms_per_request": round(srv / n * 1000, 3), "client_cpu_ms_per_request": round(me / n * 1000, 3)}
+        return {**res, "cpu_ms_per_request": round(me / n * 1000, 3)}
+    return run
+
+
+def _interleaved(servers: dict, svc, idx, name: str, clients: int, n: int, limit: float, rounds: int) -> dict:
+    """Rounds of every way, interleaved (a shared machine's load drifts); the best round of each is
+    kept (noise only adds time), every round's req/s is reported, and errors of all rounds add up."""
+    ways = {w: _with_cpu(lambda s=srv: http_load(s.port, s.name, clients, n, limit), srv) for w, srv in servers.items()}
+    ways["engine"] = _with_cpu(lambda: engine_load(svc, name, clients, n, limit))
+    ways["plain"] = _with_cpu(lambda: plain_load(idx, clients, n, limit))
     seen: dict[str, list[dict]] = {w: [] for w in ways}
     for _ in range(max(1, rounds)):
         for w, fn in ways.items():
@@ -310,10 +333,12 @@ def _interleaved(server, svc, idx, name: str, clients: int, n: int, limit: float
     out: dict = {"clients": clients}
     for w, runs in seen.items():
         best = max(runs, key=lambda r: r["rps"])
-        out[w] = {**best, "errors": sum(r["errors"] for r in runs), "rounds_rps": [r["rps"] for r in runs]}
+        out[w] = {**best, "errors": sum(r["errors"] for r in runs), "rounds_rps": [r["rps"] for r in runs],
+                  "cpu_ms_per_request": min(r["cpu_ms_per_request"] for r in runs)}
     s, e, p = out["server"]["rps"], out["engine"]["rps"], out["plain"]["rps"]
     out["overhead_vs_engine"] = round(e / s - 1, 3) if s else None
     out["overhead_vs_plain"] = round(p / s - 1, 3) if s else None
+    out["cpu_overhead_vs_engine"] = round(out["server"]["cpu_ms_per_request"] / out["engine"]["cpu_ms_per_request"] - 1, 3)
     return out
 
 
@@ -322,15 +347,21 @@ def _bench_index(label: str, path: Path, args, clients: list[int], enc, tmp: Pat
 
     n, limit = int(args.requests), float(args.time_limit)
     server = ServerProcess(path, args, tmp / f"{label}.log")
+    servers = {"server": server}
     try:
-        http_load(server.port, server.name, 8, 100, limit)  # warm-up
+        if args.compare_batching:
+            servers["server_no_encode_batching"] = ServerProcess(path, args, tmp / f"{label}-ne.log", ("--no-batching",))
+            servers["server_no_search_batching"] = ServerProcess(path, args, tmp / f"{label}-ns.log",
+                                                                 ("--no-search-batching",))
+        for srv in servers.values():
+            http_load(srv.port, srv.name, 8, 100, limit)  # warm-up
         svc = Service(ServeConfig(indexes=[str(path)], verify=False, reload_interval_s=0, max_k=100,
                                   batching=not args.no_batching, batch_searches=not args.no_search_batching,
                                   batch_window_ms=args.batch_window_ms),
                       encoders={"embedded": enc}).start()
         idx = svc.manager.get(path.name).index
         try:
-            runs = [_interleaved(server, svc, idx, path.name, c, n, limit, int(args.rounds)) for c in clients]
+            runs = [_interleaved(servers, svc, idx, path.name, c, n, limit, int(args.rounds)) for c in clients]
         finally:
             svc.close()
         mem = None
@@ -343,7 +374,8 @@ def _bench_index(label: str, path: Path, args, clients: list[int], enc, tmp: Pat
         return {"index": label, "items": len(idx), "dim": idx.dim, "startup_s": round(server.startup_s, 2),
                 "first_query_ms": round(server.first_query_ms, 1), "runs": runs, "memory": mem}
     finally:
-        server.close()
+        for srv in servers.values():
+            srv.close()
 
 
 def run(args) -> dict:
@@ -381,17 +413,24 @@ def render(res: dict) -> list[str]:
     for row in res["results"]:
         out.append(f"  {row['index']} ({row['items']:,} items, d={row['dim']}): server up in {row['startup_s']:.1f} s, "
                    f"first search {row['first_query_ms']:.0f} ms")
+        names = {"server": "HTTP server", "server_no_encode_batching": "HTTP, no encode batching",
+                 "server_no_search_batching": "HTTP, no search batching", "engine": "in-process engine",
+                 "plain": "in-process Index.search"}
         for r in row["runs"]:
-            for kind in ("server", "engine", "plain"):
+            for kind, what in names.items():
+                if kind not in r:
+                    continue
                 s = r[kind]
-                what = {"server": "HTTP server", "engine": "in-process engine", "plain": "in-process Index.search"}[kind]
                 out.append(f"    {r['clients']:>3} clients, {what:24s} {s['rps']:8.1f} req/s  p50 {s['p50_ms']:7.2f}  "
-                           f"p95 {s['p95_ms']:7.2f}  p99 {s['p99_ms']:7.2f} ms  errors {s['errors']}  rounds "
+                           f"p95 {s['p95_ms']:7.2f}  p99 {s['p99_ms']:7.2f} ms  errors {s['errors']}  "
+                           f"cpu {s['cpu_ms_per_request']:.2f} ms/req  rounds "
                            + "/".join(f"{x:.0f}" for x in s["rounds_rps"])
                            + ("  (stopped by the time limit)" if s["stopped_by_time_limit"] else ""))
             ov = r["overhead_vs_engine"]
-            out.append(f"    {'':3s}          HTTP overhead vs the engine: {ov * 100:+.1f}% time per request; vs plain "
-                       f"Index.search: {r['overhead_vs_plain'] * 100:+.1f}%")
+            out.append(f"    {'':3s}          HTTP overhead vs the engine: {ov * 100:+.1f}% time per request, "
+                       f"{r['cpu_overhead_vs_engine'] * 100:+.1f}% server CPU per request (the load generator: "
+                       f"{r['server']['client_cpu_ms_per_request']:.2f} ms/req more); vs plain Index.search: "
+                       f"{r['overhead_vs_plain'] * 100:+.1f}% time per request")
         m = row["memory"]
         if m:
             out.append(f"    memory: {m['rss_before_mb']:.0f} MB -> {m['rss_after_mb']:.0f} MB after {m['requests']:,} requests "

@@ -19,7 +19,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
@@ -252,7 +252,7 @@ ItemId = Annotated[int, PathParam(ge=0, le=2**63 - 1, description="the item's id
 
 # ---- routes -----------------------------------------------------------------------------------------------
 def api_router(service: Service) -> APIRouter:
-    def require_token(request: Request) -> None:
+    async def require_token(request: Request) -> None:  # async: a sync dependency costs a thread hop per call
         if not token_matches(service.config.token, request.headers.get("authorization"), request.cookies.get(TOKEN_COOKIE)):
             raise UnauthorizedError("missing or wrong API token: send 'Authorization: Bearer TOKEN'")
 
@@ -279,7 +279,8 @@ def api_router(service: Service) -> APIRouter:
 
     @r.get("/indexes/{name}/items/{item_id}/thumbnail", summary="a cached JPEG thumbnail",
            responses={200: {"content": {"image/jpeg": {}}}})
-    async def thumbnail(name: str, item_id: ItemId, request: Request, size: int = 256):
+    async def thumbnail(name: str, item_id: ItemId, request: Request,
+                        size: Annotated[int, Query(description="fit in this many pixels: 64, 128, 160, 256, 384 or 512")] = 256):
         data, etag = await service.run_blocking(lambda: service.thumbnail(name, item_id, size))
         headers = {"ETag": etag, "Cache-Control": "private, max-age=3600"}
         if request.headers.get("if-none-match") == etag:
