@@ -36,7 +36,8 @@ def home(serve_gallery):
 
 
 def make_service(home, embedded, **kw) -> Service:
-    cfg = dict(indexes=["gallery"], index_dir=str(home), max_upload_bytes=2 << 20, reload_interval_s=0)
+    cfg = dict(indexes=["gallery"], index_dir=str(home), max_upload_bytes=2 << 20, reload_interval_s=0,
+               batch_scan_min_bytes=0)  # the search batcher serves even this small index
     cfg.update(kw)
     return Service(ServeConfig(**cfg), encoders={"embedded": embedded}).start()
 

@@ -54,7 +54,7 @@ def add_arguments(p) -> None:
                    help="one index scan per query (the server's --no-search-batching)")
     p.add_argument("--compare-batching", action="store_true",
                    help="also run servers without encode batching and without search batching, interleaved with the rest")
-    p.add_argument("--batch-window-ms", type=float, default=5.0, help="the server's --batch-window-ms (default 5)")
+    p.add_argument("--batch-window-ms", type=float, default=10.0, help="the server's --batch-window-ms (default 10)")
 
 
 # ---- indexes ------------------------------------------------------------------------------------------

@@ -53,8 +53,8 @@ def register(sub, common) -> None:
                    help="encode each query alone instead of batching concurrent ones (for comparison)")
     s.add_argument("--no-search-batching", action="store_true",
                    help="scan the index once per query instead of once per batch of concurrent queries (for comparison)")
-    s.add_argument("--batch-window-ms", type=float, default=5.0,
-                   help="under load, how long the encoder waits for more queries to batch (default 5 ms)")
+    s.add_argument("--batch-window-ms", type=float, default=10.0,
+                   help="under load, how long the encoder waits for more queries to batch (default 10 ms)")
     s.add_argument("--torch-threads", type=int, default=1,
                    help="torch threads for encoders and rerankers (default 1: faster under concurrent load on few "
                         "cores; --threads still sets FAISS's)")

@@ -103,7 +103,7 @@ class EncodeBatcher(_Batcher):
 
     kind = "encode"
 
-    def __init__(self, encoder, *, max_batch: int = 32, batching: bool = True, window_ms: float = 5.0, metrics=None,
+    def __init__(self, encoder, *, max_batch: int = 32, batching: bool = True, window_ms: float = 10.0, metrics=None,
                  name: str = "") -> None:
         self.encoder = encoder
         super().__init__(max_batch=max_batch, batching=batching, window_ms=window_ms, metrics=metrics,
@@ -150,7 +150,7 @@ class SearchBatcher(_Batcher):
 
     kind = "search"
 
-    def __init__(self, name: str, *, max_batch: int = 16, batching: bool = True, window_ms: float = 5.0,
+    def __init__(self, name: str, *, max_batch: int = 16, batching: bool = True, window_ms: float = 10.0,
                  metrics=None) -> None:
         super().__init__(max_batch=max_batch, batching=batching, window_ms=window_ms, metrics=metrics, name=name)
 

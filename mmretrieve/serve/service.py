@@ -140,6 +140,9 @@ class Service:
 
     async def _timed(self, coro, what: str):
         try:
+            if hasattr(asyncio, "timeout"):  # 3.11+: no extra task per request
+                async with asyncio.timeout(self.config.request_timeout_s):
+                    return await coro
             return await asyncio.wait_for(coro, self.config.request_timeout_s)
         except (asyncio.TimeoutError, TimeoutError):
             self.metrics.inc("mmretrieve_timeouts_total", {"endpoint": what})
@@ -290,6 +293,8 @@ class Service:
         from mmretrieve.query import CoarseStrategy
 
         if plan.pipeline is not None and plan.pipeline.stages:
+            return None
+        if len(plan.index) * plan.index.dim * 4 < self.config.batch_scan_min_bytes:
             return None
         if plan.vector is not None:
             return plan.vector, ()
