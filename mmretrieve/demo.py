@@ -124,4 +124,7 @@ def run_demo(
                         "moments": [h.extra.get("timestamp") for h in res]})
     sheet = contact_sheet(rows, out / "contact_sheet.html", "mmretrieve demo (embedded offline encoder)")
     print_fn(f"\ncontact sheet: {sheet.resolve()}")
+    where = f" --index-dir {index_dir}" if index_dir else ""
+    print_fn(f"browse it in a web page: mmretrieve serve demo{where}   then open http://127.0.0.1:8000/ "
+             "(needs mmretrieve[serve]; `make demo` installs it)")
     return {"index": report.index_path, "contact_sheet": str(sheet.resolve()), "queries": results}

@@ -32,7 +32,12 @@ Catch ``MMRetrieveError`` to handle anything mmretrieve refuses, or a branch of 
     │   └── OTConvergenceError
     ├── DatasetError        a benchmark folder or file in the wrong layout (also a ValueError)
     │   └── SubmissionError       a ranking / submission file in the wrong format
-    └── MissingDependencyError    an optional package is not installed; says which extra (also an ImportError)
+    ├── MissingDependencyError    an optional package is not installed; says which extra (also an ImportError)
+    └── ServeError          what the HTTP service refuses (``mmretrieve serve``), each with its status code
+        ├── UnauthorizedError     a missing or wrong API token (401; also a PermissionError)
+        ├── PayloadTooLargeError  an upload or request body over the cap (413)
+        ├── ServiceBusyError      the bounded queue of heavy requests is full (503, with Retry-After)
+        └── RequestTimeoutError   a request that ran past its time limit (504; also a TimeoutError)
 
 Messages name the file, option or value at fault. The extra builtin bases keep ``except ValueError`` /
 ``except KeyError`` / ``except FileNotFoundError`` code working.
@@ -201,10 +206,46 @@ class MissingDependencyError(MMRetrieveError, ImportError):
     """An optional package is missing; the message says what to install."""
 
 
+# ---- the HTTP service -------------------------------------------------------------------------------
+class ServeError(MMRetrieveError):
+    """What the HTTP service refuses; ``status`` is the HTTP status code it answers with."""
+
+    status: int = 400
+
+
+class UnauthorizedError(ServeError, PermissionError):
+    """A request without the API token, or with a wrong one."""
+
+    status = 401
+
+
+class PayloadTooLargeError(ServeError):
+    """An upload or a request body over the server's cap."""
+
+    status = 413
+
+
+class ServiceBusyError(ServeError):
+    """The bounded queue of heavy (re-ranking) requests is full; ``retry_after`` is in seconds."""
+
+    status = 503
+
+    def __init__(self, message: str, retry_after: int = 1) -> None:
+        self.retry_after = int(retry_after)
+        super().__init__(message)
+
+
+class RequestTimeoutError(ServeError, TimeoutError):
+    """A request that ran past the server's per-request time limit."""
+
+    status = 504
+
+
 __all__ = [
     "MMRetrieveError", "UsageError", "UnknownNameError", "UnknownOptionError", "ConfigNotFoundError",
     "InputError", "SourceNotFoundError", "ManifestError", "BadImageError", "BadVideoError", "BadVectorsError",
     "StoreError", "IndexNotFoundError", "IndexExistsError", "IndexCorruptedError", "IndexLockedError",
     "EncoderMismatchError", "DiskFullError", "VersionNotFoundError", "ItemNotFoundError", "IngestError", "SkippedInputsError", "EncoderError",
     "RerankError", "NoPatchesError", "MLLMError", "DeviceError", "OTConvergenceError", "DatasetError", "SubmissionError", "MissingDependencyError",
+    "ServeError", "UnauthorizedError", "PayloadTooLargeError", "ServiceBusyError", "RequestTimeoutError",
 ]

@@ -9,6 +9,7 @@
 | ``MMRETRIEVE_SEARCH_DEVICE`` | where the coarse search runs: ``auto``, ``cpu``, ``cuda`` | ``auto`` |
 | ``MMRETRIEVE_CONFIG_DIR`` | an extra folder of presets, searched first | unset |
 | ``MMRETRIEVE_OPENCV_DOC`` | where Debian's opencv-doc sample data was unpacked | ``.cache/opencv-doc/...`` |
+| ``MMRETRIEVE_TOKEN`` | the API token ``mmretrieve serve`` requires (when ``--token`` is not given) | unset |
 """
 
 from __future__ import annotations
@@ -75,3 +76,8 @@ def config_dir() -> Path | None:
 def opencv_doc_dir() -> Path | None:
     env = os.environ.get("MMRETRIEVE_OPENCV_DOC")
     return Path(env) if env else None
+
+
+def serve_token() -> str | None:
+    """``MMRETRIEVE_TOKEN``: the API token of ``mmretrieve serve`` (unset or empty: none)."""
+    return os.environ.get("MMRETRIEVE_TOKEN") or None

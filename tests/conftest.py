@@ -145,3 +145,12 @@ def bad_files(tmp_path, samples):
         p.write_bytes(content)
         out[name] = (p, reason)
     return out
+
+
+@pytest.fixture(scope="session")
+def serve_gallery(tmp_path_factory, embedded, samples):
+    """The index home of a 'gallery' index (packaged photos + one clip, with patches) for the service
+    tests; read-only."""
+    from serve_helpers import build_gallery
+
+    return build_gallery(tmp_path_factory.mktemp("serve-gallery"), embedded, samples)

@@ -131,7 +131,7 @@ def _run_cli_in_fresh_python(args: list[str]) -> subprocess.CompletedProcess:
             rc = main({args!r})
         except SystemExit as e:
             rc = e.code
-        heavy = [m for m in ("torch", "faiss", "transformers", "open_clip", "timm") if m in sys.modules]
+        heavy = [m for m in ("torch", "faiss", "transformers", "open_clip", "timm", "fastapi", "uvicorn") if m in sys.modules]
         print("HEAVY:", ",".join(heavy), file=sys.stderr)
         sys.exit(rc or 0)
     """)
@@ -140,7 +140,8 @@ def _run_cli_in_fresh_python(args: list[str]) -> subprocess.CompletedProcess:
 
 @pytest.mark.parametrize("args", [["--help"], ["--version"], ["index", "--help"], ["index", "build", "--help"],
                                   ["search", "--help"], ["eval", "--help"], ["eval", "egocvr", "--help"],
-                                  ["bench", "--help"], ["bench", "rerank", "--help"], ["demo", "--help"]])
+                                  ["bench", "--help"], ["bench", "rerank", "--help"], ["demo", "--help"],
+                                  ["serve", "--help"]])
 def test_help_and_version_import_neither_torch_nor_faiss(args):
     p = _run_cli_in_fresh_python(args)
     assert p.returncode == 0, p.stderr

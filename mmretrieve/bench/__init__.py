@@ -26,6 +26,7 @@ BENCHMARKS = {
     "video": "video",
     "mllm": "mllm",
     "threads": "threads",
+    "serve": "serve",
 }
 
 

@@ -1,10 +1,11 @@
 """``mmretrieve``: the command line. Each subcommand is one function over the Python API, in one module
-per command group (``index``, ``search``, ``eval``, ``bench``, ``misc``: demo and encoders).
+per command group (``index``, ``search``, ``serve``, ``eval``, ``bench``, ``misc``: demo and encoders).
 
     mmretrieve demo
     mmretrieve index build NAME SOURCE [--encoder E] [--factory F] [--patches] [--strict]
     mmretrieve index add NAME SOURCE | index rm NAME ITEM... | index info NAME | index list
     mmretrieve search NAME --text "..." | --image PATH [--text "..." --fusion sum] [-k N] [--json]
+    mmretrieve serve NAME [NAME...] [--host H --port P --token T]
     mmretrieve eval cirr|fashioniq|circo|egocvr|captions|score ...
     mmretrieve bench ingest|search|encode|rerank|emd-ood|video|mllm [...]
 
@@ -22,7 +23,7 @@ from mmretrieve.cli.common import COMMON_DEFAULTS, EXIT_ERROR, EXIT_SKIPPED, com
 
 log = logging.getLogger("mmretrieve.cli")
 
-COMMAND_GROUPS = ("misc", "index", "search", "eval", "bench")
+COMMAND_GROUPS = ("misc", "index", "search", "serve", "eval", "bench")
 #: commands that answer one query at a time: torch gets one thread by default (``runtime.default_threads``)
 QUERY_COMMANDS = frozenset({"search", "serve"})
 

@@ -120,3 +120,44 @@ def to_rgb(im: Image.Image, background: tuple[int, int, int] = (255, 255, 255)) 
         a = (a - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(a)
         return Image.fromarray(a.astype("uint8")).convert("RGB")
     return im if im.mode == "RGB" else im.convert("RGB")
+
+
+def load_image_bytes(
+    data: bytes,
+    *,
+    name: str = "upload",
+    formats: tuple[str, ...] | list[str] | None = DEFAULT_FORMATS,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    background: tuple[int, int, int] = (255, 255, 255),
+    draft_size: int | None = None,
+) -> Image.Image:
+    """``load_image`` for an image held in memory (an HTTP upload): the same allowlist, bomb limits,
+    full decode and RGB conversion. ``name`` stands for the file in error messages.
+
+    >>> load_image_bytes(b"")  # doctest: +IGNORE_EXCEPTION_DETAIL
+    Traceback (most recent call last):
+    BadImageError: upload: empty file (0 bytes)
+    """
+    import io
+
+    if not data:
+        raise BadImageError(name, "empty file (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = _open_checked(io.BytesIO(data), formats, max_pixels, Path(name), draft_size)
+            return to_rgb(im, background)
+    except BadImageError as e:
+        raise BadImageError(name, e.reason) from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise BadImageError(name, f"decompression bomb: {e}") from None
+    except Image.UnidentifiedImageError:
+        allowed = ", ".join(formats) if formats else "any"
+        raise BadImageError(name, f"not an image, or a format outside the allowlist ({allowed})") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        msg = str(e) or type(e).__name__
+        if "truncated" in msg.lower() or isinstance(e, EOFError):
+            raise BadImageError(name, f"truncated or corrupt image data: {msg}") from None
+        raise BadImageError(name, f"cannot decode image: {msg}") from None
+    except MemoryError:
+        raise BadImageError(name, "out of memory while decoding") from None

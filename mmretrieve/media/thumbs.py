@@ -30,3 +30,20 @@ def thumbnail_data_uri(path: str | None, size: int = 160) -> str:
     buf = io.BytesIO()
     im.save(buf, "JPEG", quality=82)
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def thumbnail_jpeg(path: str, size: int = 256, *, quality: int = 82) -> bytes:
+    """JPEG bytes of ``path`` (a video: its middle frame) fitted in ``size`` px, for HTTP thumbnails.
+    Raises ``BadImageError`` / ``BadVideoError`` when the file cannot be read (the caller answers 404)."""
+    from mmretrieve.media.scan import media_kind
+
+    if media_kind(path) == "video":
+        from mmretrieve.media.video import sample_frames
+
+        im = sample_frames(path, num_frames=1).images[0]
+    else:
+        im = load_image(path, draft_size=size)
+    im.thumbnail((size, size))
+    buf = io.BytesIO()
+    im.convert("RGB").save(buf, "JPEG", quality=quality)
+    return buf.getvalue()

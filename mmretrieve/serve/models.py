@@ -1,0 +1,135 @@
+"""The API's typed requests and responses (pydantic), as the OpenAPI page at ``/docs`` shows them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class SearchRequest(BaseModel):
+    """One search. Give ``text``; or an image (``image``: base64 / data URI in JSON, a file part named
+    ``image`` in multipart), or ``item`` / ``item_key`` (an indexed item: "more like this"); or both an
+    image / item and a ``text`` (a composed query: reference + modification text); or a raw ``vector``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    text: str | None = Field(None, description="query text, or the modification text of a composed query")
+    image: str | None = Field(None, description="query image as base64 or a data: URI (multipart: a file part)")
+    item: int | None = Field(None, ge=0, le=2**63 - 1, description="id of an indexed item whose stored vector is the query (or reference)")
+    item_key: str | None = Field(None, description="key of an indexed item, instead of its id")
+    vector: list[float] | None = Field(None, description="a query embedding of the index's dimension")
+    fusion: str | None = Field(None, description="composed queries: sum (default), weighted, intersection, text, image")
+    weight: float | None = Field(None, ge=0.0, le=1.0, description="text weight of the weighted fusion (implies weighted)")
+    fusion_options: dict[str, int | float | str] | None = Field(
+        None, description="options of the fusion, e.g. {\"k1\": 200, \"mode\": \"product\"} for intersection")
+    k: int = Field(10, ge=1, description="results per page (the server caps it)")
+    offset: int = Field(0, ge=0, description="results to skip (paging; the server caps it)")
+    rerank: list[str] | None = Field(None, description="reranker specs as on the command line, e.g. [\"emd:k=50\"]")
+    pipeline: str | None = Field(None, description="a pipeline preset by name (configs/pipelines), e.g. \"emd\"")
+    keep_reference: bool = Field(False, description="composed queries: keep the reference item in the results")
+
+
+class HitModel(BaseModel):
+    id: int
+    key: str
+    kind: str
+    caption: str | None = None
+    score: float | None
+    rank: int = Field(description="1-based rank over all pages")
+    stage_ranks: dict[str, int] = Field(default_factory=dict, description="rank after each stage, e.g. {coarse: 7, emd: 1}")
+    stage_scores: dict[str, float | None] = Field(default_factory=dict, description="each stage's own score")
+    moment: float | None = Field(None, description="a video hit's best moment (seconds), from the frames reranker")
+    extra: dict[str, Any] = Field(default_factory=dict)
+    thumbnail: str = Field(description="URL of a JPEG thumbnail")
+    media: str | None = Field(None, description="URL of the original file (range requests supported)")
+
+
+class SearchResponse(BaseModel):
+    index: str
+    version: str
+    query: dict[str, Any]
+    stages: list[str]
+    k: int
+    offset: int
+    has_more: bool
+    next_offset: int | None
+    timings_ms: dict[str, float]
+    hits: list[HitModel]
+
+
+class Capabilities(BaseModel):
+    fusions: list[str]
+    rerankers: dict[str, str | None] = Field(description="reranker -> null when offered on this index, else why not")
+    pipelines: dict[str, str | None] = Field(description="preset -> null when usable on this index, else why not")
+    video: bool
+    patches: bool
+    max_k: int
+    max_offset: int
+    max_upload_bytes: int
+
+
+class IndexSummary(BaseModel):
+    name: str
+    version: str
+    items: int
+    encoder: str
+    dim: int
+    videos: int
+    patches: bool
+
+
+class IndexDetail(IndexSummary):
+    info: dict[str, Any] = Field(description="what `mmretrieve index info` shows (without server paths)")
+    capabilities: Capabilities
+    reloads: int
+    loaded_at: float
+
+
+class ItemModel(BaseModel):
+    id: int
+    key: str
+    kind: str
+    caption: str | None = None
+    filename: str | None = None
+    width: int | None = None
+    height: int | None = None
+    size: int | None = None
+    added_at: float | None = None
+    frames: int | None = None
+    extra: dict[str, Any] = Field(default_factory=dict)
+    thumbnail: str
+    media: str | None = None
+
+
+class EmbedRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    text: str | list[str] | None = Field(None, description="a text or a list of texts")
+    image: str | None = Field(None, description="an image as base64 or a data: URI (multipart: a file part)")
+    index: str | None = Field(None, description="whose encoder (default: the first served index)")
+
+
+class EmbedResponse(BaseModel):
+    encoder: str
+    dim: int
+    vectors: list[list[float]]
+
+
+class Health(BaseModel):
+    status: str
+    indexes: dict[str, str]
+
+
+class ErrorDetail(BaseModel):
+    type: str
+    message: str
+    status: int
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+__all__ = ["SearchRequest", "SearchResponse", "HitModel", "Capabilities", "IndexSummary", "IndexDetail", "ItemModel",
+           "EmbedRequest", "EmbedResponse", "Health", "ErrorResponse", "ErrorDetail"]

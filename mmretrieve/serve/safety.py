@@ -1,0 +1,279 @@
+"""What keeps a network service safe, without the web framework: the token check, upload decoding
+through the ingest's safe loader, the bounded queue for heavy requests, and the re-ranking policy.
+
+The re-ranking policy: a request names rerankers with the command line's spec strings
+(``"emd:k=50,alpha=0.7"``) or a pipeline preset by name, but it may only set the options that change
+scores (``k``, ``alpha``, weights, solver settings...). Options that would load another model, read a
+path or change threads (``patches=``, ``model=``, ``device=``, ``threads=``...) are refused, so no
+request can make the server download, read files or load models; the ``mllm`` model is the one the
+server was started with. Rerankers that hold models are created once and shared; each request gets a
+shallow copy carrying its own ``k`` / ``alpha`` / ``norm``.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import copy
+import hmac
+import math
+import re
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+from mmretrieve.config import check_options, list_presets, load_config, parse_spec
+from mmretrieve.errors import PayloadTooLargeError, ServiceBusyError, UsageError
+
+# ---- tokens -----------------------------------------------------------------------------------------
+TOKEN_COOKIE = "mmretrieve_token"
+
+
+def token_matches(expected: str | None, authorization: str | None, cookie: str | None = None) -> bool:
+    """Constant-time check of ``Authorization: Bearer TOKEN`` (or the page's cookie) against the token."""
+    if not expected:
+        return True
+    given = ""
+    if authorization and authorization[:7].lower() == "bearer ":
+        given = authorization[7:].strip()
+    elif cookie:
+        from urllib.parse import unquote
+
+        given = unquote(cookie)
+    return hmac.compare_digest(given.encode("utf-8", "surrogatepass"), expected.encode("utf-8", "surrogatepass"))
+
+
+# ---- uploads ----------------------------------------------------------------------------------------
+_DATA_URI = re.compile(r"^data:[\w.+-]+/[\w.+-]+(;[\w=.+-]+)*;base64,", re.I)
+
+
+def decode_base64(text: str, max_bytes: int, what: str = "image") -> bytes:
+    """Bytes of a base64 string or ``data:...;base64,`` URI, refused (413) before decoding when the
+    result would exceed ``max_bytes``."""
+    body = _DATA_URI.sub("", text.strip(), count=1)
+    if len(body) * 3 // 4 > max_bytes + 3:
+        raise PayloadTooLargeError(f"{what}: {len(body) * 3 // 4} bytes after base64 decoding exceeds the "
+                                   f"upload limit of {max_bytes} bytes")
+    try:
+        return base64.b64decode(body, validate=True)
+    except (binascii.Error, ValueError):
+        raise UsageError(f"{what}: not valid base64 (send the file as base64, or as a data: URI)") from None
+
+
+def decode_image(data: bytes, *, max_bytes: int, max_pixels: int, draft_size: int | None = None, name: str = "upload"):
+    """An uploaded image through the same safe loader as ingest (allowlist, bombs, truncation) -> RGB PIL."""
+    from mmretrieve.media.images import load_image_bytes
+
+    if len(data) > max_bytes:
+        raise PayloadTooLargeError(f"{name}: {len(data)} bytes exceeds the upload limit of {max_bytes} bytes")
+    return load_image_bytes(data, name=name, max_pixels=max_pixels, draft_size=draft_size)
+
+
+# ---- the bounded queue of heavy requests -------------------------------------------------------------
+class HeavyQueue:
+    """``workers`` threads run heavy jobs; up to ``queue`` more wait. A job beyond that is refused at
+    once with ``ServiceBusyError`` (503 + Retry-After) instead of piling up. A job whose request already
+    timed out is dropped when its turn comes. A slot is freed when the job really ends, so a timed-out
+    request cannot make room for more work than the machine can run."""
+
+    def __init__(self, workers: int, queue: int, *, name: str = "heavy") -> None:
+        self.capacity = int(workers) + int(queue)
+        self.workers = int(workers)
+        self._pool = ThreadPoolExecutor(max_workers=int(workers), thread_name_prefix=name)
+        self._lock = threading.Lock()
+        self.depth = 0
+        self._avg_s = 1.0
+
+    def submit(self, fn: Callable[[], Any], deadline: float | None = None) -> Future:
+        import time
+
+        with self._lock:
+            if self.depth >= self.capacity:
+                raise ServiceBusyError(f"the server is busy with {self.depth} re-ranking requests (at most "
+                                       f"{self.capacity} run or wait); try again later", retry_after=self.retry_after())
+            self.depth += 1
+
+        def job():
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError("dropped: its request timed out while waiting")
+            t0 = time.monotonic()
+            try:
+                return fn()
+            finally:
+                self._avg_s = 0.8 * self._avg_s + 0.2 * (time.monotonic() - t0)
+
+        fut = self._pool.submit(job)
+        fut.add_done_callback(self._release)
+        return fut
+
+    def _release(self, _fut) -> None:
+        with self._lock:
+            self.depth -= 1
+
+    def retry_after(self) -> int:
+        """Seconds after which a slot is likely free (the queue's length times the recent job time)."""
+        return max(1, min(60, math.ceil(self._avg_s * max(1, self.depth) / max(1, self.workers))))
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+# ---- re-ranking policy -------------------------------------------------------------------------------
+#: options a request may set, per reranker (everything else is refused)
+REQUEST_OPTIONS: dict[str, tuple[str, ...]] = {
+    "emd": ("k", "alpha", "norm", "weights", "solver", "reg", "max_iter", "tol"),
+    "frames": ("k", "alpha", "norm", "pooling", "m"),
+    "mllm": ("k", "alpha", "norm", "collage"),
+}
+#: further options a server-side preset may set (presets are the operator's files, not the request's)
+PRESET_OPTIONS: dict[str, tuple[str, ...]] = {"mllm": ("model", "batch_size", "max_pixels", "processor_kwargs", "prompt")}
+#: options the server sets itself
+_PER_REQUEST = ("k", "alpha", "norm")
+MAX_STAGES = 4
+
+
+class RerankPolicy:
+    def __init__(self, *, max_rerank_k: int, mllm: str | None = None) -> None:
+        self.max_rerank_k = int(max_rerank_k)
+        self.mllm = mllm
+        self._bases: dict[tuple, Any] = {}
+        self._locks: dict[int, threading.Lock] = {}
+        self._checked: OrderedDict[tuple, Any] = OrderedDict()
+        self._lock = threading.Lock()
+        self._load_lock = threading.Lock()
+        self._loaded: set[int] = set()
+
+    # ---- what an index offers -----------------------------------------------------------------------
+    def unavailable(self, name: str, index) -> str | None:
+        """Why reranker ``name`` cannot run on ``index`` (None: it can)."""
+        if name not in REQUEST_OPTIONS:
+            return f"this server offers the rerankers {', '.join(REQUEST_OPTIONS)}, not {name!r}"
+        if name == "emd" and not index.has_patches():
+            return f"emd compares stored patch features; index {index.name!r} was built without --patches"
+        if name == "frames" and not (index.manifest.get("video") or index.manifest.get("counts", {}).get("videos")):
+            return f"frames re-ranks videos by their frames; index {index.name!r} holds no videos"
+        if name == "mllm" and not self.mllm:
+            return "mllm needs a vision-language model; start the server with --mllm MODEL to offer it"
+        return None
+
+    def rerankers(self, index) -> dict[str, str | None]:
+        return {n: self.unavailable(n, index) for n in REQUEST_OPTIONS}
+
+    def presets(self, index) -> dict[str, str | None]:
+        """Pipeline presets -> None when usable on ``index``, else why not."""
+        out = {}
+        for p in list_presets("pipelines"):
+            name = p.split("/", 1)[1]
+            try:
+                self._preset_stages(name, index)
+                out[name] = None
+            except UsageError as e:
+                out[name] = str(e)
+        return out
+
+    # ---- building a pipeline ------------------------------------------------------------------------
+    def pipeline(self, index, specs: list[str] | None = None, preset: str | None = None):
+        """The ``Pipeline`` for a request's ``rerank`` specs or ``pipeline`` preset, and the locks of
+        its shared rerankers (held while it runs)."""
+        from mmretrieve.rerank.pipeline import Pipeline
+
+        if specs and preset:
+            raise UsageError("give rerank specs or a pipeline preset, not both")
+        coarse_k = coarse_fusion = None
+        if preset:
+            stages, coarse_k, coarse_fusion = self._preset_stages(preset, index)
+        else:
+            if len(specs or []) > MAX_STAGES:
+                raise UsageError(f"at most {MAX_STAGES} rerank stages per request, got {len(specs)}")
+            stages = []
+            for spec in specs or []:
+                if not isinstance(spec, str) or not spec.strip():
+                    raise UsageError(f"a rerank spec is a string like 'emd:k=50', got {spec!r}")
+                name, opts = parse_spec(spec)
+                stages.append(self._stage(name, opts, index, preset=False))
+        if coarse_k is not None and int(coarse_k) > self.max_rerank_k:
+            coarse_k = self.max_rerank_k
+        pipe = Pipeline([s for s, _ in stages], coarse_k=coarse_k, coarse_fusion=coarse_fusion)
+        return pipe, sorted({id(lock): lock for _, lock in stages}.items())
+
+    def _preset_stages(self, preset: str, index):
+        if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", preset or ""):
+            raise UsageError(f"pipeline presets are named by their name only (e.g. 'emd'), got {preset!r}")
+        names = [p.split("/", 1)[1] for p in list_presets("pipelines")]
+        if preset not in names:
+            raise UsageError(f"no pipeline preset {preset!r}; presets: {', '.join(names) or 'none'}")
+        cfg = load_config(f"pipelines/{preset}")
+        check_options(f"pipeline preset {preset!r}", cfg, ("coarse", "stages", "description"), noun="key")
+        coarse = cfg.get("coarse") or {}
+        check_options(f"pipeline preset {preset!r}'s coarse stage", coarse, ("k", "fusion"))
+        stages = []
+        for st in cfg.get("stages") or []:
+            st = dict(st)
+            name = st.pop("name", None)
+            if not name:
+                raise UsageError(f"pipeline preset {preset!r}: a stage needs a 'name'")
+            stages.append(self._stage(name, st, index, preset=True, where=f"preset {preset!r}: "))
+        return stages, coarse.get("k"), coarse.get("fusion")
+
+    def _stage(self, name: str, opts: dict, index, *, preset: bool, where: str = "", check: bool = True):
+        why = self.unavailable(name, index) if check else None
+        if why:
+            raise UsageError(where + why)
+        allowed = REQUEST_OPTIONS[name] + (PRESET_OPTIONS.get(name, ()) if preset else ())
+        check_options(f"{where}reranker {name!r} over HTTP (options that load models, read files or set threads "
+                      "are the server's)", opts, allowed)
+        if name == "mllm" and opts.get("model", self.mllm) != self.mllm:
+            raise UsageError(f"{where}this server's mllm reranker uses {self.mllm!r}, not {opts['model']!r}")
+        k = opts.get("k")
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= self.max_rerank_k):
+            raise UsageError(f"{where}{name}: k must be an integer in 1..{self.max_rerank_k} on this server, got {k!r}")
+        forced = {"on_the_fly": False} if name == "emd" else {"model": self.mllm} if name == "mllm" else {}
+        checked = self._validated(name, {**opts, **forced})
+        base_key = (name, tuple(sorted((k_, repr(v)) for k_, v in {**opts, **forced}.items() if k_ not in _PER_REQUEST)))
+        base, lock = self._base(base_key, checked)
+        if hasattr(base, "load") and id(base) not in self._loaded:  # a model-holding reranker: loaded once,
+            with self._load_lock:                                     # before the copies share it
+                base.load()
+                self._loaded.add(id(base))
+        stage = copy.copy(base)
+        for attr in _PER_REQUEST:
+            setattr(stage, attr, getattr(checked, attr))
+        if "k" not in opts and stage.k > self.max_rerank_k:
+            stage.k = self.max_rerank_k
+        return stage, lock
+
+    def _validated(self, name: str, opts: dict):
+        """The reranker built from ``opts`` (types and values checked by its own constructor; cheap, no
+        model is loaded). Cached, since building one may read a prompt file."""
+        from mmretrieve.rerank import create_reranker
+
+        key = (name, tuple(sorted((k, repr(v)) for k, v in opts.items())))
+        with self._lock:
+            hit = self._checked.get(key)
+            if hit is not None:
+                self._checked.move_to_end(key)
+                return hit
+        r = create_reranker(name, **opts)
+        with self._lock:
+            self._checked[key] = r
+            while len(self._checked) > 256:
+                self._checked.popitem(last=False)
+        return r
+
+    def _base(self, key: tuple, checked):
+        with self._lock:
+            base = self._bases.get(key)
+            if base is None:
+                base = self._bases[key] = checked
+                self._locks[id(base)] = threading.Lock()
+            return base, self._locks[id(base)]
+
+    def load_models(self) -> None:
+        """Load the mllm model now (start-up), so the first request does not pay for it."""
+        if self.mllm:
+            self._stage("mllm", {}, None, preset=False, check=False)
+
+__all__ = ["token_matches", "decode_base64", "decode_image", "HeavyQueue", "RerankPolicy", "REQUEST_OPTIONS",
+           "TOKEN_COOKIE"]

@@ -1,0 +1,148 @@
+"""The web page in a real browser: Debian's Chromium driven by Playwright's Python API (no browser
+download), against a server on a free loopback port. Skips, saying why, when Chromium or Playwright
+is missing; `.ci/run` installs Chromium."""
+
+from __future__ import annotations
+
+import base64
+import os
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("fastapi", reason="the serve extra is not installed (pip install 'mmretrieve[serve]')")
+sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (the dev extra)")
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+if not os.path.exists(CHROMIUM):
+    pytest.skip("Debian's chromium is not installed (apt-get install chromium; .ci/run installs it)",
+                allow_module_level=True)
+
+from serve_helpers import running_server  # noqa: E402
+
+from mmretrieve.serve import ServeConfig, Service, create_app  # noqa: E402
+
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+        "--disable-sync", "--no-first-run"]
+T = 20_000  # ms per wait
+
+DROP = """([b64, name]) => {
+    const bin = atob(b64), bytes = new Uint8Array(bin.length);
+    for (let i = 0; i < bin.length; i++) bytes[i] = bin.charCodeAt(i);
+    const dt = new DataTransfer();
+    dt.items.add(new File([bytes], name, { type: "image/png" }));
+    return dt;
+}"""
+
+
+@pytest.fixture()
+def site(serve_gallery, embedded):
+    svc = Service(ServeConfig(indexes=["gallery"], index_dir=str(serve_gallery), reload_interval_s=0),
+                  encoders={"embedded": embedded}).start()
+    try:
+        with running_server(create_app(svc)) as base:
+            yield base
+    finally:
+        svc.close()
+
+
+@pytest.fixture()
+def page(site):
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, timeout=60_000)
+        try:
+            pg = browser.new_page(viewport={"width": 1280, "height": 900})
+            pg.requested, pg.errors = [], []
+            pg.on("request", lambda r: pg.requested.append(r.url))
+            pg.on("pageerror", lambda e: pg.errors.append(str(e)))
+            pg.set_default_timeout(T)
+            yield pg
+        finally:
+            browser.close()
+
+
+def first_key(pg, col: int = 0) -> str:
+    return pg.locator(f"#col-{col} .hit").first.get_attribute("data-key")
+
+
+def test_search_compose_and_click_through_in_chromium(site, page, sample_by_id, tmp_path):
+    expect = sync_api.expect
+    pg = page
+    pg.goto(site + "/")
+    expect(pg.locator("body")).to_have_attribute("data-ready", "1")
+
+    # a text query, typed and sent with Enter
+    pg.locator("#q").fill("a photo of a cat")
+    pg.locator("#q").press("Enter")
+    expect(pg.locator("#col-0 .hit").first).to_have_attribute("data-key", "chelsea")
+    expect(pg.locator("#status")).to_contain_text("text")
+    assert "q=a+photo+of+a+cat" in pg.url
+
+    # drop an image, add a modification text: a composed query, two fusions side by side, re-ranked by EMD
+    png = Path(sample_by_id["motorcycle_left"].path).read_bytes()
+    dt = pg.evaluate_handle(DROP, [base64.b64encode(png).decode(), "motorcycle.png"])
+    pg.dispatch_event("#drop", "drop", {"dataTransfer": dt})
+    expect(pg.locator("#reference")).to_be_visible()
+    expect(pg.locator("#ref-label")).to_have_text("motorcycle.png")
+    pg.locator("#compare").check()
+    pg.locator("#rerank").select_option("emd")
+    pg.locator("#q").fill("a horse")
+    pg.locator("#q").press("Enter")
+    expect(pg.locator("#status")).to_contain_text("composed (sum vs intersection)")
+    expect(pg.locator("#col-1")).to_be_visible()
+    expect(pg.locator("#col-0 .col-title")).to_have_text("fusion: sum · coarse → emd")
+    expect(pg.locator("#col-1 .col-title")).to_have_text("fusion: intersection · coarse → emd")
+    stages = pg.locator("#col-0 .hit .stages").first.inner_text()
+    assert re.fullmatch(r"#coarse \d+ → #emd 1", stages), stages
+    assert pg.locator("#col-1 .hit").count() > 0
+    shot = tmp_path / "composed.png"
+    pg.screenshot(path=str(shot), full_page=True)
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 10_000
+    if os.environ.get("MMRETRIEVE_TEST_ARTIFACTS"):
+        shutil.copyfile(shot, Path(os.environ["MMRETRIEVE_TEST_ARTIFACTS"]) / "serve-page.png")
+
+    # click a hit, then "search by this": its own stored vector ranks it first; the query is in the URL
+    hit = pg.locator("#col-0 .hit").nth(2)
+    key = hit.get_attribute("data-key")
+    hit.click()
+    expect(pg.locator("#detail")).to_be_visible()
+    pg.locator("#d-search").click()
+    expect(pg.locator("#col-0 .hit").first).to_have_attribute("data-key", key)
+    expect(pg.locator("#col-1")).to_be_hidden()
+    item = re.search(r"[?&]item=(\d+)", pg.url).group(1)
+    assert "q=" not in pg.url
+
+    # the URL alone reproduces the search
+    pg.goto(site + f"/?index=gallery&item={item}")
+    expect(pg.locator("#col-0 .hit").first).to_have_attribute("data-key", key)
+    expect(pg.locator("#reference")).to_be_visible()
+
+    # keyboard: "/" focuses the query box; a video hit plays from its best moment; Escape closes
+    pg.locator("#ref-clear").click()
+    pg.locator("body").press("/")
+    expect(pg.locator("#q")).to_be_focused()
+    pg.keyboard.type("a taxi")
+    pg.locator("#rerank").select_option("frames")
+    pg.locator("#q").press("Enter")
+    bikes = pg.locator("#col-0 .hit[data-key='bikes']")
+    expect(bikes.locator(".badge")).to_contain_text(" s")
+    moment = float(re.search(r"([\d.]+) s", bikes.locator(".badge").inner_text()).group(1))
+    bikes.focus()
+    pg.keyboard.press("Enter")
+    video = pg.locator("#d-media video")
+    expect(video).to_be_visible()
+    t = video.evaluate("v => new Promise(r => v.readyState >= 1 ? r(v.currentTime) : "
+                       "v.addEventListener('loadedmetadata', () => setTimeout(() => r(v.currentTime), 50)))")
+    assert abs(t - moment) < 0.6, (t, moment)
+    pg.keyboard.press("Escape")
+    expect(pg.locator("#detail")).to_be_hidden()
+    expect(bikes).to_be_focused()
+
+    # readable on a narrow window: nothing wider than the screen, the two fusions stacked
+    pg.set_viewport_size({"width": 400, "height": 800})
+    assert pg.evaluate("() => document.documentElement.scrollWidth") <= 400
+
+    assert not pg.errors, pg.errors
+    off_site = [u for u in pg.requested if not (u.startswith(site) or u.startswith(("data:", "blob:")))]
+    assert not off_site, off_site
