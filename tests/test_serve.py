@@ -592,3 +592,18 @@ def test_mllm_reranker_uses_the_servers_model_loaded_once(tmp_path, home, embedd
     finally:
         svc.close()
     assert len(loads) == 1, "the vision-language model was loaded more than once"
+
+
+def test_a_refused_heavy_request_gives_its_slot_back(home, embedded, bad_files, ids):
+    svc = make_service(home, embedded, heavy_workers=1, heavy_queue=0)
+    try:
+        with TestClient(create_app(svc), base_url="http://127.0.0.1") as c:
+            data = bad_files["truncated.jpg"][0].read_bytes()
+            for _ in range(3):  # a slot is taken before decoding; a bad image must hand it back
+                r = c.post(S, files={"image": ("t.jpg", data, "image/jpeg")}, data={"text": "x", "rerank": "emd:k=5"})
+                err(r, 422, "truncated")
+            ok = c.post(S, json={"item": ids["coffee"], "text": "but red", "rerank": ["emd:k=5"]})
+            assert ok.status_code == 200, ok.text
+            assert svc.heavy.depth == 0
+    finally:
+        svc.close()

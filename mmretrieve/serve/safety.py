@@ -86,14 +86,17 @@ class HeavyQueue:
         self.depth = 0
         self._avg_s = 1.0
 
-    def submit(self, fn: Callable[[], Any], deadline: float | None = None) -> Future:
-        import time
-
+    def reserve(self) -> None:
+        """Take a slot now (before the request's image is decoded and its query encoded), or refuse."""
         with self._lock:
             if self.depth >= self.capacity:
                 raise ServiceBusyError(f"the server is busy with {self.depth} re-ranking requests (at most "
                                        f"{self.capacity} run or wait); try again later", retry_after=self.retry_after())
             self.depth += 1
+
+    def run_reserved(self, fn: Callable[[], Any], deadline: float | None = None) -> Future:
+        """Run ``fn`` in a slot taken by ``reserve``; the slot is freed when it ends."""
+        import time
 
         def job():
             if deadline is not None and time.monotonic() > deadline:
@@ -107,6 +110,14 @@ class HeavyQueue:
         fut = self._pool.submit(job)
         fut.add_done_callback(self._release)
         return fut
+
+    def submit(self, fn: Callable[[], Any], deadline: float | None = None) -> Future:
+        self.reserve()
+        return self.run_reserved(fn, deadline)
+
+    def release(self) -> None:
+        """Give back a slot taken by ``reserve`` that will not run."""
+        self._release(None)
 
     def _release(self, _fut) -> None:
         with self._lock:

@@ -162,7 +162,35 @@ class Service:
         t_start = time.perf_counter()
         handle = self.manager.get(name)
         plan = self.plan(handle.index, req, upload)
-        timings: dict[str, float] = {}
+        heavy = plan.pipeline is not None and bool(plan.pipeline.stages)
+        if heavy:  # a slot first: a full queue refuses before any decoding or encoding is spent on it
+            try:
+                self.heavy.reserve()
+            except ServiceBusyError:
+                self.metrics.inc("mmretrieve_heavy_rejected_total", {"index": name})
+                raise
+        try:
+            timings: dict[str, float] = {}
+            query = await self._prepare(plan, timings, deadline)
+            batched = None if heavy else self._batchable(plan, query)
+            if heavy:
+                fut, heavy = self.heavy.run_reserved(lambda: self._execute(plan, query), deadline), False
+                res = await asyncio.wrap_future(fut)
+            elif batched is not None:
+                res = await self._batched_search(handle, plan, *batched, deadline)
+            else:
+                res = await self._in_pool(lambda: self._execute(plan, query), deadline)
+        finally:
+            if heavy:  # reserved but never run (a bad image, a cancelled request)
+                self.heavy.release()
+        timings.update(res.timings_ms)
+        for stage, ms in timings.items():
+            self._stage_time(name, stage, ms / 1000)
+        timings["total"] = (time.perf_counter() - t_start) * 1000
+        return self.response(handle.name, plan, res, timings)
+
+    async def _prepare(self, plan: Plan, timings: dict, deadline: float):
+        """Decode an uploaded image (a worker thread) and encode the query's sides (the batcher)."""
         image = None
         if plan.image_bytes is not None:
             t0 = time.perf_counter()
@@ -173,23 +201,7 @@ class Service:
         t0 = time.perf_counter()
         query = await self._query(plan, image)
         timings["encode"] = (time.perf_counter() - t0) * 1000
-        batched = self._batchable(plan, query)
-        if batched is not None:
-            res = await self._batched_search(handle, plan, *batched, deadline)
-        elif plan.pipeline is not None and plan.pipeline.stages:
-            try:
-                fut = self.heavy.submit(lambda: self._execute(plan, query), deadline)
-            except ServiceBusyError:
-                self.metrics.inc("mmretrieve_heavy_rejected_total", {"index": name})
-                raise
-            res = await asyncio.wrap_future(fut)
-        else:
-            res = await self._in_pool(lambda: self._execute(plan, query), deadline)
-        timings.update(res.timings_ms)
-        for stage, ms in timings.items():
-            self._stage_time(name, stage, ms / 1000)
-        timings["total"] = (time.perf_counter() - t_start) * 1000
-        return self.response(handle.name, plan, res, timings)
+        return query
 
     def plan(self, idx, req, upload: bytes | None = None) -> Plan:
         """Check a request against the caps and the snapshot; nothing heavy runs here."""
