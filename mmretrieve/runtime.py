@@ -93,11 +93,11 @@ WORKLOADS = ("query", "batch")
 def default_threads(workload: str = "batch") -> int:
     """torch intra-op threads for ``workload`` when neither ``--threads`` nor ``MMRETRIEVE_THREADS`` says.
 
-    Measured with ``mmretrieve bench threads`` on 2 cores (README, "Threads"): one query is encoded fastest
-    by one thread, idle or not, and several threads become many times slower as soon as another process
-    wants a core (spinning OpenMP workers); a batch job's decoder worker processes already take one core
-    each, so torch gets the cores they leave (at least one). So: ``query`` -> 1, ``batch`` -> cores minus
-    decoder workers (1 on 2 cores, 8 on 16)."""
+    Measured with ``mmretrieve bench threads`` on 2 cores (README, "Threads"): two threads beat one only
+    while nothing else wants the CPU (up to 1.8x for a ViT query image, about 20% for ingest) and lose
+    1.24x to 44x as soon as another process takes a core (OpenMP workers spin for the descheduled one);
+    a batch job's decoder worker processes take a core each already. So the defaults never oversubscribe:
+    ``query`` -> 1, ``batch`` -> cores minus decoder workers (1 on 2 cores, 8 on 16)."""
     env = settings.threads_env()
     if env is not None:
         return env
@@ -121,18 +121,18 @@ def progress_enabled() -> bool | None:
 
 
 def set_threads(n: int | None = None, workload: str = "batch") -> int:
-    """Set torch's intra-op threads to ``n`` (default: ``MMRETRIEVE_THREADS``, else ``default_threads(workload)``)
-    and FAISS's OpenMP threads to ``n`` when given (else all available cores: a scan of a large index is
-    bound by memory bandwidth, which more threads do raise). Returns torch's thread count."""
+    """Set torch intra-op and FAISS OpenMP threads to ``n`` (default: ``MMRETRIEVE_THREADS``, else
+    ``default_threads(workload)``). Both get the same count: where they share one OpenMP runtime (the
+    wheels here do), setting one sets the other. Returns the count."""
     given = int(n) if n else settings.threads_env()
     if given is not None and given < 1:
         raise UsageError(f"threads must be >= 1, got {given}")
     t = given or default_threads(workload)
-    torch.set_num_threads(t)
     try:
         import faiss
 
-        faiss.omp_set_num_threads(given or settings.available_cores())
+        faiss.omp_set_num_threads(t)
     except Exception:  # faiss missing or built without OpenMP
         log.debug("could not set FAISS threads", exc_info=True)
+    torch.set_num_threads(t)
     return t

@@ -4,7 +4,7 @@
 |---|---|---|
 | ``MMRETRIEVE_INDEX_DIR`` | home of named indexes | ``./indexes`` |
 | ``MMRETRIEVE_CACHE`` | caches (class-text embeddings, evaluation galleries) | ``~/.cache/mmretrieve`` |
-| ``MMRETRIEVE_THREADS`` | torch + FAISS threads | torch: 1 for queries, the cores decoder workers leave for batch work; FAISS: all cores |
+| ``MMRETRIEVE_THREADS`` | torch + FAISS threads | 1 for queries (search), the cores decoder workers leave for batch work |
 | ``MMRETRIEVE_PRECISION`` | forces every ``precision="auto"`` (encoders, MLLM verifier): ``fp32``, ``bf16``, ``fp16`` | unset: per device |
 | ``MMRETRIEVE_SEARCH_DEVICE`` | where the coarse search runs: ``auto``, ``cpu``, ``cuda`` | ``auto`` |
 | ``MMRETRIEVE_CONFIG_DIR`` | an extra folder of presets, searched first | unset |

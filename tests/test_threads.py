@@ -39,22 +39,27 @@ def test_environment_and_explicit_counts_override(monkeypatch):
         torch.set_num_threads(before)
 
 
-@pytest.mark.parametrize("argv,env,expected", [
-    (["search", "nope", "--text", "x"], {}, 1),
-    (["search", "nope", "--text", "x", "--threads", "2"], {}, 2),
-    (["search", "nope", "--text", "x"], {"MMRETRIEVE_THREADS": "2"}, 2),
-    (["index", "info", "nope"], {}, None),  # batch: the cores the decoder workers leave
-])
-def test_the_cli_sets_threads_by_command(argv, env, expected, tmp_path):
+def test_the_cli_sets_threads_by_command(tmp_path):
+    cases = [  # (argv, MMRETRIEVE_THREADS, torch threads expected; None: the batch default)
+        (["search", "nope", "--text", "x"], None, 1),
+        (["search", "nope", "--text", "x", "--threads", "2"], None, 2),
+        (["search", "nope", "--text", "x"], "2", 2),
+        (["index", "info", "nope"], None, None),
+    ]
     code = textwrap.dedent(f"""
-        import torch
+        import os, torch
         from mmretrieve.cli import main
         from mmretrieve.runtime import default_threads
-        main({argv!r} + ["--index-dir", {str(tmp_path)!r}])
-        print(torch.get_num_threads(), default_threads("batch"))
+        for argv, env, _ in {cases!r}:
+            os.environ.pop("MMRETRIEVE_THREADS", None)
+            if env:
+                os.environ["MMRETRIEVE_THREADS"] = env
+            main(argv + ["--index-dir", {str(tmp_path)!r}])
+            print(torch.get_num_threads())
+        os.environ.pop("MMRETRIEVE_THREADS", None)
+        print(default_threads("batch"))
     """)
-
-    e = {k: v for k, v in os.environ.items() if k != "MMRETRIEVE_THREADS"}
-    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**e, **env}, timeout=120)
-    got, batch = map(int, p.stdout.split())
-    assert got == (batch if expected is None else expected), p.stderr
+    env = {k: v for k, v in os.environ.items() if k != "MMRETRIEVE_THREADS"}
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    *got, batch = map(int, p.stdout.split())
+    assert got == [batch if want is None else want for _, _, want in cases], p.stderr

@@ -18,8 +18,8 @@ def common_options() -> argparse.ArgumentParser:
     common.add_argument("--index-dir", default=argparse.SUPPRESS,
                         help="home of named indexes (default: $MMRETRIEVE_INDEX_DIR or ./indexes)")
     common.add_argument("--threads", type=int, default=argparse.SUPPRESS,
-                        help="torch + FAISS threads (default: $MMRETRIEVE_THREADS, else torch 1 for search and the cores "
-                             "left by decoder workers for batch work, FAISS all cores)")
+                        help="torch + FAISS threads (default: $MMRETRIEVE_THREADS, else 1 for search and the cores "
+                             "left by decoder workers for batch work)")
     common.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS,
                         help="more log output (-vv: debug, and tracebacks on errors)")
     common.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,

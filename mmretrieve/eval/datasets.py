@@ -59,6 +59,8 @@ class CIRDataset:
     known_ids: dict[str | None, set[str]] = field(default_factory=dict)
     #: evaluate without missing or unreadable images (dropping the queries that need them) instead of failing
     allow_missing: bool = False
+    #: ids of the queries dropped because a gallery image could not be read (counted once in dropped_queries)
+    unreadable_dropped: set[str] = field(default_factory=set)
 
     @property
     def benchmark(self) -> Benchmark:
@@ -77,7 +79,8 @@ class CIRDataset:
     def with_queries(self, queries: list[CIRQuery]) -> CIRDataset:
         """The same split restricted to ``queries`` (e.g. ``--limit``)."""
         return CIRDataset(self.name, self.split, self.root, self.galleries, queries, self.remove_reference, self.config,
-                          self.missing_images, self.dropped_queries, self.known_ids, self.allow_missing)
+                          self.missing_images, self.dropped_queries, self.known_ids, self.allow_missing,
+                          self.unreadable_dropped)
 
     def drop_unusable(self, bad: dict[str, str], group=None, queries: list[CIRQuery] | None = None) -> list[CIRQuery]:
         """Gallery images of ``group`` that exist but cannot be read (id -> reason): an error naming how
@@ -93,7 +96,9 @@ class CIRDataset:
                                f"{'; ...' if len(bad) > 5 else ''}); pass --allow-missing to evaluate without them "
                                "(queries that need them are dropped)")
         keep = [q for q in queries if q.reference not in bad and (q.target is None or q.target not in bad)]
-        self.dropped_queries += len(queries) - len(keep)
+        new = {q.qid for q in queries} - {q.qid for q in keep} - self.unreadable_dropped
+        self.unreadable_dropped |= new
+        self.dropped_queries += len(new)  # once, however many fusions evaluate the split
         self.missing_images = sorted(set(self.missing_images) | set(bad))
         log.warning("%s: %d unreadable gallery image(s) (%s); %d quer%s dropped", where, len(bad), ex,
                     len(queries) - len(keep), "y" if len(queries) - len(keep) == 1 else "ies")

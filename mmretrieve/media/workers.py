@@ -25,12 +25,16 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
+from multiprocessing.reduction import ForkingPickler as _ForkingPickler
 from typing import Any
 
 log = logging.getLogger(__name__)
 
 #: a worker that dies between tasks this many times in a row takes the input it held first down with it
 _MAX_BLAMELESS_DEATHS = 3
+#: bytes of tasks queued to one worker at most: well under a pipe's capacity (64 KiB on Linux), so handing
+#: out work never blocks on a worker that hangs
+_MAX_QUEUED_BYTES = 16 * 1024
 
 
 @dataclass
@@ -98,6 +102,8 @@ class _Worker:
         child_tasks.close()
         child_out.close()
         self.inflight: deque[int] = deque()
+        self.sizes: dict[int, int] = {}  # bytes of each task sent and not answered yet
+        self.queued_bytes = 0
         self.sent_at = 0.0
 
     def running(self) -> tuple[int | None, float]:
@@ -205,13 +211,19 @@ class TimeoutPool:
                 item = self._next_task()
                 if item is None:
                     return
+                msg = _ForkingPickler.dumps(item)
+                if w.inflight and w.queued_bytes + len(msg) > _MAX_QUEUED_BYTES:
+                    self._retry.appendleft(item)  # the pipe could fill: a send to a hung worker would block
+                    break
                 idx, arg = item
                 self._args[idx] = arg
                 if not w.inflight:
                     w.sent_at = time.monotonic()
                 w.inflight.append(idx)
+                w.sizes[idx] = len(msg)
+                w.queued_bytes += len(msg)
                 try:
-                    w.tasks.send((idx, arg))
+                    w.tasks.send_bytes(msg)
                 except (BrokenPipeError, OSError):  # died already: noticed when its results pipe closes
                     break
 
@@ -226,6 +238,7 @@ class TimeoutPool:
     def _finish(self, w: _Worker, idx: int, res: Any) -> None:
         if idx in w.inflight:
             w.inflight.remove(idx)
+            w.queued_bytes -= w.sizes.pop(idx, 0)
         self._args.pop(idx, None)
         self._done[idx] = res
         w.sent_at = time.monotonic()
@@ -261,6 +274,8 @@ class TimeoutPool:
             self._finish(w, idx, TaskFailure(why))
         self._retry.extendleft(reversed([(i, self._args[i]) for i in w.inflight]))
         w.inflight.clear()
+        w.sizes.clear()
+        w.queued_bytes = 0
         self._replace(w)
 
     def _replace(self, w: _Worker) -> None:

@@ -81,6 +81,22 @@ def test_pool_replaces_workers_and_keeps_every_other_result_in_order():
             assert r == i * 10
 
 
+def _hang_on_the_first(x: str) -> int:
+    if x.startswith("0-"):
+        time.sleep(3600)
+    return len(x)
+
+
+def test_a_hung_worker_never_blocks_handing_out_work():
+    inputs = [f"{i}-" + "x" * 4000 for i in range(60)]  # 240 KB of queued tasks: several pipes' worth
+    t = time.perf_counter()
+    with TimeoutPool(workers=1, timeout=2, depth=1000) as pool:
+        out = list(pool.imap(_hang_on_the_first, inputs))
+    assert time.perf_counter() - t < 30
+    assert out[0][1] == TaskFailure("timed out after 2s (decoder hung); worker killed")
+    assert [r for _, r in out[1:]] == [len(x) for x in inputs[1:]]
+
+
 def _long_png(width: int, height: int) -> bytes:
     """A valid greyscale PNG of width x height: under 1 KB for 1 x 100,000."""
     row = b"\x00" + b"\x80" * width

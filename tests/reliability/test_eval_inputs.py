@@ -59,9 +59,13 @@ def test_an_unreadable_gallery_image_fails_the_run_naming_it(tmp_path, cirr, tin
     assert f"cirr val: 1 gallery image(s) could not be read ({names['coffee']}: not an image" in err and "--allow-missing" in err
     assert main(args) == 1  # the cached gallery remembers what it could not read
     capsys.readouterr()
-    assert main([*args, "--allow-missing", "--json"]) == 0
+    assert main([*args, "--allow-missing", "--fusion", "sum,intersection", "--json"]) == 0  # counted once, not per fusion
     report = json.loads((tmp_path / "o" / "report.json").read_text())
     assert report["dataset"]["dropped_queries"] == 2 and report["dataset"]["queries_evaluated"] == len(CIRR_QUERIES) - 2
+    ds = load_dataset("cirr", root, "val", allow_missing=True)
+    for _ in range(2):  # each evaluation of the split drops the same queries, counted once
+        res = evaluate(ds, encoder=f"open_clip:local-dir:{tiny_clip_dir}", cache=tmp_path / "cache")
+        assert ds.dropped_queries == 2 and len(res.per_query) == len(CIRR_QUERIES) - 2
 
 
 def test_every_image_missing_is_an_error_even_with_allow_missing(cirr):
