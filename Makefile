@@ -8,7 +8,7 @@ BIN     = $(VENV)/bin
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[demo,dev,serve]'
+	$(BIN)/python -m pip install -q -e '.[demo,dev,serve,ray]'
 	touch $@
 
 demo: $(VENV)/.installed
@@ -17,6 +17,8 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(BIN)/ruff check mmretrieve tests demos
 	$(BIN)/python -m pytest -q
+	@# the Ray engine: local mode and a 2-node cluster simulated on this machine (loopback only)
+	RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 RAY_USAGE_STATS_ENABLED=0 $(BIN)/python -m pytest -q -m ray -p no:cacheprovider
 	@# where `auto` picks bf16 (CPUs with AVX512-BF16 / AMX), the fp32 path runs too
 	if grep -qwE 'avx512_bf16|amx_bf16' /proc/cpuinfo 2>/dev/null; then \
 		MMRETRIEVE_PRECISION=fp32 $(BIN)/python -m pytest -q -m precision -p no:cacheprovider; fi

@@ -85,10 +85,16 @@ def test_strict_writes_nothing(photo_dir, bad_files, embedded):
     assert open_index("photos").manifest["version"] == before
 
 
-def test_build_refuses_existing_without_overwrite(photo_dir, embedded):
+def test_build_refuses_existing_without_overwrite(photo_dir, tmp_path, embedded):
     build_index("photos", photo_dir, encoder=embedded)
+    again = build_index("photos", photo_dir, encoder=embedded)  # the same source: a resume that finds it complete
+    assert again.up_to_date and again.version == "v0001" and not again.added
     with pytest.raises(IndexExistsError, match="already exists"):
-        build_index("photos", photo_dir, encoder=embedded)
+        build_index("photos", photo_dir, encoder=embedded, resume=False)
+    other = tmp_path / "other"
+    other.mkdir()
+    with pytest.raises(IndexExistsError, match="already exists and was built from"):
+        build_index("photos", other, encoder=embedded)
     r = build_index("photos", photo_dir, encoder=embedded, overwrite=True)
     assert r.version == "v0002"
 
@@ -580,3 +586,20 @@ def test_query_image_encoding_matches_ingestion(photo_dir, embedded):
         stored = idx.vectors([idx.get(str(jpg.resolve())).id])[0]
         fresh = embedded.encode_images([jpg])[0]
         np.testing.assert_allclose(fresh, stored, atol=1e-5)
+
+
+def test_missing_ray_is_reported_before_any_model_loads(monkeypatch, tmp_path, samples):
+    import builtins
+
+    real = builtins.__import__
+
+    def no_ray(name, *a, **k):
+        if name == "ray" or name.startswith("ray."):
+            raise ImportError("no ray here")
+        return real(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_ray)
+    from mmretrieve.errors import MissingDependencyError
+
+    with pytest.raises(MissingDependencyError, match=r"mmretrieve\[ray\]"):
+        build_index("x", samples[0].path, encoder="no-such-encoder", engine="ray")

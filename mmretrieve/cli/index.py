@@ -26,6 +26,8 @@ def _report_out(report, args) -> int:
         out_json(report.to_dict())
         return EXIT_OK
     print(report.summary())
+    if getattr(args, "show_stages", False) and report.stages:
+        print(f"  stages: {report.stage_summary()}")
     n = args.show_skipped
     for s in report.skipped[:n]:
         print(f"  skipped {printable(s.uri)}: {printable(s.reason)}")
@@ -47,7 +49,9 @@ def cmd_build(args) -> int:
         args.name, args.source, encoder=args.encoder, index_dir=args.index_dir, factory=args.factory,
         patches=_patches_arg(args), video={k: v for k, v in video.items() if v is not None}, overwrite=args.overwrite,
         batch_size=args.batch_size, workers=args.workers, on_bad_vectors=args.on_bad_vectors, strict=args.strict,
-        vector_dtype=args.vector_dtype, retain=args.retain, image_timeout=args.image_timeout,
+        vector_dtype=args.vector_dtype, retain=args.retain, image_timeout=args.image_timeout, resume=args.resume,
+        engine=args.engine, ray_address=args.ray_address, ray_actors=args.ray_actors, decode=args.decode,
+        unit_items=args.unit_items,
     )
     return _report_out(report, args)
 
@@ -119,7 +123,8 @@ def cmd_add(args) -> int:
 
     report = add_to_index(args.name, args.source, index_dir=args.index_dir, batch_size=args.batch_size, workers=args.workers,
                           on_bad_vectors=args.on_bad_vectors, strict=args.strict, image_timeout=args.image_timeout,
-                          prune=not args.no_prune)
+                          prune=not args.no_prune, engine=args.engine, ray_address=args.ray_address,
+                          ray_actors=args.ray_actors, decode=args.decode, unit_items=args.unit_items)
     return _report_out(report, args)
 
 
@@ -192,15 +197,36 @@ def _ingest_options() -> argparse.ArgumentParser:
                    help="seconds one image may take to decode before its worker is killed (default 30)")
     p.add_argument("--on-bad-vectors", choices=["error", "drop"], default="error",
                    help="NaN / inf / zero embeddings: fail the write (default) or drop them and report them")
+    p.add_argument("--engine", choices=["local", "ray"], default="local",
+                   help="local (default): this process and its decoders; ray: Ray Data decode tasks and an encoder "
+                        "actor pool (pip install 'mmretrieve[ray]')")
+    p.add_argument("--ray-address", default=None, metavar="ADDR",
+                   help="with --engine ray: a running cluster (HEAD:6379, or auto); default: start Ray on this machine")
+    p.add_argument("--ray-actors", type=int, default=None, metavar="N",
+                   help="with --engine ray: encoder actors (default: one per GPU, else one per two CPUs)")
+    p.add_argument("--decode", choices=["auto", "cpu", "gpu"], default="auto",
+                   help="where images are decoded and resized: auto (on the GPU when the encoder runs on CUDA), cpu, gpu")
+    p.add_argument("--unit-items", type=int, default=None, metavar="N",
+                   help="a folder or manifest commits every N files (default 1024; shards commit one by one)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--show-stages", action="store_true", help="also print the time spent per stage")
     p.add_argument("--show-skipped", type=int, default=20, metavar="N", help="list up to N skipped files (default 20)")
     return p
 
 
 def _build_parser(isub, common, ingest) -> None:
-    b = isub.add_parser("build", parents=[common, ingest], help="index a folder (recursive) or a CSV/JSONL manifest")
+    b = isub.add_parser("build", parents=[common, ingest],
+                        help="index a folder (recursive), a CSV/JSONL manifest, webdataset tar shards or parquet files")
     b.add_argument("name", help="index name (under the indexes home) or a path to an index directory")
-    b.add_argument("source", help="folder of images/videos, or a manifest with path[,id][,caption] columns")
+    b.add_argument("source", help="folder of images/videos, a manifest with path[,id][,caption] columns, webdataset "
+                                  "shards (a .tar, a folder of them, a pattern such as 'shards/{00000..00123}.tar') or "
+                                  ".parquet files with image bytes or paths")
+    resume = b.add_mutually_exclusive_group()
+    resume.add_argument("--resume", dest="resume", action="store_true", default=None,
+                        help="continue an interrupted build of the same source (the default when the index exists "
+                             "and was being built from it): committed shards / files are skipped")
+    resume.add_argument("--no-resume", dest="resume", action="store_false",
+                        help="refuse to continue an existing index (use --overwrite to start again)")
     b.add_argument("--encoder", default="embedded",
                    help="e.g. embedded (default), open_clip:ViT-B-32@laion2b_s34b_b79k, open_clip:local-dir:DIR, a preset")
     b.add_argument("--factory", default="Flat", help='FAISS factory string, e.g. Flat (default), HNSW32, "IVF1024,PQ64"')

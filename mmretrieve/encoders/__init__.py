@@ -83,10 +83,18 @@ def create_encoder(name: str = DEFAULT_ENCODER, *, cache: bool = True, **kwargs:
             if key in _CACHE:
                 return _CACHE[key]
     enc = factory(spec=spec, **kwargs)
+    enc.spec = (name, dict(kwargs))  # how to make it again elsewhere (a Ray actor)
     if cache:
         with _LOCK:
             _CACHE.setdefault(key, enc)
     return enc
+
+
+def encoder_spec(encoder: Encoder) -> tuple[str, dict[str, Any]] | None:
+    """``(name, options)`` that ``create_encoder`` turns into this encoder again (another process, a Ray
+    actor on another machine), or None for an encoder not made by ``create_encoder``."""
+    spec = getattr(encoder, "spec", None)
+    return (spec[0], dict(spec[1])) if spec else None
 
 
 def list_encoders(presets: bool = False) -> list[str]:
@@ -94,4 +102,4 @@ def list_encoders(presets: bool = False) -> list[str]:
     return ENCODERS.names() + (sorted(encoder_presets()) if presets else [])
 
 
-__all__ = ["Encoder", "EncoderError", "EncoderInfo", "ENCODERS", "create_encoder", "list_encoders", "DEFAULT_ENCODER"]
+__all__ = ["Encoder", "EncoderError", "EncoderInfo", "ENCODERS", "create_encoder", "encoder_spec", "list_encoders", "DEFAULT_ENCODER"]

@@ -18,6 +18,7 @@ import numpy as np
 
 from mmretrieve.config import check_options, positive_int
 from mmretrieve.errors import BadVectorsError, InputError, UsageError
+from mmretrieve.media.shards import split_member_uri
 from mmretrieve.query import FUSIONS, Query
 from mmretrieve.results import Hit, SearchResults
 
@@ -129,6 +130,13 @@ def resolve_visual(index, query: Query) -> None:
     if path is None:
         return
     p = Path(path).expanduser()
+    member = split_member_uri(str(path))
+    if member is not None and member[0].is_file():  # an image inside a shard (read by the encoder's loader)
+        mtime = member[0].stat().st_mtime
+        same = [it for it in index.meta.items_by_uri(str(path)) if it.kind != "frame" and it.mtime == mtime]
+        if same:
+            query.image_id = same[0].id
+        return
     try:
         st = p.stat()
     except (OSError, ValueError):

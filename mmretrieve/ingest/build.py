@@ -7,17 +7,23 @@ version (or nothing, on any error, and in strict mode on any skipped input).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
+from tqdm.auto import tqdm
+
 from mmretrieve.encoders import DEFAULT_ENCODER, create_encoder
-from mmretrieve.errors import IndexExistsError, SkippedInputsError
+from mmretrieve.errors import DeviceError, IndexExistsError, InputError, SkippedInputsError, UsageError
+from mmretrieve.ingest.ray_engine import check_engine
 from mmretrieve.ingest.report import IngestReport
 from mmretrieve.ingest.stages import run_stages, skipped_of
-from mmretrieve.media.scan import ScanResult, SourceItem, scan_source
+from mmretrieve.media.scan import ScanResult, SourceItem
+from mmretrieve.media.sources import BuildSource, Unit, open_source
+from mmretrieve.runtime import progress_enabled
 from mmretrieve.store import DEFAULT_FACTORY, IndexWriter, read_manifest, resolve_index_path, resolve_item
 from mmretrieve.store.layout import MANIFEST, check_encoder_compat
 from mmretrieve.store.meta import Skipped
@@ -46,8 +52,15 @@ def build_index(
     vector_dtype: str = "float32",
     retain: int | None = None,
     image_timeout: float | None = None,
+    resume: bool | None = None,
+    engine: str = "local",
+    ray_address: str | None = None,
+    ray_actors: int | None = None,
+    decode: str = "auto",
+    unit_items: int | None = None,
 ) -> IngestReport:
-    """Index every image and video of ``source`` (a folder, recursively, or a CSV/JSONL manifest).
+    """Index every image and video of ``source``: a folder (recursively), a CSV/JSONL manifest, webdataset
+    tar shards (a file, a folder of them, a brace pattern ``shards/{00000..00123}.tar``) or parquet files.
 
     ``encoder``: a name (``embedded``, ``open_clip:ViT-B-32@laion2b_s34b_b79k``, a preset) or an
     ``Encoder``. ``patches``: ``True`` stores the encoder's native patch grid (fp16) for the EMD reranker,
@@ -58,22 +71,50 @@ def build_index(
     ``retain``: how many versions the index keeps (default 2: the live one and the previous).
     ``image_timeout``: seconds one image may take to decode before its worker is killed (default 30); a
     decoder that fails, crashes, is killed or hangs costs only its own file, reported with the reason.
+
+    Progress is committed per shard (or per ``unit_items`` files of a folder or manifest, default
+    1024), so a build killed at any point and run again skips what is committed and ends with the same
+    items and vectors as an uninterrupted one. ``resume`` (default: when the index exists and was being
+    built from the same source) continues such a build; ``resume=False`` refuses an existing index
+    (``overwrite`` starts again). ``strict`` publishes all or nothing, so a strict build is not
+    resumable. ``engine``: ``local`` or ``ray`` (Ray Data: decode tasks and an encoder actor pool on the
+    cluster at ``ray_address``, or on this machine). ``decode``: ``auto`` (on the GPU when the encoder
+    runs on CUDA), ``cpu``, ``gpu``.
     """
     from mmretrieve.media.video import resolve_video_config
 
     t0 = time.perf_counter()
     path = resolve_index_path(name_or_path, index_dir)
-    if (path / MANIFEST).is_file() and not overwrite:  # before any model loads
-        raise IndexExistsError(f"index {path} already exists; use `mmretrieve index add` to update it or --overwrite to rebuild")
-    scan = scan_source(source)  # a wrong source is reported before any model is loaded
+    check_engine(engine)
+    decode = check_decode(decode)
+    prev = None if overwrite or not (path / MANIFEST).is_file() else read_manifest(path)
+    state = _resumable(prev, path, resume) if prev is not None else None  # refused before the source is read
+    src = open_source(source)  # a wrong source is reported before any model is loaded
+    if state is not None and state.get("identity") != src.identity:
+        raise IndexExistsError(f"index {path} already exists and was built from {state.get('source')}, not {src.display}; "
+                               "use `mmretrieve index add` to add this source or --overwrite to rebuild")
     vcfg = resolve_video_config(video)
     enc = _encoder(encoder)
     pcfg = patch_config(enc, patches)
-    report = IngestReport(scanned=scan.count, ignored=scan.ignored, index_path=str(path), aliases=list(scan.aliases))
-    writer = IndexWriter(path, encoder_info=enc.info.to_dict(), factory=factory, patches=pcfg, video=vcfg, create=True,
-                         overwrite=overwrite, vector_dtype=vector_dtype, retain=retain)
-    _ingest_and_commit(writer, lambda: scan.items, scan_skips(scan), enc, report, batch_size=batch_size, workers=workers,
-                       on_bad_vectors=on_bad_vectors, strict=strict, t0=t0, image_timeout=image_timeout)
+    report = _report(src, path, engine)
+    options = {"factory": factory.strip(), "patches": pcfg, "video": vcfg, "vector_dtype": str(vector_dtype).lower()}
+    if state is not None:
+        check_encoder_compat(prev["encoder"], enc.info.to_dict(), path)
+        _check_same_options(path, state.get("options") or {}, options)
+        if state.get("complete"):
+            report.up_to_date, report.version = True, prev["version"]
+            report.seconds = time.perf_counter() - t0
+            return report
+        writer = IndexWriter(path, encoder_info=enc.info.to_dict(), retain=retain)
+    else:
+        writer = IndexWriter(path, encoder_info=enc.info.to_dict(), factory=factory, patches=pcfg, video=vcfg, create=True,
+                             overwrite=overwrite, vector_dtype=vector_dtype, retain=retain)
+        state = {"source": src.display, "identity": src.identity, "kind": src.kind, "units_done": 0, "complete": False,
+                 "options": json.loads(json.dumps(options))}
+    run = _Run(writer, enc, report, batch_size=batch_size, workers=workers, on_bad_vectors=on_bad_vectors, strict=strict,
+               image_timeout=image_timeout, engine=engine, ray_address=ray_address, ray_actors=ray_actors, decode=decode,
+               unit_items=unit_items, state=state)
+    run.execute(src, select=prev is not None, t0=t0)
     return report
 
 
@@ -89,8 +130,14 @@ def add_to_index(
     strict: bool = False,
     image_timeout: float | None = None,
     prune: bool = True,
+    engine: str = "local",
+    ray_address: str | None = None,
+    ray_actors: int | None = None,
+    decode: str = "auto",
+    unit_items: int | None = None,
 ) -> IngestReport:
-    """Encode only the new or changed files of ``source`` and publish a new version.
+    """Encode only the new or changed files of ``source`` and publish them (per unit, as a build does: an
+    interrupted add run again encodes only what was not committed).
 
     ``prune`` (a folder source): items indexed from this folder whose file is gone are removed and
     listed in ``report.pruned``; ``prune=False`` keeps them. (Items of other sources, and items a
@@ -98,19 +145,67 @@ def add_to_index(
     path = resolve_index_path(name_or_path, index_dir)
     manifest = read_manifest(path)  # a missing index is reported before any model loads
     t0 = time.perf_counter()
-    scan = scan_source(source)
+    check_engine(engine)
+    decode = check_decode(decode)
+    src = open_source(source)
     enc = _encoder(manifest["encoder"]["name"] if encoder is None else encoder)
     check_encoder_compat(manifest["encoder"], enc.info.to_dict(), path)
-    report = IngestReport(scanned=scan.count, ignored=scan.ignored, index_path=str(path), aliases=list(scan.aliases))
-    src = Path(source).expanduser()
-    root = src.resolve() if prune and src.is_dir() else None
+    report = _report(src, path, engine)
+    folder = Path(source).expanduser()
+    root = folder.resolve() if prune and src.kind == "folder" else None
     writer = IndexWriter(path, encoder_info=enc.info.to_dict())
-    _ingest_and_commit(
-        writer, lambda: select_changed(scan.items, writer.meta.fingerprints(), writer.meta.skipped_fingerprints(), report),
-        scan_skips(scan), enc, report, batch_size=batch_size, workers=workers, on_bad_vectors=on_bad_vectors, strict=strict,
-        t0=t0, image_timeout=image_timeout, prune=(root, {it.key for it in scan.items}) if root else None,
-    )
+    run = _Run(writer, enc, report, batch_size=batch_size, workers=workers, on_bad_vectors=on_bad_vectors, strict=strict,
+               image_timeout=image_timeout, engine=engine, ray_address=ray_address, ray_actors=ray_actors, decode=decode,
+               unit_items=unit_items, state=None)
+    run.execute(src, select=True, t0=t0, prune=(root, {it.key for it in src.scan.items}) if root else None)
     return report
+
+
+def _report(src: BuildSource, path: Path, engine: str) -> IngestReport:
+    scan = src.scan
+    if scan is None:  # shards: counted as they are read
+        return IngestReport(index_path=str(path), engine=engine)
+    return IngestReport(scanned=scan.count, ignored=scan.ignored, index_path=str(path), aliases=list(scan.aliases),
+                        engine=engine)
+
+
+def _resumable(prev: dict, path: Path, resume: bool | None) -> dict:
+    """The build state of an existing index that ``index build`` may continue, or the reason it may not."""
+    state = prev.get("build")
+    if resume is False or not state:
+        why = "" if resume is False else " (it was not made by a resumable build)"
+        raise IndexExistsError(f"index {path} already exists{why}; use `mmretrieve index add` to update it or "
+                               "--overwrite to rebuild")
+    return dict(state)
+
+
+def _check_same_options(path: Path, before: dict, now: dict) -> None:
+    now = json.loads(json.dumps(now))
+    for k, v in now.items():
+        if k in before and before[k] != v:
+            raise UsageError(f"index {path} is being built with {k}={json.dumps(before[k])}, this command asks for "
+                             f"{json.dumps(v)}: run the same command to resume, or --overwrite to start again")
+
+
+def check_decode(decode: str) -> str:
+    d = str(decode).lower()
+    if d not in ("auto", "cpu", "gpu"):
+        raise UsageError(f"unknown decode {decode!r}; expected auto, cpu or gpu")
+    return d
+
+
+def _decode_for(encoder, decode: str) -> str:
+    """``auto`` decodes on the GPU when the encoder runs on CUDA and its preprocessing has a device
+    equivalent; ``gpu`` without CUDA is refused."""
+    from mmretrieve.encoders.device_transforms import device_transform
+
+    on_cuda = str(getattr(encoder, "device", "cpu")).startswith("cuda")
+    if decode == "gpu" and not on_cuda:
+        raise DeviceError("--decode gpu needs the encoder on a CUDA device (this one runs on "
+                          f"{getattr(encoder, 'device', 'cpu')}); use --decode cpu")
+    if decode == "auto":
+        return "gpu" if on_cuda and device_transform(encoder) is not None else "cpu"
+    return decode
 
 
 def scan_skips(scan: ScanResult) -> list[Skipped]:
@@ -118,32 +213,118 @@ def scan_skips(scan: ScanResult) -> list[Skipped]:
     return [skipped_of(it, "file not found") for it in scan.missing] + [skipped_of(it, why) for it, why in scan.skipped]
 
 
-def _ingest_and_commit(writer: IndexWriter, todo, skips: list[Skipped], enc, report: IngestReport, *, batch_size, workers,
-                       on_bad_vectors, strict: bool, t0: float, image_timeout: float | None = None,
-                       prune: tuple[Path, set[str]] | None = None) -> None:
-    """The shared tail of build and add: record the scan's skips, ingest, prune (``(folder, keys found)``),
-    publish (or abort on any error, and in strict mode on any skipped input)."""
-    try:
-        items = todo()
-        writer.record_skipped(skips)
-        report.skipped.extend(skips)
-        run_stages(writer, items, enc, report, batch_size=batch_size, workers=workers, on_bad_vectors=on_bad_vectors,
-                   image_timeout=image_timeout)
-        if strict and report.skipped:
-            raise SkippedInputsError(report)
-        # an indexed item whose file is now broken or gone no longer stands for what is on disk
-        stale = [writer.meta.item_by_key(s.key) for s in report.skipped]
-        stale_ids = [it.id for it in stale if it is not None]
-        if stale_ids:
-            report.stale_removed = _remove_items(writer, stale_ids)
-        if prune is not None:
-            report.pruned = _prune(writer, *prune, skip=set(stale_ids))
-        manifest = writer.commit()
-    except BaseException:
-        writer.abort()
-        raise
-    report.version = manifest["version"]
-    report.seconds = time.perf_counter() - t0
+class _Run:
+    """One build or add: the units of a source through the stages into one writer, a version published
+    after each unit (none in strict mode until the end), and the final commit."""
+
+    def __init__(self, writer: IndexWriter, encoder, report: IngestReport, *, batch_size, workers, on_bad_vectors,
+                 strict: bool, image_timeout, engine: str, ray_address, ray_actors, decode: str, unit_items,
+                 state: dict | None) -> None:
+        self.writer, self.encoder, self.report = writer, encoder, report
+        self.batch_size, self.workers, self.on_bad_vectors = batch_size, workers, on_bad_vectors
+        self.strict, self.image_timeout, self.engine = strict, image_timeout, engine
+        self.ray_address, self.ray_actors, self.unit_items = ray_address, ray_actors, unit_items
+        self.decode = _decode_for(encoder, decode)
+        self.state = state
+        self._fingerprints: tuple[dict, dict] | None = None
+
+    def execute(self, src: BuildSource, *, select: bool, t0: float, prune: tuple[Path, set[str]] | None = None) -> None:
+        writer, report = self.writer, self.report
+        try:
+            units = self._units(src, select)
+            self._run_units(src, units)
+            if self.strict and report.skipped:
+                raise SkippedInputsError(report)
+            # an indexed item whose file is now broken or gone no longer stands for what is on disk
+            stale = [writer.meta.item_by_key(s.key) for s in report.skipped]
+            stale_ids = [it.id for it in stale if it is not None]
+            if stale_ids:
+                report.stale_removed = _remove_items(writer, stale_ids)
+            if prune is not None:
+                report.pruned = _prune(writer, *prune, skip=set(stale_ids))
+            if self.state is not None:
+                self.state["complete"] = True
+                writer.set_build_state(self.state)
+            t = time.perf_counter()
+            manifest = writer.commit()
+            report.stages["commit"] = report.stages.get("commit", 0.0) + time.perf_counter() - t
+        except BaseException:
+            writer.abort()
+            raise
+        report.version = manifest["version"]
+        report.seconds = time.perf_counter() - t0
+
+    def _units(self, src: BuildSource, select: bool) -> list[Unit]:
+        writer, report = self.writer, self.report
+        if src.scan is not None:
+            skips = scan_skips(src.scan)
+            writer.record_skipped(skips)
+            report.skipped.extend(skips)
+        if src.sharded:
+            start = int(self.state.get("units_done", 0)) if self.state is not None and select else 0
+            if start and self.state.get("digest") != src.digest(start):
+                raise InputError(f"the first {start} shard(s) of {src.display} changed since they were committed; "
+                                 "--overwrite rebuilds the index from scratch")
+            report.units_resumed = start
+            return src.units(start=start)
+        todo = src.scan.items
+        if select:
+            todo = select_changed(todo, writer.meta.fingerprints(), writer.meta.skipped_fingerprints(), report)
+            if self.state is not None:
+                report.units_resumed = int(self.state.get("units_done", 0))
+        return src.units(todo, unit_items=self.unit_items)
+
+    def _run_units(self, src: BuildSource, units: list[Unit]) -> None:
+        total = None if src.sharded else sum(u.size or 0 for u in units)
+        desc = "encoding" if not src.sharded else f"{len(units)} shard(s)"
+        with tqdm(total=total, desc=desc, unit="item", disable=progress_enabled(), leave=False) as bar:
+            if self.engine == "ray":
+                from mmretrieve.ingest.ray_engine import run_units
+
+                select = None
+                if src.sharded and self.state is None:  # an add: samples already indexed unchanged are not written
+                    select = (self.writer.meta.fingerprints(), self.writer.meta.skipped_fingerprints())
+                run_units(self.writer, units, self.encoder, self.report,
+                          on_unit_done=lambda u, last: self.unit_done(u, src, last=last),
+                          local=self._run_local, address=self.ray_address, actors=self.ray_actors,
+                          batch_size=self.batch_size, on_bad_vectors=self.on_bad_vectors, bar=bar, select=select)
+                return
+            for i, unit in enumerate(units):
+                self._run_local(self.stream(unit), bar)
+                self.unit_done(unit, src, last=i == len(units) - 1)
+
+    def stream(self, unit: Unit):
+        """A unit's items: a batch of files as a list; a shard as a stream (only its new or changed samples
+        when adding to an index)."""
+        if unit.items is not None:
+            return unit.items
+        if self.state is None:  # an add: samples already indexed unchanged are not decoded again
+            if self._fingerprints is None:
+                self._fingerprints = (self.writer.meta.fingerprints(), self.writer.meta.skipped_fingerprints())
+            return changed_only(unit.read(), *self._fingerprints, self.report)
+        return unit.read()
+
+    def _run_local(self, items, bar) -> None:
+        """The local engine on some items (the Ray engine's videos go this way too)."""
+        n_before = self.report.encoded + len(self.report.skipped) + self.report.unchanged
+        run_stages(self.writer, items, self.encoder, self.report, batch_size=self.batch_size, workers=self.workers,
+                   on_bad_vectors=self.on_bad_vectors, image_timeout=self.image_timeout, decode=self.decode, bar=bar)
+        if not isinstance(items, list):  # a shard: its samples are counted as they are read
+            self.report.scanned += self.report.encoded + len(self.report.skipped) + self.report.unchanged - n_before
+
+    def unit_done(self, unit: Unit, src: BuildSource | None = None, *, last: bool = False) -> None:
+        """All of ``unit`` is written: publish it (unless it is the last, which the final commit publishes;
+        in strict mode; or while a FAISS quantizer waits for the rows to train on)."""
+        if self.state is not None:
+            self.state["units_done"] = int(self.state.get("units_done", 0)) + 1 if unit.items is not None else unit.index + 1
+            if unit.shard is not None and src is not None:
+                self.state["digest"] = src.digest(unit.index + 1)
+        if last or self.strict or not self.writer.ready_to_checkpoint():
+            return
+        t = time.perf_counter()
+        self.writer.checkpoint(self.state)
+        self.report.units_committed += 1
+        self.report.stages["commit"] = self.report.stages.get("commit", 0.0) + time.perf_counter() - t
 
 
 def remove_from_index(
@@ -189,8 +370,15 @@ def _prune(writer: IndexWriter, root: Path, found: set[str], *, skip: set[int]) 
 def select_changed(scan_items: Sequence[SourceItem], fingerprints: dict, skipped_fp: dict, report: IngestReport) -> list[SourceItem]:
     """Only new or changed items: the file's size or mtime, its path, or its caption differ (a manifest
     may point a key at another file, or edit a caption); previously broken files retry only when changed."""
-    todo = []
-    for it in scan_items:
+    return list(changed_only(scan_items, fingerprints, skipped_fp, report))
+
+
+def changed_only(items: Iterable, fingerprints: dict, skipped_fp: dict, report: IngestReport) -> Iterator:
+    """``select_changed`` over a stream (a shard's samples); ``(item, reason)`` pairs pass through."""
+    for it in items:
+        if isinstance(it, tuple):
+            yield it
+            continue
         fp = fingerprints.get(it.key)
         if fp is not None and fp[1] == it.size and fp[2] == it.mtime and fp[3] == it.uri and fp[4] == it.caption:
             report.unchanged += 1
@@ -199,8 +387,7 @@ def select_changed(scan_items: Sequence[SourceItem], fingerprints: dict, skipped
         if fp is None and sk is not None and sk == (it.size, it.mtime):
             report.unchanged += 1
             continue
-        todo.append(it)
-    return todo
+        yield it
 
 
-__all__ = ["build_index", "add_to_index", "remove_from_index", "select_changed"]
+__all__ = ["build_index", "add_to_index", "remove_from_index", "select_changed", "changed_only", "check_decode"]

@@ -24,6 +24,17 @@ class IngestReport:
     seconds: float = 0.0
     index_path: str | None = None
     version: str | None = None
+    #: seconds per stage: decode_wait (the encoder waiting for decoders), encode, write, commit; and for
+    #: the Ray engine the busy seconds of its decode tasks and encoder actors (decode, encode)
+    stages: dict[str, float] = field(default_factory=dict)
+    #: units (shards, or batches of files) committed by this run, and those a resumed build skipped
+    units_committed: int = 0
+    units_resumed: int = 0
+    #: a build found complete already (same source): nothing was read
+    up_to_date: bool = False
+    engine: str = "local"
+    #: the Ray engine: encoder actors, GPUs per actor, nodes in the cluster and nodes that decoded / encoded
+    ray: dict[str, float] = field(default_factory=dict)
 
     @property
     def encoded(self) -> int:
@@ -43,10 +54,27 @@ class IngestReport:
             parts.append(f"{len(self.pruned)} indexed item(s) removed (file deleted)")
         if self.ignored:
             parts.append(f"{self.ignored} non-media files ignored")
+        if self.up_to_date:
+            return "already built from this source: nothing to do (use `index add` for changed files, --overwrite to rebuild)"
+        if self.units_resumed:
+            parts.append(f"resumed after {self.units_resumed} committed unit(s)")
         s = f"{self.scanned} scanned: " + ", ".join(parts) + f" in {self.seconds:.1f}s"
         if self.encoded:
             s += f" ({self.items_per_s:.1f} items/s)"
         return s
+
+    def stage_summary(self) -> str:
+        """Time per stage and the stage's own rate (items per busy second)."""
+        names = {"decode": "decode", "decode_wait": "waiting for decoders", "encode": "encode", "write": "write",
+                 "commit": "commits"}
+        n = self.encoded + len(self.skipped)
+        out = []
+        for k, label in names.items():
+            if k in self.stages:
+                sec = self.stages[k]
+                rate = f" ({n / sec:.1f} items/s)" if k in ("decode", "encode") and sec > 0 else ""
+                out.append(f"{label} {sec:.1f}s{rate}")
+        return ", ".join(out)
 
     def to_dict(self) -> dict:
         return {
@@ -62,6 +90,12 @@ class IngestReport:
             "aliases": [{"path": a, "same_as": b} for a, b in self.aliases],
             "skipped": [{"key": s.key, "uri": s.uri, "reason": s.reason} for s in self.skipped],
             "seconds": round(self.seconds, 3),
+            "stages": {k: round(v, 3) for k, v in self.stages.items()},
+            "engine": self.engine,
+            "ray": dict(self.ray),
+            "units_committed": self.units_committed,
+            "units_resumed": self.units_resumed,
+            "up_to_date": self.up_to_date,
         }
 
 

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Iterator, Sequence
+import os
+import time
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,9 +28,9 @@ from tqdm.auto import tqdm
 
 from mmretrieve.encoders.base import Encoder
 from mmretrieve.encoders.video import encode_frames, pool_video
-from mmretrieve.errors import BadImageError
+from mmretrieve.errors import BadImageError, UsageError
 from mmretrieve.ingest.report import IngestReport
-from mmretrieve.media.images import DEFAULT_FORMATS, DEFAULT_MAX_PIXELS, load_image
+from mmretrieve.media.images import DEFAULT_FORMATS, DEFAULT_MAX_PIXELS, load_image, load_image_bytes
 from mmretrieve.media.scan import SourceItem
 from mmretrieve.media.video import decode_video
 from mmretrieve.media.workers import TaskFailure, TimeoutPool
@@ -75,9 +77,10 @@ DEFAULT_IMAGE_TIMEOUT = 30.0
 
 
 class DecodeImage:
-    """Decode and preprocess one image file (the picklable task a decoder worker runs).
+    """Decode and preprocess one image (the picklable task a decoder worker runs): a file's uri, or a
+    ``(uri, bytes)`` pair for an image held in memory (a shard sample).
 
-    Returns ``(uint8 array (3, H, W), width, height)``; a bad file raises ``BadImageError`` with its
+    Returns ``(uint8 array (3, H, W), width, height)``; a bad image raises ``BadImageError`` with its
     reason. Arrays, not tensors, go back to the parent: they travel by value through the pipe, so a
     result sent just before its worker dies is still readable."""
 
@@ -86,12 +89,16 @@ class DecodeImage:
         self.formats = formats
         self.max_pixels = max_pixels
 
-    def __call__(self, uri: str):
+    def __call__(self, job):
+        uri, data = job if isinstance(job, tuple) else (job, None)
         if _DECODE_HOOK is not None:
             _DECODE_HOOK(uri)
         try:
-            im = load_image(uri, formats=self.formats, max_pixels=self.max_pixels,
-                            draft_size=getattr(self.transform, "draft_size", None))
+            draft = getattr(self.transform, "draft_size", None)
+            if data is not None:
+                im = load_image_bytes(data, name=uri, formats=self.formats, max_pixels=self.max_pixels, draft_size=draft)
+            else:
+                im = load_image(uri, formats=self.formats, max_pixels=self.max_pixels, draft_size=draft)
             w, h = im.size
             return self.transform(im).numpy(), w, h
         except BadImageError:
@@ -108,20 +115,48 @@ def _one_thread(*_: Any) -> None:
     torch.set_num_threads(1)
 
 
-def read_images(items: Sequence[SourceItem], transform, *, batch_size: int, workers: int | None = None,
-                timeout: float | None = None) -> Iterator[Decoded]:
+class _Feed:
+    """Turns a stream of items (or ``(item, reason)`` pairs known bad) into decoder jobs, keeping each
+    job's item until its result is back and the bad ones as skips for the next batch."""
+
+    def __init__(self, items: Iterable[SourceItem | tuple[SourceItem, str]]) -> None:
+        self.items = items
+        self.pending: dict[int, SourceItem] = {}
+        self.skips: list[Skipped] = []
+        self.n = 0
+
+    def jobs(self) -> Iterator[str | tuple[str, bytes]]:
+        for it in self.items:
+            if isinstance(it, tuple):
+                self.skips.append(skipped_of(*it))
+                log.warning("skipped %s: %s", printable(it[0].uri), printable(it[1]))
+                continue
+            self.pending[self.n] = it
+            self.n += 1
+            yield it.uri if it.data is None else (it.uri, it.data)
+
+    def take_skips(self) -> list[Skipped]:
+        out, self.skips = self.skips, []
+        return out
+
+
+def read_images(items: Iterable[SourceItem | tuple[SourceItem, str]], transform, *, batch_size: int,
+                workers: int | None = None, timeout: float | None = None) -> Iterator[Decoded]:
     """Decode images in worker processes (a ``TimeoutPool``), ``batch_size`` inputs per ``Decoded``.
 
-    A decoder that fails, crashes, is killed (e.g. out of memory) or takes longer than ``timeout``
-    seconds costs its own file only, reported with the reason; a fresh worker takes over."""
+    ``items`` may be a stream (a shard's samples, image bytes in ``data``): it is read as the workers
+    need it. A decoder that fails, crashes, is killed (e.g. out of memory) or takes longer than
+    ``timeout`` seconds costs its own input only, reported with the reason; a fresh worker takes over."""
     n = default_workers() if workers is None else max(1, workers)
     depth = max(4, min(256, 4 * batch_size // n))  # keeps the workers decoding while a batch is encoded
     task = DecodeImage(transform)
     limit = DEFAULT_IMAGE_TIMEOUT if timeout is None else float(timeout)
+    feed = _Feed(items)
     with TimeoutPool(workers=n, timeout=limit, init=_one_thread, depth=depth) as pool:
         out = Decoded("image", [])
-        for i, res in pool.imap(task, [it.uri for it in items]):
-            it = items[i]
+        for i, res in pool.imap(task, feed.jobs()):
+            it = feed.pending.pop(i)
+            out.skipped.extend(feed.take_skips())
             if isinstance(res, TaskFailure):
                 out.skipped.append(skipped_of(it, res.reason))
                 log.warning("skipped %s: %s", printable(it.uri), printable(res.reason))
@@ -133,8 +168,68 @@ def read_images(items: Sequence[SourceItem], transform, *, batch_size: int, work
             if len(out.items) + len(out.skipped) >= batch_size:
                 yield out
                 out = Decoded("image", [])
+        out.skipped.extend(feed.take_skips())
         if out.items or out.skipped:
             yield out
+
+
+def read_images_on_device(items: Iterable[SourceItem | tuple[SourceItem, str]], encoder: Encoder, *,
+                          batch_size: int) -> Iterator[Decoded]:
+    """Decode batches of images on the encoder's device (``--decode gpu``): JPEGs in one batched
+    ``decode_jpeg`` call there, the rest on the CPU with the safe loader, then the encoder's resize /
+    crop as tensor operations on the device, so its input never goes back through the CPU. Runs in
+    this process (CUDA does not survive a fork); reading the bytes is the only per-file CPU work."""
+    from mmretrieve.encoders.device_transforms import device_transform
+    from mmretrieve.media.gpu_decode import decode_batch
+
+    tf = device_transform(encoder)
+    if tf is None:
+        raise UsageError(f"encoder {encoder.name!r} has a preprocessing without a device equivalent; use --decode cpu")
+    feed = _Feed(items)
+    jobs = feed.jobs()
+    while True:
+        chunk = [j for _, j in zip(range(batch_size), jobs)]
+        out = Decoded("image", [], skipped=feed.take_skips())
+        if not chunk:
+            if out.skipped:
+                yield out
+            return
+        first = feed.n - len(chunk)
+        its, datas = [], []
+        for j, job in enumerate(chunk):
+            it = feed.pending.pop(first + j)
+            data = job[1] if isinstance(job, tuple) else _read_file(it, out)
+            if data is not None:
+                its.append(it)
+                datas.append(data)
+        res = decode_batch(datas, [it.uri for it in its], device=encoder.device)
+        for j, reason in res.failed:
+            out.skipped.append(skipped_of(its[j], reason))
+            log.warning("skipped %s: %s", printable(its[j].uri), printable(reason))
+        if res.images:
+            out.items = [its[j] for j in res.index]
+            out.tensors = list(tf(res.images))
+            out.sizes = list(res.sizes)
+        yield out
+
+
+#: a file larger than this is not read into memory for device decoding (no photo is this large)
+MAX_DEVICE_DECODE_BYTES = 256 << 20
+
+
+def _read_file(it: SourceItem, out: Decoded) -> bytes | None:
+    """A file's bytes for device decoding, or None with the reason recorded as a skip."""
+    try:
+        size = os.path.getsize(it.uri)
+        if size > MAX_DEVICE_DECODE_BYTES:
+            raise OSError(f"{size} bytes is over the {MAX_DEVICE_DECODE_BYTES} a photo may take")
+        with open(it.uri, "rb") as fh:
+            return fh.read()
+    except OSError as e:
+        reason = "file not found" if isinstance(e, FileNotFoundError) else f"cannot read file: {e.strerror or e}"
+        out.skipped.append(skipped_of(it, reason))
+        log.warning("skipped %s: %s", printable(it.uri), printable(reason))
+        return None
 
 
 def read_videos(items: Sequence[SourceItem], transform, sampling: dict, *, workers: int | None = None) -> Iterator[Decoded]:
@@ -235,35 +330,61 @@ class WriteStage:
 
 
 # ---- one write ------------------------------------------------------------------------------------
-def run_stages(writer, items: Sequence[SourceItem], encoder: Encoder, report: IngestReport, *,
+def run_stages(writer, items: Iterable[SourceItem | tuple[SourceItem, str]], encoder: Encoder, report: IngestReport, *,
                batch_size: int | None = None, workers: int | None = None, on_bad_vectors: str = "error",
-               image_timeout: float | None = None) -> None:
-    """Decode, encode and add ``items`` to ``writer`` (videos through their own reader), recording skips
-    in ``report``. ``image_timeout``: seconds per image before its decoder is killed (default 30)."""
-    videos = [it for it in items if it.kind == "video"]
-    images = [it for it in items if it.kind != "video"]
-    if not items:
-        return
+               image_timeout: float | None = None, decode: str = "cpu", bar=None) -> None:
+    """Decode, encode and add ``items`` to ``writer``, recording skips in ``report``.
+
+    ``items``: a list (videos go through their own reader), or a stream of images read as the decoders
+    need it (a shard's samples); ``(item, reason)`` pairs are inputs already known bad. ``decode``:
+    ``cpu`` (decoder processes) or ``gpu`` (batches decoded and resized on the encoder's device).
+    ``image_timeout``: seconds per image before its decoder is killed (default 30). ``bar``: a progress
+    bar to advance (one is made otherwise). Time spent per stage accumulates in ``report.stages``."""
+    if isinstance(items, (list, tuple)):
+        if not items:
+            return
+        videos = [it for it in items if not isinstance(it, tuple) and it.kind == "video"]
+        images = [it for it in items if isinstance(it, tuple) or it.kind != "video"]
+        total = len(items)
+    else:
+        videos, images, total = [], items, None
     mapper = EncodeStage(encoder, patch_cfg=writer.patch_cfg, projection=writer.patch_projection(),
                          video_cfg=writer.video_cfg, batch_size=batch_size)
     sink = WriteStage(writer, report, on_bad_vectors=on_bad_vectors)
     readers = []
     if videos:
-        readers.append((videos, "videos", "video", lambda: read_videos(videos, encoder.image_transform, writer.video_cfg,
-                                                                        workers=workers)))
-    if images:
-        readers.append((images, "encoding", "img", lambda: read_images(images, encoder.image_transform,
-                                                                        batch_size=mapper.batch_size, workers=workers,
-                                                                        timeout=image_timeout)))
-    for todo, desc, unit, reader in readers:
-        if unit == "img" and writer.patch_cfg is not None:  # one patch segment sized for all the images
-            writer.begin_patch_segment(len(todo), int(writer.patch_cfg["grid"]) ** 2, int(writer.patch_cfg["dim"]))
-        with tqdm(total=len(todo), desc=desc, unit=unit, disable=progress_enabled(), leave=False) as bar:
-            for batch in reader():
+        readers.append(lambda: read_videos(videos, encoder.image_transform, writer.video_cfg, workers=workers))
+    if images is not None and (total is None or images):
+        if decode == "gpu":
+            readers.append(lambda: read_images_on_device(images, encoder, batch_size=mapper.batch_size))
+        else:
+            readers.append(lambda: read_images(images, encoder.image_transform, batch_size=mapper.batch_size,
+                                               workers=workers, timeout=image_timeout))
+    own = bar is None
+    if own:
+        bar = tqdm(total=total, desc="encoding", unit="item", disable=progress_enabled(), leave=False)
+    clock = report.stages
+    try:
+        for reader in readers:
+            batches = iter(reader())
+            while True:
+                t0 = time.perf_counter()
+                batch = next(batches, None)
+                t1 = time.perf_counter()
+                clock["decode_wait"] = clock.get("decode_wait", 0.0) + (t1 - t0)
+                if batch is None:
+                    break
                 sink.skip(batch.skipped)
                 enc = mapper(batch)
+                t2 = time.perf_counter()
                 if enc is not None:
                     sink.write(enc)
+                clock["encode"] = clock.get("encode", 0.0) + (t2 - t1)
+                clock["write"] = clock.get("write", 0.0) + (time.perf_counter() - t2)
                 bar.update(len(batch.items) + len(batch.skipped))
+    finally:
+        if own:
+            bar.close()
 
-__all__ = ["Decoded", "Encoded", "DecodeImage", "read_images", "read_videos", "EncodeStage", "WriteStage", "run_stages"]
+
+__all__ = ["Decoded", "Encoded", "DecodeImage", "read_images", "read_images_on_device", "read_videos", "EncodeStage", "WriteStage", "run_stages"]

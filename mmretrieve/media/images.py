@@ -53,6 +53,10 @@ def load_image(
     try:
         size = p.stat().st_size
     except FileNotFoundError:
+        member = _shard_member(str(path))
+        if member is not None:  # an image inside a webdataset / parquet shard: `<shard>#<member>`
+            return load_image_bytes(member, name=str(path), formats=formats, max_pixels=max_pixels,
+                                    background=background, draft_size=draft_size)
         raise BadImageError(p, "file not found") from None
     except OSError as e:
         raise BadImageError(p, f"cannot stat file: {e.strerror or e}") from None
@@ -82,6 +86,21 @@ def load_image(
         raise BadImageError(p, f"cannot decode image: {msg}") from None
     except MemoryError:
         raise BadImageError(p, "out of memory while decoding") from None
+
+
+def _shard_member(uri: str) -> bytes | None:
+    """The bytes of a shard member uri (``<shard>.tar#<member>``), None when ``uri`` is not one; a member
+    that cannot be read is a ``BadImageError`` naming it."""
+    from mmretrieve.media.shards import read_member, split_member_uri
+
+    if split_member_uri(uri) is None:
+        return None
+    try:
+        return read_member(uri)
+    except FileNotFoundError as e:
+        raise BadImageError(uri, f"not found in its shard: {e}") from None
+    except OSError as e:
+        raise BadImageError(uri, f"cannot read its shard: {e}") from None
 
 
 def _open_checked(fh, formats, max_pixels, p: Path, draft_size: int | None = None) -> Image.Image:

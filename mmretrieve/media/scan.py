@@ -32,6 +32,8 @@ class SourceItem:
     size: int | None = None
     mtime: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    #: the image's bytes when it comes from a shard (webdataset, parquet), read as the shard streams
+    data: bytes | None = field(default=None, repr=False)
 
 
 @dataclass

@@ -17,6 +17,7 @@ A sample becomes a ``SourceItem`` whose ``data`` holds the image bytes and whose
 
 from __future__ import annotations
 
+import functools
 import glob
 import json
 import os
@@ -79,29 +80,42 @@ def expand_braces(pattern: str) -> list[str]:
 
 
 def resolve_shards(source: str | os.PathLike) -> list[Path]:
-    """The shard files a source names: one file, a brace / glob pattern, or a folder of ``.tar`` / ``.parquet``."""
+    """The shard files a source names: one file, a brace / glob pattern, or a folder of ``.tar`` files
+    (webdataset; img2dataset's metadata ``.parquet`` beside them are not shards) or of ``.parquet`` files."""
     s = str(source)
     p = Path(s).expanduser()
     if p.is_dir():
-        files = sorted(list(p.glob("*.tar")) + list(p.glob("*.parquet")))
+        files = sorted(p.glob("*.tar")) or sorted(p.glob("*.parquet"))
         if not files:
             raise InputError(f"{p}: no .tar or .parquet shards in this folder")
-        return files
+        return [f.resolve() for f in files]
     names = [n for part in expand_braces(os.path.expanduser(s)) for n in (sorted(glob.glob(part)) if any(c in part for c in "*?[") else [part])]
     missing = [n for n in names if not Path(n).is_file()]
     if missing:
         raise SourceNotFoundError(f"{len(missing)} shard(s) of {s} not found, e.g. {missing[0]}")
     if not names:
         raise SourceNotFoundError(f"no shards match {s}")
-    return [Path(n) for n in names]
+    return [Path(n).resolve() for n in names]
 
 
 def is_shard_source(source: str | os.PathLike) -> bool:
+    """A brace pattern, a ``.tar`` / ``.parquet`` file, or a folder whose top level holds shards and no
+    media files (a folder of images stays a folder even with a stray tar in it)."""
+    from mmretrieve.media.scan import media_kind
+
     s = str(source)
-    if "{" in s and "}" in s:
-        return True
     p = Path(s).expanduser()
-    return p.suffix.lower() in (".tar", ".parquet") or (p.is_dir() and any(p.glob("*.tar")))
+    if not p.exists():  # a pattern (a folder named `photos[2024]` is still a folder)
+        return "{" in s and "}" in s or any(c in s for c in "*?[")
+    if p.is_file():
+        return p.name.lower().endswith((".tar", ".parquet", ".tar.gz", ".tgz"))
+    if not p.is_dir():
+        return False
+    try:
+        names = [e.name for e in os.scandir(p) if not e.name.startswith(".")]
+    except OSError:
+        return False
+    return any(n.lower().endswith((".tar", ".parquet")) for n in names) and not any(media_kind(n) for n in names)
 
 
 # ---- webdataset -------------------------------------------------------------------------------------
@@ -112,24 +126,34 @@ def _split_name(name: str) -> tuple[str, str]:
     return (posixpath.join(d, stem) if d else stem), ext.lower()
 
 
-def _sample(shard: Path, key: str, parts: dict[str, bytes]) -> ShardSample | ShardProblem:
-    uri = f"{shard}#{key}"
-    img = next((parts[e] for e in IMAGE_EXTS if e in parts), None)
-    if img is None:
-        return ShardProblem(key, uri, f"no image in the sample (files: {', '.join(sorted(parts)) or 'none'})")
+def _sample(shard: Path, key: str, parts: dict[str, tuple[str, bytes]]) -> ShardSample | ShardProblem:
+    """One webdataset sample from its files (``ext -> (member name, bytes)``)."""
+    ext = next((e for e in IMAGE_EXTS if e in parts), None)
+    if ext is None:
+        return ShardProblem(key, f"{shard}#{key}", f"no image in the sample (files: {', '.join(sorted(parts)) or 'none'})")
+    member, img = parts[ext]
     meta: dict[str, Any] = {}
     if "json" in parts:
         try:
-            meta = json.loads(parts["json"].decode("utf-8"))
+            meta = json.loads(parts["json"][1].decode("utf-8"))
             meta = meta if isinstance(meta, dict) else {}
         except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
             meta = {}
     caption = meta.pop("caption", None)
     if "txt" in parts:
-        caption = parts["txt"].decode("utf-8", "replace").strip() or caption
+        caption = parts["txt"][1].decode("utf-8", "replace").strip() or caption
     name = str(meta.pop("key", None) or key)
-    extra = {k: v for k, v in meta.items() if isinstance(v, (str, int, float, bool)) and k not in ("status", "error_message")}
-    return ShardSample(name, f"{shard}#{name}", data=img, caption=str(caption) if caption else None, extra=extra)
+    extra = {k: v for k, v in meta.items() if isinstance(v, (str, int, float, bool)) and k not in _DROPPED_META}
+    return ShardSample(name, member_uri(shard, member), data=img, caption=str(caption) if caption else None, extra=extra)
+
+
+#: img2dataset's bookkeeping fields, and the columns the index reserves for videos and frames
+_DROPPED_META = frozenset({"status", "error_message", "video", "timestamp", "duration", "fps", "frames"})
+
+
+def member_uri(shard: Path, member: str) -> str:
+    """How an item inside a shard is named: ``<shard path>#<member>`` (``load_image`` reads it back)."""
+    return f"{shard}#{member}"
 
 
 def iter_webdataset(shard: Path) -> Iterator[ShardSample | ShardProblem]:
@@ -142,7 +166,7 @@ def iter_webdataset(shard: Path) -> Iterator[ShardSample | ShardProblem]:
                     continue
                 key, ext = _split_name(m.name)
                 if m.size > MAX_MEMBER_BYTES:
-                    yield ShardProblem(key, f"{shard}#{key}", f"member {m.name} is {m.size} bytes (over {MAX_MEMBER_BYTES})")
+                    yield ShardProblem(key, f"{shard}#{m.name}", f"member {m.name} is {m.size} bytes (over {MAX_MEMBER_BYTES})")
                     continue
                 data = tf.extractfile(m).read()
                 if key != cur and cur is not None:
@@ -150,7 +174,7 @@ def iter_webdataset(shard: Path) -> Iterator[ShardSample | ShardProblem]:
                     n += 1
                     parts = {}
                 cur = key
-                parts[ext] = data
+                parts[ext] = (m.name, data)
         if cur is not None:
             yield _sample(shard, cur, parts)
     except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
@@ -187,7 +211,7 @@ def iter_parquet(path: Path, batch_rows: int = 1024) -> Iterator[ShardSample | S
 
 def _parquet_sample(path: Path, row: int, rec: dict, icol, pcol, kcol, ccol) -> ShardSample | ShardProblem:
     key = str(rec[kcol]) if kcol and rec.get(kcol) is not None else f"{path.stem}/{row}"
-    uri = f"{path}#{key}"
+    uri = f"{path}#{row}"
     data = rec.get(icol) if icol else None
     if isinstance(data, dict):  # Hugging Face datasets: {"bytes": ..., "path": ...}
         data = data.get("bytes") or None
@@ -197,10 +221,82 @@ def _parquet_sample(path: Path, row: int, rec: dict, icol, pcol, kcol, ccol) -> 
     if data is None:
         img_path = str(Path(img_path) if Path(img_path).is_absolute() else path.parent / img_path)
     used = {icol, pcol, kcol, ccol}
-    extra = {k: v for k, v in rec.items() if k not in used and isinstance(v, (str, int, float, bool))}
+    extra = {k: v for k, v in rec.items() if k not in used and k not in _DROPPED_META and isinstance(v, (str, int, float, bool))}
     cap = rec.get(ccol) if ccol else None
     return ShardSample(key, img_path if data is None else uri, data=bytes(data) if data is not None else None,
                        path=img_path if data is None else None, caption=str(cap) if cap else None, extra=extra)
+
+
+# ---- reading one member back (search results, rerankers, thumbnails) -----------------------------------
+def split_member_uri(uri: str) -> tuple[Path, str] | None:
+    """``(shard, member)`` for a shard member's uri, or None for anything else (a plain file included)."""
+    head, sep, member = str(uri).rpartition("#")
+    if not sep or not member or not head.lower().endswith((".tar", ".tar.gz", ".tgz", ".parquet")):
+        return None
+    return Path(head), member
+
+
+@functools.lru_cache(maxsize=16)
+def _tar_members(path: str, size: int, mtime: float) -> dict[str, tuple[int, int]]:
+    """A tar's member name -> (data offset, size), read once from its headers (no data read)."""
+    with tarfile.open(path, mode="r:") as tf:
+        return {m.name: (m.offset_data, m.size) for m in tf if m.isfile()}
+
+
+def read_member(uri: str) -> bytes:
+    """The bytes of a shard member named by ``member_uri`` (a tar member, or a parquet row's image).
+
+    Plain tars are read at the member's offset (the headers are indexed once per shard); compressed tars
+    are streamed to the member. Raises ``FileNotFoundError`` naming what is missing."""
+    parts = split_member_uri(uri)
+    if parts is None:
+        raise FileNotFoundError(f"{uri}: not a shard member")
+    shard, member = parts
+    st = shard.stat()
+    if shard.suffix.lower() == ".parquet":
+        return _parquet_member(shard, member)
+    if shard.suffix.lower() == ".tar":
+        try:
+            loc = _tar_members(str(shard), st.st_size, st.st_mtime).get(member)
+        except (tarfile.TarError, OSError, EOFError) as e:
+            raise FileNotFoundError(f"{shard}: cannot read the tar ({e})") from None
+        if loc is None:
+            raise FileNotFoundError(f"{shard} has no member {member!r}")
+        with open(shard, "rb") as fh:
+            fh.seek(loc[0])
+            data = fh.read(loc[1])
+        if len(data) != loc[1]:
+            raise FileNotFoundError(f"{shard}: member {member!r} is cut short")
+        return data
+    with tarfile.open(shard, mode="r|*") as tf:
+        for m in tf:
+            if m.name == member and m.isfile():
+                return tf.extractfile(m).read()
+    raise FileNotFoundError(f"{shard} has no member {member!r}")
+
+
+def _parquet_member(path: Path, member: str) -> bytes:
+    import pyarrow.parquet as pq
+
+    try:
+        row = int(member)
+    except ValueError:
+        raise FileNotFoundError(f"{path}: {member!r} is not a row number") from None
+    pf = pq.ParquetFile(path)
+    icol = next((c for c in PARQUET_IMAGE_COLUMNS if c in pf.schema_arrow.names), None)
+    if icol is None or not 0 <= row < pf.metadata.num_rows:
+        raise FileNotFoundError(f"{path} has no image in row {row}")
+    start = 0
+    for g in range(pf.num_row_groups):
+        n = pf.metadata.row_group(g).num_rows
+        if row < start + n:
+            value = pf.read_row_group(g, columns=[icol]).column(0)[row - start].as_py()
+            value = value.get("bytes") if isinstance(value, dict) else value
+            if not value:
+                raise FileNotFoundError(f"{path} has no image bytes in row {row}")
+            return bytes(value)
+        start += n
+    raise FileNotFoundError(f"{path} has no row {row}")
 
 
 def iter_shard(shard: Path) -> Iterator[ShardSample | ShardProblem]:
@@ -210,5 +306,5 @@ def iter_shard(shard: Path) -> Iterator[ShardSample | ShardProblem]:
         yield from iter_webdataset(shard)
 
 
-__all__ = ["ShardSample", "ShardProblem", "expand_braces", "resolve_shards", "is_shard_source", "iter_webdataset",
+__all__ = ["ShardSample", "ShardProblem", "member_uri", "split_member_uri", "read_member", "expand_braces", "resolve_shards", "is_shard_source", "iter_webdataset",
            "iter_parquet", "iter_shard"]

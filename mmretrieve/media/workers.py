@@ -67,9 +67,33 @@ def _sender(out: Connection, results: queue.SimpleQueue) -> None:
             out.send((item[0], TaskFailure(f"result could not be sent: {type(e).__name__}: {e}")))
 
 
+def _die_with_parent(parent: int) -> None:
+    """A worker must not outlive its parent (a build killed with SIGKILL): forked workers hold copies of
+    each other's pipe ends, so none of them would see its task pipe close. On Linux the kernel kills the
+    worker (``PR_SET_PDEATHSIG``); elsewhere a thread watches the parent's pid."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(1, signal.SIGKILL, 0, 0, 0) == 0:  # PR_SET_PDEATHSIG
+            if os.getppid() != parent:  # it died before the call
+                os._exit(1)
+            return
+    except (OSError, AttributeError):
+        pass
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
 def _worker_main(tasks: Connection, out: Connection, board, fn: Callable[[Any], Any],
-                 init: Callable[[], None] | None) -> None:
+                 init: Callable[[], None] | None, parent: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C
+    _die_with_parent(parent)
     if init is not None:
         init()
     results: queue.SimpleQueue = queue.SimpleQueue()
@@ -97,7 +121,8 @@ class _Worker:
         self.tasks, child_tasks = ctx.Pipe(duplex=False)[::-1]  # (writer here, reader there)
         child_out, self.out = ctx.Pipe(duplex=False)[::-1]
         self.board = ctx.RawArray("d", [-1.0, 0.0])  # [running task index or -1, its start (monotonic)]
-        self.proc = ctx.Process(target=_worker_main, args=(child_tasks, child_out, self.board, fn, init), daemon=True)
+        self.proc = ctx.Process(target=_worker_main, args=(child_tasks, child_out, self.board, fn, init, os.getpid()),
+                                daemon=True)
         self.proc.start()
         child_tasks.close()
         child_out.close()

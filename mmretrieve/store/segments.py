@@ -77,6 +77,19 @@ def train_template(template, vectors: np.ndarray, factory: str):
     return template
 
 
+def min_train_rows(template) -> int:
+    """Rows a template wants before it is trained: FAISS's 39 per centroid (IVF lists, or PQ's 2**nbits
+    codes); 0 when it needs no training."""
+    if template.is_trained:
+        return 0
+    faiss = _faiss()
+    try:
+        return 39 * int(faiss.extract_index_ivf(template).nlist)
+    except RuntimeError:
+        pq = getattr(faiss.downcast_index(template), "pq", None)
+        return 39 * (1 << int(pq.nbits)) if pq is not None else 39 * 256
+
+
 def segment_index(template, vectors: np.ndarray, ids: np.ndarray):
     """A segment's FAISS index: a clone of the trained template holding ``vectors`` under ``ids``. IVF
     keeps ids natively (with a direct map, so vectors can be read back); others go in an IDMap2."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import json
 import logging
 import shutil
 import time
@@ -447,6 +448,43 @@ class IndexWriter:
         finally:
             self.meta.close()
             self._release_lock()
+
+    def checkpoint(self, build: dict | None = None) -> dict | None:
+        """Publish what the session wrote so far as a version and go on writing (the lock is kept): how
+        a long build commits per shard, so a build killed later resumes from here. ``build``: the build's
+        progress, stored in the manifest. Returns the published manifest (None when nothing changed)."""
+        if build is not None:
+            self.set_build_state(build)
+        if not self._changed:
+            return None
+        try:
+            self._commit()
+            self._after_publish()
+        except BaseException:
+            self.abort()
+            raise
+        live = self.manifest_live
+        self.prev, self.version = live, version_name(version_number(live["version"]) + 1)
+        self._written, self._deletion_files = [], []
+        self._published = self._changed = self._fresh = False
+        self.meta.begin()
+        return live
+
+    def set_build_state(self, build: dict) -> None:
+        """Record a build's progress (its source, the units committed) in the next published manifest."""
+        if self.manifest.get("build") != build:
+            self.manifest["build"] = json.loads(json.dumps(build))
+            self._changed = True
+
+    def ready_to_checkpoint(self) -> bool:
+        """Whether a checkpoint now keeps the index's quality: a non-Flat template that is not trained yet
+        waits for the rows FAISS wants to train it (``min_train_rows``); the quantizer is trained once, on
+        that sample, and every later segment is added with it (FAISS's sharded-build recipe)."""
+        from mmretrieve.store.segments import min_train_rows
+
+        if self.flat or not self._pending:
+            return True
+        return sum(len(v) for _, v, _, _ in self._pending) >= min_train_rows(self.template())
 
     def _commit(self, operation: str = "write") -> dict:
         self._train_pending()

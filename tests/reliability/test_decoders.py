@@ -169,3 +169,31 @@ def test_a_1x100000_png_is_indexed_with_the_rest(photo_dir, samples, tiny_clip):
     (photo_dir / "tall.png").write_bytes(_long_png(1, 100_000))
     report = build_index("tall", photo_dir, encoder=tiny_clip)
     assert report.added == len(samples) + 1 and not report.skipped
+
+
+def test_decoder_workers_die_with_a_killed_build(tmp_path):
+    """A build killed with SIGKILL must not leave its decoders running (forked workers hold each other's
+    pipe ends, so none would ever see its task pipe close): they die with the parent."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent("""
+        import os, signal, sys, time
+        from mmretrieve.media.workers import TimeoutPool
+        pool = TimeoutPool(workers=2, timeout=30, depth=4)
+        it = pool.imap(time.sleep, [0.5] * 100)
+        next(it)
+        print(" ".join(str(w.proc.pid) for w in pool._workers), flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+    """)
+    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert p.returncode == -9, p.stderr
+    pids = [int(x) for x in p.stdout.split()]
+    assert len(pids) == 2
+    deadline = time.monotonic() + 10
+    alive = pids
+    while alive and time.monotonic() < deadline:
+        alive = [q for q in pids if os.path.exists(f"/proc/{q}") and "Z" not in open(f"/proc/{q}/stat").read().split()[2]]
+        time.sleep(0.1)
+    assert not alive

@@ -1,0 +1,170 @@
+"""Webdataset and parquet inputs: fixtures written in the test from the packaged photos (img2dataset's
+layout), with a corrupt member, a sample without an image and a truncated tar; items, captions and
+vectors checked against a build of the same photos from a folder."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mmretrieve.errors import InputError, SourceNotFoundError
+from mmretrieve.index import open_index
+from mmretrieve.ingest import add_to_index, build_index
+from mmretrieve.media.images import load_image
+from mmretrieve.media.shards import expand_braces, is_shard_source, iter_webdataset, resolve_shards
+from mmretrieve.testing.shards import truncate, write_parquet, write_webdataset
+
+
+def _items(name):
+    idx = open_index(name)
+    items = sorted(idx.meta.iter_items(), key=lambda it: it.key)
+    return idx, items
+
+
+def _vectors_by_caption(name):
+    idx, items = _items(name)
+    vecs = idx.vectors([it.id for it in items])
+    return {it.caption: v for it, v in zip(items, vecs)}
+
+
+@pytest.fixture()
+def folder_ref(tmp_path, samples, tiny_clip):
+    """The photos built from a folder, with a manifest carrying the captions: the reference vectors."""
+    rows = [{"path": s.path, "id": s.id, "caption": s.caption} for s in samples]
+    m = tmp_path / "photos.jsonl"
+    m.write_text("\n".join(json.dumps(r) for r in rows))
+    build_index("folder", m, encoder=tiny_clip)
+    return _vectors_by_caption("folder")
+
+
+def test_webdataset_shards_with_bad_samples(tmp_path, samples, tiny_clip, folder_ref):
+    photos = list(samples[:18])
+    bad = [("broken.jpg", b"\xff\xd8\xff\xe0 this is not a jpeg", "a corrupt member")]
+    shards = write_webdataset(photos[:6] + bad + photos[6:], tmp_path / "wds", per_shard=7)
+    with tarfile.open(shards[1], "a") as tf:  # a sample with a caption and no image
+        info = tarfile.TarInfo("999999999.txt")
+        info.size = 4
+        tf.addfile(info, io.BytesIO(b"lost"))
+    truncate(shards[-1], 0.6)  # the last shard was cut short mid-member
+
+    before = set(os.listdir(tmp_path))
+    report = build_index("wds", str(tmp_path / "wds" / "{00000..00002}.tar"), encoder=tiny_clip)
+    assert set(os.listdir(tmp_path)) == before  # streamed: nothing unpacked beside the shards
+
+    reasons = {s.uri: s.reason for s in report.skipped}
+    assert "corrupt image" in reasons[f"{shards[0]}#000000006.jpg"]
+    assert "cut short" in reasons[f"{shards[-1]}#000000016"]
+    assert any("no image in the sample" in r for r in reasons.values())
+    assert any(u == str(shards[-1]) and "truncated or corrupt tar" in r for u, r in reasons.items())
+    idx, items = _items("wds")
+    assert report.added == len(items) > 12
+    assert report.scanned == report.added + len(report.skipped)
+    # keys and captions from the samples' json / txt, metadata kept without img2dataset's bookkeeping
+    it = next(i for i in items if i.key == "000000000")
+    assert it.caption == photos[0].caption and it.extra["url"].endswith("000000000.png") and "status" not in it.extra
+    assert it.uri == f"{shards[0]}#000000000{Path(photos[0].path).suffix}"
+    # the same vectors as the photos read from files (same bytes, same decoder)
+    for i in items:
+        np.testing.assert_allclose(idx.vectors([i.id])[0], folder_ref[i.caption], atol=1e-6)
+    # a hit can be opened again (search results, rerankers, thumbnails): read at its offset in the tar
+    im = load_image(it.uri)
+    assert im.size == Image.open(photos[0].path).size
+    hits = idx.search(image=it.uri, k=1)
+    assert hits[0].key == "000000000"
+
+
+def test_parquet_bytes_paths_and_bad_rows(tmp_path, samples, tiny_clip, folder_ref):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    files = write_parquet(samples[:10], tmp_path / "pq", per_file=5)
+    # Hugging Face's image struct, a row without an image, a path relative to the file
+    rel = tmp_path / "pq" / "imgs"
+    rel.mkdir()
+    shutil.copyfile(samples[10].path, rel / Path(samples[10].path).name)
+    pq.write_table(pa.table({"key": ["hf", "empty"], "caption": [samples[11].caption, "nothing"],
+                             "image": [{"bytes": Path(samples[11].path).read_bytes(), "path": None}, None]}),
+                   tmp_path / "pq" / "00002.parquet")
+    pq.write_table(pa.table({"id": ["rel"], "text": [samples[10].caption],
+                             "image_path": [f"imgs/{Path(samples[10].path).name}"]}), tmp_path / "pq" / "00003.parquet")
+    (tmp_path / "pq" / "00004.parquet").write_bytes(b"PAR1 not really")
+    report = build_index("pq", tmp_path / "pq", encoder=tiny_clip)
+    reasons = {s.key: s.reason for s in report.skipped}
+    assert "no image bytes and no image path" in reasons["empty"]
+    assert any("not a readable parquet file" in r for r in reasons.values())
+    idx, items = _items("pq")
+    keys = {i.key for i in items}
+    assert {"hf", "rel", "000000000", "000000009"} <= keys and len(items) == 12
+    for i in items:
+        np.testing.assert_allclose(idx.vectors([i.id])[0], folder_ref[i.caption], atol=1e-6)
+    row = next(i for i in items if i.key == "000000007")
+    assert row.uri == f"{files[1]}#2" and load_image(row.uri).size == Image.open(samples[7].path).size
+    assert next(i for i in items if i.key == "rel").uri == str((rel / Path(samples[10].path).name).resolve())
+
+
+def test_parquet_without_an_image_column_names_the_file(tmp_path, tiny_clip):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"key": ["a"], "url": ["https://example.org/a.jpg"]}), tmp_path / "meta.parquet")
+    with pytest.raises(InputError, match="meta.parquet: no image column"):
+        build_index("x", tmp_path / "meta.parquet", encoder=tiny_clip)
+
+
+def test_shard_patterns_and_folders(tmp_path, samples):
+    assert expand_braces("s/{000..002}.tar") == ["s/000.tar", "s/001.tar", "s/002.tar"]
+    assert expand_braces("{a,b}-{1..2}") == ["a-1", "a-2", "b-1", "b-2"]
+    shards = write_webdataset(samples[:4], tmp_path / "d", per_shard=2)
+    (tmp_path / "d" / "00000.parquet").write_bytes(b"img2dataset metadata, not a shard")
+    (tmp_path / "d" / "00000_stats.json").write_text("{}")
+    assert resolve_shards(tmp_path / "d") == [p.resolve() for p in shards]  # the tars, not the metadata
+    assert is_shard_source(tmp_path / "d") and is_shard_source(str(tmp_path / "d" / "{00000..00001}.tar"))
+    photos = tmp_path / "photos[2024]"  # a folder of images with a stray tar stays a folder
+    photos.mkdir()
+    shutil.copyfile(samples[0].path, photos / Path(samples[0].path).name)
+    shutil.copyfile(shards[0], photos / "backup.tar")
+    assert not is_shard_source(photos)
+    with pytest.raises(SourceNotFoundError, match="1 shard"):
+        resolve_shards(str(tmp_path / "d" / "{00000..00002}.tar"))
+
+
+def test_missing_shard_is_reported_before_the_model_loads(tmp_path, samples):
+    write_webdataset(samples[:2], tmp_path / "d", per_shard=1)
+    with pytest.raises(SourceNotFoundError, match=r"4 shard\(s\) of .* not found, e.g. .*00002.tar"):
+        build_index("x", str(tmp_path / "d" / "{00000..00005}.tar"), encoder="no-such-encoder")
+
+
+def test_gzipped_tar_and_member_reads(tmp_path, samples):
+    shards = write_webdataset(samples[:3], tmp_path / "d", per_shard=3)
+    gz = tmp_path / "d.tar.gz"
+    with open(shards[0], "rb") as src, __import__("gzip").open(gz, "wb") as dst:
+        dst.write(src.read())
+    got = [s.key for s in iter_webdataset(gz)]
+    assert got == ["000000000", "000000001", "000000002"]
+    member = f"{gz}#000000001{Path(samples[1].path).suffix}"
+    assert load_image(member).size == Image.open(samples[1].path).size
+    from mmretrieve.errors import BadImageError
+
+    with pytest.raises(BadImageError, match="no member"):
+        load_image(f"{shards[0]}#nope.jpg")
+
+
+def test_add_from_shards_encodes_only_new_samples(tmp_path, samples, tiny_clip):
+    shards = write_webdataset(samples[:12], tmp_path / "all", per_shard=4)
+    (tmp_path / "d").mkdir()
+    for p in shards[:2]:
+        shutil.copy2(p, tmp_path / "d")
+    build_index("wds", tmp_path / "d", encoder=tiny_clip)
+    shutil.copy2(shards[2], tmp_path / "d")  # a new shard
+    r = add_to_index("wds", tmp_path / "d")
+    assert (r.added, r.updated, r.unchanged) == (4, 0, 8)
+    _, items = _items("wds")
+    assert len(items) == 12
