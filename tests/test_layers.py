@@ -181,7 +181,10 @@ def test_build_on_an_existing_index_refuses_before_any_model_loads(photo_dir, ti
     monkeypatch.setattr(mmretrieve.encoders, "create_encoder", tripwire)
     monkeypatch.setattr("mmretrieve.ingest.build.create_encoder", tripwire)
     with pytest.raises(IndexExistsError, match="already exists"):
-        build_index("p", photo_dir, encoder=tiny_clip.name)
+        build_index("p", photo_dir, encoder=tiny_clip.name, resume=False)
+    with pytest.raises(IndexExistsError, match="already exists and was built from"):
+        build_index("p", photo_dir / "sub", encoder=tiny_clip.name)
+    assert build_index("p", photo_dir, encoder=tiny_clip.name).up_to_date  # the same source: nothing to do
 
 
 # ---- one error hierarchy --------------------------------------------------------------------------

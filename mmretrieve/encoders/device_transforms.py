@@ -28,7 +28,9 @@ def _resize(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
 
 
 class ShortSideCrop:
-    """Resize the short side to ``size`` (bicubic, antialiased) and centre-crop ``crop`` (open_clip, timm)."""
+    """Resize the short side to ``size`` (bicubic, antialiased) and centre-crop ``crop`` (open_clip, timm).
+    An image longer than ``MAX_ASPECT`` : 1 is first cut to its centre at that ratio, as the PIL path does
+    (``Uint8Transform.bound``), so a 1 x 100000 image costs bounded work here too."""
 
     def __init__(self, size: int, crop: tuple[int, int]) -> None:
         self.size, self.crop = int(size), (int(crop[0]), int(crop[1]))
@@ -36,9 +38,16 @@ class ShortSideCrop:
     def __call__(self, images: Sequence[torch.Tensor]) -> torch.Tensor:
         from torchvision.transforms.v2 import functional as TF
 
+        from mmretrieve.encoders.transforms import MAX_ASPECT
+
         out = []
         for x in images:
             h, w = x.shape[-2:]
+            keep = max(1, int(min(h, w) * MAX_ASPECT))
+            if max(h, w) > keep:
+                off = (max(h, w) - keep) // 2
+                x = x[..., :, off : off + keep] if w > h else x[..., off : off + keep, :]
+                h, w = x.shape[-2:]
             s = self.size / min(h, w)
             x = _resize(x, max(1, round(h * s)), max(1, round(w * s)))
             out.append(TF.center_crop(x, list(self.crop)))
@@ -70,6 +79,8 @@ def device_transform(encoder) -> Callable[[Sequence[torch.Tensor]], torch.Tensor
         return LongSidePad(tf.size)
     steps = list(getattr(getattr(tf, "pre", None), "transforms", []))
     names = [type(s).__name__ for s in steps]
+    if getattr(tf, "mean", None) is None:  # a pipeline run whole (float output): no tensor equivalent
+        return None
     if names[:2] == ["Resize", "CenterCrop"] and all(n in ("MaybeConvertMode", "_convert_to_rgb", "function") for n in names[2:]):
         size = steps[0].size
         if isinstance(size, (list, tuple)):

@@ -90,27 +90,24 @@ def build_index(
     prev = None if overwrite or not (path / MANIFEST).is_file() else read_manifest(path)
     state = _resumable(prev, path, resume) if prev is not None else None  # refused before the source is read
     src = open_source(source)  # a wrong source is reported before any model is loaded
-    if state is not None and state.get("identity") != src.identity:
-        raise IndexExistsError(f"index {path} already exists and was built from {state.get('source')}, not {src.display}; "
-                               "use `mmretrieve index add` to add this source or --overwrite to rebuild")
     vcfg = resolve_video_config(video)
+    options = {"factory": factory.strip(), "video": vcfg, "vector_dtype": str(vector_dtype).lower()}
+    if state is not None:
+        _check_resume(path, state, src, options, bool(patches))
+        if state.get("complete") and isinstance(encoder, str) and encoder == prev["encoder"].get("name"):
+            return _up_to_date(src, path, engine, prev, t0)  # nothing to do: no model is loaded
     enc = _encoder(encoder)
     pcfg = patch_config(enc, patches)
+    options["patches"] = pcfg
     report = _report(src, path, engine)
-    options = {"factory": factory.strip(), "patches": pcfg, "video": vcfg, "vector_dtype": str(vector_dtype).lower()}
     if state is not None:
         check_encoder_compat(prev["encoder"], enc.info.to_dict(), path)
         _check_same_options(path, state.get("options") or {}, options)
         if state.get("complete"):
-            report.up_to_date, report.version = True, prev["version"]
-            report.seconds = time.perf_counter() - t0
-            return report
+            return _up_to_date(src, path, engine, prev, t0)
         writer = IndexWriter(path, encoder_info=enc.info.to_dict(), retain=retain)
     else:
-        writer = IndexWriter(path, encoder_info=enc.info.to_dict(), factory=factory, patches=pcfg, video=vcfg, create=True,
-                             overwrite=overwrite, vector_dtype=vector_dtype, retain=retain)
-        state = {"source": src.display, "identity": src.identity, "kind": src.kind, "units_done": 0, "complete": False,
-                 "options": json.loads(json.dumps(options))}
+        writer, state = _new_build(path, src, enc, options, overwrite=overwrite, retain=retain)
     run = _Run(writer, enc, report, batch_size=batch_size, workers=workers, on_bad_vectors=on_bad_vectors, strict=strict,
                image_timeout=image_timeout, engine=engine, ray_address=ray_address, ray_actors=ray_actors, decode=decode,
                unit_items=unit_items, state=state)
@@ -177,6 +174,37 @@ def _resumable(prev: dict, path: Path, resume: bool | None) -> dict:
         raise IndexExistsError(f"index {path} already exists{why}; use `mmretrieve index add` to update it or "
                                "--overwrite to rebuild")
     return dict(state)
+
+
+def _check_resume(path: Path, state: dict, src: BuildSource, options: dict, patches: bool) -> None:
+    """The same source and the same options as the build being continued (checked before any model
+    loads: the patch configuration, which needs the encoder, only for being asked or not)."""
+    if state.get("identity") != src.identity:
+        raise IndexExistsError(f"index {path} already exists and was built from {state.get('source')}, not {src.display}; "
+                               "use `mmretrieve index add` to add this source or --overwrite to rebuild")
+    _check_same_options(path, state.get("options") or {}, options)
+    before = bool((state.get("options") or {}).get("patches"))
+    if "patches" in (state.get("options") or {}) and before != patches:
+        raise UsageError(f"index {path} is being built {'with' if before else 'without'} patch features, this command "
+                         f"asks {'for them' if patches else 'for none'}: run the same command to resume, or --overwrite "
+                         "to start again")
+
+
+def _new_build(path: Path, src: BuildSource, enc, options: dict, *, overwrite: bool, retain) -> tuple[IndexWriter, dict]:
+    """The writer of a new index and the build state its manifests will carry."""
+    writer = IndexWriter(path, encoder_info=enc.info.to_dict(), factory=options["factory"], patches=options["patches"],
+                         video=options["video"], create=True, overwrite=overwrite, vector_dtype=options["vector_dtype"],
+                         retain=retain)
+    state = {"source": src.display, "identity": src.identity, "kind": src.kind, "units_done": 0, "complete": False,
+             "options": json.loads(json.dumps(options))}
+    return writer, state
+
+
+def _up_to_date(src: BuildSource, path: Path, engine: str, prev: dict, t0: float) -> IngestReport:
+    report = _report(src, path, engine)
+    report.up_to_date, report.version = True, prev["version"]
+    report.seconds = time.perf_counter() - t0
+    return report
 
 
 def _check_same_options(path: Path, before: dict, now: dict) -> None:

@@ -1,6 +1,7 @@
-"""Batched image decoding to tensors on a device: JPEGs on the GPU (nvJPEG through
-``torchvision.io.decode_jpeg(list, device="cuda")``), other formats and any JPEG the GPU refuses on the
-CPU through the safe loader.
+"""Batched image decoding to tensors on a device: JPEGs on the GPU (nvJPEG, one call per batch, through
+TorchCodec's ``decode_jpeg(list, device="cuda")``, or torchvision's where TorchCodec is not installed:
+torchvision deprecated its decoders in 0.29 in favour of TorchCodec), other formats and any JPEG the
+GPU refuses on the CPU through the safe loader.
 
 Every image's header is read first (Pillow, no pixels decoded): the format allowlist and the
 decompression-bomb limits of ``load_image`` apply before a byte reaches a decoder. On a machine without
@@ -11,6 +12,7 @@ is the fallback tested here. Reference: pytorch/vision #8496 measured batched GP
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 from collections.abc import Sequence
@@ -72,8 +74,7 @@ def decode_batch(datas: Sequence[bytes], names: Sequence[str], *, device: torch.
                  formats=DEFAULT_FORMATS, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> DecodedBatch:
     """Decode images to RGB CHW uint8 tensors on ``device``: plain JPEGs in one batched ``decode_jpeg``
     call there, the rest (PNG, WebP, JPEGs with an EXIF rotation, any the batch refuses) with the safe loader."""
-    from torchvision.io import ImageReadMode, decode_jpeg
-
+    decode_jpeg = jpeg_decoder()
     dev = torch.device(device)
     out = DecodedBatch()
     jpegs: list[int] = []
@@ -89,7 +90,7 @@ def decode_batch(datas: Sequence[bytes], names: Sequence[str], *, device: torch.
     if jpegs:
         raw = [torch.frombuffer(bytearray(datas[i]), dtype=torch.uint8) for i in jpegs]
         try:
-            imgs = decode_jpeg(raw, mode=ImageReadMode.RGB, device=dev)
+            imgs = decode_jpeg(raw, device=dev)
             decoded.update(zip(jpegs, imgs))
         except RuntimeError as e:  # one bad JPEG fails the batch call: decode those one by one on the CPU path
             log.debug("batched JPEG decode failed (%s); decoding those images one by one", e)
@@ -107,8 +108,36 @@ def decode_batch(datas: Sequence[bytes], names: Sequence[str], *, device: torch.
     return out
 
 
+@functools.lru_cache(maxsize=1)
+def jpeg_decoder():
+    """``f(list of uint8 byte tensors, device) -> list of RGB CHW uint8 tensors``: TorchCodec's decoder
+    when it loads (it must match the installed torch), else torchvision's."""
+    try:
+        from torchcodec.decoders import decode_jpeg as tc
+
+        def decode(raw, device):
+            return tc(raw, mode="RGB", device=device)
+
+        decode.backend = "torchcodec"
+        return decode
+    except Exception as e:  # not installed, or built for another torch (a library that fails to load)
+        log.debug("TorchCodec unavailable (%s); decoding JPEGs with torchvision", e)
+    import warnings
+
+    from torchvision.io import ImageReadMode
+    from torchvision.io import decode_jpeg as tv
+
+    def decode(raw, device):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # deprecated for TorchCodec since 0.29
+            return tv(raw, mode=ImageReadMode.RGB, device=device)
+
+    decode.backend = "torchvision"
+    return decode
+
+
 def gpu_decode_available() -> bool:
     return torch.cuda.is_available()
 
 
-__all__ = ["decode_batch", "DecodedBatch", "gpu_decode_available"]
+__all__ = ["decode_batch", "DecodedBatch", "gpu_decode_available", "jpeg_decoder"]
