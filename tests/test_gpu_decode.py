@@ -15,7 +15,7 @@ from PIL import Image
 from mmretrieve.encoders.device_transforms import LongSidePad, ShortSideCrop, device_transform
 from mmretrieve.errors import DeviceError
 from mmretrieve.ingest.build import _decode_for
-from mmretrieve.ingest.stages import read_images, read_images_on_device
+from mmretrieve.ingest.stages import UnitEnd, read_images, read_images_on_device
 from mmretrieve.media.gpu_decode import decode_batch
 from mmretrieve.media.images import load_image
 from mmretrieve.media.scan import SourceItem
@@ -100,6 +100,25 @@ def test_reading_on_the_device_gives_the_cpu_readers_batches(samples, tiny_clip,
     b = tiny_clip.encode_image_tensors(torch.stack([t for b in cpu for t in b.tensors]))
     cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
     assert cos.min() > 0.99
+
+
+def test_both_readers_cut_their_batches_at_each_unit_end(samples, tiny_clip, tmp_path):
+    """One stream of several shards: a batch never holds inputs (or skips) of two units, an empty unit or
+    one of skips only still ends, and every input comes out once, in order."""
+    it = lambda i: SourceItem(key=f"s{i}", uri=samples[i % len(samples)].path)  # noqa: E731
+    bad = lambda k: (SourceItem(key=k, uri=f"x.tar#{k}"), "cut short")  # noqa: E731
+    stream = [it(0), it(1), it(2), bad("b0"), UnitEnd("u0"),  # 3 ok and a skip, cut short of the batch size
+              UnitEnd("u1"),  # an empty unit
+              bad("b1"), UnitEnd("u2"),  # skips only
+              it(3), SourceItem(key="gone", uri=str(tmp_path / "gone.jpg")), it(4), it(5), it(6), UnitEnd("u3"),
+              it(7)]  # a tail without an end
+    want = [(["s0", "s1", "s2"], ["b0"], ["u0"]), ([], [], ["u1"]), ([], ["b1"], ["u2"]),
+            (["s3", "s4", "s5"], ["gone"], []), (["s6"], [], ["u3"]), (["s7"], [], [])]
+    for batches in (list(read_images(stream, tiny_clip.image_transform, batch_size=4, workers=1)),
+                    list(read_images_on_device(stream, tiny_clip, batch_size=4))):
+        got = [([i.key for i in b.items], [s.key for s in b.skipped], b.unit_ends) for b in batches]
+        assert got == want
+        assert all(len(b.tensors) == len(b.items) == len(b.sizes) for b in batches)
 
 
 def test_the_decoder_is_chosen_by_the_encoders_device(tiny_clip):

@@ -309,8 +309,11 @@ class Index:
                 T[offsets[j] : offsets[j + 1]] = ts[sl]
             else:
                 rest.append(j)
-                if it.extra.get("timestamp") is not None:
-                    T[offsets[j]] = float(it.extra["timestamp"])
+                if it.kind == "frame" and it.extra.get("timestamp") is not None:  # a manifest column is not one
+                    try:
+                        T[offsets[j]] = float(it.extra["timestamp"])
+                    except (TypeError, ValueError):
+                        pass
         if rest:
             E[offsets[rest]] = self.vectors([int(ids[j]) for j in rest])
         return (torch.from_numpy(E) if as_torch else E), T, offsets
@@ -336,6 +339,9 @@ class Index:
     def search_vectors(self, queries: np.ndarray, k: int = 10, *, nprobe: int | None = None,
                        ef_search: int | None = None, exclude: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """``queries`` (n, d) float32 -> (scores (n, k), ids (n, k)); missing slots have id -1."""
+        from mmretrieve.config import positive_int
+
+        k = positive_int(k, "k", "Index.search_vectors")
         return self.vector_index.search(queries, k, nprobe=nprobe, ef_search=ef_search, exclude=exclude)
 
     def gpu_searcher(self):
@@ -347,10 +353,13 @@ class Index:
 
         return version_summaries(self.path)
 
-    def search(self, query: Query | None = None, *, text=None, image=None, video=None, fusion: str | None = None,
-               k: int = 10, exclude: Sequence[int | str] | None = None, exclude_reference: bool = True,
-               pipeline=None, **options: Any) -> SearchResults:
+    def search(self, query: Query | None = None, *, text=None, image=None, video=None, item=None,
+               fusion: str | None = None, k: int = 10, exclude: Sequence[int | str] | None = None,
+               exclude_reference: bool = True, pipeline=None, **options: Any) -> SearchResults:
         """Search by text, image (or video), or both (composed). Returns ``SearchResults`` (best first).
+
+        ``image`` is always a file (or a shard member ``<shard>.tar#<member>``); ``item`` is an indexed
+        item (id, key, ``id:N`` / ``key:K``) whose stored vector is the query's visual side.
 
         ``fusion`` and its ``options`` (``weight``; ``k1``, ``mode``) say how a composed query is searched
         (default: the pipeline's coarse fusion, else ``sum``); unknown options are refused.
@@ -358,6 +367,8 @@ class Index:
         it out of the results (what composed retrieval asks for). ``pipeline``: a ``Pipeline`` of
         rerankers (or a preset name / spec string / list); without one, only the coarse stage runs.
         """
+        if item is not None:
+            options["item"] = item
         return _search.search(self, query, text=text, image=image, video=video, fusion=fusion, k=k, exclude=exclude,
                               exclude_reference=exclude_reference, pipeline=pipeline, **options)
 

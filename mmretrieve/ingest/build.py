@@ -20,7 +20,7 @@ from mmretrieve.encoders import DEFAULT_ENCODER, create_encoder
 from mmretrieve.errors import DeviceError, IndexExistsError, InputError, SkippedInputsError, UsageError
 from mmretrieve.ingest.ray_engine import check_engine
 from mmretrieve.ingest.report import IngestReport
-from mmretrieve.ingest.stages import run_stages, skipped_of
+from mmretrieve.ingest.stages import UnitEnd, run_stages, skipped_of
 from mmretrieve.media.scan import ScanResult, SourceItem
 from mmretrieve.media.sources import BuildSource, Unit, open_source
 from mmretrieve.runtime import progress_enabled
@@ -317,6 +317,16 @@ class _Run:
                           local=self._run_local, address=self.ray_address, actors=self.ray_actors,
                           batch_size=self.batch_size, on_bad_vectors=self.on_bad_vectors, bar=bar, select=select)
                 return
+            if src.sharded:  # one stream through one decoder pool, a unit published as its last batch is written
+                last = units[-1] if units else None
+
+                def stream():
+                    for unit in units:
+                        yield from self.stream(unit)
+                        yield UnitEnd(unit)
+
+                self._run_local(stream(), bar, on_unit_end=lambda u: self.unit_done(u, src, last=u is last))
+                return
             for i, unit in enumerate(units):
                 self._run_local(self.stream(unit), bar)
                 self.unit_done(unit, src, last=i == len(units) - 1)
@@ -332,11 +342,12 @@ class _Run:
             return changed_only(unit.read(), *self._fingerprints, self.report)
         return unit.read()
 
-    def _run_local(self, items, bar) -> None:
+    def _run_local(self, items, bar, on_unit_end=None) -> None:
         """The local engine on some items (the Ray engine's videos go this way too)."""
         n_before = self.report.encoded + len(self.report.skipped) + self.report.unchanged
         run_stages(self.writer, items, self.encoder, self.report, batch_size=self.batch_size, workers=self.workers,
-                   on_bad_vectors=self.on_bad_vectors, image_timeout=self.image_timeout, decode=self.decode, bar=bar)
+                   on_bad_vectors=self.on_bad_vectors, image_timeout=self.image_timeout, decode=self.decode, bar=bar,
+                   on_unit_end=on_unit_end)
         if not isinstance(items, list):  # a shard: its samples are counted as they are read
             self.report.scanned += self.report.encoded + len(self.report.skipped) + self.report.unchanged - n_before
 

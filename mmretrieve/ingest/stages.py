@@ -14,11 +14,12 @@
 
 from __future__ import annotations
 
+import collections
 import functools
 import logging
 import os
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,6 +54,7 @@ class Decoded:
     sizes: list[tuple[int, int]] = field(default_factory=list)  # images: (width, height)
     videos: list[dict[str, Any]] = field(default_factory=list)  # videos: decode_video's dicts
     skipped: list[Skipped] = field(default_factory=list)
+    unit_ends: list[Any] = field(default_factory=list)  # units whose last input is in this batch
 
 
 @dataclass
@@ -115,65 +117,101 @@ def _one_thread(*_: Any) -> None:
     torch.set_num_threads(1)
 
 
-class _Feed:
-    """Turns a stream of items (or ``(item, reason)`` pairs known bad) into decoder jobs, keeping each
-    job's item until its result is back and the bad ones as skips for the next batch."""
+@dataclass(frozen=True)
+class UnitEnd:
+    """A marker in a stream of items: everything before it belongs to ``unit`` (one shard). The readers
+    cut their batch there, so the write stage can publish a unit as soon as its last batch is written
+    while the decoders go on with the next one."""
 
-    def __init__(self, items: Iterable[SourceItem | tuple[SourceItem, str]]) -> None:
+    unit: Any
+
+
+class _Feed:
+    """Turns a stream of items (``(item, reason)`` pairs known bad, ``UnitEnd`` markers) into decoder jobs,
+    keeping each job's item until its result is back, and the skips and unit ends in stream order."""
+
+    def __init__(self, items: Iterable[SourceItem | tuple[SourceItem, str] | UnitEnd]) -> None:
         self.items = items
         self.pending: dict[int, SourceItem] = {}
-        self.skips: list[Skipped] = []
+        self.events: collections.deque = collections.deque()  # ("job", n) | ("skip", Skipped) | ("end", unit)
         self.n = 0
 
     def jobs(self) -> Iterator[str | tuple[str, bytes]]:
         for it in self.items:
+            if isinstance(it, UnitEnd):
+                self.events.append(("end", it.unit))
+                continue
             if isinstance(it, tuple):
-                self.skips.append(skipped_of(*it))
+                self.events.append(("skip", skipped_of(*it)))
                 log.warning("skipped %s: %s", printable(it[0].uri), printable(it[1]))
                 continue
             self.pending[self.n] = it
+            self.events.append(("job", self.n))
             self.n += 1
             yield it.uri if it.data is None else (it.uri, it.data)
 
-    def take_skips(self) -> list[Skipped]:
-        out, self.skips = self.skips, []
-        return out
+    def batches(self, results: Iterable[tuple[int, Any]], batch_size: int) -> Iterator[Decoded]:
+        """Results in job order (``(tensor, (w, h))`` or ``TaskFailure``) -> batches of ``batch_size``
+        inputs, cut at each unit end; the skips go with the batch they came in the stream with."""
+        out = Decoded("image", [])
+        for i, res in results:
+            while True:  # what came in the stream before job i
+                kind, val = self.events.popleft()
+                if kind == "job":
+                    break
+                if kind == "skip":
+                    out.skipped.append(val)
+                else:
+                    out.unit_ends.append(val)
+                    yield out
+                    out = Decoded("image", [])
+            it = self.pending.pop(i)
+            if isinstance(res, TaskFailure):
+                out.skipped.append(skipped_of(it, res.reason))
+                log.warning("skipped %s: %s", printable(it.uri), printable(res.reason))
+            else:
+                tensor, size = res
+                out.items.append(it)
+                out.tensors.append(tensor)
+                out.sizes.append(size)
+            if len(out.items) + len(out.skipped) >= batch_size:
+                yield out
+                out = Decoded("image", [])
+        for kind, val in self.events:  # the stream is read to its end: what came after the last job
+            if kind == "skip":
+                out.skipped.append(val)
+            elif kind == "end":
+                out.unit_ends.append(val)
+                yield out
+                out = Decoded("image", [])
+        self.events.clear()
+        if out.items or out.skipped:
+            yield out
 
 
-def read_images(items: Iterable[SourceItem | tuple[SourceItem, str]], transform, *, batch_size: int,
+def read_images(items: Iterable[SourceItem | tuple[SourceItem, str] | UnitEnd], transform, *, batch_size: int,
                 workers: int | None = None, timeout: float | None = None) -> Iterator[Decoded]:
     """Decode images in worker processes (a ``TimeoutPool``), ``batch_size`` inputs per ``Decoded``.
 
-    ``items`` may be a stream (a shard's samples, image bytes in ``data``): it is read as the workers
-    need it. A decoder that fails, crashes, is killed (e.g. out of memory) or takes longer than
-    ``timeout`` seconds costs its own input only, reported with the reason; a fresh worker takes over."""
+    ``items`` may be a stream (a shard's samples, image bytes in ``data``; ``UnitEnd`` markers between
+    shards): it is read as the workers need it, by one pool for the whole stream. A decoder that fails,
+    crashes, is killed (e.g. out of memory) or takes longer than ``timeout`` seconds costs its own input
+    only, reported with the reason; a fresh worker takes over."""
     n = default_workers() if workers is None else max(1, workers)
     depth = max(4, min(256, 4 * batch_size // n))  # keeps the workers decoding while a batch is encoded
     task = DecodeImage(transform)
     limit = DEFAULT_IMAGE_TIMEOUT if timeout is None else float(timeout)
     feed = _Feed(items)
-    with TimeoutPool(workers=n, timeout=limit, init=_one_thread, depth=depth) as pool:
-        out = Decoded("image", [])
+
+    def results(pool) -> Iterator[tuple[int, Any]]:
         for i, res in pool.imap(task, feed.jobs()):
-            it = feed.pending.pop(i)
-            out.skipped.extend(feed.take_skips())
-            if isinstance(res, TaskFailure):
-                out.skipped.append(skipped_of(it, res.reason))
-                log.warning("skipped %s: %s", printable(it.uri), printable(res.reason))
-            else:
-                arr, w, h = res
-                out.items.append(it)
-                out.tensors.append(torch.from_numpy(arr))
-                out.sizes.append((w, h))
-            if len(out.items) + len(out.skipped) >= batch_size:
-                yield out
-                out = Decoded("image", [])
-        out.skipped.extend(feed.take_skips())
-        if out.items or out.skipped:
-            yield out
+            yield i, res if isinstance(res, TaskFailure) else (torch.from_numpy(res[0]), (res[1], res[2]))
+
+    with TimeoutPool(workers=n, timeout=limit, init=_one_thread, depth=depth) as pool:
+        yield from feed.batches(results(pool), batch_size)
 
 
-def read_images_on_device(items: Iterable[SourceItem | tuple[SourceItem, str]], encoder: Encoder, *,
+def read_images_on_device(items: Iterable[SourceItem | tuple[SourceItem, str] | UnitEnd], encoder: Encoder, *,
                           batch_size: int) -> Iterator[Decoded]:
     """Decode batches of images on the encoder's device (``--decode gpu``): JPEGs in one batched
     ``decode_jpeg`` call there, the rest on the CPU with the safe loader, then the encoder's resize /
@@ -186,50 +224,50 @@ def read_images_on_device(items: Iterable[SourceItem | tuple[SourceItem, str]], 
     if tf is None:
         raise UsageError(f"encoder {encoder.name!r} has a preprocessing without a device equivalent; use --decode cpu")
     feed = _Feed(items)
-    jobs = feed.jobs()
-    while True:
-        chunk = [j for _, j in zip(range(batch_size), jobs)]
-        out = Decoded("image", [], skipped=feed.take_skips())
-        if not chunk:
-            if out.skipped:
-                yield out
-            return
-        first = feed.n - len(chunk)
-        its, datas = [], []
-        for j, job in enumerate(chunk):
-            it = feed.pending.pop(first + j)
-            data = job[1] if isinstance(job, tuple) else _read_file(it, out)
-            if data is not None:
-                its.append(it)
-                datas.append(data)
-        res = decode_batch(datas, [it.uri for it in its], device=encoder.device)
-        for j, reason in res.failed:
-            out.skipped.append(skipped_of(its[j], reason))
-            log.warning("skipped %s: %s", printable(its[j].uri), printable(reason))
-        if res.images:
-            out.items = [its[j] for j in res.index]
-            out.tensors = list(tf(res.images))
-            out.sizes = list(res.sizes)
-        yield out
+
+    def results() -> Iterator[tuple[int, Any]]:
+        jobs = feed.jobs()
+        while True:
+            chunk = [j for _, j in zip(range(batch_size), jobs)]
+            if not chunk:
+                return
+            first = feed.n - len(chunk)
+            got: dict[int, Any] = {}
+            idx, datas = [], []
+            for j, job in enumerate(chunk):
+                it = feed.pending[first + j]
+                data, reason = (job[1], None) if isinstance(job, tuple) else _read_file(it)
+                if data is None:
+                    got[first + j] = TaskFailure(reason)
+                else:
+                    idx.append(first + j)
+                    datas.append(data)
+            res = decode_batch(datas, [feed.pending[i].uri for i in idx], device=encoder.device)
+            for j, reason in res.failed:
+                got[idx[j]] = TaskFailure(reason)
+            if res.images:
+                for j, t, size in zip(res.index, tf(res.images), res.sizes):
+                    got[idx[j]] = (t, size)
+            for i in range(first, first + len(chunk)):
+                yield i, got[i]
+
+    yield from feed.batches(results(), batch_size)
 
 
 #: a file larger than this is not read into memory for device decoding (no photo is this large)
 MAX_DEVICE_DECODE_BYTES = 256 << 20
 
 
-def _read_file(it: SourceItem, out: Decoded) -> bytes | None:
-    """A file's bytes for device decoding, or None with the reason recorded as a skip."""
+def _read_file(it: SourceItem) -> tuple[bytes | None, str | None]:
+    """A file's bytes for device decoding, or (None, the reason it is skipped)."""
     try:
         size = os.path.getsize(it.uri)
         if size > MAX_DEVICE_DECODE_BYTES:
             raise OSError(f"{size} bytes is over the {MAX_DEVICE_DECODE_BYTES} a photo may take")
         with open(it.uri, "rb") as fh:
-            return fh.read()
+            return fh.read(), None
     except OSError as e:
-        reason = "file not found" if isinstance(e, FileNotFoundError) else f"cannot read file: {e.strerror or e}"
-        out.skipped.append(skipped_of(it, reason))
-        log.warning("skipped %s: %s", printable(it.uri), printable(reason))
-        return None
+        return None, "file not found" if isinstance(e, FileNotFoundError) else f"cannot read file: {e.strerror or e}"
 
 
 def read_videos(items: Sequence[SourceItem], transform, sampling: dict, *, workers: int | None = None) -> Iterator[Decoded]:
@@ -332,11 +370,13 @@ class WriteStage:
 # ---- one write ------------------------------------------------------------------------------------
 def run_stages(writer, items: Iterable[SourceItem | tuple[SourceItem, str]], encoder: Encoder, report: IngestReport, *,
                batch_size: int | None = None, workers: int | None = None, on_bad_vectors: str = "error",
-               image_timeout: float | None = None, decode: str = "cpu", bar=None) -> None:
+               image_timeout: float | None = None, decode: str = "cpu", bar=None,
+               on_unit_end: Callable[[Any], None] | None = None) -> None:
     """Decode, encode and add ``items`` to ``writer``, recording skips in ``report``.
 
     ``items``: a list (videos go through their own reader), or a stream of images read as the decoders
-    need it (a shard's samples); ``(item, reason)`` pairs are inputs already known bad. ``decode``:
+    need it (shards' samples, a ``UnitEnd`` after each shard: ``on_unit_end(unit)`` is called once all
+    of the unit is written); ``(item, reason)`` pairs are inputs already known bad. ``decode``:
     ``cpu`` (decoder processes) or ``gpu`` (batches decoded and resized on the encoder's device).
     ``image_timeout``: seconds per image before its decoder is killed (default 30). ``bar``: a progress
     bar to advance (one is made otherwise). Time spent per stage accumulates in ``report.stages``."""
@@ -382,9 +422,12 @@ def run_stages(writer, items: Iterable[SourceItem | tuple[SourceItem, str]], enc
                 clock["encode"] = clock.get("encode", 0.0) + (t2 - t1)
                 clock["write"] = clock.get("write", 0.0) + (time.perf_counter() - t2)
                 bar.update(len(batch.items) + len(batch.skipped))
+                for unit in batch.unit_ends:
+                    if on_unit_end is not None:
+                        on_unit_end(unit)
     finally:
         if own:
             bar.close()
 
 
-__all__ = ["Decoded", "Encoded", "DecodeImage", "read_images", "read_images_on_device", "read_videos", "EncodeStage", "WriteStage", "run_stages"]
+__all__ = ["Decoded", "Encoded", "UnitEnd", "DecodeImage", "read_images", "read_images_on_device", "read_videos", "EncodeStage", "WriteStage", "run_stages"]

@@ -5,8 +5,9 @@ killed (the kernel's OOM killer) takes only its own process down; either way the
 failed with its reason and a fresh worker takes its place. Results come back in input order.
 
 Each worker holds up to ``depth`` tasks, so it keeps decoding while the parent is busy elsewhere (e.g.
-encoding the previous batch); a thread in the worker sends finished results, so a full pipe never stops
-the decoding. Every worker publishes the task it is running (and since when) in a small shared-memory
+encoding the previous batch); a thread in the worker sends finished results, and a thread in the parent
+sends each worker its tasks, so a full pipe stops neither the decoding nor the parent (a task of image
+bytes, a shard sample, is far larger than a pipe holds). Every worker publishes the task it is running (and since when) in a small shared-memory
 board: that is how a crash or a timeout is charged to exactly one input, and the other tasks the worker
 held are handed to its replacement.
 """
@@ -32,9 +33,9 @@ log = logging.getLogger(__name__)
 
 #: a worker that dies between tasks this many times in a row takes the input it held first down with it
 _MAX_BLAMELESS_DEATHS = 3
-#: bytes of tasks queued to one worker at most: well under a pipe's capacity (64 KiB on Linux), so handing
-#: out work never blocks on a worker that hangs
-_MAX_QUEUED_BYTES = 16 * 1024
+#: bytes of tasks queued to one worker at most (memory only: tasks go through the worker's feeding thread,
+#: so a send to a worker that hangs blocks that thread, never the parent)
+_MAX_QUEUED_BYTES = 64 << 20
 
 
 @dataclass
@@ -90,6 +91,19 @@ def _die_with_parent(parent: int) -> None:
     threading.Thread(target=watch, daemon=True).start()
 
 
+def _feed(conn: Connection, outbox: queue.SimpleQueue) -> None:
+    """The parent's feeding thread for one worker: sends its tasks in order; ends at ``None`` or when the
+    pipe breaks (the worker died or was killed)."""
+    while True:
+        msg = outbox.get()
+        if msg is None:
+            return
+        try:
+            conn.send_bytes(msg)
+        except (BrokenPipeError, OSError, ValueError):
+            return
+
+
 def _worker_main(tasks: Connection, out: Connection, board, fn: Callable[[Any], Any],
                  init: Callable[[], None] | None, parent: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C
@@ -130,6 +144,17 @@ class _Worker:
         self.sizes: dict[int, int] = {}  # bytes of each task sent and not answered yet
         self.queued_bytes = 0
         self.sent_at = 0.0
+        self.outbox: queue.SimpleQueue = queue.SimpleQueue()
+        self.feeder = threading.Thread(target=_feed, args=(self.tasks, self.outbox), daemon=True)
+        self.feeder.start()
+
+    def send(self, msg: bytes) -> None:
+        self.outbox.put(msg)
+
+    def stop(self) -> None:
+        """Ask the worker to finish (after the tasks already queued) and the feeding thread to end."""
+        self.outbox.put(_ForkingPickler.dumps(None))
+        self.outbox.put(None)
 
     def running(self) -> tuple[int | None, float]:
         """(index, start) of the task the worker is running now, or (None, 0) between tasks."""
@@ -143,6 +168,7 @@ class _Worker:
         except (OSError, ValueError):
             pass
         self.proc.join(timeout=5)
+        self.outbox.put(None)
         for c in (self.tasks, self.out):
             c.close()
 
@@ -175,10 +201,7 @@ class TimeoutPool:
 
     def close(self) -> None:
         for w in self._workers:
-            try:
-                w.tasks.send(None)
-            except (BrokenPipeError, OSError):
-                pass
+            w.stop()
         for w in self._workers:
             w.proc.join(timeout=1)
             if w.proc.is_alive():
@@ -238,7 +261,7 @@ class TimeoutPool:
                     return
                 msg = _ForkingPickler.dumps(item)
                 if w.inflight and w.queued_bytes + len(msg) > _MAX_QUEUED_BYTES:
-                    self._retry.appendleft(item)  # the pipe could fill: a send to a hung worker would block
+                    self._retry.appendleft(item)  # enough queued for this worker
                     break
                 idx, arg = item
                 self._args[idx] = arg
@@ -247,10 +270,7 @@ class TimeoutPool:
                 w.inflight.append(idx)
                 w.sizes[idx] = len(msg)
                 w.queued_bytes += len(msg)
-                try:
-                    w.tasks.send_bytes(msg)
-                except (BrokenPipeError, OSError):  # died already: noticed when its results pipe closes
-                    break
+                w.send(msg)  # a dead worker is noticed when its results pipe closes
 
     def _wait_s(self, busy: list[_Worker]) -> float:
         now = time.monotonic()

@@ -13,8 +13,10 @@ import errno
 import fcntl
 import json
 import logging
+import os
 import shutil
 import time
+import weakref
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -130,6 +132,16 @@ class IndexWriter:
                 raise IndexLockedError(f"index {self.path} is being written by another process") from None
             raise
         self._lock_fh = fh
+        _HOLDERS.add(self)
+
+    def _forget_lock_in_child(self) -> None:
+        """In a forked child: drop the inherited copy of the lock without unlocking (``flock`` locks
+        belong to the open file, shared with the parent; ``LOCK_UN`` here would free the parent's)."""
+        if self._lock_fh is not None:
+            with contextlib.suppress(OSError):
+                self._lock_fh.close()
+            self._lock_fh = None
+        self._closed = True
 
     def _release_lock(self) -> None:
         if self._lock_fh is not None:
@@ -672,3 +684,18 @@ def rollback(path: Path, version: str = "previous") -> dict:
 
 
 __all__ = ["IndexWriter", "rollback", "load_view", "SEGMENT_ROWS"]
+
+
+#: writers holding a lock in this process: a forked child (a decoder worker) closes its copies at once,
+#: so a killed build's lock is free as soon as the build itself is gone, not when its workers are
+_HOLDERS: weakref.WeakSet = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for w in list(_HOLDERS):
+        w._forget_lock_in_child()
+    _HOLDERS.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -164,6 +164,48 @@ def test_a_dead_readers_lease_does_not_keep_files_forever(tmp_path):
     assert not list((path / "leases").glob("*.json"))
 
 
+def test_a_forked_child_of_a_killed_writer_does_not_keep_the_lock(tmp_path):
+    """A writer's process forks (decoder workers do) and is killed: the index is free for the next writer
+    at once, while the child still runs; and a child closing its copy does not unlock its parent."""
+    path = tmp_path / "i"
+    _base(path)
+    script = textwrap.dedent(f"""
+        import os, signal, sys, time
+        from mmretrieve.store import IndexWriter
+        w = IndexWriter({str(path)!r})
+        pid = os.fork()
+        if pid == 0:  # a child that outlives its parent (off the pipes the test reads)
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, 1)
+            os.dup2(null, 2)
+            time.sleep(30)
+            os._exit(0)
+        print(pid, flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+    """)
+    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert p.returncode == -signal.SIGKILL, p.stderr[-2000:]
+    child = int(p.stdout.split()[0])
+    try:
+        os.kill(child, 0)  # still alive
+        _add_more(path)
+    finally:
+        os.kill(child, signal.SIGKILL)
+    # in one process: a forked child dropping the writer leaves the parent's lock held
+    w = IndexWriter(path, encoder_info=INFO)
+    try:
+        pid = os.fork()
+        if pid == 0:
+            w.abort()
+            os._exit(0)
+        assert os.waitpid(pid, 0)[1] == 0
+        with pytest.raises(Exception, match="being written by another process"):
+            IndexWriter(path, encoder_info=INFO)
+    finally:
+        w.abort()
+    _add_more(path, "again")
+
+
 def _user_namespaces_work() -> bool:
     if not shutil.which("unshare"):
         return False
