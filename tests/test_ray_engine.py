@@ -31,6 +31,9 @@ def ray_tmp(monkeypatch):
     monkeypatch.setenv("RAY_TMPDIR", d)
     monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # loopback only
     monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
+    from ray._private import ray_constants
+
+    monkeypatch.setattr(ray_constants, "ENABLE_RAY_CLUSTER", False)  # what the variable gives when read at import
     yield d
     if ray.is_initialized():
         ray.shutdown()
@@ -109,6 +112,24 @@ def test_local_mode_folder_with_videos_and_a_broken_file(ray_tmp, tmp_path, samp
     got, want = _state("ray"), _state("local")
     _assert_same(got, want)
     assert sum(1 for v in got[0].values() if v[2] == "video") == 1
+
+
+def test_the_engines_own_ray_listens_on_loopback_only(ray_tmp, monkeypatch):
+    """Started by the engine (no address): every socket Ray opens is on loopback, on a machine with other
+    interfaces too, even when Ray was imported before the environment was set (as here, at collection)."""
+    from ray._private import ray_constants
+
+    from mmretrieve.ingest.ray_engine import ray_session
+
+    monkeypatch.setattr(ray_constants, "ENABLE_RAY_CLUSTER", True)  # as a Ray imported without the variable
+    monkeypatch.delenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")
+    before = _listening()
+    with ray_session(num_cpus=1) as r:
+        opened = _listening() - before
+        assert r.is_initialized()
+    assert opened and all(ipaddress.ip_address(ip).is_loopback for ip, _ in opened), opened
+    assert not ray.is_initialized()  # stopped, as it was started here
+    assert ray_constants.ENABLE_RAY_CLUSTER  # the caller's setting is back
 
 
 def test_two_node_cluster_gives_the_local_engines_index(ray_tmp, shards, tiny_clip):

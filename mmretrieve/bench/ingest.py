@@ -114,11 +114,13 @@ def _encoder_rate(enc, files: list[Path], bs: int) -> tuple[float, float]:
 
 def _ray_runs(tmp: Path, source: Path, enc, n: int, bs: int, local_ips: float) -> list[dict]:
     """The Ray engine: local mode with 1 and 2 actors, then a 2-node cluster on this machine."""
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # loopback only
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
     from ray.cluster_utils import Cluster
 
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    from mmretrieve.ingest.ray_engine import loopback_only
+
     rtmp = tempfile.mkdtemp(prefix="mmr-ray-", dir="/tmp")
     os.makedirs(os.path.join(rtmp, "ray"), exist_ok=True)
     cpus = os.cpu_count() or 2
@@ -134,27 +136,28 @@ def _ray_runs(tmp: Path, source: Path, enc, n: int, bs: int, local_ips: float) -
                      "steady_images_per_s": round(steady, 1), "over_local": round(n / sec / local_ips, 3),
                      "steady_over_local": round(steady / local_ips, 3)})
 
-    try:
-        t = time.perf_counter()
-        ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False, _temp_dir=rtmp)
-        init_s = time.perf_counter() - t
-        for actors in (1, 2):
-            one("local", actors, init_s)
-        ray.shutdown()
-        t = time.perf_counter()
-        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": max(1, cpus // 2), "temp_dir": rtmp,
-                                                                "include_dashboard": False})
+    with loopback_only(True):  # every socket on 127.0.0.1, wherever Ray was imported first
         try:
-            cluster.add_node(num_cpus=max(1, cpus - cpus // 2))
-            ray.init(address=cluster.address, _temp_dir=rtmp, log_to_driver=False)
-            one("2-node", 2, time.perf_counter() - t)
+            t = time.perf_counter()
+            ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False, _temp_dir=rtmp)
+            init_s = time.perf_counter() - t
+            for actors in (1, 2):
+                one("local", actors, init_s)
+            ray.shutdown()
+            t = time.perf_counter()
+            cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": max(1, cpus // 2), "temp_dir": rtmp,
+                                                                    "include_dashboard": False})
+            try:
+                cluster.add_node(num_cpus=max(1, cpus - cpus // 2))
+                ray.init(address=cluster.address, _temp_dir=rtmp, log_to_driver=False)
+                one("2-node", 2, time.perf_counter() - t)
+            finally:
+                ray.shutdown()
+                cluster.shutdown()
         finally:
-            ray.shutdown()
-            cluster.shutdown()
-    finally:
-        if ray.is_initialized():
-            ray.shutdown()
-        shutil.rmtree(rtmp, ignore_errors=True)
+            if ray.is_initialized():
+                ray.shutdown()
+            shutil.rmtree(rtmp, ignore_errors=True)
     return rows
 
 

@@ -66,10 +66,27 @@ def _ray():
 
 
 @contextlib.contextmanager
+def loopback_only(on: bool) -> Iterator[None]:
+    """... and for this one, where Ray read the variable when first imported (by a caller, before us):
+    without it, a Ray started on a machine with a network listens on every interface."""
+    if not on:
+        yield
+        return
+    from ray._private import ray_constants
+
+    before = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") not in ("0", "false", "False")
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = before
+
+
+@contextlib.contextmanager
 def ray_session(address: str | None = None, *, num_cpus: int | None = None) -> Iterator[Any]:
     """Ray connected to ``address``, or started on this machine (loopback only); shut down afterwards
     only if started here. An already initialised Ray (a caller's own) is used as it is."""
-    if address is None:  # a Ray of our own listens on 127.0.0.1 only (read when Ray is imported)
+    if address is None:  # a Ray of our own listens on 127.0.0.1 only: for its processes ...
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     ray = _ray()
@@ -83,7 +100,8 @@ def ray_session(address: str | None = None, *, num_cpus: int | None = None) -> I
         else:
             kw["num_cpus"] = num_cpus
         try:
-            ray.init(**kw)
+            with loopback_only(address is None):
+                ray.init(**kw)
         except ConnectionError as e:
             raise UsageError(f"cannot connect to the Ray cluster at {address}: {e}") from None
         started = True
