@@ -603,3 +603,30 @@ def test_missing_ray_is_reported_before_any_model_loads(monkeypatch, tmp_path, s
 
     with pytest.raises(MissingDependencyError, match=r"mmretrieve\[ray\]"):
         build_index("x", samples[0].path, encoder="no-such-encoder", engine="ray")
+
+
+@pytest.mark.parametrize("gpus,cpus,nodes,asked,want", [
+    (2, 16, [16], None, (2, 1.0)),  # one actor per GPU
+    (2, 16, [16], 1, (1, 1.0)),
+    (2, 16, [16], 3, "has 2 GPU"),  # more actors than GPUs: refused, not silently run on CPUs
+    (0, 2, [2], None, (1, 0.0)),  # one per two CPUs
+    (0, 2, [2], 8, "leave no CPU"),  # would starve the read and decode tasks (a silent hang in Ray)
+    (0, 2, [1, 1], 2, (2, 0.0)),
+])
+def test_the_encoder_pool_is_sized_to_the_cluster(gpus, cpus, nodes, asked, want):
+    """The pool-size rule on the resources a cluster reports (GPUs cannot be had here)."""
+    from mmretrieve.errors import UsageError
+    from mmretrieve.ingest.ray_engine import _actor_count
+
+    class Cluster:  # what ray.cluster_resources() and ray.nodes() report
+        def cluster_resources(self):
+            return {"CPU": float(cpus), **({"GPU": float(gpus)} if gpus else {})}
+
+        def nodes(self):
+            return [{"Alive": True, "Resources": {"CPU": float(c)}} for c in nodes]
+
+    if isinstance(want, str):
+        with pytest.raises(UsageError, match=want):
+            _actor_count(Cluster(), asked)
+    else:
+        assert _actor_count(Cluster(), asked) == want

@@ -607,3 +607,40 @@ def test_a_refused_heavy_request_gives_its_slot_back(home, embedded, bad_files, 
             assert svc.heavy.depth == 0
     finally:
         svc.close()
+
+
+def test_thumbnails_and_media_of_samples_inside_shards(tmp_path, samples, embedded):
+    """An index built from webdataset and parquet shards: its hits have thumbnails and their original
+    bytes (read from the shard); a shard cut short since answers 404 naming the problem, never a 500."""
+    from mmretrieve.ingest import build_index
+    from mmretrieve.testing.shards import truncate, write_parquet, write_webdataset
+
+    home = tmp_path / "indexes"
+    tars = write_webdataset(samples[:4], tmp_path / "wds", per_shard=2)
+    write_parquet(samples[:3], tmp_path / "pq", per_file=3)
+    build_index("wds", tmp_path / "wds", encoder=embedded, index_dir=home)
+    build_index("pq", tmp_path / "pq", encoder=embedded, index_dir=home)
+    svc = make_service(home, embedded, indexes=["wds", "pq"])
+    try:
+        with TestClient(create_app(svc), base_url="http://127.0.0.1") as c:
+            for name, n in (("wds", 4), ("pq", 3)):
+                idx = svc.manager.get(name).index
+                items = list(idx.items(list(range(n))).values())
+                assert len(items) == n
+                for it in items:
+                    info = c.get(f"/api/v1/indexes/{name}/items/{it.id}").json()
+                    assert info["thumbnail"] and info["media"]
+                    t = c.get(info["thumbnail"], params={"size": 64})
+                    assert t.status_code == 200 and max(Image.open(io.BytesIO(t.content)).size) == 64
+                    m = c.get(info["media"])
+                    assert m.status_code == 200 and m.headers["content-type"].startswith("image/")
+                    assert m.headers["x-content-type-options"] == "nosniff"
+                    im = Image.open(io.BytesIO(m.content))
+                    assert im.size == (it.width, it.height)
+            idx = svc.manager.get("wds").index
+            last = next(it for it in idx.items(list(range(4))).values() if it.uri.startswith(str(tars[-1])))
+            truncate(tars[-1], 0.2)  # the shard is cut short after the build
+            err(c.get(f"/api/v1/indexes/wds/items/{last.id}/media"), 404, "")
+            err(c.get(f"/api/v1/indexes/wds/items/{last.id}/thumbnail", params={"size": 128}), 404, "")
+    finally:
+        svc.close()

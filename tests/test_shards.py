@@ -168,3 +168,74 @@ def test_add_from_shards_encodes_only_new_samples(tmp_path, samples, tiny_clip):
     assert (r.added, r.updated, r.unchanged) == (4, 0, 8)
     _, items = _items("wds")
     assert len(items) == 12
+
+
+def _tar_of(path: Path, samples: list[tuple[str, Path]]) -> Path:
+    """A webdataset shard whose samples are ``(key, photo)``: keys may repeat."""
+    with tarfile.open(path, "w") as tf:
+        for key, photo in samples:
+            for name, data in ((f"{key}{Path(photo).suffix}", Path(photo).read_bytes()), (f"{key}.txt", f"{key} from {path.name}".encode())):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+    return path
+
+
+def test_a_key_met_again_is_skipped_and_the_first_sample_kept(tmp_path, samples, tiny_clip, monkeypatch):
+    """Keys repeat within a shard, within one batch and across shards: the first sample keeps the key,
+    the others are skipped with the reason (keyed by their own uri, so they never remove the first);
+    the same index whatever the batch size, and when the build is interrupted and resumed."""
+    d = tmp_path / "wds"
+    d.mkdir()
+    ph = [s.path for s in samples]
+    s0 = _tar_of(d / "00000.tar", [("a", ph[0]), ("b", ph[1]), ("a", ph[2]), ("c", ph[3])])
+    s1 = _tar_of(d / "00001.tar", [("b", ph[4]), ("d", ph[5])])
+
+    def state(name):
+        idx, items = _items(name)
+        rows = {it.key: (it.uri, it.caption) for it in items}
+        skips = sorted((s.key, s.reason) for s in idx.meta.skipped())
+        vecs = {it.key: v for it, v in zip(items, idx.vectors([it.id for it in items]))}
+        idx.close()
+        return rows, skips, vecs
+
+    r = build_index(tmp_path / "one", d, encoder=tiny_clip, batch_size=4)  # a, b, a, c: a repeat inside a batch
+    assert (r.added, len(r.skipped)) == (4, 2)
+    rows, skips, vecs = state(tmp_path / "one")
+    assert rows == {"a": (f"{s0}#a{Path(ph[0]).suffix}", "a from 00000.tar"), "b": (f"{s0}#b{Path(ph[1]).suffix}", "b from 00000.tar"),
+                    "c": (f"{s0}#c{Path(ph[3]).suffix}", "c from 00000.tar"), "d": (f"{s1}#d{Path(ph[5]).suffix}", "d from 00001.tar")}
+    assert [k for k, _ in skips] == [f"{s0}#a{Path(ph[2]).suffix}", f"{s1}#b{Path(ph[4]).suffix}"]
+    assert all("duplicate key" in why for _, why in skips)
+    build_index(tmp_path / "two", d, encoder=tiny_clip, batch_size=1)
+    got = state(tmp_path / "two")
+    assert got[:2] == (rows, skips)
+
+    # interrupted once the first shard is committed, then the same command: b's repeat in shard 1 is
+    # still a repeat of a key committed by the first run
+    from mmretrieve.store.writer import IndexWriter
+
+    real, calls = IndexWriter.add, [0]
+
+    def failing(self, *a, **k):
+        calls[0] += 1
+        if calls[0] == 3:  # a, b | c (the second a dropped) | then d, in the second shard
+            raise KeyboardInterrupt
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(IndexWriter, "add", failing)
+    with pytest.raises(KeyboardInterrupt):
+        build_index(tmp_path / "resumed", d, encoder=tiny_clip, batch_size=2)
+    monkeypatch.setattr(IndexWriter, "add", real)
+    r = build_index(tmp_path / "resumed", d, encoder=tiny_clip, batch_size=2)
+    assert r.units_resumed == 1
+    got = state(tmp_path / "resumed")
+    assert got[:2] == (rows, skips)
+    for k, v in got[2].items():
+        np.testing.assert_allclose(v, vecs[k], atol=1e-6)
+
+
+def test_a_pattern_of_a_billion_shards_is_refused_at_once():
+    with pytest.raises(InputError, match="names 1000000000 shards"):
+        expand_braces("shards/{000000000..999999999}.tar")
+    with pytest.raises(InputError, match="names 1000000000 shards"):
+        resolve_shards("shards/{0..999}-{0..999}-{0..999}.tar")

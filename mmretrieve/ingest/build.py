@@ -315,7 +315,8 @@ class _Run:
                 run_units(self.writer, units, self.encoder, self.report,
                           on_unit_done=lambda u, last: self.unit_done(u, src, last=last),
                           local=self._run_local, address=self.ray_address, actors=self.ray_actors,
-                          batch_size=self.batch_size, on_bad_vectors=self.on_bad_vectors, bar=bar, select=select)
+                          batch_size=self.batch_size, on_bad_vectors=self.on_bad_vectors, bar=bar, select=select,
+                          unique_keys=self._unique_keys(src))
                 return
             if src.sharded:  # one stream through one decoder pool, a unit published as its last batch is written
                 last = units[-1] if units else None
@@ -325,7 +326,8 @@ class _Run:
                         yield from self.stream(unit)
                         yield UnitEnd(unit)
 
-                self._run_local(stream(), bar, on_unit_end=lambda u: self.unit_done(u, src, last=u is last))
+                self._run_local(stream(), bar, on_unit_end=lambda u: self.unit_done(u, src, last=u is last),
+                                unique_keys=self._unique_keys(src))
                 return
             for i, unit in enumerate(units):
                 self._run_local(self.stream(unit), bar)
@@ -342,12 +344,19 @@ class _Run:
             return changed_only(unit.read(), *self._fingerprints, self.report)
         return unit.read()
 
-    def _run_local(self, items, bar, on_unit_end=None) -> None:
+    def _unique_keys(self, src: BuildSource) -> str | None:
+        """Shards' keys come from their samples and may repeat: the first sample keeps a key (a build's
+        committed units included when it resumes; an add's updates are not repeats)."""
+        if not src.sharded:
+            return None
+        return "build" if self.state is not None else "add"
+
+    def _run_local(self, items, bar, on_unit_end=None, unique_keys=None) -> None:
         """The local engine on some items (the Ray engine's videos go this way too)."""
         n_before = self.report.encoded + len(self.report.skipped) + self.report.unchanged
         run_stages(self.writer, items, self.encoder, self.report, batch_size=self.batch_size, workers=self.workers,
                    on_bad_vectors=self.on_bad_vectors, image_timeout=self.image_timeout, decode=self.decode, bar=bar,
-                   on_unit_end=on_unit_end)
+                   on_unit_end=on_unit_end, unique_keys=unique_keys)
         if not isinstance(items, list):  # a shard: its samples are counted as they are read
             self.report.scanned += self.report.encoded + len(self.report.skipped) + self.report.unchanged - n_before
 

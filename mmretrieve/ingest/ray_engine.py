@@ -206,9 +206,9 @@ class _Driver:
     local engine, as the local engine orders them) when the next one starts."""
 
     def __init__(self, units, writer, report: IngestReport, *, on_unit_done: Callable, local: Callable,
-                 on_bad_vectors: str, bar) -> None:
+                 on_bad_vectors: str, bar, unique_keys: str | None = None) -> None:
         self.units, self.report, self.bar = list(units), report, bar
-        self.sink = WriteStage(writer, report, on_bad_vectors=on_bad_vectors)
+        self.sink = WriteStage(writer, report, on_bad_vectors=on_bad_vectors, unique_keys=unique_keys)
         self.on_unit_done, self.local = on_unit_done, local
         self.next = 0  # the next unit to open
         self.open: int | None = None
@@ -291,6 +291,9 @@ def _actor_count(ray, actors: int | None) -> tuple[int, float]:
         return int(actors), 1.0
     if not actors and gpus:
         return gpus, 1.0
+    if gpus:  # a GPU each or none: actors beyond the GPUs would run the model on CPUs, far slower
+        raise UsageError(f"{int(actors)} encoder actors asked, but this Ray cluster has {gpus} GPU(s): one actor per GPU; "
+                         f"use --ray-actors {gpus} or fewer")
     n = int(actors) if actors else max(1, int(cpus // 2))
     # the worst placement packs the actors on as few nodes as possible; one node must keep TASK_CPUS free
     room = max((float(x["Resources"].get("CPU", 0)) for x in nodes), default=cpus)
@@ -303,7 +306,7 @@ def _actor_count(ray, actors: int | None) -> tuple[int, float]:
 
 def run_units(writer, units: Sequence, encoder, report: IngestReport, *, on_unit_done: Callable, local: Callable,
               address: str | None = None, actors: int | None = None, batch_size: int | None = None,
-              on_bad_vectors: str = "error", bar=None, select=None) -> None:
+              on_bad_vectors: str = "error", bar=None, select=None, unique_keys: str | None = None) -> None:
     """Decode and encode ``units`` on Ray; the driver writes the rows and calls ``on_unit_done(unit, last)``
     as each unit completes (in order). ``local(items, bar)`` runs a unit's videos through the local engine."""
     from mmretrieve.encoders import encoder_spec
@@ -318,7 +321,7 @@ def run_units(writer, units: Sequence, encoder, report: IngestReport, *, on_unit
         ctx.enable_progress_bars = False
         n_actors, gpu = _actor_count(ray, actors)
         driver = _Driver(units, writer, report, on_unit_done=on_unit_done, local=local, on_bad_vectors=on_bad_vectors,
-                         bar=bar)
+                         bar=bar, unique_keys=unique_keys)
         driver.select = select
         ds = _dataset(ray, units, driver.images, bs, n_actors)
         if ds is not None:

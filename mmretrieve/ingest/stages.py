@@ -337,13 +337,39 @@ def _item(it: SourceItem, w: int, h: int) -> Item:
 
 # ---- writer ---------------------------------------------------------------------------------------
 class WriteStage:
-    """Adds encoded batches to an ``IndexWriter`` and keeps the report's counts."""
+    """Adds encoded batches to an ``IndexWriter`` and keeps the report's counts.
 
-    def __init__(self, writer, report: IngestReport, *, on_bad_vectors: str = "error") -> None:
+    ``unique_keys`` (a stream of shards, where keys come from the samples): a key met again is skipped
+    and reported (the first sample keeps it) instead of replacing the first one. ``"build"``: keys
+    already in the index are this build's (committed before a resume), so they count as met; ``"add"``:
+    they are the items an add updates."""
+
+    def __init__(self, writer, report: IngestReport, *, on_bad_vectors: str = "error",
+                 unique_keys: str | None = None) -> None:
         self.writer = writer
         self.report = report
         self.on_bad_vectors = on_bad_vectors
         self.existing = set(writer.meta.fingerprints())
+        self.seen: set[str] | None = None
+        if unique_keys is not None:
+            self.seen = set(self.existing) if unique_keys == "build" else set()
+
+    def _first_of_each_key(self, enc: Encoded) -> Encoded:
+        keep, dups = [], []
+        for j, it in enumerate(enc.items):
+            if it.key in self.seen:
+                dups.append(Skipped(it.uri, it.uri, f"duplicate key {it.key!r}: an earlier sample has it (that one is indexed)",
+                                    it.size, it.mtime))
+                log.warning("skipped %s: duplicate key %s", printable(it.uri), printable(it.key))
+            else:
+                self.seen.add(it.key)
+                keep.append(j)
+        if not dups:
+            return enc
+        self.skip(dups)
+        return Encoded([enc.items[j] for j in keep], enc.vectors[keep],
+                       enc.patches[keep] if enc.patches is not None else None,
+                       frames=[enc.frames[j] for j in keep] if enc.frames is not None else None)
 
     def skip(self, skipped: Sequence[Skipped]) -> None:
         if skipped:
@@ -351,6 +377,10 @@ class WriteStage:
             self.report.skipped.extend(skipped)
 
     def write(self, enc: Encoded) -> None:
+        if self.seen is not None and enc.entries is None:
+            enc = self._first_of_each_key(enc)
+            if not enc.items:
+                return
         videos = [it.key for it in enc.items if it.kind == "video" and it.key in self.existing]
         if videos:  # a changed video: its old per-frame entries go, the new ones come with it
             old = self.writer.meta.frame_item_ids(videos)
@@ -371,12 +401,13 @@ class WriteStage:
 def run_stages(writer, items: Iterable[SourceItem | tuple[SourceItem, str]], encoder: Encoder, report: IngestReport, *,
                batch_size: int | None = None, workers: int | None = None, on_bad_vectors: str = "error",
                image_timeout: float | None = None, decode: str = "cpu", bar=None,
-               on_unit_end: Callable[[Any], None] | None = None) -> None:
+               on_unit_end: Callable[[Any], None] | None = None, unique_keys: str | None = None) -> None:
     """Decode, encode and add ``items`` to ``writer``, recording skips in ``report``.
 
     ``items``: a list (videos go through their own reader), or a stream of images read as the decoders
     need it (shards' samples, a ``UnitEnd`` after each shard: ``on_unit_end(unit)`` is called once all
-    of the unit is written); ``(item, reason)`` pairs are inputs already known bad. ``decode``:
+    of the unit is written); ``(item, reason)`` pairs are inputs already known bad. ``unique_keys``:
+    see ``WriteStage``. ``decode``:
     ``cpu`` (decoder processes) or ``gpu`` (batches decoded and resized on the encoder's device).
     ``image_timeout``: seconds per image before its decoder is killed (default 30). ``bar``: a progress
     bar to advance (one is made otherwise). Time spent per stage accumulates in ``report.stages``."""
@@ -390,7 +421,7 @@ def run_stages(writer, items: Iterable[SourceItem | tuple[SourceItem, str]], enc
         videos, images, total = [], items, None
     mapper = EncodeStage(encoder, patch_cfg=writer.patch_cfg, projection=writer.patch_projection(),
                          video_cfg=writer.video_cfg, batch_size=batch_size)
-    sink = WriteStage(writer, report, on_bad_vectors=on_bad_vectors)
+    sink = WriteStage(writer, report, on_bad_vectors=on_bad_vectors, unique_keys=unique_keys)
     readers = []
     if videos:
         readers.append(lambda: read_videos(videos, encoder.image_transform, writer.video_cfg, workers=workers))

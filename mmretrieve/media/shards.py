@@ -60,9 +60,28 @@ class ShardProblem:
     reason: str
 
 
+#: names a brace pattern may expand to (``{0..999999999}`` is a typo, not a collection)
+MAX_PATTERN_NAMES = 1_000_000
+
+
+def _count_names(pattern: str) -> int:
+    n = 1
+    for body in re.findall(r"\{([^{}]*)\}", pattern):
+        rng = re.fullmatch(r"(-?\d+)\.\.(-?\d+)", body)
+        n *= abs(int(rng.group(2)) - int(rng.group(1))) + 1 if rng else len(body.split(","))
+    return n
+
+
 def expand_braces(pattern: str) -> list[str]:
     """``a{00..02}.tar`` -> a00.tar a01.tar a02.tar (zero padding kept); ``{x,y}`` alternatives;
-    several groups multiply."""
+    several groups multiply (at most ``MAX_PATTERN_NAMES`` names)."""
+    n = _count_names(pattern)
+    if n > MAX_PATTERN_NAMES:
+        raise InputError(f"{pattern}: the pattern names {n} shards, over the {MAX_PATTERN_NAMES} a source may have")
+    return _expand(pattern)
+
+
+def _expand(pattern: str) -> list[str]:
     m = re.search(r"\{([^{}]*)\}", pattern)
     if not m:
         return [pattern]
@@ -76,7 +95,7 @@ def expand_braces(pattern: str) -> list[str]:
         options = [str(i).zfill(width) for i in range(lo, hi + step, step)]
     else:
         options = body.split(",")
-    return [x for opt in options for x in expand_braces(head + opt + tail)]
+    return [x for opt in options for x in _expand(head + opt + tail)]
 
 
 def resolve_shards(source: str | os.PathLike) -> list[Path]:
@@ -262,6 +281,8 @@ def read_member(uri: str) -> bytes:
             raise FileNotFoundError(f"{shard}: cannot read the tar ({e})") from None
         if loc is None:
             raise FileNotFoundError(f"{shard} has no member {member!r}")
+        if loc[1] > MAX_MEMBER_BYTES:
+            raise FileNotFoundError(f"{shard}: member {member!r} is {loc[1]} bytes, over the {MAX_MEMBER_BYTES} a sample may take")
         with open(shard, "rb") as fh:
             fh.seek(loc[0])
             data = fh.read(loc[1])

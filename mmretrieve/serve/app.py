@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+import urllib.parse
 from importlib import resources
 from pathlib import Path
 from typing import Annotated
@@ -290,7 +291,11 @@ def api_router(service: Service) -> APIRouter:
     @r.get("/indexes/{name}/items/{item_id}/media", summary="the original file (HTTP range requests supported)",
            response_class=FileResponse)
     def media(name: str, item_id: ItemId):
-        path, media_type = service.media(name, item_id)
+        path, media_type, data = service.media(name, item_id)
+        if data is not None:  # a sample inside a shard
+            return Response(data, media_type=media_type, headers={
+                "Cache-Control": "private, max-age=3600",
+                "Content-Disposition": f"inline; filename*=UTF-8''{urllib.parse.quote(Path(path).name)}"})
         return FileResponse(path, media_type=media_type, content_disposition_type="inline",
                             filename=Path(path).name, headers={"Cache-Control": "private, max-age=3600"})
 

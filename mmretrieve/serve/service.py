@@ -64,8 +64,30 @@ def _clean(v: Any) -> Any:
 
 
 def has_file(item) -> bool:
-    """Whether an item's uri is a file on this machine (not e.g. ``vec://3``)."""
-    return "://" not in str(item.uri) and Path(item.uri).is_file()
+    """Whether an item's uri is a file on this machine, or a member of a shard that is (not e.g.
+    ``vec://3``)."""
+    from mmretrieve.media.shards import split_member_uri
+
+    uri = str(item.uri)
+    if "://" in uri:
+        return False
+    if Path(uri).is_file():
+        return True
+    member = split_member_uri(uri)
+    return member is not None and member[0].is_file()
+
+
+def _image_type(data: bytes) -> str:
+    """The media type of image bytes named without an extension (a parquet row), from their header."""
+    import io
+
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return Image.MIME.get(im.format or "", "application/octet-stream")
+    except Exception:
+        return "application/octet-stream"
 
 
 @dataclass
@@ -447,15 +469,24 @@ class Service:
                 self._thumbs.popitem(last=False)
         return data, etag
 
-    def media(self, name: str, item_id: int) -> tuple[str, str]:
-        """(path, media type) of an indexed item's original file."""
+    def media(self, name: str, item_id: int) -> tuple[str, str, bytes | None]:
+        """(path, media type, bytes) of an indexed item's original file: bytes None for a file (sent from
+        disk), the member's bytes for a sample inside a webdataset or parquet shard."""
         import mimetypes
+
+        from mmretrieve.media.shards import read_member, split_member_uri
 
         _, it = self.item(name, item_id)
         if not has_file(it):
             raise ItemNotFoundError(f"item {item_id} of index {name!r} has no media file")
-        mt = mimetypes.guess_type(it.uri)[0] or "application/octet-stream"
-        return it.uri, mt
+        if Path(it.uri).is_file():
+            return it.uri, mimetypes.guess_type(it.uri)[0] or "application/octet-stream", None
+        try:
+            data = read_member(it.uri)
+        except OSError as e:  # the shard changed since: not found, not a 500
+            raise ItemNotFoundError(f"item {item_id} of index {name!r}: {e}") from None
+        member = split_member_uri(it.uri)[1]
+        return member, mimetypes.guess_type(member)[0] or _image_type(data), data
 
     # ---- embeddings -----------------------------------------------------------------------------------
     async def embed(self, req, upload: bytes | None = None) -> dict:
