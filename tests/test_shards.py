@@ -61,10 +61,11 @@ def test_webdataset_shards_with_bad_samples(tmp_path, samples, tiny_clip, folder
 
     reasons = {s.uri: s.reason for s in report.skipped}
     assert "corrupt image" in reasons[f"{shards[0]}#000000006.jpg"]
-    assert "cut short" in reasons[f"{shards[-1]}#000000016"]
+    assert "cut short" in reasons[f"{shards[-1]}#000000017"]  # the sample the cut is in; 16 before it is whole
     assert any("no image in the sample" in r for r in reasons.values())
     assert any(u == str(shards[-1]) and "truncated or corrupt tar" in r for u, r in reasons.items())
     idx, items = _items("wds")
+    assert "000000016" in {i.key for i in items}
     assert report.added == len(items) > 12
     assert report.scanned == report.added + len(report.skipped)
     # keys and captions from the samples' json / txt, metadata kept without img2dataset's bookkeeping
@@ -237,5 +238,163 @@ def test_a_key_met_again_is_skipped_and_the_first_sample_kept(tmp_path, samples,
 def test_a_pattern_of_a_billion_shards_is_refused_at_once():
     with pytest.raises(InputError, match="names 1000000000 shards"):
         expand_braces("shards/{000000000..999999999}.tar")
-    with pytest.raises(InputError, match="names 1000000000 shards"):
+    with pytest.raises(InputError, match="names more shards than the 1000000"):  # stopped as it passes the cap
         resolve_shards("shards/{0..999}-{0..999}-{0..999}.tar")
+    nested = "({{0..9}," + ",".join("abcdefghijklmnopqrstuvwxyz") + "})"
+    with pytest.raises(InputError, match="names more shards than"):  # nested groups count too
+        expand_braces(nested * 5)
+    assert expand_braces("{a,{b,c}}d{1,2}") == ["ad1", "ad2", "bd1", "bd2", "cd1", "cd2"]  # as a shell expands it
+
+
+def test_hostile_tar_members(tmp_path, samples, tiny_clip, monkeypatch):
+    """Links are never followed (a symlink to /etc/passwd, a hard link), directories and `../` names are
+    only names (nothing is extracted), and a sample with a member too large is skipped whole."""
+    from mmretrieve.media import shards as sh
+
+    monkeypatch.setattr(sh, "MAX_MEMBER_BYTES", 4096)
+    small = [s.path for s in samples if Path(s.path).stat().st_size <= 4096]
+    if not small:  # a photo small enough to stay under the cap
+        im = Image.new("RGB", (32, 24), (200, 30, 30))
+        p = tmp_path / "small.png"
+        im.save(p)
+        small = [str(p)]
+    photo = Path(small[0]).read_bytes()
+    path = tmp_path / "hostile.tar"
+    with tarfile.open(path, "w") as tf:
+        def add(name, data=b"", **kw):
+            info = tarfile.TarInfo(name)
+            for k, v in kw.items():
+                setattr(info, k, v)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data) if data else None)
+
+        add("passwd.jpg", type=tarfile.SYMTYPE, linkname="/etc/passwd")
+        add("dir", type=tarfile.DIRTYPE)
+        add("ok.png", photo)
+        add("hard.png", type=tarfile.LNKTYPE, linkname="ok.png")
+        add("../../escape.png", photo)
+        add("big.png", photo)
+        add("big.json", b"{" + b" " * 5000 + b"}")  # over the cap: the whole sample goes
+    r = build_index(tmp_path / "i", path, encoder=tiny_clip)
+    idx, items = _items(tmp_path / "i")
+    assert sorted(it.key for it in items) == ["../../escape", "ok"]
+    reasons = {s.key: s.reason for s in idx.meta.skipped()}
+    assert list(reasons) == ["big"] and "big.json is 5002 bytes" in reasons["big"]
+    assert r.added == 2 and not (tmp_path / "escape.png").exists() and not (tmp_path.parent / "escape.png").exists()
+    with pytest.raises(FileNotFoundError, match="no member"):
+        sh.read_member(f"{path}#passwd.jpg")  # a link is not a member to read
+    assert sh.read_member(f"{path}#../../escape.png") == photo
+    idx.close()
+
+
+def test_a_broken_sample_with_a_kept_key_does_not_remove_it(tmp_path, samples, tiny_clip, monkeypatch):
+    """A corrupt sample in a later shard with the key of a good one: the good one stays, interrupted or
+    not; and `index add` of the unchanged shards keeps the same sample for each key, again and again."""
+    d = tmp_path / "wds"
+    d.mkdir()
+    ph = [s.path for s in samples]
+    _tar_of(d / "00000.tar", [("a", ph[0]), ("b", ph[1])])
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
+    _tar_of(d / "00001.tar", [("a", bad), ("c", ph[2])])
+    _tar_of(d / "00002.tar", [("b", ph[3]), ("d", ph[4])])
+
+    def state(name):
+        idx, items = _items(name)
+        out = ({it.key: it.uri for it in items}, sorted((s.key, s.reason[:20]) for s in idx.meta.skipped()))
+        idx.close()
+        return out
+
+    r = build_index(tmp_path / "one", d, encoder=tiny_clip, batch_size=2)
+    want = state(tmp_path / "one")
+    assert sorted(want[0]) == ["a", "b", "c", "d"] and want[0]["a"].startswith(str(d / "00000.tar"))
+    assert r.stale_removed == 0 and len(want[1]) == 2
+    from mmretrieve.store.writer import IndexWriter
+
+    real, calls = IndexWriter.add, [0]
+
+    def failing(self, *a, **k):
+        calls[0] += 1
+        if calls[0] == 3:  # a, b | c | (the third shard): after the second shard is committed
+            raise KeyboardInterrupt
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(IndexWriter, "add", failing)
+    with pytest.raises(KeyboardInterrupt):
+        build_index(tmp_path / "resumed", d, encoder=tiny_clip, batch_size=2)
+    monkeypatch.setattr(IndexWriter, "add", real)
+    assert build_index(tmp_path / "resumed", d, encoder=tiny_clip, batch_size=2).units_resumed == 2
+    assert state(tmp_path / "resumed") == want
+    for _ in range(2):  # nothing changed: nothing moves
+        r = add_to_index(tmp_path / "one", d, encoder=tiny_clip)
+        assert (r.added, r.updated, r.stale_removed) == (0, 0, 0)
+        assert state(tmp_path / "one") == want
+
+
+def test_parquet_cells_of_the_wrong_type_and_corrupt_pages(tmp_path, samples, tiny_clip):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    photo = Path(samples[0].path).read_bytes()
+    d = tmp_path / "pq"
+    d.mkdir()
+    # an image column of strings and of huge integers: refused per row, never bytes(10**11)
+    pq.write_table(pa.table({"key": ["s"], "image": ["not bytes"]}), d / "a.parquet")
+    pq.write_table(pa.table({"key": ["n"], "bytes": [10**11]}), d / "b.parquet")
+    pq.write_table(pa.table({"key": ["p"], "path": [12345]}), d / "c.parquet")
+    pq.write_table(pa.table({"key": ["ok", "null"], "image": [photo, None]}), d / "d.parquet")
+    good = d / "e.parquet"
+    pq.write_table(pa.table({"key": [f"e{i}" for i in range(40)], "image": [photo] * 40}), good, row_group_size=10,
+                   compression="zstd")
+    col = pq.ParquetFile(good).metadata.row_group(1).column(1)  # the second row group's image pages
+    start = col.dictionary_page_offset if col.has_dictionary_page else col.data_page_offset
+    raw = bytearray(good.read_bytes())
+    for k in range(start, start + 64):  # a page header overwritten
+        raw[k] ^= 0xFF
+    good.write_bytes(bytes(raw))
+    r = build_index(tmp_path / "i", d, encoder=tiny_clip)
+    reasons = {s.key: s.reason for s in r.skipped}
+    assert "holds str, not image bytes" in reasons["s"] and "holds int, not image bytes" in reasons["n"]
+    assert "holds int, not a path" in reasons["p"] and "no image" in reasons["null"]
+    assert any("corrupt parquet data in rows 10-19" in why for why in reasons.values()), reasons
+    idx, items = _items(tmp_path / "i")
+    keys = {it.key for it in items}
+    assert keys == {"ok"} | {f"e{i}" for i in range(40) if not 10 <= i < 20}  # the damaged row group only is lost
+    idx.close()
+    assert build_index(tmp_path / "i", d, encoder=tiny_clip).up_to_date  # the next run completes, not fails again
+
+
+def test_members_read_back_are_the_ones_indexed(tmp_path, samples, tiny_clip):
+    """A member name added twice (`tar -r`): the first, as the build reads; a gzip tar named `.tar`; a
+    `#` in a member's name; members other than image, caption and metadata are not read."""
+    import gzip
+
+    from mmretrieve.media.shards import iter_webdataset, read_member
+
+    ph = [Path(s.path) for s in samples[:3]]
+    t = tmp_path / "twice.tar"
+    _tar_of(t, [("a", ph[0]), ("x#1", ph[1])])
+    with tarfile.open(t, "a") as tf:  # appended later under the same name
+        info = tarfile.TarInfo(f"a{ph[0].suffix}")
+        data = ph[2].read_bytes()
+        info.size = len(data)
+        tf.addfile(info, io.BytesIO(data))
+        npy = tarfile.TarInfo("a.npy")  # a large member nobody asked for
+        npy.size = 3 << 20
+        tf.addfile(npy, io.BytesIO(b"\0" * npy.size))
+    gz = tmp_path / "gz.tar"
+    gz.write_bytes(gzip.compress(t.read_bytes()))
+    for shard in (t, gz):
+        got = [s for s in iter_webdataset(shard) if getattr(s, "data", None)]
+        first = got[0]
+        assert first.key == "a" and first.data == ph[0].read_bytes()
+        assert read_member(first.uri) == ph[0].read_bytes()  # the same bytes as indexed
+        hashed = next(s for s in got if s.key == "x#1")
+        assert read_member(hashed.uri) == ph[1].read_bytes()
+        assert all("npy" not in str(s.extra) for s in got)
+    r = build_index(tmp_path / "i", gz, encoder=tiny_clip)
+    idx, items = _items(tmp_path / "i")
+    for it in items:
+        assert load_image(it.uri).size == (it.width, it.height)
+    idx.close()
+    assert r.added == 2

@@ -12,6 +12,7 @@ import logging
 import os
 import time
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -20,8 +21,9 @@ from mmretrieve.encoders import DEFAULT_ENCODER, create_encoder
 from mmretrieve.errors import DeviceError, IndexExistsError, InputError, SkippedInputsError, UsageError
 from mmretrieve.ingest.ray_engine import check_engine
 from mmretrieve.ingest.report import IngestReport
-from mmretrieve.ingest.stages import UnitEnd, run_stages, skipped_of
+from mmretrieve.ingest.stages import UnitEnd, duplicate_key, run_stages, skipped_of
 from mmretrieve.media.scan import ScanResult, SourceItem
+from mmretrieve.media.shards import split_member_uri
 from mmretrieve.media.sources import BuildSource, Unit, open_source
 from mmretrieve.runtime import progress_enabled
 from mmretrieve.store import DEFAULT_FACTORY, IndexWriter, read_manifest, resolve_index_path, resolve_item
@@ -255,6 +257,8 @@ class _Run:
         self.decode = _decode_for(encoder, decode)
         self.state = state
         self._fingerprints: tuple[dict, dict] | None = None
+        self._seen: set[str] | None = None
+        self._existing: set[str] | None = None
 
     def execute(self, src: BuildSource, *, select: bool, t0: float, prune: tuple[Path, set[str]] | None = None) -> None:
         writer, report = self.writer, self.report
@@ -264,8 +268,8 @@ class _Run:
             if self.strict and report.skipped:
                 raise SkippedInputsError(report)
             # an indexed item whose file is now broken or gone no longer stands for what is on disk
-            stale = [writer.meta.item_by_key(s.key) for s in report.skipped]
-            stale_ids = [it.id for it in stale if it is not None]
+            stale = [(writer.meta.item_by_key(s.key), s) for s in report.skipped]
+            stale_ids = [it.id for it, s in stale if it is not None and _same_place(it.uri, s.uri)]
             if stale_ids:
                 report.stale_removed = _remove_items(writer, stale_ids)
             if prune is not None:
@@ -316,7 +320,7 @@ class _Run:
                           on_unit_done=lambda u, last: self.unit_done(u, src, last=last),
                           local=self._run_local, address=self.ray_address, actors=self.ray_actors,
                           batch_size=self.batch_size, on_bad_vectors=self.on_bad_vectors, bar=bar, select=select,
-                          unique_keys=self._unique_keys(src))
+                          seen=self._keys_met() if src.sharded else None)
                 return
             if src.sharded:  # one stream through one decoder pool, a unit published as its last batch is written
                 last = units[-1] if units else None
@@ -326,8 +330,8 @@ class _Run:
                         yield from self.stream(unit)
                         yield UnitEnd(unit)
 
-                self._run_local(stream(), bar, on_unit_end=lambda u: self.unit_done(u, src, last=u is last),
-                                unique_keys=self._unique_keys(src))
+                self._seen = self._keys_met()
+                self._run_local(stream(), bar, on_unit_end=lambda u: self.unit_done(u, src, last=u is last))
                 return
             for i, unit in enumerate(units):
                 self._run_local(self.stream(unit), bar)
@@ -338,25 +342,31 @@ class _Run:
         when adding to an index)."""
         if unit.items is not None:
             return unit.items
+        samples = first_of_each_key(unit.read(), self._seen) if self._seen is not None else unit.read()
         if self.state is None:  # an add: samples already indexed unchanged are not decoded again
             if self._fingerprints is None:
                 self._fingerprints = (self.writer.meta.fingerprints(), self.writer.meta.skipped_fingerprints())
-            return changed_only(unit.read(), *self._fingerprints, self.report)
-        return unit.read()
+            return changed_only(samples, *self._fingerprints, self.report)
+        return samples
 
-    def _unique_keys(self, src: BuildSource) -> str | None:
-        """Shards' keys come from their samples and may repeat: the first sample keeps a key (a build's
-        committed units included when it resumes; an add's updates are not repeats)."""
-        if not src.sharded:
-            return None
-        return "build" if self.state is not None else "add"
+    def _keys_met(self) -> set[str]:
+        """The keys a shard stream has met before its first sample: none for an add (its samples update
+        the index's); for a build, those of the units committed before a resume, indexed or skipped."""
+        if self.state is None:
+            return set()
+        prev = self.writer.prev
+        if not int(self.state.get("units_done", 0)) or not prev:  # a new build (--overwrite too): none met yet
+            return set()
+        return set(self.writer.meta.fingerprints()) | self.writer.meta.skipped_keys(until=float(prev["updated_at"]))
 
-    def _run_local(self, items, bar, on_unit_end=None, unique_keys=None) -> None:
+    def _run_local(self, items, bar, on_unit_end=None) -> None:
         """The local engine on some items (the Ray engine's videos go this way too)."""
         n_before = self.report.encoded + len(self.report.skipped) + self.report.unchanged
+        if self._existing is None:  # read once per run, not once per unit of 1024 files
+            self._existing = set(self.writer.meta.fingerprints())
         run_stages(self.writer, items, self.encoder, self.report, batch_size=self.batch_size, workers=self.workers,
                    on_bad_vectors=self.on_bad_vectors, image_timeout=self.image_timeout, decode=self.decode, bar=bar,
-                   on_unit_end=on_unit_end, unique_keys=unique_keys)
+                   on_unit_end=on_unit_end, existing=self._existing)
         if not isinstance(items, list):  # a shard: its samples are counted as they are read
             self.report.scanned += self.report.encoded + len(self.report.skipped) + self.report.unchanged - n_before
 
@@ -419,6 +429,28 @@ def select_changed(scan_items: Sequence[SourceItem], fingerprints: dict, skipped
     """Only new or changed items: the file's size or mtime, its path, or its caption differ (a manifest
     may point a key at another file, or edit a caption); previously broken files retry only when changed."""
     return list(changed_only(scan_items, fingerprints, skipped_fp, report))
+
+
+def first_of_each_key(items: Iterable, seen: set[str]) -> Iterator:
+    """A shard stream where a key met again (in ``seen``, which grows) becomes an ``(item, reason)`` skip
+    named by its own uri, so it never stands for (or removes) the sample that has the key. Before the
+    add's unchanged filter: whether the first sample changed does not decide which one keeps the key."""
+    for it in items:
+        item = it[0] if isinstance(it, tuple) else it
+        if item.key in seen:  # broken or not, it is a repeat (the Ray engine, which decodes first, agrees)
+            yield replace(item, key=str(item.uri), data=None), duplicate_key(item.key)
+            continue
+        seen.add(item.key)
+        yield it
+
+
+def _same_place(item_uri: str, skip_uri: str) -> bool:
+    """Whether a skip is about the place an indexed item came from: its file (the key is the path), or
+    a sample of the same shard (a sample elsewhere with the same key says nothing about this one)."""
+    a, b = split_member_uri(item_uri), split_member_uri(skip_uri)
+    if a is None and b is None:
+        return True
+    return a is not None and b is not None and a[0] == b[0]
 
 
 def changed_only(items: Iterable, fingerprints: dict, skipped_fp: dict, report: IngestReport) -> Iterator:

@@ -206,9 +206,9 @@ class _Driver:
     local engine, as the local engine orders them) when the next one starts."""
 
     def __init__(self, units, writer, report: IngestReport, *, on_unit_done: Callable, local: Callable,
-                 on_bad_vectors: str, bar, unique_keys: str | None = None) -> None:
+                 on_bad_vectors: str, bar, seen: set[str] | None = None) -> None:
         self.units, self.report, self.bar = list(units), report, bar
-        self.sink = WriteStage(writer, report, on_bad_vectors=on_bad_vectors, unique_keys=unique_keys)
+        self.sink = WriteStage(writer, report, on_bad_vectors=on_bad_vectors, seen=seen)
         self.on_unit_done, self.local = on_unit_done, local
         self.next = 0  # the next unit to open
         self.open: int | None = None
@@ -306,7 +306,7 @@ def _actor_count(ray, actors: int | None) -> tuple[int, float]:
 
 def run_units(writer, units: Sequence, encoder, report: IngestReport, *, on_unit_done: Callable, local: Callable,
               address: str | None = None, actors: int | None = None, batch_size: int | None = None,
-              on_bad_vectors: str = "error", bar=None, select=None, unique_keys: str | None = None) -> None:
+              on_bad_vectors: str = "error", bar=None, select=None, seen: set[str] | None = None) -> None:
     """Decode and encode ``units`` on Ray; the driver writes the rows and calls ``on_unit_done(unit, last)``
     as each unit completes (in order). ``local(items, bar)`` runs a unit's videos through the local engine."""
     from mmretrieve.encoders import encoder_spec
@@ -321,7 +321,7 @@ def run_units(writer, units: Sequence, encoder, report: IngestReport, *, on_unit
         ctx.enable_progress_bars = False
         n_actors, gpu = _actor_count(ray, actors)
         driver = _Driver(units, writer, report, on_unit_done=on_unit_done, local=local, on_bad_vectors=on_bad_vectors,
-                         bar=bar, unique_keys=unique_keys)
+                         bar=bar, seen=seen)
         driver.select = select
         ds = _dataset(ray, units, driver.images, bs, n_actors)
         if ds is not None:

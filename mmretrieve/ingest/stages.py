@@ -69,6 +69,11 @@ class Encoded:
     entries: Encoded | None = None
 
 
+def duplicate_key(key: str) -> str:
+    """The reason a sample whose key an earlier one has is skipped."""
+    return f"duplicate key {key!r}: an earlier sample has it (that one is kept)"
+
+
 def skipped_of(it: SourceItem, reason: str) -> Skipped:
     return Skipped(it.key, it.uri, reason, it.size, it.mtime)
 
@@ -339,27 +344,24 @@ def _item(it: SourceItem, w: int, h: int) -> Item:
 class WriteStage:
     """Adds encoded batches to an ``IndexWriter`` and keeps the report's counts.
 
-    ``unique_keys`` (a stream of shards, where keys come from the samples): a key met again is skipped
-    and reported (the first sample keeps it) instead of replacing the first one. ``"build"``: keys
-    already in the index are this build's (committed before a resume), so they count as met; ``"add"``:
-    they are the items an add updates."""
+    ``seen`` (the Ray engine's shards, where keys come from the samples; the local engine does this in
+    its stream, ``ingest.build.first_of_each_key``): the keys met so far; a key met again is skipped and
+    reported (the first sample keeps it) instead of replacing the first one."""
 
     def __init__(self, writer, report: IngestReport, *, on_bad_vectors: str = "error",
-                 unique_keys: str | None = None) -> None:
+                 seen: set[str] | None = None, existing: set[str] | None = None) -> None:
         self.writer = writer
         self.report = report
         self.on_bad_vectors = on_bad_vectors
-        self.existing = set(writer.meta.fingerprints())
-        self.seen: set[str] | None = None
-        if unique_keys is not None:
-            self.seen = set(self.existing) if unique_keys == "build" else set()
+        #: the keys indexed before this write (given by a build that writes unit after unit: read once)
+        self.existing = set(writer.meta.fingerprints()) if existing is None else existing
+        self.seen = seen
 
     def _first_of_each_key(self, enc: Encoded) -> Encoded:
         keep, dups = [], []
         for j, it in enumerate(enc.items):
             if it.key in self.seen:
-                dups.append(Skipped(it.uri, it.uri, f"duplicate key {it.key!r}: an earlier sample has it (that one is indexed)",
-                                    it.size, it.mtime))
+                dups.append(Skipped(it.uri, it.uri, duplicate_key(it.key), it.size, it.mtime))
                 log.warning("skipped %s: duplicate key %s", printable(it.uri), printable(it.key))
             else:
                 self.seen.add(it.key)
@@ -372,6 +374,14 @@ class WriteStage:
                        frames=[enc.frames[j] for j in keep] if enc.frames is not None else None)
 
     def skip(self, skipped: Sequence[Skipped]) -> None:
+        if self.seen is not None:  # a broken sample claims its key too, unless an earlier one has it
+            out = []
+            for s in skipped:
+                if s.key in self.seen and s.key != s.uri:
+                    s = Skipped(s.uri, s.uri, duplicate_key(s.key), s.size, s.mtime)
+                self.seen.add(s.key)
+                out.append(s)
+            skipped = out
         if skipped:
             self.writer.record_skipped(skipped)
             self.report.skipped.extend(skipped)
@@ -401,13 +411,13 @@ class WriteStage:
 def run_stages(writer, items: Iterable[SourceItem | tuple[SourceItem, str]], encoder: Encoder, report: IngestReport, *,
                batch_size: int | None = None, workers: int | None = None, on_bad_vectors: str = "error",
                image_timeout: float | None = None, decode: str = "cpu", bar=None,
-               on_unit_end: Callable[[Any], None] | None = None, unique_keys: str | None = None) -> None:
+               on_unit_end: Callable[[Any], None] | None = None, existing: set[str] | None = None) -> None:
     """Decode, encode and add ``items`` to ``writer``, recording skips in ``report``.
 
     ``items``: a list (videos go through their own reader), or a stream of images read as the decoders
     need it (shards' samples, a ``UnitEnd`` after each shard: ``on_unit_end(unit)`` is called once all
-    of the unit is written); ``(item, reason)`` pairs are inputs already known bad. ``unique_keys``:
-    see ``WriteStage``. ``decode``:
+    of the unit is written); ``(item, reason)`` pairs are inputs already known bad. ``existing``: the
+    keys indexed before (read from the index when not given). ``decode``:
     ``cpu`` (decoder processes) or ``gpu`` (batches decoded and resized on the encoder's device).
     ``image_timeout``: seconds per image before its decoder is killed (default 30). ``bar``: a progress
     bar to advance (one is made otherwise). Time spent per stage accumulates in ``report.stages``."""
@@ -421,7 +431,7 @@ def run_stages(writer, items: Iterable[SourceItem | tuple[SourceItem, str]], enc
         videos, images, total = [], items, None
     mapper = EncodeStage(encoder, patch_cfg=writer.patch_cfg, projection=writer.patch_projection(),
                          video_cfg=writer.video_cfg, batch_size=batch_size)
-    sink = WriteStage(writer, report, on_bad_vectors=on_bad_vectors, unique_keys=unique_keys)
+    sink = WriteStage(writer, report, on_bad_vectors=on_bad_vectors, existing=existing)
     readers = []
     if videos:
         readers.append(lambda: read_videos(videos, encoder.image_transform, writer.video_cfg, workers=workers))

@@ -35,6 +35,8 @@ from mmretrieve.errors import InputError, MissingDependencyError, SourceNotFound
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm")
 #: a member larger than this is refused (a sample, not a file system)
 MAX_MEMBER_BYTES = 256 << 20
+#: the members of a webdataset sample that are read: the image, its caption and metadata
+_READ_EXTS = frozenset(IMAGE_EXTS) | {"txt", "json"}
 PARQUET_IMAGE_COLUMNS = ("image", "jpg", "png", "bytes", "img")
 PARQUET_PATH_COLUMNS = ("image_path", "path", "file", "filename")
 
@@ -64,38 +66,62 @@ class ShardProblem:
 MAX_PATTERN_NAMES = 1_000_000
 
 
-def _count_names(pattern: str) -> int:
-    n = 1
-    for body in re.findall(r"\{([^{}]*)\}", pattern):
-        rng = re.fullmatch(r"(-?\d+)\.\.(-?\d+)", body)
-        n *= abs(int(rng.group(2)) - int(rng.group(1))) + 1 if rng else len(body.split(","))
-    return n
-
-
 def expand_braces(pattern: str) -> list[str]:
     """``a{00..02}.tar`` -> a00.tar a01.tar a02.tar (zero padding kept); ``{x,y}`` alternatives;
-    several groups multiply (at most ``MAX_PATTERN_NAMES`` names)."""
-    n = _count_names(pattern)
-    if n > MAX_PATTERN_NAMES:
-        raise InputError(f"{pattern}: the pattern names {n} shards, over the {MAX_PATTERN_NAMES} a source may have")
-    return _expand(pattern)
+    several (and nested) groups multiply, up to ``MAX_PATTERN_NAMES`` names (refused past it, before
+    the work grows: every step of the expansion ends in at least one name)."""
+    out: list[str] = []
+    _expand(pattern, pattern, out)
+    return out
 
 
-def _expand(pattern: str) -> list[str]:
-    m = re.search(r"\{([^{}]*)\}", pattern)
-    if not m:
-        return [pattern]
-    head, body, tail = pattern[: m.start()], m.group(1), pattern[m.end() :]
+def _too_many(pattern: str, n: int | None = None) -> InputError:
+    many = f"{n} shards, over" if n is not None else "more shards than"
+    return InputError(f"{pattern}: the pattern names {many} the {MAX_PATTERN_NAMES} a source may have")
+
+
+def _group(pattern: str) -> tuple[int, int, list[int]] | None:
+    """(start, end, top-level comma positions) of the first outermost ``{...}``, or None."""
+    start = pattern.find("{")
+    while start != -1:
+        depth, commas = 0, []
+        for j in range(start, len(pattern)):
+            c = pattern[j]
+            if c == "{":
+                depth += 1
+            elif c == "}":
+                depth -= 1
+                if depth == 0:
+                    return start, j, commas
+            elif c == "," and depth == 1:
+                commas.append(j)
+        start = pattern.find("{", start + 1)  # unclosed: a literal brace
+    return None
+
+
+def _expand(whole: str, pattern: str, out: list[str]) -> None:
+    g = _group(pattern)
+    if g is None:
+        out.append(pattern)
+        if len(out) > MAX_PATTERN_NAMES:
+            raise _too_many(whole)
+        return
+    i, j, commas = g
+    head, body, tail = pattern[:i], pattern[i + 1 : j], pattern[j + 1 :]
     rng = re.fullmatch(r"(-?\d+)\.\.(-?\d+)", body)
     if rng:
         a, b = rng.group(1), rng.group(2)
         width = len(a) if a.lstrip("-").startswith("0") or len(a) == len(b) else 0
         lo, hi = int(a), int(b)
+        if abs(hi - lo) + 1 > MAX_PATTERN_NAMES:
+            raise _too_many(whole, abs(hi - lo) + 1)
         step = 1 if hi >= lo else -1
-        options = [str(i).zfill(width) for i in range(lo, hi + step, step)]
+        options = (str(k).zfill(width) for k in range(lo, hi + step, step))
     else:
-        options = body.split(",")
-    return [x for opt in options for x in _expand(head + opt + tail)]
+        cuts = [i, *commas, j]
+        options = (pattern[cuts[k] + 1 : cuts[k + 1]] for k in range(len(cuts) - 1))
+    for opt in options:
+        _expand(whole, head + opt + tail, out)
 
 
 def resolve_shards(source: str | os.PathLike) -> list[Path]:
@@ -176,28 +202,36 @@ def member_uri(shard: Path, member: str) -> str:
 
 
 def iter_webdataset(shard: Path) -> Iterator[ShardSample | ShardProblem]:
-    """Samples of a tar shard, read as a stream; a shard cut short ends with a ``ShardProblem``."""
-    cur, parts, n = None, {}, 0
+    """Samples of a tar shard, read as a stream; a shard cut short ends with a ``ShardProblem``. A
+    sample with a member too large to read is skipped whole (the reason names the member)."""
+    cur, parts, n, too_large = None, {}, 0, None
+
+    def done() -> ShardSample | ShardProblem:
+        return too_large if too_large is not None else _sample(shard, cur, parts)
+
     try:
         with tarfile.open(shard, mode="r|*") as tf:
             for m in tf:
-                if not m.isfile():
+                if not m.isfile():  # directories, links (never followed), devices
                     continue
                 key, ext = _split_name(m.name)
-                if m.size > MAX_MEMBER_BYTES:
-                    yield ShardProblem(key, f"{shard}#{m.name}", f"member {m.name} is {m.size} bytes (over {MAX_MEMBER_BYTES})")
-                    continue
-                data = tf.extractfile(m).read()
                 if key != cur and cur is not None:
-                    yield _sample(shard, cur, parts)
+                    yield done()
                     n += 1
-                    parts = {}
+                    parts, too_large = {}, None
                 cur = key
-                parts[ext] = (m.name, data)
+                if ext not in _READ_EXTS:  # embeddings, audio, ...: not read (a stream skips their bytes)
+                    continue
+                held = m.size + sum(len(d) for _, d in parts.values())
+                if held > MAX_MEMBER_BYTES:
+                    too_large = ShardProblem(key, f"{shard}#{m.name}", f"member {m.name} is {m.size} bytes (a sample may hold "
+                                             f"{MAX_MEMBER_BYTES} in its image, caption and metadata)")
+                    continue
+                parts[ext] = (m.name, tf.extractfile(m).read())
         if cur is not None:
-            yield _sample(shard, cur, parts)
+            yield done()
     except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
-        if cur is not None and parts:
+        if cur is not None:  # the sample being read (the ones before it are whole and were yielded)
             yield ShardProblem(cur, f"{shard}#{cur}", f"cut short: the tar ends inside this sample ({e})")
         yield ShardProblem("", str(shard), f"truncated or corrupt tar after {n} sample(s): {e}")
 
@@ -221,11 +255,18 @@ def iter_parquet(path: Path, batch_rows: int = 1024) -> Iterator[ShardSample | S
                          f"({', '.join(PARQUET_PATH_COLUMNS)}); found {', '.join(cols)}")
     kcol = next((c for c in ("key", "id") if c in cols), None)
     ccol = next((c for c in ("caption", "text") if c in cols), None)
-    row = 0
-    for batch in pf.iter_batches(batch_size=batch_rows):
-        for rec in batch.to_pylist():
-            yield _parquet_sample(path, row, rec, icol, pcol, kcol, ccol)
-            row += 1
+    start = 0
+    for g in range(pf.num_row_groups):  # row groups are independent: a damaged one costs its rows only
+        n, row = pf.metadata.row_group(g).num_rows, start
+        try:
+            for batch in pf.iter_batches(batch_size=batch_rows, row_groups=[g]):
+                for rec in batch.to_pylist():
+                    yield _parquet_sample(path, row, rec, icol, pcol, kcol, ccol)
+                    row += 1
+        except Exception as e:  # a corrupt page, a column pyarrow cannot read
+            where = f"{path}#rows {row}-{start + n - 1}"
+            yield ShardProblem(where, where, f"corrupt parquet data in rows {row}-{start + n - 1}: {type(e).__name__}: {e}")
+        start += n
 
 
 def _parquet_sample(path: Path, row: int, rec: dict, icol, pcol, kcol, ccol) -> ShardSample | ShardProblem:
@@ -235,6 +276,12 @@ def _parquet_sample(path: Path, row: int, rec: dict, icol, pcol, kcol, ccol) -> 
     if isinstance(data, dict):  # Hugging Face datasets: {"bytes": ..., "path": ...}
         data = data.get("bytes") or None
     img_path = rec.get(pcol) if pcol else None
+    if data is not None and not isinstance(data, (bytes, bytearray, memoryview)):
+        return ShardProblem(key, uri, f"column {icol!r} holds {type(data).__name__}, not image bytes")
+    if img_path is not None and not isinstance(img_path, str):
+        return ShardProblem(key, uri, f"column {pcol!r} holds {type(img_path).__name__}, not a path")
+    if data is not None and len(data) > MAX_MEMBER_BYTES:
+        return ShardProblem(key, uri, f"the image is {len(data)} bytes (over {MAX_MEMBER_BYTES})")
     if data is None and not img_path:
         return ShardProblem(key, uri, "no image bytes and no image path in this row")
     if data is None:
@@ -247,19 +294,26 @@ def _parquet_sample(path: Path, row: int, rec: dict, icol, pcol, kcol, ccol) -> 
 
 
 # ---- reading one member back (search results, rerankers, thumbnails) -----------------------------------
+_MEMBER_URI = re.compile(r"(.*?\.(?:tar|tar\.gz|tgz|parquet))#(.+)\Z", re.IGNORECASE | re.DOTALL)
+
+
 def split_member_uri(uri: str) -> tuple[Path, str] | None:
     """``(shard, member)`` for a shard member's uri, or None for anything else (a plain file included)."""
-    head, sep, member = str(uri).rpartition("#")
-    if not sep or not member or not head.lower().endswith((".tar", ".tar.gz", ".tgz", ".parquet")):
+    m = _MEMBER_URI.match(str(uri))  # the first `.tar#`: a member's own name may hold a '#'
+    if m is None:
         return None
-    return Path(head), member
+    return Path(m.group(1)), m.group(2)
 
 
 @functools.lru_cache(maxsize=16)
 def _tar_members(path: str, size: int, mtime: float) -> dict[str, tuple[int, int]]:
     """A tar's member name -> (data offset, size), read once from its headers (no data read)."""
+    out: dict[str, tuple[int, int]] = {}
     with tarfile.open(path, mode="r:") as tf:
-        return {m.name: (m.offset_data, m.size) for m in tf if m.isfile()}
+        for m in tf:
+            if m.isfile():
+                out.setdefault(m.name, (m.offset_data, m.size))  # a name added twice: the first, as the build read it
+    return out
 
 
 def read_member(uri: str) -> bytes:
@@ -274,7 +328,7 @@ def read_member(uri: str) -> bytes:
     st = shard.stat()
     if shard.suffix.lower() == ".parquet":
         return _parquet_member(shard, member)
-    if shard.suffix.lower() == ".tar":
+    if shard.suffix.lower() == ".tar" and not _compressed(shard):
         try:
             loc = _tar_members(str(shard), st.st_size, st.st_mtime).get(member)
         except (tarfile.TarError, OSError, EOFError) as e:
@@ -289,11 +343,23 @@ def read_member(uri: str) -> bytes:
         if len(data) != loc[1]:
             raise FileNotFoundError(f"{shard}: member {member!r} is cut short")
         return data
-    with tarfile.open(shard, mode="r|*") as tf:
-        for m in tf:
-            if m.name == member and m.isfile():
-                return tf.extractfile(m).read()
-    raise FileNotFoundError(f"{shard} has no member {member!r}")
+    try:
+        with tarfile.open(shard, mode="r|*") as tf:
+            for m in tf:
+                if m.name == member and m.isfile():
+                    if m.size > MAX_MEMBER_BYTES:
+                        break
+                    return tf.extractfile(m).read()
+    except (tarfile.TarError, EOFError, zlib.error) as e:
+        raise FileNotFoundError(f"{shard}: cannot read the tar ({e})") from None
+    raise FileNotFoundError(f"{shard} has no member {member!r} (of at most {MAX_MEMBER_BYTES} bytes)")
+
+
+def _compressed(path: Path) -> bool:
+    """A ``.tar`` that is really gzip / bzip2 / xz (read as a stream, as the build did)."""
+    with open(path, "rb") as fh:
+        head = fh.read(6)
+    return head.startswith((b"\x1f\x8b", b"BZh", b"\xfd7zXZ"))
 
 
 def _parquet_member(path: Path, member: str) -> bytes:

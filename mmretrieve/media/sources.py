@@ -78,6 +78,7 @@ class BuildSource:
     identity: str
     scan: ScanResult | None = None
     shards: list[Path] = field(default_factory=list)
+    _digest: tuple = field(default=(0, None), repr=False, compare=False)  # (shards hashed, the running hash)
 
     @property
     def sharded(self) -> bool:
@@ -96,11 +97,14 @@ class BuildSource:
     def digest(self, n: int) -> str:
         """A fingerprint of the first ``n`` shards (names, sizes, mtimes): a resume checks that the shards
         it skips are the ones that were committed."""
-        h = hashlib.sha1()
-        for p in self.shards[:n]:
+        done, h = self._digest
+        if h is None or n < done:  # kept running: a build asks for 1, 2, 3, ... (O(1) stats per shard)
+            done, h = 0, hashlib.sha1()
+        for p in self.shards[done:n]:
             st = p.stat()
             h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode("utf-8", "surrogateescape"))
-        return h.hexdigest()
+        self._digest = (min(max(done, n), len(self.shards)), h)
+        return h.copy().hexdigest()
 
 
 def open_source(source: str | os.PathLike) -> BuildSource:

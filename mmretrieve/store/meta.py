@@ -343,6 +343,12 @@ class MetaDB:
     def skipped_fingerprints(self) -> dict[str, tuple[int | None, float | None]]:
         return {k: (s, m) for k, s, m in self._q("SELECT key, size, mtime FROM skipped")}
 
+    def skipped_keys(self, *, until: float) -> set[str]:
+        """Keys of the skip records written at or before ``until`` (a published version's time: skip
+        records are not versioned, so a write killed between its database commit and its manifest
+        leaves some of its own behind)."""
+        return {k for (k,) in self._q("SELECT key FROM skipped WHERE at <= ?", (float(until),))}
+
     def frame_item_ids(self, video_keys: Sequence[str]) -> list[int]:
         """Ids of the visible per-frame entries (kind 'frame') of these videos: their keys are
         ``<video key>#t=<seconds>``, so a range of the key index finds them."""
