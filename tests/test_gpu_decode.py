@@ -42,6 +42,34 @@ def test_decode_batch_matches_the_safe_loader(samples, tmp_path):
         assert np.abs(got.astype(int) - w.astype(int)).mean() < 1.0  # libjpeg-turbo both ways; PNGs exact
 
 
+def test_a_batch_of_large_jpegs_is_decoded_in_bounded_calls(samples, monkeypatch):
+    """The pixels one batched call decodes are bounded (a batch of huge JPEGs would exhaust the device):
+    split calls give the same images as one call."""
+    from mmretrieve.media import gpu_decode
+
+    datas = []
+    for s in samples[:6]:
+        buf = io.BytesIO()
+        Image.open(s.path).convert("RGB").save(buf, "JPEG", quality=90)
+        datas.append(buf.getvalue())
+    names = [f"{i}.jpg" for i in range(6)]
+    one = decode_batch(datas, names, device="cpu")
+    real, calls = gpu_decode.jpeg_decoder(), []
+
+    def counting(raw, device):
+        out = real(raw, device)
+        calls.append((len(raw), sum(x.shape[1] * x.shape[2] for x in out)))
+        return out
+
+    monkeypatch.setattr(gpu_decode, "jpeg_decoder", lambda: counting)
+    biggest = max(Image.open(io.BytesIO(d)).size[0] * Image.open(io.BytesIO(d)).size[1] for d in datas)
+    monkeypatch.setattr(gpu_decode, "MAX_CALL_PIXELS", 2 * biggest)
+    split = decode_batch(datas, names, device="cpu")
+    assert len(calls) >= 2 and sum(n for n, _ in calls) == 6
+    assert all(px <= 2 * biggest for _, px in calls)
+    assert split.index == one.index and all(torch.equal(a, b) for a, b in zip(split.images, one.images))
+
+
 def test_decode_batch_refuses_what_the_loader_refuses(samples):
     rgba = Image.new("RGBA", (16, 8), (255, 0, 0, 0))
     png = io.BytesIO()

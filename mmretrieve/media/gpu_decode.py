@@ -79,33 +79,60 @@ def decode_batch(datas: Sequence[bytes], names: Sequence[str], *, device: torch.
     out = DecodedBatch()
     jpegs: list[int] = []
     others: list[int] = []
+    pixels: dict[int, int] = {}
     for i, (data, name) in enumerate(zip(datas, names)):
         try:
             fmt, w, h = _header(data, name, formats, max_pixels)
         except BadImageError as e:
             out.failed.append((i, e.reason))
             continue
+        pixels[i] = w * h
         (jpegs if fmt == "JPEG" else others).append(i)
     decoded: dict[int, torch.Tensor] = {}
-    if jpegs:
-        raw = [torch.frombuffer(bytearray(datas[i]), dtype=torch.uint8) for i in jpegs]
+    for chunk in _by_pixels(jpegs, pixels):  # a call's decoded pixels bounded: a batch of huge JPEGs is split
+        raw = [torch.frombuffer(bytearray(datas[i]), dtype=torch.uint8) for i in chunk]
         try:
             imgs = decode_jpeg(raw, device=dev)
-            decoded.update(zip(jpegs, imgs))
-        except RuntimeError as e:  # one bad JPEG fails the batch call: decode those one by one on the CPU path
+            decoded.update(zip(chunk, imgs))
+        except RuntimeError as e:  # one bad JPEG fails the batch call (or the device ran out of memory):
             log.debug("batched JPEG decode failed (%s); decoding those images one by one", e)
-            others = sorted(others + jpegs)
+            _release(dev)
+            others = sorted(others + chunk)  # those one by one on the CPU path
     for i in others:
         try:
             decoded[i] = _cpu_image(datas[i], names[i], formats, max_pixels, dev)
         except BadImageError as e:
             out.failed.append((i, e.reason))
+        except torch.cuda.OutOfMemoryError:
+            _release(dev)
+            out.failed.append((i, f"out of memory on {dev} for a {pixels[i]}-pixel image"))
     for i in sorted(decoded):
         x = decoded[i]
         out.images.append(x)
         out.index.append(i)
         out.sizes.append((int(x.shape[-1]), int(x.shape[-2])))
     return out
+
+
+#: pixels one batched decode call may produce (3 bytes each on the device: about 768 MB)
+MAX_CALL_PIXELS = 256_000_000
+
+
+def _by_pixels(idx: list[int], pixels: dict[int, int]) -> list[list[int]]:
+    out: list[list[int]] = []
+    total = 0
+    for i in idx:
+        if not out or total + pixels[i] > MAX_CALL_PIXELS:
+            out.append([])
+            total = 0
+        out[-1].append(i)
+        total += pixels[i]
+    return out
+
+
+def _release(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 @functools.lru_cache(maxsize=1)
