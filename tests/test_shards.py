@@ -182,6 +182,24 @@ def _tar_of(path: Path, samples: list[tuple[str, Path]]) -> Path:
     return path
 
 
+def _interrupted_build(monkeypatch, path, source, encoder, *, at_add: int) -> None:
+    """A build (batches of 2) interrupted at its ``at_add``-th write of a batch, what was committed kept."""
+    from mmretrieve.store.writer import IndexWriter
+
+    real, calls = IndexWriter.add, [0]
+
+    def failing(self, *a, **k):
+        calls[0] += 1
+        if calls[0] == at_add:
+            raise KeyboardInterrupt
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(IndexWriter, "add", failing)
+    with pytest.raises(KeyboardInterrupt):
+        build_index(path, source, encoder=encoder, batch_size=2)
+    monkeypatch.setattr(IndexWriter, "add", real)
+
+
 def test_a_key_met_again_is_skipped_and_the_first_sample_kept(tmp_path, samples, tiny_clip, monkeypatch):
     """Keys repeat within a shard, within one batch and across shards: the first sample keeps the key,
     the others are skipped with the reason (keyed by their own uri, so they never remove the first);
@@ -213,20 +231,7 @@ def test_a_key_met_again_is_skipped_and_the_first_sample_kept(tmp_path, samples,
 
     # interrupted once the first shard is committed, then the same command: b's repeat in shard 1 is
     # still a repeat of a key committed by the first run
-    from mmretrieve.store.writer import IndexWriter
-
-    real, calls = IndexWriter.add, [0]
-
-    def failing(self, *a, **k):
-        calls[0] += 1
-        if calls[0] == 3:  # a, b | c (the second a dropped) | then d, in the second shard
-            raise KeyboardInterrupt
-        return real(self, *a, **k)
-
-    monkeypatch.setattr(IndexWriter, "add", failing)
-    with pytest.raises(KeyboardInterrupt):
-        build_index(tmp_path / "resumed", d, encoder=tiny_clip, batch_size=2)
-    monkeypatch.setattr(IndexWriter, "add", real)
+    _interrupted_build(monkeypatch, tmp_path / "resumed", d, tiny_clip, at_add=3)  # a, b | c | d: in the second shard
     r = build_index(tmp_path / "resumed", d, encoder=tiny_clip, batch_size=2)
     assert r.units_resumed == 1
     got = state(tmp_path / "resumed")
@@ -309,20 +314,7 @@ def test_a_broken_sample_with_a_kept_key_does_not_remove_it(tmp_path, samples, t
     want = state(tmp_path / "one")
     assert sorted(want[0]) == ["a", "b", "c", "d"] and want[0]["a"].startswith(str(d / "00000.tar"))
     assert r.stale_removed == 0 and len(want[1]) == 2
-    from mmretrieve.store.writer import IndexWriter
-
-    real, calls = IndexWriter.add, [0]
-
-    def failing(self, *a, **k):
-        calls[0] += 1
-        if calls[0] == 3:  # a, b | c | (the third shard): after the second shard is committed
-            raise KeyboardInterrupt
-        return real(self, *a, **k)
-
-    monkeypatch.setattr(IndexWriter, "add", failing)
-    with pytest.raises(KeyboardInterrupt):
-        build_index(tmp_path / "resumed", d, encoder=tiny_clip, batch_size=2)
-    monkeypatch.setattr(IndexWriter, "add", real)
+    _interrupted_build(monkeypatch, tmp_path / "resumed", d, tiny_clip, at_add=3)  # a, b | c | (the third shard)
     assert build_index(tmp_path / "resumed", d, encoder=tiny_clip, batch_size=2).units_resumed == 2
     assert state(tmp_path / "resumed") == want
     for _ in range(2):  # nothing changed: nothing moves
