@@ -630,3 +630,47 @@ def test_the_encoder_pool_is_sized_to_the_cluster(gpus, cpus, nodes, asked, want
             _actor_count(Cluster(), asked)
     else:
         assert _actor_count(Cluster(), asked) == want
+
+
+def test_bench_search_runs_against_plain_faiss(capsys):
+    """The search benchmark runs end to end on a small size (it broke unnoticed when the index stopped
+    being one FAISS object): mmretrieve's path and a FAISS IndexFlatIP over the same vectors."""
+    import json as _json
+
+    from mmretrieve.cli import main
+
+    assert main(["bench", "search", "--sizes", "3000", "--queries", "3", "--batch", "8", "--no-gpu", "--json"]) == 0
+    row = _json.loads(capsys.readouterr().out)["results"][0]
+    assert row["n"] == 3000 and row["single_query_ms_mmretrieve"] > 0 and row["batch_qps_faiss"] > 0
+
+
+@pytest.mark.parametrize("metric_ip", [True, False])
+def test_flat_scan_paths_agree(metric_ip, monkeypatch):
+    """The three ways a Flat segment is scanned give the same top-k: few queries (rows x queries product),
+    batches (``faiss.knn`` on the rows), batches with masked rows (torch, masking): against FAISS."""
+    import faiss
+
+    from mmretrieve.index import flatscan
+
+    rng = np.random.default_rng(3)
+    xb = rng.standard_normal((4000, 32), dtype=np.float32)
+    ids = np.arange(4000, dtype=np.int64) * 5 + 1
+    ref = faiss.IndexFlatIP(32) if metric_ip else faiss.IndexFlatL2(32)
+    ref.add(xb)
+    scan = flatscan.FlatScan(xb, ids, metric_ip=metric_ip)
+    for nq in (1, 3, 100):
+        q = rng.standard_normal((nq, 32), dtype=np.float32)
+        D0, I0 = ref.search(q, 20)
+        D, I = scan.search(q, 20)
+        np.testing.assert_array_equal(I, ids[I0])
+        np.testing.assert_allclose(D, D0, rtol=1e-4, atol=1e-4)
+    q = rng.standard_normal((100, 32), dtype=np.float32)
+    monkeypatch.setattr(flatscan, "FAISS_BATCH", 10**9)  # the torch path for the same batch
+    D1, I1 = scan.search(q, 20)
+    monkeypatch.undo()
+    D2, I2 = scan.search(q, 20)
+    np.testing.assert_array_equal(I1, I2)
+    gone = np.unique(ref.search(q, 3)[1].ravel())  # the 3 best rows of each query, deleted
+    D3, I3 = scan.search(q, 20, deleted_rows=gone)
+    assert not np.isin(I3, ids[gone]).any()
+    np.testing.assert_array_equal(I3[:, :5], np.array([[i for i in row if i not in set(ids[gone])][:5] for row in I2]))

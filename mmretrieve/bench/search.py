@@ -56,16 +56,15 @@ def _random_index(path: Path, xb: np.ndarray) -> None:
     w.commit()
 
 
-def _time_size(path: Path, q: np.ndarray, args, n: int, d: int, bw: dict, flops: float) -> dict:
-    """Single queries (FAISS vs. mmretrieve's path, in alternating blocks: BLAS threads still spinning
+def _time_size(path: Path, raw, q: np.ndarray, args, n: int, d: int, bw: dict, flops: float) -> dict:
+    """Single queries (``raw``, a FAISS IndexFlatIP over the same vectors, vs. mmretrieve's path, in alternating blocks: BLAS threads still spinning
     after one path's product steal the cores of the other's next call; the better block median each)
     and batches (interleaved rounds, the fastest of each: a shared machine's noise only adds time)."""
     from mmretrieve.bench.common import median_per_call
     from mmretrieve.index import Index
 
     k, nq = int(args.k), args.queries
-    idx = Index.open(path, verify=False, search_device="cpu")
-    raw = idx.faiss  # the very same FAISS object mmretrieve searches
+    idx = Index.open(path, verify=False, search_device="cpu")  # memory-mapped segments of 100k rows
     raw.search(q[:1], k)
     idx.search_by_vector(q[0], k)
     raw_runs, mmr_runs = [], []
@@ -117,8 +116,11 @@ def run(args) -> dict:
         tmp = Path(tempfile.mkdtemp(prefix="mmr-bench-search-"))
         try:
             _random_index(tmp / "idx", xb)
+            raw = faiss.IndexFlatIP(d)  # plain FAISS over the same vectors, in memory: the baseline
+            raw.add(xb)
             del xb
-            row = _time_size(tmp / "idx", q, args, n, d, bw, flops)
+            row = _time_size(tmp / "idx", raw, q, args, n, d, bw, flops)
+            del raw
             if gpu:
                 g = _bench_gpu_search(tmp / "idx", q, q[: args.batch], int(args.k), n, d, gpu)
                 row["gpu"] = {**g, "single_speedup_over_cpu_faiss": round(row["single_query_ms_faiss"] / g["single_query_ms"], 1),
