@@ -28,6 +28,14 @@ _IO_HOOK = None
 _FULL = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
 
 
+def write_error(path: Path, e: OSError) -> StoreError:
+    """What a failed write of ``path`` is reported as: a full disk (or quota) as ``DiskFullError``."""
+    if e.errno in _FULL:
+        return DiskFullError(f"{path}: no space left on device while writing it; nothing was published, the "
+                             "previous version is intact")
+    return StoreError(f"{path}: cannot write ({e.strerror or e})")
+
+
 def io_point(path: Path) -> None:
     if _IO_HOOK is not None:
         _IO_HOOK(Path(path))
@@ -69,10 +77,7 @@ def writing(path: Path) -> Iterator[HashingFile]:
     except OSError as e:
         with contextlib.suppress(OSError):
             path.unlink()
-        if e.errno in _FULL:
-            raise DiskFullError(f"{path}: no space left on device while writing it; nothing was published, the "
-                                "previous version is intact") from None
-        raise StoreError(f"{path}: cannot write ({e.strerror or e})") from None
+        raise write_error(path, e) from None
     except BaseException:
         with contextlib.suppress(OSError):
             path.unlink()
@@ -172,10 +177,7 @@ def write_json_atomic(path: Path, data: dict, *, crash=None) -> None:
     except OSError as e:
         with contextlib.suppress(OSError):
             tmp.unlink()
-        if e.errno in _FULL:
-            raise DiskFullError(f"{path}: no space left on device while writing it; nothing was published, the "
-                                "previous version is intact") from None
-        raise StoreError(f"{path}: cannot write ({e.strerror or e})") from None
+        raise write_error(path, e) from None
     if crash is not None:
         crash("before-manifest-replace")
     os.replace(tmp, path)

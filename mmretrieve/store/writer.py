@@ -18,7 +18,7 @@ import shutil
 import time
 import weakref
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -446,7 +446,7 @@ class IndexWriter:
     def commit(self) -> dict:
         """Publish the session as one new version (nothing, when it changed nothing); returns the live
         manifest."""
-        try:
+        with self._ending():
             if not self._changed:
                 self.meta.rollback()
                 self._published = True
@@ -454,12 +454,6 @@ class IndexWriter:
             self._commit()
             self._after_publish()
             return self.manifest_live
-        except BaseException:
-            self.abort()
-            raise
-        finally:
-            self.meta.close()
-            self._release_lock()
 
     def checkpoint(self, build: dict | None = None) -> dict | None:
         """Publish what the session wrote so far as a version and go on writing (the lock is kept): how
@@ -612,7 +606,7 @@ class IndexWriter:
         Returns the new live manifest, or None when there was nothing to merge."""
         from mmretrieve.store.compaction import plan
 
-        try:
+        with self._ending():
             if self._changed:
                 raise UsageError("commit the session's changes before compacting")
             self.manifest_live = self.prev
@@ -626,6 +620,13 @@ class IndexWriter:
                 self.meta.rollback()
             self.meta.checkpoint()
             return self.manifest_live if groups else None
+
+    @contextlib.contextmanager
+    def _ending(self) -> Iterator[None]:
+        """The last step of a session: aborted on any failure, its database closed and its lock released
+        whatever happens."""
+        try:
+            yield
         except BaseException:
             self.abort()
             raise
@@ -662,7 +663,7 @@ def rollback(path: Path, version: str = "previous") -> dict:
     """Publish a new version whose content is that of a retained older ``version`` (``previous``: the one
     before the live one). The rolled-back version stays retained like any other."""
     w = IndexWriter(path)
-    try:
+    with w._ending():
         target = read_manifest(w.path, version)
         if target["version"] == w.prev["version"]:
             raise UsageError(f"{target['version']} is already the live version of {w.path}")
@@ -675,12 +676,6 @@ def rollback(path: Path, version: str = "previous") -> dict:
         w.collect()
         w.meta.commit()
         return w.manifest_live
-    except BaseException:
-        w.abort()
-        raise
-    finally:
-        w.meta.close()
-        w._release_lock()
 
 
 __all__ = ["IndexWriter", "rollback", "load_view", "SEGMENT_ROWS"]
