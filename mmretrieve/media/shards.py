@@ -306,8 +306,12 @@ def split_member_uri(uri: str) -> tuple[Path, str] | None:
 
 
 @functools.lru_cache(maxsize=16)
-def _tar_members(path: str, size: int, mtime: float) -> dict[str, tuple[int, int]]:
-    """A tar's member name -> (data offset, size), read once from its headers (no data read)."""
+def _tar_members(path: str, size: int, mtime: float) -> dict[str, tuple[int, int]] | None:
+    """A tar's member name -> (data offset, size), read once from its headers (no data read); None for a
+    ``.tar`` that is really gzip / bzip2 / xz (read as a stream, as the build did)."""
+    with open(path, "rb") as fh:
+        if fh.read(6).startswith((b"\x1f\x8b", b"BZh", b"\xfd7zXZ")):
+            return None
     out: dict[str, tuple[int, int]] = {}
     with tarfile.open(path, mode="r:") as tf:
         for m in tf:
@@ -328,11 +332,14 @@ def read_member(uri: str) -> bytes:
     st = shard.stat()
     if shard.suffix.lower() == ".parquet":
         return _parquet_member(shard, member)
-    if shard.suffix.lower() == ".tar" and not _compressed(shard):
+    members = None
+    if shard.suffix.lower() == ".tar":
         try:
-            loc = _tar_members(str(shard), st.st_size, st.st_mtime).get(member)
+            members = _tar_members(str(shard), st.st_size, st.st_mtime)
         except (tarfile.TarError, OSError, EOFError) as e:
             raise FileNotFoundError(f"{shard}: cannot read the tar ({e})") from None
+    if members is not None:
+        loc = members.get(member)
         if loc is None:
             raise FileNotFoundError(f"{shard} has no member {member!r}")
         if loc[1] > MAX_MEMBER_BYTES:
@@ -353,13 +360,6 @@ def read_member(uri: str) -> bytes:
     except (tarfile.TarError, EOFError, zlib.error) as e:
         raise FileNotFoundError(f"{shard}: cannot read the tar ({e})") from None
     raise FileNotFoundError(f"{shard} has no member {member!r} (of at most {MAX_MEMBER_BYTES} bytes)")
-
-
-def _compressed(path: Path) -> bool:
-    """A ``.tar`` that is really gzip / bzip2 / xz (read as a stream, as the build did)."""
-    with open(path, "rb") as fh:
-        head = fh.read(6)
-    return head.startswith((b"\x1f\x8b", b"BZh", b"\xfd7zXZ"))
 
 
 def _parquet_member(path: Path, member: str) -> bytes:
