@@ -301,7 +301,7 @@ class _Run:
             return src.units(start=start)
         todo = src.scan.items
         if select:
-            todo = select_changed(todo, writer.meta.fingerprints(), writer.meta.skipped_fingerprints(), report)
+            todo = select_changed(todo, *self._index_state(), report)
             if self.state is not None:
                 report.units_resumed = int(self.state.get("units_done", 0))
         return src.units(todo, unit_items=self.unit_items)
@@ -315,7 +315,7 @@ class _Run:
 
                 select = None
                 if src.sharded and self.state is None:  # an add: samples already indexed unchanged are not written
-                    select = (self.writer.meta.fingerprints(), self.writer.meta.skipped_fingerprints())
+                    select = self._index_state()
                 run_units(self.writer, units, self.encoder, self.report,
                           on_unit_done=lambda u, last: self.unit_done(u, src, last=last),
                           local=self._run_local, address=self.ray_address, actors=self.ray_actors,
@@ -344,10 +344,14 @@ class _Run:
             return unit.items
         samples = first_of_each_key(unit.read(), self._seen) if self._seen is not None else unit.read()
         if self.state is None:  # an add: samples already indexed unchanged are not decoded again
-            if self._fingerprints is None:
-                self._fingerprints = (self.writer.meta.fingerprints(), self.writer.meta.skipped_fingerprints())
-            return changed_only(samples, *self._fingerprints, self.report)
+            return changed_only(samples, *self._index_state(), self.report)
         return samples
+
+    def _index_state(self) -> tuple[dict, dict]:
+        """The index's item and skip fingerprints as this run found them, read once (before it writes)."""
+        if self._fingerprints is None:
+            self._fingerprints = (self.writer.meta.fingerprints(), self.writer.meta.skipped_fingerprints())
+        return self._fingerprints
 
     def _keys_met(self) -> set[str]:
         """The keys a shard stream has met before its first sample: none for an add (its samples update
@@ -357,13 +361,13 @@ class _Run:
         prev = self.writer.prev
         if not int(self.state.get("units_done", 0)) or not prev:  # a new build (--overwrite too): none met yet
             return set()
-        return set(self.writer.meta.fingerprints()) | self.writer.meta.skipped_keys(until=float(prev["updated_at"]))
+        return set(self._index_state()[0]) | self.writer.meta.skipped_keys(until=float(prev["updated_at"]))
 
     def _run_local(self, items, bar, on_unit_end=None) -> None:
         """The local engine on some items (the Ray engine's videos go this way too)."""
         n_before = self.report.encoded + len(self.report.skipped) + self.report.unchanged
         if self._existing is None:  # read once per run, not once per unit of 1024 files
-            self._existing = set(self.writer.meta.fingerprints())
+            self._existing = set(self._index_state()[0])
         run_stages(self.writer, items, self.encoder, self.report, batch_size=self.batch_size, workers=self.workers,
                    on_bad_vectors=self.on_bad_vectors, image_timeout=self.image_timeout, decode=self.decode, bar=bar,
                    on_unit_end=on_unit_end, existing=self._existing)
