@@ -95,19 +95,10 @@ def test_local_mode_gives_the_local_engines_index(ray_tmp, shards, tiny_clip):
 
 def test_repeated_keys_on_ray_as_on_the_local_engine(ray_tmp, tmp_path, samples, tiny_clip):
     """Keys repeated across shards, one of the repeats broken: the first sample keeps each key."""
-    import io
-    import tarfile
+    from mmretrieve.testing.shards import write_tar as tar
 
     d = tmp_path / "dups"
     d.mkdir()
-
-    def tar(path, members):
-        with tarfile.open(path, "w") as tf:
-            for name, data in members:
-                info = tarfile.TarInfo(name)
-                info.size = len(data)
-                tf.addfile(info, io.BytesIO(data))
-
     ph = [Path(s.path) for s in samples[:4]]
     tar(d / "00000.tar", [(f"a{ph[0].suffix}", ph[0].read_bytes()), (f"b{ph[1].suffix}", ph[1].read_bytes())])
     tar(d / "00001.tar", [("a.jpg", b"\xff\xd8\xff\xe0 not a jpeg"), (f"c{ph[2].suffix}", ph[2].read_bytes())])

@@ -20,7 +20,7 @@ from mmretrieve.index import open_index
 from mmretrieve.ingest import add_to_index, build_index
 from mmretrieve.media.images import load_image
 from mmretrieve.media.shards import expand_braces, is_shard_source, iter_webdataset, resolve_shards
-from mmretrieve.testing.shards import truncate, write_parquet, write_webdataset
+from mmretrieve.testing.shards import truncate, write_parquet, write_tar, write_webdataset
 
 
 def _items(name):
@@ -173,13 +173,8 @@ def test_add_from_shards_encodes_only_new_samples(tmp_path, samples, tiny_clip):
 
 def _tar_of(path: Path, samples: list[tuple[str, Path]]) -> Path:
     """A webdataset shard whose samples are ``(key, photo)``: keys may repeat."""
-    with tarfile.open(path, "w") as tf:
-        for key, photo in samples:
-            for name, data in ((f"{key}{Path(photo).suffix}", Path(photo).read_bytes()), (f"{key}.txt", f"{key} from {path.name}".encode())):
-                info = tarfile.TarInfo(name)
-                info.size = len(data)
-                tf.addfile(info, io.BytesIO(data))
-    return path
+    return write_tar(path, [m for key, photo in samples for m in ((f"{key}{Path(photo).suffix}", Path(photo).read_bytes()),
+                                                                  (f"{key}.txt", f"{key} from {path.name}".encode()))])
 
 
 def _interrupted_build(monkeypatch, path, source, encoder, *, at_add: int) -> None:

@@ -4,7 +4,7 @@
 photo's own bytes), ``<key>.txt`` (caption) and ``<key>.json`` (key, caption, url, status), keys
 ``000000000`` ... numbered across shards, ``00000.tar`` ... ``NNNNN.tar``. ``write_parquet(photos, folder,
 per_file)`` -> parquet files with ``key``, ``caption``, ``jpg`` (the bytes) and ``url`` columns.
-``truncate(path, keep)`` cuts a file to a fraction of its size (a download cut short).
+``write_tar(path, members)`` writes named members as given. ``truncate(path, keep)`` cuts a file to a fraction of its size (a download cut short).
 """
 
 from __future__ import annotations
@@ -37,6 +37,15 @@ def _add(tf: tarfile.TarFile, name: str, data: bytes) -> None:
     info.mtime = 1_700_000_000
     info.mode = 0o644
     tf.addfile(info, io.BytesIO(data))
+
+
+def write_tar(path: str | os.PathLike, members: Sequence[tuple[str, bytes]]) -> Path:
+    """A tar of ``(name, bytes)`` members in this order (names may repeat, as a hand-made shard's can)."""
+    path = Path(path)
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tf:
+        for name, data in members:
+            _add(tf, name, data)
+    return path
 
 
 def write_webdataset(photos: Sequence, folder: str | os.PathLike, per_shard: int = 8) -> list[Path]:
