@@ -431,7 +431,9 @@ def _prune(writer: IndexWriter, root: Path, found: set[str], *, skip: set[int]) 
 
 def select_changed(scan_items: Sequence[SourceItem], fingerprints: dict, skipped_fp: dict, report: IngestReport) -> list[SourceItem]:
     """Only new or changed items: the file's size or mtime, its path, or its caption differ (a manifest
-    may point a key at another file, or edit a caption); previously broken files retry only when changed."""
+    may point a key at another file, or edit a caption). A file found bad (not an image, corrupt) is tried
+    again only when it changed; one whose decoder crashed, was killed, hung or stopped answering (a
+    transient skip) is tried again every time."""
     return list(changed_only(scan_items, fingerprints, skipped_fp, report))
 
 
@@ -468,8 +470,8 @@ def changed_only(items: Iterable, fingerprints: dict, skipped_fp: dict, report: 
             report.unchanged += 1
             continue
         sk = skipped_fp.get(it.key)
-        if fp is None and sk is not None and sk == (it.size, it.mtime):
-            report.unchanged += 1
+        if fp is None and sk is not None and not sk[2] and sk[:2] == (it.size, it.mtime):
+            report.unchanged += 1  # a file found bad stays skipped until it changes; a decoder's failure is retried
             continue
         yield it
 

@@ -88,7 +88,7 @@ class IngestReport:
             "stale_removed": self.stale_removed,
             "pruned": list(self.pruned),
             "aliases": [{"path": a, "same_as": b} for a, b in self.aliases],
-            "skipped": [{"key": s.key, "uri": s.uri, "reason": s.reason} for s in self.skipped],
+            "skipped": [{"key": s.key, "uri": s.uri, "reason": s.reason, "transient": s.transient} for s in self.skipped],
             "seconds": round(self.seconds, 3),
             "stages": {k: round(v, 3) for k, v in self.stages.items()},
             "engine": self.engine,
