@@ -413,15 +413,16 @@ def _remove_items(writer: IndexWriter, ids: list[int]) -> int:
 
 
 def _prune(writer: IndexWriter, root: Path, found: set[str], *, skip: set[int]) -> list[str]:
-    """Remove the items of folder ``root`` whose file is gone (keyed by their path, under ``root``, not in
-    ``found``) and forget the skip records of files that are gone; returns the removed items' paths."""
+    """Remove the items of folder ``root`` the scan no longer finds (keyed by their path, under ``root`` or
+    reached through a symbolic link under it, not in ``found``) and forget the skip records of files that
+    are gone; returns the removed items' paths."""
     prefix = str(root).rstrip(os.sep) + os.sep
 
     def under(uri: str) -> bool:
         return uri.startswith(prefix)
 
-    gone = [it for it in writer.meta.iter_items() if it.kind != "frame" and it.key == it.uri and under(it.uri)
-            and it.key not in found and it.id not in skip]
+    gone = [it for it in writer.meta.iter_items() if it.kind != "frame" and it.key == it.uri
+            and (under(it.uri) or under(str(it.extra.get("symlink") or ""))) and it.key not in found and it.id not in skip]
     if gone:
         _remove_items(writer, [it.id for it in gone])
     current = {s.key for s in writer.meta.skipped() if under(s.uri) and s.key not in found and not os.path.lexists(s.uri)}
