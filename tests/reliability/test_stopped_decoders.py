@@ -152,7 +152,10 @@ def _stop_a_decoder_from_outside(stopped: list, done: threading.Event) -> None:
     me = psutil.Process()
     deadline = time.monotonic() + 30
     while not done.is_set() and time.monotonic() < deadline:
-        kids = [p for p in me.children() if p.status() != psutil.STATUS_STOPPED]
+        try:
+            kids = [p for p in me.children() if p.status() not in (psutil.STATUS_STOPPED, psutil.STATUS_ZOMBIE)]
+        except psutil.NoSuchProcess:  # a worker replaced while listed
+            continue
         if len(kids) >= 2:
             time.sleep(0.3)
             try:
