@@ -374,6 +374,37 @@ def test_incremental_add_only_new_or_changed(photo_dir, embedded, samples):
     np.testing.assert_allclose(v, idx.vectors([flower])[0], atol=1e-6)  # re-encoded with the new content
 
 
+def test_index_rm_sticks_until_include_removed(photo_dir, embedded, samples, capsys):
+    """A file ``index rm`` removed is not brought back by the next ``index add`` of its folder (listed
+    instead); ``--include-removed`` adds it back and forgets the removal; a changed file is new content."""
+    from mmretrieve.cli import main
+
+    build_index("rm", photo_dir, encoder=embedded)
+    files = sorted(p for p in photo_dir.rglob("*.*"))
+    gone, edited = str(files[0].resolve()), files[1]
+    assert remove_from_index("rm", [gone, str(edited)]) == 2
+    r = add_to_index("rm", photo_dir)
+    assert (r.added, r.unchanged) == (0, len(samples) - 2)
+    assert sorted(r.not_readded) == sorted([gone, str(edited.resolve())]) and "2 not re-added" in r.summary()
+    assert len(open_index("rm")) == len(samples) - 2
+    # the CLI says why, and how to add them back
+    assert main(["index", "add", "rm", str(photo_dir)]) == 0
+    assert f"{gone}: removed by index rm, not re-added (use --include-removed to add them back)" in capsys.readouterr().out
+    # a file changed since its removal is new content: indexed again
+    edited.write_bytes(files[2].read_bytes())
+    r = add_to_index("rm", photo_dir)
+    assert r.added == 1 and r.not_readded == [gone]
+    # --include-removed adds the rest back, and the next add has nothing left out
+    assert main(["index", "add", "rm", str(photo_dir), "--include-removed"]) == 0
+    assert len(open_index("rm")) == len(samples)
+    r = add_to_index("rm", photo_dir)
+    assert (r.unchanged, r.not_readded) == (len(samples), [])
+    # a build from scratch ignores the removals of the index it replaces
+    assert remove_from_index("rm", [gone]) == 1
+    assert build_index("rm", photo_dir, encoder=embedded, overwrite=True).added == len(samples)
+    assert add_to_index("rm", photo_dir).not_readded == []
+
+
 def test_hnsw_delete_uses_tombstones(tmp_path):
     path = tmp_path / "h"
     x = _vector_index(path, 300, factory="HNSW16")

@@ -35,6 +35,8 @@ def _report_out(report, args) -> int:
         print(f"  ... and {len(report.skipped) - n} more (see `mmretrieve index info NAME --skipped`)")
     for uri in report.pruned[:n]:
         print(f"  removed {printable(uri)}: file deleted")
+    for uri in getattr(report, "not_readded", [])[:n]:
+        print(f"  {printable(uri)}: removed by index rm, not re-added (use --include-removed to add them back)")
     for alias, kept in report.aliases[:n]:
         print(f"  alias {printable(alias)}: the same file as {printable(kept)} (indexed once)")
     return EXIT_OK
@@ -123,7 +125,7 @@ def cmd_add(args) -> int:
 
     report = add_to_index(args.name, args.source, index_dir=args.index_dir, batch_size=args.batch_size, workers=args.workers,
                           on_bad_vectors=args.on_bad_vectors, strict=args.strict, image_timeout=args.image_timeout,
-                          prune=not args.no_prune, engine=args.engine, ray_address=args.ray_address,
+                          prune=not args.no_prune, include_removed=args.include_removed, engine=args.engine, ray_address=args.ray_address,
                           ray_actors=args.ray_actors, decode=args.decode, unit_items=args.unit_items)
     return _report_out(report, args)
 
@@ -260,8 +262,11 @@ def register(sub, common: argparse.ArgumentParser) -> None:
     a.add_argument("source", help="the folder or manifest (new and changed files are encoded)")
     a.add_argument("--no-prune", action="store_true",
                    help="keep indexed items whose file was deleted from the folder (default: remove and list them)")
+    a.add_argument("--include-removed", action="store_true",
+                   help="also add back files `index rm` removed (by default they stay out while unchanged)")
     a.set_defaults(func=cmd_add)
-    r = isub.add_parser("rm", parents=[common], help="remove items by id, key or path")
+    r = isub.add_parser("rm", parents=[common],
+                        help="remove items by id, key or path (a later `index add` of their folder leaves them out)")
     r.add_argument("name", help="index name or path")
     r.add_argument("items", nargs="+", help="items to remove: ids, keys or file paths (id:N / key:K when a number is both)")
     r.set_defaults(func=cmd_rm)

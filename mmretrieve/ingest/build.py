@@ -129,6 +129,7 @@ def add_to_index(
     strict: bool = False,
     image_timeout: float | None = None,
     prune: bool = True,
+    include_removed: bool = False,
     engine: str = "local",
     ray_address: str | None = None,
     ray_actors: int | None = None,
@@ -140,7 +141,10 @@ def add_to_index(
 
     ``prune`` (a folder source): items indexed from this folder whose file is gone are removed and
     listed in ``report.pruned``; ``prune=False`` keeps them. (Items of other sources, and items a
-    manifest named by an explicit id, are never pruned by a folder.)"""
+    manifest named by an explicit id, are never pruned by a folder.)
+
+    Files ``index rm`` removed are not added back while they are unchanged: they are listed in
+    ``report.not_readded``; ``include_removed=True`` adds them (and forgets that they were removed)."""
     path = resolve_index_path(name_or_path, index_dir)
     manifest = read_manifest(path)  # a missing index is reported before any model loads
     t0 = time.perf_counter()
@@ -156,6 +160,7 @@ def add_to_index(
     run = _Run(writer, enc, report, batch_size=batch_size, workers=workers, on_bad_vectors=on_bad_vectors, strict=strict,
                image_timeout=image_timeout, engine=engine, ray_address=ray_address, ray_actors=ray_actors, decode=decode,
                unit_items=unit_items, state=None)
+    run.removed = {} if include_removed else writer.meta.removed_fingerprints()
     run.execute(src, select=True, t0=t0, prune=(root, {it.key for it in src.scan.items}) if root else None)
     return report
 
@@ -257,6 +262,8 @@ class _Run:
         self.decode = _decode_for(encoder, decode)
         self.state = state
         self._fingerprints: tuple[dict, dict] | None = None
+        #: an add: key -> (size, mtime) of the files ``index rm`` removed, which it does not bring back
+        self.removed: dict | None = None
         self._seen: set[str] | None = None
         self._existing: set[str] | None = None
 
@@ -301,7 +308,7 @@ class _Run:
             return src.units(start=start)
         todo = src.scan.items
         if select:
-            todo = select_changed(todo, *self._index_state(), report)
+            todo = list(self.select(todo))
             if self.state is not None:
                 report.units_resumed = int(self.state.get("units_done", 0))
         return src.units(todo, unit_items=self.unit_items)
@@ -315,7 +322,7 @@ class _Run:
 
                 select = None
                 if src.sharded and self.state is None:  # an add: samples already indexed unchanged are not written
-                    select = self._index_state()
+                    select = self.select
                 run_units(self.writer, units, self.encoder, self.report,
                           on_unit_done=lambda u, last: self.unit_done(u, src, last=last),
                           local=self._run_local, address=self.ray_address, actors=self.ray_actors,
@@ -344,8 +351,12 @@ class _Run:
             return unit.items
         samples = first_of_each_key(unit.read(), self._seen) if self._seen is not None else unit.read()
         if self.state is None:  # an add: samples already indexed unchanged are not decoded again
-            return changed_only(samples, *self._index_state(), self.report)
+            return self.select(samples)
         return samples
+
+    def select(self, items: Iterable) -> Iterator:
+        """The new or changed ``items`` (``changed_only`` against the index as this run found it)."""
+        return changed_only(items, *self._index_state(), self.report, removed=self.removed)
 
     def _index_state(self) -> tuple[dict, dict]:
         """The index's item and skip fingerprints as this run found them, read once (before it writes)."""
@@ -392,12 +403,17 @@ class _Run:
 def remove_from_index(
     name_or_path: str | os.PathLike, keys_or_ids: Sequence[int | str], *, index_dir: str | os.PathLike | None = None
 ) -> int:
-    """Remove items by id, key, or file path; publishes a new version. Returns the number removed."""
+    """Remove items by id, key, or file path; publishes a new version. Returns the number removed.
+
+    The removal is remembered: ``add_to_index`` of their folder (or manifest) does not add these files
+    back while they are unchanged, unless asked to (``include_removed``)."""
     path = resolve_index_path(name_or_path, index_dir)
     writer = IndexWriter(path)
     try:
         ids = [resolve_item(writer.meta, k, path) for k in keys_or_ids]
+        items = writer.meta.items_by_ids(ids).values()
         n = _remove_items(writer, ids)
+        writer.meta.record_removed(items)  # in the same transaction: an add of their folder leaves them out
         writer.commit()
     except BaseException:
         writer.abort()
@@ -413,15 +429,16 @@ def _remove_items(writer: IndexWriter, ids: list[int]) -> int:
 
 
 def _prune(writer: IndexWriter, root: Path, found: set[str], *, skip: set[int]) -> list[str]:
-    """Remove the items of folder ``root`` whose file is gone (keyed by their path, under ``root``, not in
-    ``found``) and forget the skip records of files that are gone; returns the removed items' paths."""
+    """Remove the items of folder ``root`` the scan no longer finds (keyed by their path, under ``root`` or
+    reached through a symbolic link under it, not in ``found``) and forget the skip records of files that
+    are gone; returns the removed items' paths."""
     prefix = str(root).rstrip(os.sep) + os.sep
 
     def under(uri: str) -> bool:
         return uri.startswith(prefix)
 
-    gone = [it for it in writer.meta.iter_items() if it.kind != "frame" and it.key == it.uri and under(it.uri)
-            and it.key not in found and it.id not in skip]
+    gone = [it for it in writer.meta.iter_items() if it.kind != "frame" and it.key == it.uri
+            and (under(it.uri) or under(str(it.extra.get("symlink") or ""))) and it.key not in found and it.id not in skip]
     if gone:
         _remove_items(writer, [it.id for it in gone])
     current = {s.key for s in writer.meta.skipped() if under(s.uri) and s.key not in found and not os.path.lexists(s.uri)}
@@ -429,10 +446,14 @@ def _prune(writer: IndexWriter, root: Path, found: set[str], *, skip: set[int]) 
     return [it.uri for it in gone]
 
 
-def select_changed(scan_items: Sequence[SourceItem], fingerprints: dict, skipped_fp: dict, report: IngestReport) -> list[SourceItem]:
+def select_changed(scan_items: Sequence[SourceItem], fingerprints: dict, skipped_fp: dict, report: IngestReport, *,
+                   removed: dict | None = None) -> list[SourceItem]:
     """Only new or changed items: the file's size or mtime, its path, or its caption differ (a manifest
-    may point a key at another file, or edit a caption); previously broken files retry only when changed."""
-    return list(changed_only(scan_items, fingerprints, skipped_fp, report))
+    may point a key at another file, or edit a caption). A file found bad (not an image, corrupt) is tried
+    again only when it changed; one whose decoder crashed, was killed, hung or stopped answering (a
+    transient skip) is tried again every time. ``removed``: files ``index rm`` removed (key -> size and
+    mtime then), left out while unchanged and listed in ``report.not_readded``."""
+    return list(changed_only(scan_items, fingerprints, skipped_fp, report, removed=removed))
 
 
 def first_of_each_key(items: Iterable, seen: set[str]) -> Iterator:
@@ -457,7 +478,8 @@ def _same_place(item_uri: str, skip_uri: str) -> bool:
     return a is not None and b is not None and a[0] == b[0]
 
 
-def changed_only(items: Iterable, fingerprints: dict, skipped_fp: dict, report: IngestReport) -> Iterator:
+def changed_only(items: Iterable, fingerprints: dict, skipped_fp: dict, report: IngestReport, *,
+                 removed: dict | None = None) -> Iterator:
     """``select_changed`` over a stream (a shard's samples); ``(item, reason)`` pairs pass through."""
     for it in items:
         if isinstance(it, tuple):
@@ -468,8 +490,11 @@ def changed_only(items: Iterable, fingerprints: dict, skipped_fp: dict, report: 
             report.unchanged += 1
             continue
         sk = skipped_fp.get(it.key)
-        if fp is None and sk is not None and sk == (it.size, it.mtime):
-            report.unchanged += 1
+        if fp is None and sk is not None and not sk[2] and sk[:2] == (it.size, it.mtime):
+            report.unchanged += 1  # a file found bad stays skipped until it changes; a decoder's failure is retried
+            continue
+        if fp is None and removed and removed.get(it.key) == (it.size, it.mtime):
+            report.not_readded.append(it.uri)  # ``index rm`` removed it; a changed file is new content
             continue
         yield it
 

@@ -215,7 +215,7 @@ class _Driver:
         #: the images of each batch of files (Ray decodes those; the videos run locally), None for a shard
         self.images = [[it for it in u.items if it.kind != "video"] if u.items is not None else None for u in self.units]
         self.position = {u.index: pos for pos, u in enumerate(self.units)}
-        self.select = None  # (fingerprints, skipped fingerprints) when only changed samples are written
+        self.select = None  # an add: items -> those to write (the new or changed; ``_Run.select``)
 
     def open_unit(self, k: int) -> None:
         while self.next <= k:
@@ -243,8 +243,6 @@ class _Driver:
         return SourceItem(key=d["key"], uri=uri, caption=d["caption"], size=d["size"], mtime=d["mtime"], extra=d["extra"])
 
     def write(self, batch: dict[str, np.ndarray]) -> None:
-        from mmretrieve.ingest.build import changed_only
-
         units = np.asarray(batch["unit"])
         for k in np.unique(units):  # rows come in order: a batch spans one unit or the end of one and the next
             rows = np.nonzero(units == k)[0]
@@ -254,7 +252,7 @@ class _Driver:
             for j in rows:
                 it = self.item(u, int(batch["seq"][j]), str(batch["uri"][j]), batch["item"][j] if "item" in batch else None)
                 err = str(batch["error"][j])
-                if self.select is not None and not err and not list(changed_only([it], *self.select, self.report)):
+                if self.select is not None and not err and not list(self.select([it])):
                     continue
                 (bad if err else good).append((j, it, err))
             self.sink.skip([skipped_of(it, err) for _, it, err in bad])

@@ -18,6 +18,8 @@ class IngestReport:
     stale_removed: int = 0
     #: paths of indexed items removed because their file was deleted from the folder (``index add``)
     pruned: list[str] = field(default_factory=list)
+    #: paths of files ``index rm`` removed that this add did not bring back (``--include-removed`` does)
+    not_readded: list[str] = field(default_factory=list)
     #: (path, the path indexed for the same file): symlinks, hard links and repeated rows, indexed once
     aliases: list[tuple[str, str]] = field(default_factory=list)
     ignored: int = 0
@@ -52,6 +54,8 @@ class IngestReport:
             parts.append(f"{self.stale_removed} indexed item(s) removed (file now broken or missing)")
         if self.pruned:
             parts.append(f"{len(self.pruned)} indexed item(s) removed (file deleted)")
+        if self.not_readded:
+            parts.append(f"{len(self.not_readded)} not re-added (removed by index rm; --include-removed adds them back)")
         if self.ignored:
             parts.append(f"{self.ignored} non-media files ignored")
         if self.up_to_date:
@@ -87,8 +91,9 @@ class IngestReport:
             "ignored": self.ignored,
             "stale_removed": self.stale_removed,
             "pruned": list(self.pruned),
+            "not_readded": list(self.not_readded),
             "aliases": [{"path": a, "same_as": b} for a, b in self.aliases],
-            "skipped": [{"key": s.key, "uri": s.uri, "reason": s.reason} for s in self.skipped],
+            "skipped": [{"key": s.key, "uri": s.uri, "reason": s.reason, "transient": s.transient} for s in self.skipped],
             "seconds": round(self.seconds, 3),
             "stages": {k: round(v, 3) for k, v in self.stages.items()},
             "engine": self.engine,

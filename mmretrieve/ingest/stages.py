@@ -74,8 +74,9 @@ def duplicate_key(key: str) -> str:
     return f"duplicate key {key!r}: an earlier sample has it (that one is kept)"
 
 
-def skipped_of(it: SourceItem, reason: str) -> Skipped:
-    return Skipped(it.key, it.uri, reason, it.size, it.mtime)
+def skipped_of(it: SourceItem, reason: str, transient: bool = False) -> Skipped:
+    """The skip record of ``it``; ``transient``: its decoder failed, not the file (tried again by an add)."""
+    return Skipped(it.key, it.uri, reason, it.size, it.mtime, transient)
 
 
 # ---- readers --------------------------------------------------------------------------------------
@@ -172,7 +173,7 @@ class _Feed:
                     out = Decoded("image", [])
             it = self.pending.pop(i)
             if isinstance(res, TaskFailure):
-                out.skipped.append(skipped_of(it, res.reason))
+                out.skipped.append(skipped_of(it, res.reason, res.transient))
                 log.warning("skipped %s: %s", printable(it.uri), printable(res.reason))
             else:
                 tensor, size = res
@@ -284,7 +285,7 @@ def read_videos(items: Sequence[SourceItem], transform, sampling: dict, *, worke
             src = items[i]
             if isinstance(res, TaskFailure):
                 log.warning("skipped %s: %s", printable(src.uri), printable(res.reason))
-                yield Decoded("video", [], skipped=[skipped_of(src, res.reason)])
+                yield Decoded("video", [], skipped=[skipped_of(src, res.reason, res.transient)])
             else:
                 yield Decoded("video", [src], videos=[res])
 

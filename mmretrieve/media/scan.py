@@ -57,7 +57,7 @@ class ScanResult:
 
 
 #: ``Item.extra`` names mmretrieve writes itself (frame entries, videos); a manifest column may not take them
-RESERVED_COLUMNS = frozenset({"video", "timestamp", "duration", "fps", "frames"})
+RESERVED_COLUMNS = frozenset({"video", "timestamp", "duration", "fps", "frames", "symlink"})
 
 
 def media_kind(path: str | Path) -> str | None:
@@ -115,6 +115,7 @@ def scan_source(source: str | os.PathLike, *, kinds: tuple[str, ...] = ("image",
 def _scan_folder(root: Path, kinds: tuple[str, ...]) -> ScanResult:
     out = ScanResult([])
     seen: dict[tuple[int, int], tuple[int, str]] = {}  # (device, inode) -> (position in items, path)
+    folder = (os.path.abspath(root), str(root.resolve()))
 
     def unlistable(e: OSError) -> None:
         where = shown(e.filename or root)
@@ -129,12 +130,17 @@ def _scan_folder(root: Path, kinds: tuple[str, ...]) -> ScanResult:
             if kind is None or kind not in kinds:
                 out.ignored += 1
                 continue
-            _add_file(out, seen, os.path.join(dirpath, fn), kind)
+            _add_file(out, seen, os.path.join(dirpath, fn), kind, folder)
     return out
 
 
-def _add_file(out: ScanResult, seen: dict, p: str, kind: str) -> None:
-    """One folder entry -> ``out.items`` / ``missing`` / ``skipped`` / ``aliases`` (never raises)."""
+def _add_file(out: ScanResult, seen: dict, p: str, kind: str, folder: tuple[str, str] | None = None) -> None:
+    """One folder entry -> ``out.items`` / ``missing`` / ``skipped`` / ``aliases`` (never raises).
+
+    ``folder``: (the folder as given, its real path). A file reached through a symbolic link to a place
+    outside the folder is keyed by its real path; ``extra["symlink"]`` keeps the link's path (under the
+    folder's real path), so ``index add`` can tell that the item came from this folder and prune it once
+    the link is gone."""
     here = os.path.abspath(p)
     if not valid_text(here):
         out.skipped.append((SourceItem(key=shown(here), uri=shown(here), kind=kind),
@@ -165,7 +171,10 @@ def _add_file(out: ScanResult, seen: dict, p: str, kind: str) -> None:
             out.aliases.append((here, first))
         return
     seen[ino] = (len(out.items), here)
-    out.items.append(SourceItem(key=uri, uri=uri, kind=kind, size=st.st_size, mtime=st.st_mtime))
+    extra = {}
+    if folder is not None and not uri.startswith(folder[1].rstrip(os.sep) + os.sep):
+        extra["symlink"] = os.path.join(folder[1], os.path.relpath(here, folder[0]))
+    out.items.append(SourceItem(key=uri, uri=uri, kind=kind, size=st.st_size, mtime=st.st_mtime, extra=extra))
 
 
 def _read_text(path: Path) -> str:

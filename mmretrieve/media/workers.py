@@ -10,6 +10,13 @@ sends each worker its tasks, so a full pipe stops neither the decoding nor the p
 bytes, a shard sample, is far larger than a pipe holds). Every worker publishes the task it is running (and since when) in a small shared-memory
 board: that is how a crash or a timeout is charged to exactly one input, and the other tasks the worker
 held are handed to its replacement.
+
+The parent never blocks on a worker: it reads results only when a worker's pipe is readable, one read
+at a time, and puts whole messages together itself (a worker stopped half-way through sending a result
+leaves a partial message, not a parent waiting for the rest). A worker with work in hand must show
+progress (a task started, a result byte read, a task taken from its pipe) within ``timeout`` seconds
+of the parent waiting for it, whatever it was doing: one that does not (``kill -STOP``, a stuck
+sending thread) is killed with SIGKILL, which a stopped process obeys too, and replaced.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import multiprocessing as mp
 import os
 import queue
 import signal
+import struct
 import threading
 import time
 import traceback
@@ -36,13 +44,33 @@ _MAX_BLAMELESS_DEATHS = 3
 #: bytes of tasks queued to one worker at most (memory only: tasks go through the worker's feeding thread,
 #: so a send to a worker that hangs blocks that thread, never the parent)
 _MAX_QUEUED_BYTES = 64 << 20
+#: seconds a new worker may take to start (a spawned one imports its task's modules) before it counts as
+#: not answering; after that, ``timeout``
+_STARTUP_S = 60.0
+#: a result message on the pipe: its length, then the pickled ``(index, result)``
+_HEADER = struct.Struct("!Q")
+#: bytes taken from a readable results pipe per read (one read of a readable pipe never blocks)
+_READ_BYTES = 1 << 20
 
 
 @dataclass
 class TaskFailure:
-    """What a failed task yields instead of a result."""
+    """What a failed task yields instead of a result. ``transient``: the input itself is not known to be
+    bad (its decoder crashed, was killed, ran out of memory, hung or stopped answering), so it is worth
+    another try later; an error the task raised about its input (not an image, corrupt data) is not."""
 
     reason: str
+    transient: bool = False
+
+
+def _out_of_memory(e: BaseException | None) -> bool:
+    """Whether ``e`` is, or was raised while handling, a ``MemoryError`` (a loader may translate it)."""
+    seen = 0
+    while e is not None and seen < 8:
+        if isinstance(e, MemoryError):
+            return True
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return False
 
 
 def _run_task(fn: Callable[[Any], Any], arg: Any) -> Any:
@@ -51,21 +79,32 @@ def _run_task(fn: Callable[[Any], Any], arg: Any) -> Any:
     except Exception as e:  # a task error is a result, not a dead worker
         if not hasattr(e, "reason"):
             log.debug("task failed:\n%s", traceback.format_exc())
-        return TaskFailure(getattr(e, "reason", None) or f"{type(e).__name__}: {e}")
+        return TaskFailure(getattr(e, "reason", None) or f"{type(e).__name__}: {e}", transient=_out_of_memory(e))
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
 
 
 def _sender(out: Connection, results: queue.SimpleQueue) -> None:
-    """The worker's sending thread: results leave in order, however slowly the parent reads them."""
+    """The worker's sending thread: results leave in order, however slowly the parent reads them, each
+    as its length and its pickle (the parent reads whatever has arrived and puts messages together)."""
+    fd = out.fileno()
     while True:
         item = results.get()
         if item is None:
             return
         try:
-            out.send(item)
-        except (BrokenPipeError, OSError):
-            return
+            data = _ForkingPickler.dumps(item)
         except Exception as e:  # a result that cannot be pickled
-            out.send((item[0], TaskFailure(f"result could not be sent: {type(e).__name__}: {e}")))
+            data = _ForkingPickler.dumps((item[0], TaskFailure(f"result could not be sent: {type(e).__name__}: {e}")))
+        try:
+            _write_all(fd, _HEADER.pack(len(data)))
+            _write_all(fd, data)
+        except OSError:  # the parent is gone
+            return
 
 
 def _die_with_parent(parent: int) -> None:
@@ -91,17 +130,24 @@ def _die_with_parent(parent: int) -> None:
     threading.Thread(target=watch, daemon=True).start()
 
 
-def _feed(conn: Connection, outbox: queue.SimpleQueue) -> None:
-    """The parent's feeding thread for one worker: sends its tasks in order; ends at ``None`` or when the
-    pipe breaks (the worker died or was killed)."""
-    while True:
-        msg = outbox.get()
-        if msg is None:
-            return
-        try:
-            conn.send_bytes(msg)
-        except (BrokenPipeError, OSError, ValueError):
-            return
+def _feed(w: _Worker) -> None:
+    """The parent's feeding thread for one worker: sends its tasks in order and notes when each went
+    (progress the parent's deadline counts); ends at ``None`` or when the pipe breaks (the worker died or
+    was killed: SIGKILL ends a send to a stopped worker too). It closes the pipe itself, so no other
+    thread closes a descriptor it may be writing to."""
+    try:
+        while True:
+            msg = w.outbox.get()
+            if msg is None:
+                return
+            w.fed_at = time.monotonic()
+            try:
+                w.tasks.send_bytes(msg)
+            except (BrokenPipeError, OSError, ValueError):
+                return
+            w.fed_at = time.monotonic()
+    finally:
+        w.tasks.close()
 
 
 def _worker_main(tasks: Connection, out: Connection, board, fn: Callable[[Any], Any],
@@ -110,6 +156,7 @@ def _worker_main(tasks: Connection, out: Connection, board, fn: Callable[[Any], 
     _die_with_parent(parent)
     if init is not None:
         init()
+    board[2] = time.monotonic()  # started: from now on the parent's deadline is ``timeout``
     results: queue.SimpleQueue = queue.SimpleQueue()
     sender = threading.Thread(target=_sender, args=(out, results), daemon=True)
     sender.start()
@@ -125,6 +172,7 @@ def _worker_main(tasks: Connection, out: Connection, board, fn: Callable[[Any], 
         board[0] = idx
         res = _run_task(fn, arg)
         board[0] = -1
+        board[2] = time.monotonic()
         results.put((idx, res))
     results.put(None)
     sender.join()
@@ -134,7 +182,8 @@ class _Worker:
     def __init__(self, ctx, fn, init) -> None:
         self.tasks, child_tasks = ctx.Pipe(duplex=False)[::-1]  # (writer here, reader there)
         child_out, self.out = ctx.Pipe(duplex=False)[::-1]
-        self.board = ctx.RawArray("d", [-1.0, 0.0])  # [running task index or -1, its start (monotonic)]
+        # [running task index or -1, its start, when the worker last started or ended a task (-1: starting)]
+        self.board = ctx.RawArray("d", [-1.0, 0.0, -1.0])
         self.proc = ctx.Process(target=_worker_main, args=(child_tasks, child_out, self.board, fn, init, os.getpid()),
                                 daemon=True)
         self.proc.start()
@@ -143,9 +192,10 @@ class _Worker:
         self.inflight: deque[int] = deque()
         self.sizes: dict[int, int] = {}  # bytes of each task sent and not answered yet
         self.queued_bytes = 0
-        self.sent_at = 0.0
+        self.sent_at = self.heard_at = self.fed_at = time.monotonic()
+        self.inbox = bytearray()  # bytes of results read and not yet a whole message
         self.outbox: queue.SimpleQueue = queue.SimpleQueue()
-        self.feeder = threading.Thread(target=_feed, args=(self.tasks, self.outbox), daemon=True)
+        self.feeder = threading.Thread(target=_feed, args=(self,), daemon=True)
         self.feeder.start()
 
     def send(self, msg: bytes) -> None:
@@ -162,15 +212,44 @@ class _Worker:
         start = float(self.board[1])
         return (idx if idx >= 0 else None), start
 
+    def last_sign(self) -> float:
+        """When this worker last showed progress while not running a task (monotonic)."""
+        return max(self.sent_at, self.heard_at, self.fed_at, float(self.board[2]))
+
+    def started(self) -> bool:
+        return float(self.board[2]) >= 0
+
+    def read(self) -> list[tuple[int, Any]] | None:
+        """The whole results that arrived (one read: the pipe is readable, so it cannot block; a partial
+        message waits for the rest in ``inbox``); None at end of file (the worker died)."""
+        try:
+            chunk = os.read(self.out.fileno(), _READ_BYTES)
+        except OSError:
+            chunk = b""
+        if not chunk:
+            return None
+        self.heard_at = time.monotonic()
+        buf = self.inbox
+        buf += chunk
+        out, pos = [], 0
+        while len(buf) - pos >= _HEADER.size:
+            end = pos + _HEADER.size + _HEADER.unpack_from(buf, pos)[0]
+            if len(buf) < end:
+                break
+            out.append(_ForkingPickler.loads(buf[pos + _HEADER.size : end]))
+            pos = end
+        del buf[:pos]
+        return out
+
     def kill(self) -> None:
+        """SIGKILL (a stopped process obeys it too); the feeding thread's send then fails, and it ends."""
         try:
             self.proc.kill()
         except (OSError, ValueError):
             pass
         self.proc.join(timeout=5)
         self.outbox.put(None)
-        for c in (self.tasks, self.out):
-            c.close()
+        self.out.close()
 
 
 class TimeoutPool:
@@ -207,7 +286,6 @@ class TimeoutPool:
             if w.proc.is_alive():
                 w.kill()
             else:
-                w.tasks.close()
                 w.out.close()
         self._workers = []
 
@@ -221,12 +299,14 @@ class TimeoutPool:
         self._args: dict[int, Any] = {}
         self._done: dict[int, Any] = {}
         self._blameless = 0
+        self._resumed_at = time.monotonic()
         next_out = 0
         try:
             while True:
                 self._hand_out()
                 while next_out in self._done:
                     yield next_out, self._done.pop(next_out)
+                    self._resumed_at = time.monotonic()  # the time the caller kept us is no worker's fault
                     next_out += 1
                 busy = [w for w in self._workers if w.inflight]
                 if not busy:
@@ -272,13 +352,20 @@ class TimeoutPool:
                 w.queued_bytes += len(msg)
                 w.send(msg)  # a dead worker is noticed when its results pipe closes
 
+    def _deadline(self, w: _Worker) -> tuple[float, str]:
+        """When a busy worker is lost if it shows no progress, and the reason its input would get: the
+        task it runs must end within ``timeout``; between tasks it must answer within ``timeout`` of the
+        parent last waiting for it (``_STARTUP_S`` while it starts)."""
+        idx, start = w.running()
+        if idx is not None:
+            return start + self.timeout, f"timed out after {self.timeout:g}s (decoder hung); worker killed"
+        limit = self.timeout if w.started() else max(self.timeout, _STARTUP_S)
+        since = max(w.last_sign(), self._resumed_at)
+        return since + limit, f"decoder stopped answering (timeout {self.timeout:g}s); worker killed"
+
     def _wait_s(self, busy: list[_Worker]) -> float:
-        now = time.monotonic()
-        ends = []
-        for w in busy:
-            idx, start = w.running()
-            ends.append((start if idx is not None else max(w.sent_at, now)) + self.timeout)
-        return max(0.0, min(min(ends) - now, 1.0))  # look again at least every second
+        end = min(self._deadline(w)[0] for w in busy)
+        return max(0.0, min(end - time.monotonic(), 1.0))  # look again at least every second
 
     def _finish(self, w: _Worker, idx: int, res: Any) -> None:
         if idx in w.inflight:
@@ -289,23 +376,21 @@ class TimeoutPool:
         w.sent_at = time.monotonic()
 
     def _receive(self, w: _Worker) -> None:
-        try:
-            while True:
-                idx, res = w.out.recv()
-                self._finish(w, idx, res)
-                self._blameless = 0
-                if not w.out.poll():
-                    return
-        except (EOFError, OSError):
+        got = w.read()
+        if got is None:
             code = w.proc.exitcode
             w.proc.join(timeout=1)
             code = w.proc.exitcode if code is None else code
             self._lose(w, f"decoder process died ({_describe_exit(code)})")
+            return
+        for idx, res in got:
+            self._finish(w, idx, res)
+            self._blameless = 0
 
     def _check_timeout(self, w: _Worker) -> None:
-        idx, start = w.running()
-        if idx is not None and time.monotonic() - start >= self.timeout:
-            self._lose(w, f"timed out after {self.timeout:g}s (decoder hung); worker killed")
+        end, why = self._deadline(w)
+        if time.monotonic() >= end:
+            self._lose(w, why)
 
     def _lose(self, w: _Worker, why: str) -> None:
         """A dead or hung worker: its running task fails with ``why``, the rest go to its replacement."""
@@ -316,7 +401,7 @@ class TimeoutPool:
         if idx is not None:
             self._blameless = 0
             log.warning("decoder worker lost on input %d: %s", idx, why)
-            self._finish(w, idx, TaskFailure(why))
+            self._finish(w, idx, TaskFailure(why, transient=True))
         self._retry.extendleft(reversed([(i, self._args[i]) for i in w.inflight]))
         w.inflight.clear()
         w.sizes.clear()

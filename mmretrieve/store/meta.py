@@ -54,6 +54,14 @@ CREATE TABLE IF NOT EXISTS skipped(
     size INTEGER,
     mtime REAL,
     reason TEXT NOT NULL,
+    at REAL,
+    transient INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS removed(
+    key TEXT PRIMARY KEY,
+    uri TEXT NOT NULL,
+    size INTEGER,
+    mtime REAL,
     at REAL
 );
 CREATE TABLE IF NOT EXISTS info(k TEXT PRIMARY KEY, v TEXT NOT NULL);
@@ -108,17 +116,30 @@ def _disk_full(path: Path) -> bool:
         return False
 
 
+def _add_missing_columns(conn: sqlite3.Connection) -> None:
+    """A database made before the skip records said whether they are transient gets the column (its old
+    records count as permanent, as they were treated)."""
+    cols = {r[1] for r in conn.execute("PRAGMA table_info(skipped)")}
+    if "transient" not in cols:
+        conn.execute("ALTER TABLE skipped ADD COLUMN transient INTEGER NOT NULL DEFAULT 0")
+
+
 def row_crc(row: tuple) -> int:
     return zlib.crc32(repr(row).encode("utf-8", "surrogatepass"))
 
 
 @dataclass
 class Skipped:
+    """An input that could not be indexed. ``transient``: its decoder crashed, was killed (out of memory),
+    hung or stopped answering, so the file itself is not known to be bad and the next ``index add``
+    tries it again; otherwise (not an image, corrupt data ...) it stays skipped until the file changes."""
+
     key: str
     uri: str
     reason: str
     size: int | None = None
     mtime: float | None = None
+    transient: bool = False
 
 
 class Visibility:
@@ -174,6 +195,7 @@ class MetaDB:
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.execute("PRAGMA journal_size_limit=8388608")  # the WAL is truncated to 8 MB after a checkpoint
             conn.executescript(SCHEMA)
+            _add_missing_columns(conn)
             conn.execute("INSERT OR IGNORE INTO info(k, v) VALUES('schema', ?)", (SCHEMA_VERSION,))
             conn.execute("BEGIN IMMEDIATE")
         except sqlite3.DatabaseError as e:
@@ -263,6 +285,7 @@ class MetaDB:
         self.write(f"INSERT INTO items({', '.join(ITEM_COLUMNS)}, crc) VALUES({', '.join('?' * (len(ITEM_COLUMNS) + 1))})",
                    [(*r, row_crc(r)) for r in rows], many=True)
         self.write("DELETE FROM skipped WHERE key=?", [(r[3],) for r in rows], many=True)
+        self.write("DELETE FROM removed WHERE key=?", [(r[3],) for r in rows], many=True)  # added back
 
     def drop_segments(self, sids: Sequence[str]) -> None:
         self.write("DELETE FROM items WHERE segment=?", [(s,) for s in sids], many=True)
@@ -277,8 +300,19 @@ class MetaDB:
 
     def record_skipped(self, skipped: Iterable[Skipped]) -> None:
         now = time.time()
-        self.write("INSERT OR REPLACE INTO skipped(key, uri, size, mtime, reason, at) VALUES(?,?,?,?,?,?)",
-                   [(s.key, s.uri, s.size, s.mtime, s.reason, now) for s in skipped], many=True)
+        self.write("INSERT OR REPLACE INTO skipped(key, uri, size, mtime, reason, at, transient) VALUES(?,?,?,?,?,?,?)",
+                   [(s.key, s.uri, s.size, s.mtime, s.reason, now, int(s.transient)) for s in skipped], many=True)
+
+    def record_removed(self, items: Iterable[Item]) -> None:
+        """Remember items ``index rm`` removed, with their file's size and mtime then, so an ``index add``
+        of their folder does not bring them back (part of the remove's transaction)."""
+        now = time.time()
+        self.write("INSERT OR REPLACE INTO removed(key, uri, size, mtime, at) VALUES(?,?,?,?,?)",
+                   [(it.key, it.uri, it.size, it.mtime, now) for it in items], many=True)
+
+    def removed_fingerprints(self) -> dict[str, tuple[int | None, float | None]]:
+        """key -> (size, mtime) of the file of each item ``index rm`` removed (and nothing added back)."""
+        return {k: (s, m) for k, s, m in self._q("SELECT key, size, mtime FROM removed")}
 
     def forget_skipped(self, keys: Sequence[str]) -> None:
         self.write("DELETE FROM skipped WHERE key=?", [(k,) for k in keys], many=True)
@@ -340,8 +374,9 @@ class MetaDB:
         rows = self._q(f"SELECT id, segment, row, key, size, mtime, uri, caption FROM items WHERE {cond}", segs)
         return {r[3]: (r[0], r[4], r[5], r[6], r[7]) for r in self._visible(rows, make=tuple)}
 
-    def skipped_fingerprints(self) -> dict[str, tuple[int | None, float | None]]:
-        return {k: (s, m) for k, s, m in self._q("SELECT key, size, mtime FROM skipped")}
+    def skipped_fingerprints(self) -> dict[str, tuple[int | None, float | None, bool]]:
+        """key -> (size, mtime, transient) of every skip record (a writer's database: it has the column)."""
+        return {k: (s, m, bool(t)) for k, s, m, t in self._q("SELECT key, size, mtime, transient FROM skipped")}
 
     def skipped_keys(self, *, until: float) -> set[str]:
         """Keys of the skip records written at or before ``until`` (a published version's time: skip

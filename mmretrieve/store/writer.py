@@ -438,7 +438,7 @@ class IndexWriter:
         if not skipped:
             return
         before = self.meta.skipped_fingerprints()
-        if any(before.get(s.key) != (s.size, s.mtime) for s in skipped):
+        if any(before.get(s.key) != (s.size, s.mtime, s.transient) for s in skipped):
             self._changed = True
         self.meta.record_skipped(skipped)
 

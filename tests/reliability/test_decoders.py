@@ -93,7 +93,7 @@ def test_a_hung_worker_never_blocks_handing_out_work():
     with TimeoutPool(workers=1, timeout=2, depth=1000) as pool:
         out = list(pool.imap(_hang_on_the_first, inputs))
     assert time.perf_counter() - t < 30
-    assert out[0][1] == TaskFailure("timed out after 2s (decoder hung); worker killed")
+    assert out[0][1] == TaskFailure("timed out after 2s (decoder hung); worker killed", transient=True)
     assert [r for _, r in out[1:]] == [len(x) for x in inputs[1:]]
 
 
@@ -197,3 +197,29 @@ def test_decoder_workers_die_with_a_killed_build(tmp_path):
         alive = [q for q in pids if os.path.exists(f"/proc/{q}") and "Z" not in open(f"/proc/{q}/stat").read().split()[2]]
         time.sleep(0.1)
     assert not alive
+
+
+def test_files_lost_to_a_decoder_crash_are_tried_again_by_the_next_add(photo_dir, samples, tiny_clip, monkeypatch):
+    """A crash or an out-of-memory kill says nothing about the file: the next add tries it again (and
+    reports it again when it fails again); a file found bad stays skipped until it changes."""
+    from mmretrieve import add_to_index
+
+    jpg = next(s.path for s in samples if s.path.endswith(".jpg"))
+    for name in ("crash.jpg", "oom.jpg"):
+        shutil.copy(jpg, photo_dir / name)
+    (photo_dir / "text.jpg").write_text("not an image")
+    monkeypatch.setattr(stages, "_DECODE_HOOK", _faulty_decoder)
+    report = build_index("retry", photo_dir, encoder=tiny_clip, batch_size=4, workers=1)
+    skipped = {Path(s.uri).name: s.transient for s in report.skipped}
+    assert skipped == {"crash.jpg": True, "oom.jpg": True, "text.jpg": False}
+    # the decoders still crash on them: tried again, reported again (not "unchanged")
+    again = add_to_index("retry", photo_dir, workers=1)
+    assert sorted(Path(s.uri).name for s in again.skipped) == ["crash.jpg", "oom.jpg"]
+    assert (again.added, again.unchanged) == (0, len(samples) + 1)
+    # the crashes were the decoder's fault: with a sound decoder both are indexed; the bad file stays skipped
+    monkeypatch.setattr(stages, "_DECODE_HOOK", None)
+    fixed = add_to_index("retry", photo_dir, workers=1)
+    assert fixed.added == 2 and not fixed.skipped and fixed.unchanged == len(samples) + 1
+    idx = open_index("retry")
+    assert {"crash.jpg", "oom.jpg"} <= {Path(it.uri).name for it in idx.meta.iter_items()}
+    assert [Path(s.uri).name for s in idx.meta.skipped()] == ["text.jpg"]

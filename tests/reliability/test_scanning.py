@@ -119,6 +119,27 @@ def test_index_add_prunes_deleted_files_and_no_prune_keeps_them(tmp_path, sample
     assert f"removed {files[1].resolve()}: file deleted" in out and len(open_index("p")) == 3
 
 
+
+def test_an_item_reached_through_a_link_to_outside_the_folder_is_pruned_with_the_link(tmp_path, samples, tiny_clip):
+    d = tmp_path / "f"
+    _photos(d, samples, 2)
+    (outside,) = _photos(tmp_path / "outside", samples[2:], 1)
+    (d / "sub").mkdir()
+    (d / "sub" / "via-link.png").symlink_to(outside)
+    report = build_index("links", d, encoder=tiny_clip)
+    assert report.added == 3 and _balanced(report)
+    item = open_index("links").get(str(outside.resolve()))  # keyed by the file's real path, outside the folder
+    assert item.extra["symlink"] == str(d.resolve() / "sub" / "via-link.png")
+    again = add_to_index("links", d)
+    assert (again.unchanged, again.pruned) == (3, [])  # still reached: kept
+    (d / "sub" / "via-link.png").unlink()
+    report = add_to_index("links", d)
+    assert report.pruned == [str(outside.resolve())] and "1 indexed item(s) removed" in report.summary()
+    idx = open_index("links")
+    assert len(idx) == 2 and str(outside.resolve()) not in {it.key for it in idx.meta.iter_items()}
+    assert outside.exists()  # the file itself is untouched
+
+
 # ---- manifests -----------------------------------------------------------------------------------------
 def _manifest_error(tmp_path, name: str, content: bytes, tiny_clip) -> str:
     m = tmp_path / name
