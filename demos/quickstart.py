@@ -9,9 +9,8 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from mmretrieve.samples import sample_images, write_manifest
-
 import mmretrieve as mr
+from mmretrieve.media.samples import sample_images, write_manifest
 
 
 def main() -> None:

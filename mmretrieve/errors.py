@@ -177,6 +177,11 @@ class EncoderError(MMRetrieveError, RuntimeError):
     """An encoder could not be created or cannot do what was asked (e.g. text on an image-only model)."""
 
 
+class EncoderUnavailableError(EncoderError):
+    """The index's own encoder cannot be loaded here (an imported index's model name, weights not cached
+    offline): queries that need encoding fail with this; searches by stored item or by vector still work."""
+
+
 class RerankError(MMRetrieveError, RuntimeError):
     """A reranker cannot run as configured."""
 
@@ -245,7 +250,7 @@ __all__ = [
     "MMRetrieveError", "UsageError", "UnknownNameError", "UnknownOptionError", "ConfigNotFoundError",
     "InputError", "SourceNotFoundError", "ManifestError", "BadImageError", "BadVideoError", "BadVectorsError",
     "StoreError", "IndexNotFoundError", "IndexExistsError", "IndexCorruptedError", "IndexLockedError",
-    "EncoderMismatchError", "DiskFullError", "VersionNotFoundError", "ItemNotFoundError", "IngestError", "SkippedInputsError", "EncoderError",
+    "EncoderMismatchError", "DiskFullError", "VersionNotFoundError", "ItemNotFoundError", "IngestError", "SkippedInputsError", "EncoderError", "EncoderUnavailableError",
     "RerankError", "NoPatchesError", "MLLMError", "DeviceError", "OTConvergenceError", "DatasetError", "SubmissionError", "MissingDependencyError",
     "ServeError", "UnauthorizedError", "PayloadTooLargeError", "ServiceBusyError", "RequestTimeoutError",
 ]

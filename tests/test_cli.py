@@ -91,3 +91,24 @@ def test_demo_runs_offline_and_ranks_the_cat_first(tmp_path, embedded):  # the C
         q = by_title["text -> video moments"]
         assert q["top"][0] == "bikes" and 1.0 <= q["moments"][0] <= 3.5
         assert by_title["video query"]["top"][0] == "carphone"
+
+
+def test_a_reader_that_leaves_the_pipe_ends_the_command_quietly(photo_dir, tmp_path, embedded):
+    """`mmretrieve ... --json | head`: the reader closes the pipe before the output is written; the command
+    ends as Unix tools do (SIGPIPE's exit status, nothing on stderr)."""
+    home = str(tmp_path / "home")
+    assert main(["index", "build", "photos", str(photo_dir), "--index-dir", home, "-q"]) == 0
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    r, w = os.pipe()
+    os.close(r)  # the reader is gone before the first byte
+    try:
+        p = subprocess.run([sys.executable, "-m", "mmretrieve", "search", "photos", "--text", "a cat", "-k", "20",
+                            "--json", "--index-dir", home], stdout=w, stderr=subprocess.PIPE, text=True, env=env,
+                           timeout=120)
+    finally:
+        os.close(w)
+    assert p.stderr == "" and p.returncode == 141
+    # a pipe whose reader stays: the whole output, exit 0
+    p = subprocess.run(f"{sys.executable} -m mmretrieve search photos --text 'a cat' -k 20 --json --index-dir {home} | head -1",
+                       shell=True, capture_output=True, text=True, env=env, timeout=120)
+    assert p.stdout == "{\n" and p.stderr == ""

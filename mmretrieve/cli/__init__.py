@@ -54,11 +54,44 @@ def main(argv: list[str] | None = None) -> int:
 
         set_threads(args.threads, workload="query" if args.cmd in QUERY_COMMANDS else "batch")
         return args.func(args)
+    except BrokenPipeError as e:  # `mmretrieve ... | head`: the reader left; end quietly as Unix tools do
+        return _reader_gone() if _stdout_reader_gone() else _report_error(e, args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
     except Exception as e:  # one clear line for users; the traceback with -v
         return _report_error(e, args)
+
+
+#: what a shell reports for a command ended by SIGPIPE (128 + 13)
+EXIT_SIGPIPE = 141
+
+
+def _stdout_reader_gone() -> bool:
+    """Whether standard output is a pipe whose reader has closed it (poll reports an error on its write
+    end): a broken pipe elsewhere (a worker, a socket) is a real error and is reported as one."""
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(ev & select.POLLERR for _, ev in poller.poll(0))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _reader_gone() -> int:
+    """Standard output's reader closed the pipe: say nothing (the interpreter's last flush would report the
+    broken pipe again, so standard output is pointed at /dev/null first) and exit as SIGPIPE would."""
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # stdout replaced by an object without a file descriptor
+        pass
+    return EXIT_SIGPIPE
 
 
 def _report_error(e: Exception, args) -> int:

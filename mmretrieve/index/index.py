@@ -21,7 +21,14 @@ from typing import Any
 
 import numpy as np
 
-from mmretrieve.errors import IndexCorruptedError, ItemNotFoundError, NoPatchesError, UsageError
+from mmretrieve.errors import (
+    EncoderUnavailableError,
+    IndexCorruptedError,
+    ItemNotFoundError,
+    MMRetrieveError,
+    NoPatchesError,
+    UsageError,
+)
 from mmretrieve.index import search as _search
 from mmretrieve.index.vectors import SegmentedVectors
 from mmretrieve.query import Query
@@ -177,10 +184,20 @@ class Index:
 
     @property
     def encoder(self):
+        """The query encoder, loaded on first need: opening an index, and searching it by stored item or by
+        vector, never load it (an index of imported embeddings may name a model that is not here)."""
         if self._encoder is None:
             from mmretrieve.encoders import create_encoder
 
-            self.encoder = create_encoder(self.encoder_name)
+            try:
+                enc = create_encoder(self.encoder_name)
+            except MMRetrieveError as e:
+                raise EncoderUnavailableError(
+                    f"index {self.path.name!r} was built with encoder {self.encoder_name!r}, which cannot be loaded "
+                    f"here ({e}). Queries by stored item or by vector work without it (--item, search_by_vector, "
+                    "the API's item / vector); for text or image queries give a loadable query encoder of the same "
+                    "model and dim (--encoder / encoder=)") from None
+            self.encoder = enc
         return self._encoder
 
     @encoder.setter

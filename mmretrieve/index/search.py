@@ -31,16 +31,15 @@ def encode_query(index, query: Query) -> dict[str, np.ndarray]:
     memo = query.cache.get(("vectors", index.encoder_name))
     if memo is not None:
         return memo
-    enc = index.encoder
-    out = {}
+    out = {}  # the encoder is loaded only for a side that needs encoding: an item query needs none
     if query.text is not None:
         texts = query.text if isinstance(query.text, list) else [query.text]
-        t = enc.encode_texts(texts).mean(0)
+        t = index.encoder.encode_texts(texts).mean(0)
         out["text"] = (t / max(float(np.linalg.norm(t)), 1e-12)).astype(np.float32)
     if query.image_id is not None and index.exact_vectors():
         out["image"] = index.vectors([query.image_id])[0]
     elif query.image is not None:
-        out["image"] = enc.encode_images([query.image])[0]
+        out["image"] = index.encoder.encode_images([query.image])[0]
     elif query.video is not None:
         out["image"] = index.encode_video(query.video)
     query.cache[("vectors", index.encoder_name)] = out

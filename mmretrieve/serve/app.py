@@ -29,6 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mmretrieve.errors import (
     EncoderMismatchError,
+    EncoderUnavailableError,
     IndexNotFoundError,
     InputError,
     ItemNotFoundError,
@@ -65,8 +66,8 @@ def status_of(e: Exception) -> int:
         return 422
     if isinstance(e, UsageError):
         return 400
-    if isinstance(e, (RerankError, EncoderMismatchError)) and not isinstance(e, OTConvergenceError):
-        return 400  # a reranker that cannot run as asked, a query encoder that does not fit
+    if isinstance(e, (RerankError, EncoderMismatchError, EncoderUnavailableError)) and not isinstance(e, OTConvergenceError):
+        return 400  # a reranker that cannot run as asked, a query encoder that does not fit or is not here
     return 500  # a corrupted store, a failed solver, anything unexpected
 
 

@@ -216,7 +216,7 @@ class Service:
         image = None
         if plan.image_bytes is not None:
             t0 = time.perf_counter()
-            draft = getattr(plan.index.encoder.image_transform, "draft_size", None)
+            draft = getattr(self.manager.encoder_of(plan.index).image_transform, "draft_size", None)
             image = await self._in_pool(lambda: decode_image(plan.image_bytes, max_bytes=self.config.max_upload_bytes,
                                                              max_pixels=self.config.max_pixels, draft_size=draft), deadline)
             timings["decode"] = (time.perf_counter() - t0) * 1000
@@ -501,7 +501,7 @@ class Service:
             raise UsageError("embed takes a text (or a list of texts) or an image, one of them")
         batcher = self.manager.batcher(idx)
         if image is not None:
-            draft = getattr(idx.encoder.image_transform, "draft_size", None)
+            draft = getattr(self.manager.encoder_of(idx).image_transform, "draft_size", None)
             pil = await self._in_pool(lambda: decode_image(image, max_bytes=cfg.max_upload_bytes, max_pixels=cfg.max_pixels,
                                                            draft_size=draft), deadline)
             futures = [batcher.image(pil)]

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mmretrieve.errors import IndexNotFoundError, UsageError
+from mmretrieve.errors import EncoderUnavailableError, IndexNotFoundError, MMRetrieveError, UsageError
 from mmretrieve.serve.batching import EncodeBatcher, SearchBatcher
 from mmretrieve.serve.config import ServeConfig
 from mmretrieve.serve.metrics import Metrics
@@ -90,6 +90,7 @@ class IndexManager:
         self.metrics = metrics or Metrics()
         self.encoders: dict[str, object] = dict(encoders or {})
         self.batchers: dict[str, EncodeBatcher] = {}
+        self.encoder_failures: dict[str, str] = {}  # encoder name -> why it cannot be loaded here
         self.handles: dict[str, IndexHandle] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -115,20 +116,36 @@ class IndexManager:
         path = resolve_index_path(name_or_path, self.config.index_dir)
         if not (path / "manifest.json").is_file():
             raise IndexNotFoundError(f"no index {str(name_or_path)!r} (looked in {path})")
-        enc = self.encoder(read_manifest(path)["encoder"]["name"])
+        enc = self.encoder(read_manifest(path)["encoder"]["name"], required=False)
         idx = open_index(path, encoder=enc, verify=self.config.verify)
         if len(idx):  # the first search builds the scan structures; do it before the swap
             idx.search_by_vector(np.full(idx.dim, idx.dim ** -0.5, np.float32), k=1)
         return idx
 
-    def encoder(self, name: str):
+    def encoder(self, name: str, *, required: bool = True):
+        """The shared encoder ``name``, created once. One that cannot be loaded here (an imported index's
+        model name, weights not cached offline) is remembered: with ``required=False`` that gives None (the
+        index is served for item and vector searches), else an ``EncoderUnavailableError`` at once."""
         with self._lock:
             enc = self.encoders.get(name)
+            if enc is None and name in self.encoder_failures:
+                if not required:
+                    return None
+                raise EncoderUnavailableError(self.encoder_failures[name])
             if enc is None:
                 from mmretrieve.encoders import create_encoder
 
                 t0 = time.perf_counter()
-                enc = self.encoders[name] = create_encoder(name)
+                try:
+                    enc = self.encoders[name] = create_encoder(name)
+                except MMRetrieveError as e:
+                    self.encoder_failures[name] = (
+                        f"encoder {name!r} cannot be loaded on this server ({e}); this index answers searches by "
+                        "item and by vector only")
+                    log.warning("%s", self.encoder_failures[name])
+                    if not required:
+                        return None
+                    raise EncoderUnavailableError(self.encoder_failures[name]) from None
                 log.info("encoder %s created in %.1f s", name, time.perf_counter() - t0)
             if enc.name not in self.batchers:
                 self.batchers[enc.name] = EncodeBatcher(enc, max_batch=self.config.max_batch, batching=self.config.batching,
@@ -146,8 +163,13 @@ class IndexManager:
             if "image" in modalities:
                 b.image(Image.new("RGB", (64, 64), (128, 128, 128))).result()
 
+    def encoder_of(self, index):
+        """The encoder of a served index, or a clear ``EncoderUnavailableError`` (never a load attempt per
+        request) where it could not be loaded."""
+        return self.encoder(index.encoder_name)
+
     def batcher(self, index) -> EncodeBatcher:
-        return self.batchers[index.encoder.name]
+        return self.batchers[self.encoder_of(index).name]
 
     def get(self, name: str) -> IndexHandle:
         h = self.handles.get(name)
