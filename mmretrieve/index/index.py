@@ -253,7 +253,7 @@ class Index:
 
     def patch_projection(self) -> np.ndarray | None:
         """The fixed projection patch features were stored through (``patches={"dim": D}``), or None."""
-        return load_projection(self.path, self.manifest.get("patches"))
+        return load_projection(self.path, self.manifest.get("patches"), (self.manifest.get("files") or {}).get("patch_proj.npy"))
 
     def patches(self, ids: Sequence[int]) -> np.ndarray:
         """(n, P, Dp) float32 patch features of ``ids`` from the side-store."""
