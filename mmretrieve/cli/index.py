@@ -81,9 +81,22 @@ def cmd_compact(args) -> int:
     return EXIT_OK
 
 
-def cmd_verify(args) -> int:
-    from mmretrieve.store import verify_index
+def _print_repair(fix: dict | None, name: str) -> None:
+    from mmretrieve.results import printable
 
+    if fix is None:
+        return
+    print(f"repaired: the live manifest of {printable(name)} was unreadable ({printable(fix['reason'])}); "
+          f"restored {fix['restored']}, the newest version kept whose manifest and files verify")
+    for v, why in fix["refused"]:
+        print(f"  not {v}: {printable(why)}")
+
+
+def cmd_verify(args) -> int:
+    from mmretrieve.store import repair_index, verify_index
+
+    if args.repair:
+        _print_repair(repair_index(args.name, index_dir=args.index_dir), args.name)
     res = verify_index(args.name, index_dir=args.index_dir, version=args.version, all_versions=args.all)
     rows = res if isinstance(res, list) else [res]
     if args.json:
@@ -92,6 +105,10 @@ def cmd_verify(args) -> int:
         for r in rows:
             print(f"{r['version']}: ok ({r['segments']} segment(s), {r['files']} files, {r['bytes'] / 1e6:.2f} MB, "
                   f"{r['rows']} metadata rows checked)")
+        unsealed = rows[-1].get("unsealed") if rows else None
+        if unsealed:
+            print(f"note: the manifests of {', '.join(unsealed)} carry no checksum (written before mmretrieve kept "
+                  "them); their files were checked, the manifests themselves cannot be; the next write's carries one")
     return EXIT_OK
 
 
@@ -113,8 +130,12 @@ def cmd_versions(args) -> int:
 
 
 def cmd_rollback(args) -> int:
-    from mmretrieve.store import rollback_index
+    from mmretrieve.store import repair_index, rollback_index
 
+    fix = repair_index(args.name, index_dir=args.index_dir)
+    _print_repair(fix, args.name)
+    if fix is not None and args.to in ("previous", fix["restored"]):
+        return EXIT_OK
     m = rollback_index(args.name, args.to, index_dir=args.index_dir)
     print(f"published {m['version']}: the content of {m['operation'].split()[-1]} ({m['counts']['items']} items)")
     return EXIT_OK
@@ -307,6 +328,8 @@ def _maintenance_parsers(isub, common) -> None:
     v.add_argument("name", help="index name or path")
     v.add_argument("--version", default=None, help="a retained version (default: the live one)")
     v.add_argument("--all", action="store_true", help="every retained version")
+    v.add_argument("--repair", action="store_true",
+                   help="first restore an unreadable live manifest from the newest kept version that verifies")
     v.add_argument("--json", action="store_true", help="print as JSON")
     v.set_defaults(func=cmd_verify)
     vs = isub.add_parser("versions", parents=[common], help="list the versions the index keeps")

@@ -84,10 +84,12 @@ class Index:
              nprobe: int | None = None, ef_search: int | None = None) -> Index:
         """Open the live version (or a retained ``version``: ``v0007``, ``previous``), in O(segments).
 
-        ``verify``: ``"fast"`` (default) checks the manifest, the sizes and headers of every file and that
-        the metadata lists one row per stored vector; ``"full"`` (or ``True``) also checks every byte
-        against its sha256 and every metadata row against its checksum; ``False`` means ``"fast"``;
-        ``"none"`` skips the checks (benchmarks). Flat segments are always memory-mapped (``mmap`` is kept for older callers).
+        ``verify``: ``"fast"`` (default) checks the manifest (against its own checksum), the sizes and
+        headers of every file and that the metadata lists one row per stored vector; ``"full"`` (or
+        ``True``) also checks every byte against its sha256 and every metadata row against its checksum;
+        ``False`` means ``"fast"``; ``"none"`` skips the checks of the memory-mapped files (benchmarks).
+        Whatever the level, the small files read whole (deletion files, the patch projection) are checked
+        against their sha256 as they are read. Flat segments are always memory-mapped (``mmap`` is kept for older callers).
 
         ``search_device``: ``auto`` searches on the GPU when CUDA is present and the index can be searched
         there, else on the CPU; ``cpu`` / ``cuda`` force one (``cuda`` fails with the reason when it
@@ -270,7 +272,7 @@ class Index:
 
     def patch_projection(self) -> np.ndarray | None:
         """The fixed projection patch features were stored through (``patches={"dim": D}``), or None."""
-        return load_projection(self.path, self.manifest.get("patches"))
+        return load_projection(self.path, self.manifest.get("patches"), (self.manifest.get("files") or {}).get("patch_proj.npy"))
 
     def patches(self, ids: Sequence[int]) -> np.ndarray:
         """(n, P, Dp) float32 patch features of ``ids`` from the side-store."""

@@ -13,12 +13,18 @@ from mmretrieve.store.layout import (
     read_manifest,
     resolve_index_path,
 )
-from mmretrieve.store.maintenance import compact_index, index_versions, rollback_index, verify_index
+from mmretrieve.store.maintenance import (
+    compact_index,
+    index_versions,
+    repair_index,
+    rollback_index,
+    verify_index,
+)
 from mmretrieve.store.meta import Item, MetaDB, Skipped, Visibility, resolve_item
 from mmretrieve.store.writer import IndexWriter, rollback
 
 __all__ = [
     "DEFAULT_FACTORY", "MANIFEST", "IndexWriter", "Item", "MetaDB", "Skipped", "check_encoder_compat",
     "default_index_dir", "describe_manifest", "read_manifest", "resolve_index_path", "resolve_item", "rollback",
-    "Visibility", "list_versions", "compact_index", "index_versions", "rollback_index", "verify_index",
+    "Visibility", "list_versions", "compact_index", "index_versions", "repair_index", "rollback_index", "verify_index",
 ]

@@ -1,6 +1,11 @@
 """File writing for the store: every file is written once, through a hashing writer (its sha256 and size
 are known when the last byte is written, never by reading it back), fsynced, and renamed into place.
 
+Reading is checked the same way: a small file read whole (deletion files, the patch projection, the FAISS
+template) goes through ``read_checked`` against the size and sha256 its manifest recorded, and every
+``.npy`` header is parsed by ``npy_header``, which turns whatever numpy raises on a damaged header into an
+``IndexCorruptedError`` naming the file.
+
 A full disk (ENOSPC, EDQUOT) anywhere becomes a ``DiskFullError`` that names the file; nothing written
 for the failed version is published, so the previous version stays intact. Tests inject faults through
 ``_IO_HOOK`` (called with the path before every file write).
@@ -11,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import io as _bytes_io
 import json
 import os
 import uuid
@@ -20,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from mmretrieve.errors import DiskFullError, StoreError
+from mmretrieve.errors import DiskFullError, IndexCorruptedError, StoreError
 
 #: tests set this to a callable(path) that may raise (e.g. OSError(ENOSPC)) before a file is written
 _IO_HOOK = None
@@ -153,6 +159,61 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+def read_checked(path: Path, info: dict | None) -> bytes:
+    """The whole of a small file, checked against the size and sha256 its manifest recorded when it was
+    written (``info``: ``{"bytes", "sha256"}``; None for files listed before checksums were kept)."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise IndexCorruptedError(f"{path}: missing (listed in the manifest)") from None
+    except OSError as e:
+        raise IndexCorruptedError(f"{path}: unreadable ({e.strerror or e})") from None
+    if info:
+        if len(data) != int(info["bytes"]):
+            raise IndexCorruptedError(f"{path}: size {len(data)} bytes, manifest says {info['bytes']} (truncated or replaced?)")
+        if hashlib.sha256(data).hexdigest() != info["sha256"]:
+            raise IndexCorruptedError(f"{path}: sha256 does not match the manifest (file corrupted or modified)")
+    return data
+
+
+def npy_header(fh, path: Path) -> tuple[tuple[int, ...], np.dtype, int]:
+    """(shape, dtype, data offset) of the ``.npy`` open in ``fh``. numpy parses the header as a Python
+    literal, so a damaged one raises almost anything (ValueError, SyntaxError, tokenize.TokenError,
+    UnicodeDecodeError, ...): each becomes an ``IndexCorruptedError`` naming ``path``."""
+    try:
+        major, _ = np.lib.format.read_magic(fh)
+        read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read(fh)
+    except Exception as e:  # noqa: BLE001 - see the docstring: the parser's errors are not one type
+        raise IndexCorruptedError(f"{path}: not a valid .npy file (damaged header: {type(e).__name__}: {e})") from None
+    if dtype.hasobject or fortran or any(int(n) < 0 for n in shape):
+        raise IndexCorruptedError(f"{path}: not a valid .npy file (damaged header: dtype {dtype}, shape {shape}, "
+                                  f"fortran_order {fortran})")
+    return tuple(int(n) for n in shape), dtype, fh.tell()
+
+
+def load_npy(path: Path, info: dict | None = None, *, mmap: bool = False) -> np.ndarray:
+    """An array of the store: memory-mapped (its header checked; its bytes by ``verify``), or read whole
+    and checked against ``info`` first (small files)."""
+    path = Path(path)
+    if mmap:
+        try:
+            with open(path, "rb") as fh:
+                npy_header(fh, path)
+            return np.load(path, mmap_mode="c", allow_pickle=False)
+        except OSError as e:
+            raise IndexCorruptedError(f"{path}: unreadable ({e.strerror or e})") from None
+        except ValueError as e:  # a size that does not match the header
+            raise IndexCorruptedError(f"{path}: unreadable ({e})") from None
+    data = read_checked(path, info)
+    shape, dtype, offset = npy_header(_bytes_io.BytesIO(data), path)
+    count = int(np.prod(shape))
+    if offset + count * dtype.itemsize != len(data):
+        raise IndexCorruptedError(f"{path}: {len(data)} bytes, its header promises {offset + count * dtype.itemsize} (truncated?)")
+    return np.frombuffer(data, dtype=dtype, count=count, offset=offset).reshape(shape).copy()
+
+
 def fsync_dir(path: Path) -> None:
     with contextlib.suppress(OSError):
         fd = os.open(path, os.O_RDONLY)
@@ -185,4 +246,4 @@ def write_json_atomic(path: Path, data: dict, *, crash=None) -> None:
 
 
 __all__ = ["writing", "write_npy", "NpyStream", "write_bytes", "write_faiss", "write_json_atomic", "sha256_file",
-           "fsync_dir", "HashingFile", "io_point"]
+           "fsync_dir", "read_checked", "npy_header", "load_npy", "HashingFile", "io_point"]

@@ -7,7 +7,8 @@ A named index is a directory::
                            (name, dim, identity), metric, factory, vector dtype, counts, and the list of
                            segments with their row counts, deletion files and the size + sha256 of
                            every file (computed while it was written)
-    v0007/manifest.json    the manifest of every retained version (the live one included)
+    v0007/manifest.json    the manifest of every retained version (the live one included); each manifest
+                           carries the sha256 of its own content (``checksum``), checked on every read
     segments/s000012/      one write's batch, never changed after it is written:
         ids.npy            int64 external ids of the rows
         vectors.npy        Flat: the raw vectors, fp32 or fp16 (memory-mapped by readers)
@@ -36,8 +37,10 @@ publishes a new manifest (``vNNNN/manifest.json``, then ``manifest.json`` replac
 point leaves the previous version (SQLite rolls the transaction back; unreferenced segment folders are
 collected by the next writer). A write that changes nothing publishes nothing.
 
-**Opening** is O(segments): the manifest, the headers and sizes of the segment files and the small
-files are checked; ``verify="full"`` (``mmretrieve index verify``) checks every byte against the
+**Opening** is O(segments): the manifest (against its own checksum), the headers and sizes of the
+segment files, and every byte of the small files read whole (deletion files, the patch projection)
+against their sha256s are checked; an unreadable live manifest is restored from the newest intact
+retained one by ``mmretrieve index verify NAME --repair`` (or ``rollback``); ``verify="full"`` (``mmretrieve index verify``) checks every byte against the
 sha256s and the metadata rows against their own checksums.
 
 **Snapshots that last.** An open ``Index`` registers a lease (pid + start time + version) under
@@ -53,6 +56,7 @@ rewritten on its own.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -126,19 +130,37 @@ def segment_dir(root: Path, sid: str) -> Path:
 def _load_json(path: Path) -> dict:
     try:
         with open(path, "rb") as fh:
-            data = json.loads(fh.read().decode("utf-8"))
+            raw = fh.read()
+        if not raw.strip():
+            raise IndexCorruptedError(f"{path}: unreadable manifest (empty: {len(raw)} bytes)")
+        data = json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as e:
         raise IndexCorruptedError(f"{path}: unreadable manifest (not UTF-8: {e})") from None
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, json.JSONDecodeError, RecursionError) as e:
         raise IndexCorruptedError(f"{path}: unreadable manifest ({e})") from None
     if not isinstance(data, dict):
         raise IndexCorruptedError(f"{path}: unreadable manifest (not a JSON object)")
     return data
 
 
-def check_format(m: dict, mpath: Path) -> dict:
+def manifest_checksum(m: dict) -> str:
+    """The sha256 of a manifest's content (everything but its ``checksum``), as canonical JSON: the same
+    for the dict written and the dict read back."""
+    body = json.dumps({k: v for k, v in m.items() if k != "checksum"}, sort_keys=True, separators=(",", ":"),
+                      ensure_ascii=True, allow_nan=False)
+    return "sha256:" + hashlib.sha256(body.encode()).hexdigest()
+
+
+def seal_manifest(m: dict) -> dict:
+    """``m`` with its own checksum (every manifest a writer publishes, live and retained copy alike)."""
+    return {**m, "checksum": manifest_checksum(m)}
+
+
+def check_format(m: dict, mpath: Path, hint: str = "") -> dict:
+    """Format, version, required keys and (when it has one) the manifest's own checksum. A manifest
+    written before checksums has none and is accepted (``verify`` says so)."""
     if m.get("format") != FORMAT:
-        raise IndexCorruptedError(f"{mpath}: not an mmretrieve manifest")
+        raise IndexCorruptedError(f"{mpath}: not an mmretrieve manifest{hint}")
     fv = int(m.get("format_version", 0) or 0)
     if fv > FORMAT_VERSION:
         raise IndexCorruptedError(
@@ -150,31 +172,66 @@ def check_format(m: dict, mpath: Path) -> dict:
             f"build {mpath.parent.name} SOURCE --overwrite` (the same command that built it, plus --overwrite)")
     for key in ("version", "encoder", "segments", "counts"):
         if key not in m:
-            raise IndexCorruptedError(f"{mpath}: manifest lacks {key!r}")
+            raise IndexCorruptedError(f"{mpath}: manifest lacks {key!r}{hint}")
+    if "checksum" in m:
+        try:
+            ok = manifest_checksum(m) == m["checksum"]
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise IndexCorruptedError(f"{mpath}: the manifest does not match its checksum (edited or corrupted){hint}")
     return m
 
 
-def read_manifest(path: Path, version: str | None = None) -> dict:
-    """The live manifest of the index at ``path`` (or a retained ``version``, e.g. ``v0007``)."""
-    path = Path(path)
-    mpath = path / MANIFEST
-    if not mpath.is_file():
-        if path.is_dir():
-            raise IndexNotFoundError(f"{path} is not an mmretrieve index (no {MANIFEST})")
-        raise IndexNotFoundError(f"index not found: {path}")
-    live = check_format(_load_json(mpath), mpath)
-    if version in (None, "", "live", live["version"]):
-        return live
-    if version == "previous":
-        version = live.get("previous")
-        if not version:
-            raise VersionNotFoundError(f"index {path} has no previous version ({live['version']} is the first)")
-    vpath = path / version / MANIFEST
+def read_version(path: Path, version: str) -> dict:
+    """The manifest of a retained version (``v0007``), read from its own folder, its checksum checked."""
     version_number(version)
+    vpath = Path(path) / version / MANIFEST
     if not vpath.is_file():
         kept = ", ".join(list_versions(path)) or "none"
         raise VersionNotFoundError(f"index {path} does not keep version {version} (kept: {kept})")
     return check_format(_load_json(vpath), vpath)
+
+
+def repair_hint(path: Path) -> str:
+    return (f"; `mmretrieve index verify {path} --repair` (or `mmretrieve index rollback {path}`) restores the "
+            "newest intact version the index keeps")
+
+
+def read_live(path: Path) -> dict:
+    """The live manifest; unreadable, it is an ``IndexCorruptedError`` naming it and the way to repair it
+    when the index keeps versions to repair it from."""
+    path = Path(path)
+    mpath = path / MANIFEST
+    hint = repair_hint(path) if list_versions(path) else ""
+    if not mpath.is_file():
+        if hint:
+            raise IndexCorruptedError(f"{mpath}: missing{hint}")
+        if path.is_dir():
+            raise IndexNotFoundError(f"{path} is not an mmretrieve index (no {MANIFEST})")
+        raise IndexNotFoundError(f"index not found: {path}")
+    try:
+        m = _load_json(mpath)
+    except IndexCorruptedError as e:
+        raise IndexCorruptedError(f"{e}{hint}") from None
+    return check_format(m, mpath, hint)
+
+
+def read_manifest(path: Path, version: str | None = None) -> dict:
+    """The live manifest of the index at ``path`` (or a retained ``version``, e.g. ``v0007``, read from its
+    own folder: a damaged live manifest does not hide the versions kept)."""
+    path = Path(path)
+    if version not in (None, "", "live", "previous"):
+        if not (path / MANIFEST).is_file() and not list_versions(path):
+            raise IndexNotFoundError(f"index not found: {path}")
+        return read_version(path, version)
+    live = read_live(path)
+    if version == "previous":
+        version = live.get("previous")
+        if not version:
+            raise VersionNotFoundError(f"index {path} has no previous version ({live['version']} is the first)")
+        return read_version(path, version)
+    return live
 
 
 def list_versions(path: Path) -> list[str]:
@@ -242,5 +299,6 @@ def pkg_version() -> str:
 
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "MANIFEST", "META", "DEFAULT_FACTORY", "DEFAULT_RETAIN", "read_manifest",
+           "read_live", "read_version", "seal_manifest", "manifest_checksum", "repair_hint",
            "list_versions", "version_summaries", "resolve_index_path", "default_index_dir", "check_encoder_compat",
            "describe_manifest", "crash_point", "version_name", "version_number", "segment_dir"]

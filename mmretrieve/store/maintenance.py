@@ -1,15 +1,64 @@
-"""Maintenance front doors: compact, roll back, verify, list versions (``mmretrieve index compact|rollback|
-verify|versions``)."""
+"""Maintenance front doors: compact, roll back, verify, repair, list versions (``mmretrieve index compact|
+rollback|verify|versions``)."""
 
 from __future__ import annotations
 
+import logging
 import os
+from pathlib import Path
 from typing import Any
 
-from mmretrieve.store.layout import read_manifest, resolve_index_path, version_summaries
-from mmretrieve.store.verify import verify_all_versions
+from mmretrieve.errors import IndexCorruptedError
+from mmretrieve.store import io
+from mmretrieve.store.layout import (
+    MANIFEST,
+    list_versions,
+    read_live,
+    read_manifest,
+    read_version,
+    repair_hint,
+    resolve_index_path,
+    version_summaries,
+)
+from mmretrieve.store.verify import verify_all_versions, verify_version
 from mmretrieve.store.verify import verify_index as _verify
-from mmretrieve.store.writer import IndexWriter, rollback
+from mmretrieve.store.writer import IndexWriter, rollback, writer_lock
+
+log = logging.getLogger(__name__)
+
+
+def repair_index(name_or_path: str | os.PathLike, *, index_dir=None) -> dict | None:
+    """Restore an unreadable live manifest (empty, damaged, edited, missing) from the newest retained
+    version whose manifest matches its checksum and whose files all verify, published atomically
+    (``os.replace``) under the writer's lock. Returns None when the live manifest is intact, else
+    ``{"restored": version, "reason": why the live one was refused, "refused": [(version, why), ...]}``."""
+    path = resolve_index_path(name_or_path, index_dir)
+    try:
+        read_live(path)  # IndexNotFoundError for a folder that is no index
+        return None
+    except IndexCorruptedError:
+        pass
+    with writer_lock(path):
+        try:
+            read_live(path)
+            return None  # another process repaired it meanwhile
+        except IndexCorruptedError as e:
+            reason = str(e).replace(repair_hint(path), "")
+        refused = []
+        for v in reversed(list_versions(path)):
+            try:
+                m = read_version(path, v)
+                verify_version(path, m)
+            except IndexCorruptedError as e:
+                refused.append((v, str(e)))
+                continue
+            io.write_json_atomic(path / MANIFEST, m)
+            log.warning("%s: the live manifest was unreadable (%s); restored %s, the newest intact version kept",
+                        path, reason, v)
+            return {"restored": v, "reason": reason, "refused": refused}
+    why = "; ".join(f"{v}: {r}" for v, r in refused) or "it keeps none"
+    raise IndexCorruptedError(f"{Path(path) / MANIFEST}: unreadable ({reason}), and no version the index keeps is "
+                              f"intact ({why}); rebuild it with `mmretrieve index build ... --overwrite`")
 
 
 def compact_index(name_or_path: str | os.PathLike, *, index_dir=None, everything: bool = False) -> dict | None:
@@ -19,8 +68,14 @@ def compact_index(name_or_path: str | os.PathLike, *, index_dir=None, everything
 
 
 def rollback_index(name_or_path: str | os.PathLike, version: str = "previous", *, index_dir=None) -> dict:
-    """Publish a new version with the content of a retained older one (``previous`` by default)."""
-    return rollback(resolve_index_path(name_or_path, index_dir), version)
+    """Publish a new version with the content of a retained older one (``previous`` by default; its
+    manifest's checksum is checked first). An unreadable live manifest is repaired first
+    (``repair_index``); with ``previous``, that repair is the rollback."""
+    path = resolve_index_path(name_or_path, index_dir)
+    fixed = repair_index(path)
+    if fixed is not None and version in ("previous", fixed["restored"]):
+        return read_manifest(path)
+    return rollback(path, version)
 
 
 def verify_index(name_or_path: str | os.PathLike, *, index_dir=None, version: str | None = None,
@@ -37,4 +92,4 @@ def index_versions(name_or_path: str | os.PathLike, *, index_dir=None) -> list[d
     return version_summaries(path)
 
 
-__all__ = ["compact_index", "rollback_index", "verify_index", "index_versions"]
+__all__ = ["compact_index", "rollback_index", "verify_index", "repair_index", "index_versions"]

@@ -185,11 +185,28 @@ def write_deletions(root: Path, sid: str, version: str, rows: np.ndarray) -> tup
 
 # ---- reading --------------------------------------------------------------------------------------
 def _npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype, int]:
-    with open(path, "rb") as fh:
-        major, _ = np.lib.format.read_magic(fh)
-        read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
-        shape, _, dtype = read(fh)
-        return shape, dtype, fh.tell()
+    try:
+        with open(path, "rb") as fh:
+            return io.npy_header(fh, path)
+    except OSError as e:
+        raise IndexCorruptedError(f"{path}: unreadable ({e.strerror or e})") from None
+
+
+def read_deletions(root: Path, entry: dict[str, Any]) -> np.ndarray:
+    """The rows a version deletes from a segment (its deletion file, read whole and checked against the
+    sha256 the manifest recorded: a damaged one would bring deleted rows back or point outside the
+    segment)."""
+    name = entry.get("deletions")
+    if not name:
+        return np.zeros(0, np.int64)
+    path = segment_dir(Path(root), entry["id"]) / name
+    rows = io.load_npy(path, entry.get("deletions_file"))
+    n = int(entry["rows"])
+    if rows.dtype != np.int64 or rows.ndim != 1 or (len(rows) and (rows.min() < 0 or rows.max() >= n)) or (
+            len(rows) > 1 and (np.diff(rows) <= 0).any()):
+        raise IndexCorruptedError(f"{path}: not a sorted list of rows of a segment of {n} rows "
+                                  f"({rows.dtype}, shape {rows.shape})")
+    return rows
 
 
 class SegmentFiles:
@@ -220,10 +237,7 @@ class SegmentFiles:
             if size != info["bytes"]:
                 raise IndexCorruptedError(f"{p}: size {size} bytes, manifest says {info['bytes']} (truncated or replaced?)")
             if name.endswith(".npy"):
-                try:
-                    shape, dtype, offset = _npy_header(p)
-                except (ValueError, OSError) as e:
-                    raise IndexCorruptedError(f"{p}: not a valid .npy file ({e})") from None
+                shape, dtype, offset = _npy_header(p)
                 if offset + int(np.prod(shape)) * dtype.itemsize != size:
                     raise IndexCorruptedError(f"{p}: {size} bytes, its header promises {offset + int(np.prod(shape)) * dtype.itemsize} "
                                               "(truncated?)")
@@ -236,10 +250,7 @@ class SegmentFiles:
     def array(self, name: str, *, mmap: bool = True) -> np.ndarray:
         arr = self._cache.get(name)
         if arr is None:
-            try:
-                arr = np.load(self.dir / name, mmap_mode="c" if mmap else None, allow_pickle=False)
-            except (ValueError, OSError) as e:
-                raise IndexCorruptedError(f"{self.dir / name}: unreadable ({e})") from None
+            arr = io.load_npy(self.dir / name, self.files().get(name), mmap=mmap)
             self._cache[name] = arr
         return arr
 
@@ -249,8 +260,10 @@ class SegmentFiles:
 
     @property
     def deleted(self) -> np.ndarray:
-        name = self.entry.get("deletions")
-        return self.array(name, mmap=False) if name else np.zeros(0, np.int64)
+        arr = self._cache.get("deleted")
+        if arr is None:
+            arr = self._cache["deleted"] = read_deletions(self.root, self.entry)
+        return arr
 
     def faiss_index(self):
         idx = self._cache.get("index.faiss")
@@ -287,5 +300,5 @@ class SegmentFiles:
             hasattr(inner, "hnsw") and isinstance(faiss.downcast_index(inner.storage), faiss.IndexFlat))
 
 
-__all__ = ["SegmentBuilder", "SegmentFiles", "write_deletions", "new_template", "train_template", "segment_index",
+__all__ = ["SegmentBuilder", "SegmentFiles", "write_deletions", "read_deletions", "new_template", "train_template", "segment_index",
            "is_flat_factory", "is_ivf", "metric_type"]

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from mmretrieve.errors import UsageError
+from mmretrieve.store.io import load_npy
 
 PROJECTION = "patch_proj.npy"
 
@@ -50,10 +51,11 @@ def make_projection(cfg: dict) -> np.ndarray:
     return q.astype(np.float32)
 
 
-def load_projection(root: Path, cfg: dict | None) -> np.ndarray | None:
+def load_projection(root: Path, cfg: dict | None, info: dict | None = None) -> np.ndarray | None:
+    """The patch projection, read whole and checked against ``info`` (its size and sha256 in the manifest)."""
     if not cfg or not cfg.get("projection"):
         return None
-    return np.load(Path(root) / PROJECTION, allow_pickle=False)
+    return load_npy(Path(root) / PROJECTION, info)
 
 
 def project_patches(P: np.ndarray, proj: np.ndarray | None) -> np.ndarray:

@@ -1,6 +1,8 @@
 """Full verification (``mmretrieve index verify NAME``, ``open_index(..., verify="full")``): every byte of
 every file of a version against the sha256 recorded when it was written, the database's own integrity
-check, and every metadata row of the version's segments against the checksum it was stored with."""
+check, every metadata row of the version's segments against the checksum it was stored with, and the
+manifest of every retained version against its own checksum (a forged retained manifest would
+otherwise be published by a rollback)."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ from pathlib import Path
 
 from mmretrieve.errors import IndexCorruptedError
 from mmretrieve.store.io import sha256_file
-from mmretrieve.store.layout import META, list_versions, read_manifest
+from mmretrieve.store.layout import META, list_versions, read_manifest, read_version
 from mmretrieve.store.meta import MetaDB, Visibility, row_crc
 from mmretrieve.store.segments import SegmentFiles
 
@@ -49,11 +51,19 @@ def check_shared_files(path: Path, manifest: dict, *, full: bool) -> None:
             raise IndexCorruptedError(f"{p}: sha256 does not match the manifest (file corrupted or modified)")
 
 
-def verify_index(path: Path, *, version: str | None = None) -> dict:
-    """Check every byte of a version (default: the live one); raises ``IndexCorruptedError`` naming the
-    first bad file or row, else returns what was checked."""
-    path = Path(path)
-    m = read_manifest(path, version)
+def check_manifests(path: Path) -> list[str]:
+    """Every retained version's manifest against its own checksum (``IndexCorruptedError`` naming the
+    first that does not match); returns the versions whose manifest has none (written before checksums)."""
+    unsealed = []
+    for v in list_versions(path):
+        if "checksum" not in read_version(path, v):
+            unsealed.append(v)
+    return unsealed
+
+
+def verify_version(path: Path, m: dict) -> dict:
+    """Check every byte of the version ``m`` describes; raises ``IndexCorruptedError`` naming the first bad
+    file or row, else returns what was checked."""
     segments = [SegmentFiles(path, e, check="full") for e in m["segments"]]
     check_shared_files(path, m, full=True)
     meta = MetaDB.open_reader(path / META, Visibility({s.sid: s.deleted for s in segments}))
@@ -65,7 +75,17 @@ def verify_index(path: Path, *, version: str | None = None) -> dict:
     size = sum(f["bytes"] for s in segments for f in s.files().values()) + sum(
         f["bytes"] for f in (m.get("files") or {}).values())
     return {"index": str(path), "version": m["version"], "segments": len(segments), "files": files, "bytes": size,
-            "rows": rows, "ok": True}
+            "rows": rows, "manifest_checksum": "ok" if "checksum" in m else "none", "ok": True}
+
+
+def verify_index(path: Path, *, version: str | None = None) -> dict:
+    """Check every byte of a version (default: the live one) and every retained manifest; raises
+    ``IndexCorruptedError`` naming the first bad file or row, else returns what was checked
+    (``unsealed``: retained versions whose manifest predates manifest checksums)."""
+    path = Path(path)
+    res = verify_version(path, read_manifest(path, version))
+    res["unsealed"] = check_manifests(path)
+    return res
 
 
 def verify_all_versions(path: Path) -> list[dict]:
@@ -73,4 +93,4 @@ def verify_all_versions(path: Path) -> list[dict]:
     return [verify_index(path, version=v) for v in list_versions(Path(path))]
 
 
-__all__ = ["verify_index", "verify_metadata", "verify_all_versions", "check_shared_files"]
+__all__ = ["verify_index", "verify_version", "check_manifests", "verify_metadata", "verify_all_versions", "check_shared_files"]

@@ -48,6 +48,7 @@ from mmretrieve.store.layout import (
     list_versions,
     pkg_version,
     read_manifest,
+    seal_manifest,
     version_name,
     version_number,
 )
@@ -57,6 +58,7 @@ from mmretrieve.store.segments import (
     SegmentBuilder,
     is_flat_factory,
     new_template,
+    read_deletions,
     train_template,
     write_deletions,
 )
@@ -73,19 +75,32 @@ SEGMENT_BYTES = 512 << 20
 
 def load_view(root: Path, manifest: dict) -> Visibility:
     """The visibility of a manifest's version: its segments and their deleted rows."""
-    from mmretrieve.store.layout import segment_dir
+    return Visibility({e["id"]: read_deletions(root, e) for e in manifest["segments"]})
 
-    deleted = {}
-    for e in manifest["segments"]:
-        name = e.get("deletions")
-        if name:
-            try:
-                deleted[e["id"]] = np.load(segment_dir(root, e["id"]) / name, allow_pickle=False)
-            except (OSError, ValueError) as err:
-                raise IndexCorruptedError(f"{segment_dir(root, e['id']) / name}: unreadable ({err})") from None
-        else:
-            deleted[e["id"]] = np.zeros(0, np.int64)
-    return Visibility(deleted)
+
+def acquire_lock(path: Path):
+    """The index's single-writer lock (an open file holding ``flock``), or ``IndexLockedError``."""
+    fh = open(Path(path) / ".lock", "a+")  # noqa: SIM115 - held until released by the caller
+    try:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        fh.close()
+        if e.errno in (errno.EAGAIN, errno.EACCES):
+            raise IndexLockedError(f"index {path} is being written by another process") from None
+        raise
+    return fh
+
+
+@contextlib.contextmanager
+def writer_lock(path: Path) -> Iterator[None]:
+    """Hold the single-writer lock without a write session (the repair of a live manifest)."""
+    fh = acquire_lock(path)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+        fh.close()
 
 
 class IndexWriter:
@@ -123,15 +138,7 @@ class IndexWriter:
 
     # ---- set-up ----------------------------------------------------------------------------------
     def _acquire_lock(self) -> None:
-        fh = open(self.path / ".lock", "a+")  # noqa: SIM115 - held for the writer's lifetime
-        try:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            fh.close()
-            if e.errno in (errno.EAGAIN, errno.EACCES):
-                raise IndexLockedError(f"index {self.path} is being written by another process") from None
-            raise
-        self._lock_fh = fh
+        self._lock_fh = acquire_lock(self.path)
         _HOLDERS.add(self)
 
     def _forget_lock_in_child(self) -> None:
@@ -199,7 +206,7 @@ class IndexWriter:
             if encoder_info is not None:
                 check_encoder_compat(prev["encoder"], encoder_info, self.path)
             base = {k: v for k, v in prev.items() if k not in ("segments", "counts", "version", "previous",
-                                                                "updated_at", "operation")}
+                                                                "updated_at", "operation", "checksum")}
             if patches and not base.get("patches"):
                 base["patches"] = dict(patches)
             if video is not None:
@@ -263,7 +270,7 @@ class IndexWriter:
             return None
         path = self.path / PROJECTION
         if PROJECTION in self.manifest["files"] and path.exists():
-            return np.load(path, allow_pickle=False)
+            return io.load_npy(path, self.manifest["files"][PROJECTION])
         proj = make_projection(cfg)
         self.manifest["files"][PROJECTION] = io.write_npy(path.with_name(path.name + ".new"), proj)
         path.with_name(path.name + ".new").replace(path)
@@ -385,8 +392,9 @@ class IndexWriter:
 
             p = self.path / TEMPLATE
             if TEMPLATE in self.manifest["files"] and p.exists():
+                data = io.read_checked(p, self.manifest["files"][TEMPLATE])
                 try:
-                    self._template = faiss.read_index(str(p))
+                    self._template = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
                 except RuntimeError as e:
                     raise IndexCorruptedError(f"{p}: FAISS cannot read it ({str(e).strip().splitlines()[-1]})") from None
             else:
@@ -509,6 +517,7 @@ class IndexWriter:
         m = {**self.manifest, "version": self.version, "previous": self.prev["version"] if self.prev else None,
              "updated_at": time.time(), "counts": counts, "segments": self.segments, "operation": operation,
              "faiss": "flat" if self.flat else type(self.template()).__name__, "mmretrieve_version": pkg_version()}
+        m = seal_manifest(m)
         crash_point("before-manifest")
         vdir = self.path / self.version
         vdir.mkdir(exist_ok=True)
@@ -571,14 +580,24 @@ class IndexWriter:
             keep |= leased_versions(self.path) & set(versions)
             needed_segs: set[str] = set()
             needed_files: set[tuple[str, str]] = set()
+            unknown = []
             for v in keep:
-                for e in read_manifest(self.path, v)["segments"]:
+                try:
+                    entries = read_manifest(self.path, v)["segments"]
+                except IndexCorruptedError as e:  # what it needs is unknown: nothing is collected this time
+                    unknown.append(str(e))
+                    continue
+                for e in entries:
                     needed_segs.add(e["id"])
                     if e.get("deletions"):
                         needed_files.add((e["id"], e["deletions"]))
             for v in every:
                 if v not in keep:
                     shutil.rmtree(self.path / v, ignore_errors=True)
+            if unknown:
+                log.warning("%s: no segment is collected while a retained version is unreadable (%s)", self.path,
+                            "; ".join(unknown))
+                return
             self._collect_segments(needed_segs, needed_files)
 
     def _collect_segments(self, needed: set[str], needed_files: set[tuple[str, str]]) -> None:
