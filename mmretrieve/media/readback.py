@@ -155,7 +155,7 @@ def _file(fd: int, uri: str, st: os.stat_result, item, in_memory_bytes: int) -> 
     kind = _checked_type(os.pread(fd, SNIFF_BYTES, 0), item, uri)
     if st.st_size <= in_memory_bytes and not kind.startswith("video/"):  # videos are decoded from the descriptor
         return IndexedMedia(Path(uri).name, kind, st.st_size, data=_pread_all(fd, st.st_size))
-    return IndexedMedia(Path(uri).name, kind, st.st_size, fd=os.dup(fd))
+    return IndexedMedia(Path(uri).name, kind, st.st_size, fd=fd)
 
 
 def _member(fd: int, member: tuple[Path, str], item) -> IndexedMedia:

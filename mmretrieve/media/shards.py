@@ -284,8 +284,14 @@ def iter_parquet(path: Path, batch_rows: int = 1024) -> Iterator[ShardSample | S
     start = 0
     for g in range(pf.num_row_groups):  # row groups are independent: a damaged one costs its rows only
         n, row = pf.metadata.row_group(g).num_rows, start
+        refused = _oversized_group(path, pf, g, start, icol)
+        if refused is not None:
+            yield refused
+            start += n
+            continue
+        rows = 1 if _group_image_bytes(pf, g, icol) > MAX_MEMBER_BYTES else batch_rows  # a big cell: alone
         try:
-            for batch in pf.iter_batches(batch_size=_group_batch_rows(pf, g, icol, batch_rows), row_groups=[g]):
+            for batch in pf.iter_batches(batch_size=rows, row_groups=[g]):
                 batch, over = _drop_oversized(batch, icol)
                 for i, rec in enumerate(batch.to_pylist()):
                     if i in over:
@@ -300,16 +306,29 @@ def iter_parquet(path: Path, batch_rows: int = 1024) -> Iterator[ShardSample | S
         start += n
 
 
-def _group_batch_rows(pf, g: int, icol: str | None, batch_rows: int) -> int:
-    """Rows per batch for row group ``g``: one at a time where its image column holds more than a sample
-    may (read from the column chunk's metadata, before any data), so a single huge cell is never read
-    together with its neighbours."""
+#: a parquet row group whose image column holds more than this (uncompressed, by its metadata) is not read:
+#: Arrow decodes a page whole, so a group's image column is what a read may hold in memory at once
+MAX_GROUP_IMAGE_BYTES = 2 * MAX_MEMBER_BYTES
+
+
+def _group_image_bytes(pf, g: int, icol: str | None) -> int:
+    """The uncompressed size of row group ``g``'s image column, from the column chunks' metadata (no data read)."""
     if icol is None:
-        return batch_rows
+        return 0
     rg = pf.metadata.row_group(g)
-    names = [rg.column(j).path_in_schema for j in range(rg.num_columns)]
-    total = sum(rg.column(j).total_uncompressed_size for j, nm in enumerate(names) if nm.split(".")[0] == icol)
-    return 1 if total > MAX_MEMBER_BYTES else batch_rows
+    return sum(rg.column(j).total_uncompressed_size for j in range(rg.num_columns)
+               if rg.column(j).path_in_schema.split(".")[0] == icol)
+
+
+def _oversized_group(path: Path, pf, g: int, start: int, icol: str | None) -> ShardProblem | None:
+    size = _group_image_bytes(pf, g, icol)
+    if size <= MAX_GROUP_IMAGE_BYTES:
+        return None
+    n = pf.metadata.row_group(g).num_rows
+    where = f"{path}#rows {start}-{start + n - 1}"
+    return ShardProblem(where, where, f"row group {g} holds {size} bytes of images (uncompressed), over the "
+                        f"{MAX_GROUP_IMAGE_BYTES} one read may hold (a sample may take {MAX_MEMBER_BYTES}); not read. "
+                        "Write the file with smaller row groups (pyarrow: write_table(..., row_group_size=N)) to index them")
 
 
 def _drop_oversized(batch, icol: str | None):
