@@ -156,6 +156,11 @@ class ItemNotFoundError(StoreError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
+class ItemChangedError(ItemNotFoundError):
+    """An item's file (or shard) is no longer what was indexed: modified, or replaced by a symlink; its
+    new bytes are never served (HTTP 410)."""
+
+
 # ---- ingest ----------------------------------------------------------------------------------------
 class IngestError(MMRetrieveError):
     pass
@@ -250,7 +255,7 @@ __all__ = [
     "MMRetrieveError", "UsageError", "UnknownNameError", "UnknownOptionError", "ConfigNotFoundError",
     "InputError", "SourceNotFoundError", "ManifestError", "BadImageError", "BadVideoError", "BadVectorsError",
     "StoreError", "IndexNotFoundError", "IndexExistsError", "IndexCorruptedError", "IndexLockedError",
-    "EncoderMismatchError", "DiskFullError", "VersionNotFoundError", "ItemNotFoundError", "IngestError", "SkippedInputsError", "EncoderError", "EncoderUnavailableError",
+    "EncoderMismatchError", "DiskFullError", "VersionNotFoundError", "ItemNotFoundError", "ItemChangedError", "IngestError", "SkippedInputsError", "EncoderError", "EncoderUnavailableError",
     "RerankError", "NoPatchesError", "MLLMError", "DeviceError", "OTConvergenceError", "DatasetError", "SubmissionError", "MissingDependencyError",
     "ServeError", "UnauthorizedError", "PayloadTooLargeError", "ServiceBusyError", "RequestTimeoutError",
 ]

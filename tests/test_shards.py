@@ -143,15 +143,27 @@ def test_missing_shard_is_reported_before_the_model_loads(tmp_path, samples):
         build_index("x", str(tmp_path / "d" / "{00000..00005}.tar"), encoder="no-such-encoder")
 
 
-def test_gzipped_tar_and_member_reads(tmp_path, samples):
+def test_compressed_tars_are_refused_naming_the_fix(tmp_path, samples):
+    """A gzip / bzip2 / xz tar (whatever its name) could only be read back by decompressing from its start
+    on every thumbnail: it is refused at build time with the command that unpacks it, and a member uri of
+    one is never streamed."""
+    import bz2
+    import gzip
+
     shards = write_webdataset(samples[:3], tmp_path / "d", per_shard=3)
-    gz = tmp_path / "d.tar.gz"
-    with open(shards[0], "rb") as src, __import__("gzip").open(gz, "wb") as dst:
-        dst.write(src.read())
-    got = [s.key for s in iter_webdataset(gz)]
-    assert got == ["000000000", "000000001", "000000002"]
-    member = f"{gz}#000000001{Path(samples[1].path).suffix}"
-    assert load_image(member).size == Image.open(samples[1].path).size
+    raw = shards[0].read_bytes()
+    for name, packed, cmd in (("d.tar.gz", gzip.compress(raw), "gunzip"), ("gz.tar", gzip.compress(raw), "gunzip"),
+                              ("b.tar", bz2.compress(raw), "bunzip2")):
+        comp = tmp_path / name
+        comp.write_bytes(packed)
+        got = list(iter_webdataset(comp))
+        assert len(got) == 1 and not hasattr(got[0], "data")
+        assert "compressed" in got[0].reason and cmd in got[0].reason and "plain .tar" in got[0].reason
+        from mmretrieve.errors import BadImageError
+
+        with pytest.raises(BadImageError, match="compressed"):
+            load_image(f"{comp}#000000001{Path(samples[1].path).suffix}")
+    assert [s.key for s in iter_webdataset(shards[0])] == ["000000000", "000000001", "000000002"]
     from mmretrieve.errors import BadImageError
 
     with pytest.raises(BadImageError, match="no member"):
@@ -352,10 +364,8 @@ def test_parquet_cells_of_the_wrong_type_and_corrupt_pages(tmp_path, samples, ti
 
 
 def test_members_read_back_are_the_ones_indexed(tmp_path, samples, tiny_clip):
-    """A member name added twice (`tar -r`): the first, as the build reads; a gzip tar named `.tar`; a
-    `#` in a member's name; members other than image, caption and metadata are not read."""
-    import gzip
-
+    """A member name added twice (`tar -r`): the first, as the build reads; a `#` in a member's name;
+    members other than image, caption and metadata are not read."""
     from mmretrieve.media.shards import iter_webdataset, read_member
 
     ph = [Path(s.path) for s in samples[:3]]
@@ -369,17 +379,14 @@ def test_members_read_back_are_the_ones_indexed(tmp_path, samples, tiny_clip):
         npy = tarfile.TarInfo("a.npy")  # a large member nobody asked for
         npy.size = 3 << 20
         tf.addfile(npy, io.BytesIO(b"\0" * npy.size))
-    gz = tmp_path / "gz.tar"
-    gz.write_bytes(gzip.compress(t.read_bytes()))
-    for shard in (t, gz):
-        got = [s for s in iter_webdataset(shard) if getattr(s, "data", None)]
-        first = got[0]
-        assert first.key == "a" and first.data == ph[0].read_bytes()
-        assert read_member(first.uri) == ph[0].read_bytes()  # the same bytes as indexed
-        hashed = next(s for s in got if s.key == "x#1")
-        assert read_member(hashed.uri) == ph[1].read_bytes()
-        assert all("npy" not in str(s.extra) for s in got)
-    r = build_index(tmp_path / "i", gz, encoder=tiny_clip)
+    got = [s for s in iter_webdataset(t) if getattr(s, "data", None)]
+    first = got[0]
+    assert first.key == "a" and first.data == ph[0].read_bytes()
+    assert read_member(first.uri) == ph[0].read_bytes()  # the same bytes as indexed
+    hashed = next(s for s in got if s.key == "x#1")
+    assert read_member(hashed.uri) == ph[1].read_bytes()
+    assert all("npy" not in str(s.extra) for s in got)
+    r = build_index(tmp_path / "i", t, encoder=tiny_clip)
     idx, items = _items(tmp_path / "i")
     for it in items:
         assert load_image(it.uri).size == (it.width, it.height)

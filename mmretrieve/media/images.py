@@ -50,13 +50,13 @@ def load_image(
     BadImageError: /nonexistent.jpg: file not found
     """
     p = Path(path)
+    member = _shard_member(str(path))  # the uri decides: `<shard>.tar#<member>` is a member, never a file so named
+    if member is not None:  # an image inside a webdataset / parquet shard
+        return load_image_bytes(member, name=str(path), formats=formats, max_pixels=max_pixels,
+                                background=background, draft_size=draft_size)
     try:
         size = p.stat().st_size
     except FileNotFoundError:
-        member = _shard_member(str(path))
-        if member is not None:  # an image inside a webdataset / parquet shard: `<shard>#<member>`
-            return load_image_bytes(member, name=str(path), formats=formats, max_pixels=max_pixels,
-                                    background=background, draft_size=draft_size)
         raise BadImageError(p, "file not found") from None
     except OSError as e:
         raise BadImageError(p, f"cannot stat file: {e.strerror or e}") from None

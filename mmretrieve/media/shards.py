@@ -201,16 +201,42 @@ def member_uri(shard: Path, member: str) -> str:
     return f"{shard}#{member}"
 
 
+_COMPRESSED = ((b"\x1f\x8b", "gzip", "gunzip"), (b"BZh", "bzip2", "bunzip2"), (b"\xfd7zXZ", "xz", "unxz"))
+
+
+def compression_of(path: str | os.PathLike) -> tuple[str, str] | None:
+    """``(format, the command that unpacks it)`` for a gzip / bzip2 / xz file (whatever its name), else None."""
+    with open(path, "rb") as fh:
+        head = fh.read(6)
+    return next(((name, cmd) for magic, name, cmd in _COMPRESSED if head.startswith(magic)), None)
+
+
+def compressed_shard_reason(shard: Path, comp: tuple[str, str]) -> str:
+    return (f"{shard} is {comp[0]}-compressed: its members could not be read back (thumbnails, media, rerankers) "
+            f"without decompressing the shard from its start on every read; unpack it ({comp[1]} -c {shard.name} > "
+            f"{shard.name.split('.')[0]}.tar) and build from the plain .tar")
+
+
 def iter_webdataset(shard: Path) -> Iterator[ShardSample | ShardProblem]:
     """Samples of a tar shard, read as a stream; a shard cut short ends with a ``ShardProblem``. A
-    sample with a member too large to read is skipped whole (the reason names the member)."""
+    sample with a member too large to read is skipped whole (the reason names the member). A compressed
+    tar is refused whole (one ``ShardProblem`` naming the fix): its members could only be read back by
+    decompressing from the start, a cost of O(shard) per thumbnail."""
+    try:
+        comp = compression_of(shard)
+    except OSError as e:
+        yield ShardProblem("", str(shard), f"cannot read the tar: {e}")
+        return
+    if comp is not None:
+        yield ShardProblem("", str(shard), compressed_shard_reason(shard, comp))
+        return
     cur, parts, n, too_large = None, {}, 0, None
 
     def done() -> ShardSample | ShardProblem:
         return too_large if too_large is not None else _sample(shard, cur, parts)
 
     try:
-        with tarfile.open(shard, mode="r|*") as tf:
+        with tarfile.open(shard, mode="r|") as tf:
             for m in tf:
                 if not m.isfile():  # directories, links (never followed), devices
                     continue
@@ -258,15 +284,72 @@ def iter_parquet(path: Path, batch_rows: int = 1024) -> Iterator[ShardSample | S
     start = 0
     for g in range(pf.num_row_groups):  # row groups are independent: a damaged one costs its rows only
         n, row = pf.metadata.row_group(g).num_rows, start
+        refused = _oversized_group(path, pf, g, start, icol)
+        if refused is not None:
+            yield refused
+            start += n
+            continue
+        rows = 1 if _group_image_bytes(pf, g, icol) > MAX_MEMBER_BYTES else batch_rows  # a big cell: alone
         try:
-            for batch in pf.iter_batches(batch_size=batch_rows, row_groups=[g]):
-                for rec in batch.to_pylist():
-                    yield _parquet_sample(path, row, rec, icol, pcol, kcol, ccol)
+            for batch in pf.iter_batches(batch_size=rows, row_groups=[g]):
+                batch, over = _drop_oversized(batch, icol)
+                for i, rec in enumerate(batch.to_pylist()):
+                    if i in over:
+                        key = str(rec[kcol]) if kcol and rec.get(kcol) is not None else f"{path.stem}/{row}"
+                        yield ShardProblem(key, f"{path}#{row}", f"the image is {over[i]} bytes (over {MAX_MEMBER_BYTES})")
+                    else:
+                        yield _parquet_sample(path, row, rec, icol, pcol, kcol, ccol)
                     row += 1
         except Exception as e:  # a corrupt page, a column pyarrow cannot read
             where = f"{path}#rows {row}-{start + n - 1}"
             yield ShardProblem(where, where, f"corrupt parquet data in rows {row}-{start + n - 1}: {type(e).__name__}: {e}")
         start += n
+
+
+#: a parquet row group whose image column holds more than this (uncompressed, by its metadata) is not read:
+#: Arrow decodes a page whole, so a group's image column is what a read may hold in memory at once
+MAX_GROUP_IMAGE_BYTES = 2 * MAX_MEMBER_BYTES
+
+
+def _group_image_bytes(pf, g: int, icol: str | None) -> int:
+    """The uncompressed size of row group ``g``'s image column, from the column chunks' metadata (no data read)."""
+    if icol is None:
+        return 0
+    rg = pf.metadata.row_group(g)
+    return sum(rg.column(j).total_uncompressed_size for j in range(rg.num_columns)
+               if rg.column(j).path_in_schema.split(".")[0] == icol)
+
+
+def _oversized_group(path: Path, pf, g: int, start: int, icol: str | None) -> ShardProblem | None:
+    size = _group_image_bytes(pf, g, icol)
+    if size <= MAX_GROUP_IMAGE_BYTES:
+        return None
+    n = pf.metadata.row_group(g).num_rows
+    where = f"{path}#rows {start}-{start + n - 1}"
+    return ShardProblem(where, where, f"row group {g} holds {size} bytes of images (uncompressed), over the "
+                        f"{MAX_GROUP_IMAGE_BYTES} one read may hold (a sample may take {MAX_MEMBER_BYTES}); not read. "
+                        "Write the file with smaller row groups (pyarrow: write_table(..., row_group_size=N)) to index them")
+
+
+def _drop_oversized(batch, icol: str | None):
+    """``(batch, {row in batch: bytes})``: cells of the image column over ``MAX_MEMBER_BYTES`` are measured
+    in Arrow and replaced by nulls before the rows become Python objects (no copy of a huge cell)."""
+    if icol is None:
+        return batch, {}
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    col = batch.column(icol)
+    data = col.field("bytes") if pa.types.is_struct(col.type) else col
+    if not (pa.types.is_binary(data.type) or pa.types.is_large_binary(data.type)):
+        return batch, {}
+    sizes = pc.binary_length(data).to_pylist()
+    over = {i: sz for i, sz in enumerate(sizes) if sz is not None and sz > MAX_MEMBER_BYTES}
+    if not over:
+        return batch, {}
+    keep = pa.array([i not in over for i in range(len(sizes))])
+    nulls = pa.nulls(len(sizes), type=col.type)
+    return batch.set_column(batch.schema.get_field_index(icol), icol, pc.if_else(keep, col, nulls)), over
 
 
 def _parquet_sample(path: Path, row: int, rec: dict, icol, pcol, kcol, ccol) -> ShardSample | ShardProblem:
@@ -306,70 +389,77 @@ def split_member_uri(uri: str) -> tuple[Path, str] | None:
 
 
 @functools.lru_cache(maxsize=16)
-def _tar_members(path: str, size: int, mtime: float) -> dict[str, tuple[int, int]] | None:
-    """A tar's member name -> (data offset, size), read once from its headers (no data read); None for a
-    ``.tar`` that is really gzip / bzip2 / xz (read as a stream, as the build did)."""
-    with open(path, "rb") as fh:
-        if fh.read(6).startswith((b"\x1f\x8b", b"BZh", b"\xfd7zXZ")):
-            return None
+def _tar_members(path: str, size: int, mtime: float) -> dict[str, tuple[int, int]]:
+    """A plain tar's member name -> (data offset, size), read once from its headers (no data read). A tar
+    cut short keeps the members before the cut (the build indexed those); a member whose data runs past
+    the end of the file is left out."""
     out: dict[str, tuple[int, int]] = {}
-    with tarfile.open(path, mode="r:") as tf:
-        for m in tf:
-            if m.isfile():
-                out.setdefault(m.name, (m.offset_data, m.size))  # a name added twice: the first, as the build read it
+    try:
+        with tarfile.open(path, mode="r:") as tf:
+            while True:
+                try:
+                    m = tf.next()
+                except (tarfile.TarError, EOFError, OSError):
+                    break  # the cut: what came before stays readable
+                if m is None:
+                    break
+                if m.isfile() and m.offset_data + m.size <= size:
+                    out.setdefault(m.name, (m.offset_data, m.size))  # a name added twice: the first, as built
+    except tarfile.ReadError:
+        pass  # not even a first header: no members
     return out
 
 
-def read_member(uri: str) -> bytes:
-    """The bytes of a shard member named by ``member_uri`` (a tar member, or a parquet row's image).
+def member_location(shard: Path, member: str, st: os.stat_result) -> tuple[int, int]:
+    """(offset, size) of a plain tar's member, from its cached header index; raises ``FileNotFoundError``
+    naming what is missing, and for a compressed tar (never streamed: O(shard) per read)."""
+    comp = compression_of(shard)
+    if comp is not None:
+        raise FileNotFoundError(compressed_shard_reason(shard, comp))
+    loc = _tar_members(str(shard), st.st_size, st.st_mtime).get(member)
+    if loc is None:
+        raise FileNotFoundError(f"{shard} has no member {member!r}")
+    if loc[1] > MAX_MEMBER_BYTES:
+        raise FileNotFoundError(f"{shard}: member {member!r} is {loc[1]} bytes, over the {MAX_MEMBER_BYTES} a sample may take")
+    return loc
 
-    Plain tars are read at the member's offset (the headers are indexed once per shard); compressed tars
-    are streamed to the member. Raises ``FileNotFoundError`` naming what is missing."""
+
+def read_member(uri: str) -> bytes:
+    """The bytes of a shard member named by ``member_uri`` (a tar member, or a parquet row's image); plain
+    tars are read at the member's offset (headers indexed once per shard). Raises ``FileNotFoundError``
+    naming what is missing. The service reads through ``media.readback`` instead, which also checks the
+    item's fingerprint and never follows a symlink."""
     parts = split_member_uri(uri)
     if parts is None:
         raise FileNotFoundError(f"{uri}: not a shard member")
     shard, member = parts
-    st = shard.stat()
     if shard.suffix.lower() == ".parquet":
         return _parquet_member(shard, member)
-    members = None
-    if shard.suffix.lower() == ".tar":
-        try:
-            members = _tar_members(str(shard), st.st_size, st.st_mtime)
-        except (tarfile.TarError, OSError, EOFError) as e:
-            raise FileNotFoundError(f"{shard}: cannot read the tar ({e})") from None
-    if members is not None:
-        loc = members.get(member)
-        if loc is None:
-            raise FileNotFoundError(f"{shard} has no member {member!r}")
-        if loc[1] > MAX_MEMBER_BYTES:
-            raise FileNotFoundError(f"{shard}: member {member!r} is {loc[1]} bytes, over the {MAX_MEMBER_BYTES} a sample may take")
-        with open(shard, "rb") as fh:
-            fh.seek(loc[0])
-            data = fh.read(loc[1])
-        if len(data) != loc[1]:
-            raise FileNotFoundError(f"{shard}: member {member!r} is cut short")
-        return data
-    try:
-        with tarfile.open(shard, mode="r|*") as tf:
-            for m in tf:
-                if m.name == member and m.isfile():
-                    if m.size > MAX_MEMBER_BYTES:
-                        break
-                    return tf.extractfile(m).read()
-    except (tarfile.TarError, EOFError, zlib.error) as e:
-        raise FileNotFoundError(f"{shard}: cannot read the tar ({e})") from None
-    raise FileNotFoundError(f"{shard} has no member {member!r} (of at most {MAX_MEMBER_BYTES} bytes)")
+    with open(shard, "rb") as fh:
+        return read_tar_member(fh, shard, member)
 
 
-def _parquet_member(path: Path, member: str) -> bytes:
+def read_tar_member(fh, shard: Path, member: str) -> bytes:
+    """A member's bytes read from an open tar file at its indexed offset."""
+    offset, size = member_location(shard, member, os.fstat(fh.fileno()))
+    data = os.pread(fh.fileno(), size, offset)
+    if len(data) != size:
+        raise FileNotFoundError(f"{shard}: member {member!r} is cut short")
+    return data
+
+
+def _parquet_member(path: Path, member: str, source=None) -> bytes:
+    """Row ``member``'s image bytes of a parquet file (``source``: an open file of it, else ``path``)."""
     import pyarrow.parquet as pq
 
     try:
         row = int(member)
     except ValueError:
         raise FileNotFoundError(f"{path}: {member!r} is not a row number") from None
-    pf = pq.ParquetFile(path)
+    try:
+        pf = pq.ParquetFile(source if source is not None else path)
+    except Exception as e:  # pyarrow's own error types for a damaged file
+        raise FileNotFoundError(f"{path}: not a readable parquet file ({e})") from None
     icol = next((c for c in PARQUET_IMAGE_COLUMNS if c in pf.schema_arrow.names), None)
     if icol is None or not 0 <= row < pf.metadata.num_rows:
         raise FileNotFoundError(f"{path} has no image in row {row}")

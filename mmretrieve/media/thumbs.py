@@ -47,3 +47,23 @@ def thumbnail_jpeg(path: str, size: int = 256, *, quality: int = 82) -> bytes:
     buf = io.BytesIO()
     im.convert("RGB").save(buf, "JPEG", quality=quality)
     return buf.getvalue()
+
+
+def indexed_thumbnail_jpeg(media, size: int = 256, *, quality: int = 82) -> bytes:
+    """JPEG bytes of an item read back by ``media.readback.open_indexed`` (a video: its middle frame, decoded
+    from the checked descriptor), fitted in ``size`` px. Closes the media."""
+    from mmretrieve.media.images import load_image_bytes
+
+    try:
+        if media.media_type.startswith("video/"):
+            from mmretrieve.media.video import sample_frames
+
+            im = sample_frames(media.path(), num_frames=1).images[0]
+        else:
+            im = load_image_bytes(media.read(), name=media.name, draft_size=size)
+    finally:
+        media.close()
+    im.thumbnail((size, size))
+    buf = io.BytesIO()
+    im.convert("RGB").save(buf, "JPEG", quality=quality)
+    return buf.getvalue()

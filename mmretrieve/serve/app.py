@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-import urllib.parse
 from importlib import resources
 from pathlib import Path
 from typing import Annotated
@@ -32,6 +31,7 @@ from mmretrieve.errors import (
     EncoderUnavailableError,
     IndexNotFoundError,
     InputError,
+    ItemChangedError,
     ItemNotFoundError,
     MMRetrieveError,
     OTConvergenceError,
@@ -43,6 +43,7 @@ from mmretrieve.errors import (
     UsageError,
 )
 from mmretrieve.serve import models as M
+from mmretrieve.serve.media_response import ITEM_BYTES_HEADERS, media_response
 from mmretrieve.serve.safety import TOKEN_COOKIE, token_matches
 from mmretrieve.serve.service import API, Service
 
@@ -60,6 +61,8 @@ LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 def status_of(e: Exception) -> int:
     if isinstance(e, ServeError):
         return e.status
+    if isinstance(e, ItemChangedError):
+        return 410  # an item's file is not what was indexed any more: gone, as far as this index knows
     if isinstance(e, (IndexNotFoundError, ItemNotFoundError)):
         return 404
     if isinstance(e, InputError):
@@ -180,7 +183,8 @@ class Guard:
                          (b"x-frame-options", b"DENY")]
                 if not path.startswith("/docs"):
                     extra.append((b"content-security-policy", PAGE_CSP.encode()))
-                msg = {**msg, "headers": list(msg.get("headers", [])) + extra}
+                have = {k.lower() for k, _ in msg.get("headers", [])}  # a route's own (e.g. media's sandbox) stays
+                msg = {**msg, "headers": list(msg.get("headers", [])) + [(k, v) for k, v in extra if k not in have]}
             await send(msg)
 
         return wrapped
@@ -284,21 +288,17 @@ def api_router(service: Service) -> APIRouter:
     async def thumbnail(name: str, item_id: ItemId, request: Request,
                         size: Annotated[int, Query(description="fit in this many pixels: 64, 128, 160, 256, 384 or 512")] = 256):
         data, etag = await service.run_blocking(lambda: service.thumbnail(name, item_id, size))
-        headers = {"ETag": etag, "Cache-Control": "private, max-age=3600"}
+        headers = {**ITEM_BYTES_HEADERS, "ETag": etag}
         if request.headers.get("if-none-match") == etag:
             return Response(status_code=304, headers=headers)
         return Response(data, media_type="image/jpeg", headers=headers)
 
-    @r.get("/indexes/{name}/items/{item_id}/media", summary="the original file (HTTP range requests supported)",
-           response_class=FileResponse)
-    def media(name: str, item_id: ItemId):
-        path, media_type, data = service.media(name, item_id)
-        if data is not None:  # a sample inside a shard
-            return Response(data, media_type=media_type, headers={
-                "Cache-Control": "private, max-age=3600",
-                "Content-Disposition": f"inline; filename*=UTF-8''{urllib.parse.quote(Path(path).name)}"})
-        return FileResponse(path, media_type=media_type, content_disposition_type="inline",
-                            filename=Path(path).name, headers={"Cache-Control": "private, max-age=3600"})
+    @r.get("/indexes/{name}/items/{item_id}/media", summary="the original file as indexed (single byte ranges "
+           "supported); its type sniffed from its bytes, 410 when it changed since it was indexed",
+           responses={200: {"content": {"image/*": {}, "video/*": {}}}})
+    async def media(name: str, item_id: ItemId, request: Request):
+        m = await service.run_blocking(lambda: service.media(name, item_id))
+        return media_response(m, request.headers.get("range"))
 
     @r.post("/embed", response_model=M.EmbedResponse, openapi_extra=_body_doc(M.EmbedRequest),
             summary="a text or an image -> the encoder's vector")

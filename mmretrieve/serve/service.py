@@ -77,19 +77,6 @@ def has_file(item) -> bool:
     return member is not None and member[0].is_file()
 
 
-def _image_type(data: bytes) -> str:
-    """The media type of image bytes named without an extension (a parquet row), from their header."""
-    import io
-
-    from PIL import Image
-
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            return Image.MIME.get(im.format or "", "application/octet-stream")
-    except Exception:
-        return "application/octet-stream"
-
-
 @dataclass
 class Plan:
     """A checked search request, bound to one snapshot."""
@@ -444,49 +431,45 @@ class Service:
         })
 
     def thumbnail(self, name: str, item_id: int, size: int = 256) -> tuple[bytes, str]:
-        """(JPEG bytes, ETag) of an item's thumbnail, from a bounded in-memory cache."""
-        from mmretrieve.media.thumbs import thumbnail_jpeg
+        """(JPEG bytes, ETag) of an item's thumbnail, from a bounded in-memory cache; made from the bytes
+        that were indexed only (``media.readback``: no symlink followed, the fingerprint checked)."""
+        from mmretrieve.media.readback import open_indexed
+        from mmretrieve.media.thumbs import indexed_thumbnail_jpeg
 
         if size not in THUMB_SIZES:
             raise UsageError(f"thumbnail size must be one of {', '.join(map(str, THUMB_SIZES))}, got {size}")
         _, it = self.item(name, item_id)
         if not has_file(it):
             raise ItemNotFoundError(f"item {item_id} of index {name!r} has no media file to show")
+        media = open_indexed(it)  # checked on every call: a cached thumbnail of a file changed since is not shown
         key = (name, it.id, it.uri, it.size, it.mtime, size)
         etag = '"t' + hashlib.sha1(repr(key).encode()).hexdigest()[:16] + '"'
         with self._thumb_lock:
             data = self._thumbs.get(key)
             if data is not None:
                 self._thumbs.move_to_end(key)
+                media.close()
                 return data, etag
         try:
-            data = thumbnail_jpeg(it.uri, size)
+            data = indexed_thumbnail_jpeg(media, size)
         except Exception as e:  # an indexed file that went bad since: not found, not a 500
-            raise ItemNotFoundError(f"item {item_id} of index {name!r}: its file cannot be read now ({e})") from None
+            raise ItemNotFoundError(f"item {item_id} of index {name!r}: its file cannot be shown ({type(e).__name__})") from None
         with self._thumb_lock:
             self._thumbs[key] = data
             while len(self._thumbs) > self.config.thumbnail_cache:
                 self._thumbs.popitem(last=False)
         return data, etag
 
-    def media(self, name: str, item_id: int) -> tuple[str, str, bytes | None]:
-        """(path, media type, bytes) of an indexed item's original file: bytes None for a file (sent from
-        disk), the member's bytes for a sample inside a webdataset or parquet shard."""
-        import mimetypes
-
-        from mmretrieve.media.shards import read_member, split_member_uri
+    def media(self, name: str, item_id: int):
+        """An indexed item's bytes as indexed (``media.readback.IndexedMedia``: the sniffed type, the bytes
+        or a checked descriptor the response closes); ``ItemChangedError`` when the file is not what was
+        indexed."""
+        from mmretrieve.media.readback import open_indexed
 
         _, it = self.item(name, item_id)
         if not has_file(it):
             raise ItemNotFoundError(f"item {item_id} of index {name!r} has no media file")
-        if Path(it.uri).is_file():
-            return it.uri, mimetypes.guess_type(it.uri)[0] or "application/octet-stream", None
-        try:
-            data = read_member(it.uri)
-        except OSError as e:  # the shard changed since: not found, not a 500
-            raise ItemNotFoundError(f"item {item_id} of index {name!r}: {e}") from None
-        member = split_member_uri(it.uri)[1]
-        return member, mimetypes.guess_type(member)[0] or _image_type(data), data
+        return open_indexed(it)
 
     # ---- embeddings -----------------------------------------------------------------------------------
     async def embed(self, req, upload: bytes | None = None) -> dict:
