@@ -23,9 +23,11 @@ Catch ``MMRetrieveError`` to handle anything mmretrieve refuses, or a branch of 
     │   ├── DiskFullError         no space left while writing a file, named (also an OSError); nothing published
     │   ├── VersionNotFoundError  a version that is not (or no longer) kept (also a KeyError)
     │   └── ItemNotFoundError     no item with that id / key / path (also a KeyError)
+    │       └── ItemChangedError  an item's file is no longer what was indexed (the service answers 410)
     ├── IngestError
     │   └── SkippedInputsError    ``strict`` and some inputs were skipped: nothing was written
     ├── EncoderError        a model that cannot be created or cannot do what was asked
+    │   └── EncoderUnavailableError  the index's own encoder cannot be loaded here (item / vector searches still work)
     ├── RerankError         a reranker that cannot run (e.g. no model given, no patches stored)
     │   ├── NoPatchesError        the index stores no patch features (also a LookupError)
     │   ├── MLLMError
@@ -36,6 +38,7 @@ Catch ``MMRetrieveError`` to handle anything mmretrieve refuses, or a branch of 
     └── ServeError          what the HTTP service refuses (``mmretrieve serve``), each with its status code
         ├── UnauthorizedError     a missing or wrong API token (401; also a PermissionError)
         ├── PayloadTooLargeError  an upload or request body over the cap (413)
+        ├── SlowRequestError      a request body below the minimum rate (408; also a TimeoutError)
         ├── ServiceBusyError      the bounded queue of heavy requests is full (503, with Retry-After)
         └── RequestTimeoutError   a request that ran past its time limit (504; also a TimeoutError)
 
@@ -229,6 +232,12 @@ class UnauthorizedError(ServeError, PermissionError):
     status = 401
 
 
+class SlowRequestError(ServeError, TimeoutError):
+    """A request body that did not arrive at the minimum rate (a slow-body client holds no slot for long)."""
+
+    status = 408
+
+
 class PayloadTooLargeError(ServeError):
     """An upload or a request body over the server's cap."""
 
@@ -257,5 +266,5 @@ __all__ = [
     "StoreError", "IndexNotFoundError", "IndexExistsError", "IndexCorruptedError", "IndexLockedError",
     "EncoderMismatchError", "DiskFullError", "VersionNotFoundError", "ItemNotFoundError", "ItemChangedError", "IngestError", "SkippedInputsError", "EncoderError", "EncoderUnavailableError",
     "RerankError", "NoPatchesError", "MLLMError", "DeviceError", "OTConvergenceError", "DatasetError", "SubmissionError", "MissingDependencyError",
-    "ServeError", "UnauthorizedError", "PayloadTooLargeError", "ServiceBusyError", "RequestTimeoutError",
+    "ServeError", "UnauthorizedError", "PayloadTooLargeError", "SlowRequestError", "ServiceBusyError", "RequestTimeoutError",
 ]

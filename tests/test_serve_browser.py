@@ -139,6 +139,20 @@ def test_search_compose_and_click_through_in_chromium(site, page, sample_by_id, 
     expect(pg.locator("#detail")).to_be_hidden()
     expect(bikes).to_be_focused()
 
+    # "Use as reference": focus goes to the (cleared, selected) query box, not back to the card, so typing
+    # the modification does not re-open the dialog, and the old text ("a taxi") does not become it
+    pg.keyboard.press("Enter")
+    expect(pg.locator("#detail")).to_be_visible()
+    pg.locator("#d-ref").click()
+    expect(pg.locator("#detail")).to_be_hidden()
+    expect(pg.locator("#q")).to_be_focused()
+    expect(pg.locator("#q")).to_have_value("")
+    expect(pg.locator("#reference")).to_be_visible()
+    pg.keyboard.type("in the rain")
+    expect(pg.locator("#q")).to_have_value("in the rain")
+    expect(pg.locator("#detail")).to_be_hidden()
+    pg.locator("#ref-clear").click()
+
     # readable on a narrow window: nothing wider than the screen, the two fusions stacked
     pg.set_viewport_size({"width": 400, "height": 800})
     assert pg.evaluate("() => document.documentElement.scrollWidth") <= 400
@@ -146,3 +160,35 @@ def test_search_compose_and_click_through_in_chromium(site, page, sample_by_id, 
     assert not pg.errors, pg.errors
     off_site = [u for u in pg.requested if not (u.startswith(site) or u.startswith(("data:", "blob:")))]
     assert not off_site, off_site
+
+
+def test_the_token_lives_in_an_httponly_cookie_script_cannot_read(serve_gallery, embedded):
+    """A server with a token: the page asks for it once, the server sets it as an HttpOnly SameSite=Strict
+    cookie, and neither `document.cookie` nor storage ever holds it."""
+    token = "a-browser-test-token-24ch"
+    svc = Service(ServeConfig(indexes=["gallery"], index_dir=str(serve_gallery), reload_interval_s=0, token=token),
+                  encoders={"embedded": embedded}).start()
+    expect = sync_api.expect
+    try:
+        with running_server(create_app(svc)) as base, sync_api.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, timeout=60_000)
+            try:
+                ctx = browser.new_context()
+                pg = ctx.new_page()
+                pg.set_default_timeout(T)
+                pg.goto(base + "/")
+                expect(pg.locator("#token-form")).to_be_visible()
+                pg.locator("#token").fill(token)
+                pg.locator("#token").press("Enter")
+                expect(pg.locator("#token-form")).to_be_hidden()
+                pg.locator("#q").fill("a photo of a cat")
+                pg.locator("#q").press("Enter")
+                expect(pg.locator("#col-0 .hit").first).to_have_attribute("data-key", "chelsea")
+                assert token not in pg.evaluate("() => document.cookie")
+                assert token not in pg.evaluate("() => JSON.stringify(Object.assign({}, sessionStorage, localStorage))")
+                jar = [c for c in ctx.cookies() if c["name"] == "mmretrieve_token"]
+                assert jar and jar[0]["httpOnly"] and jar[0]["sameSite"] == "Strict"
+            finally:
+                browser.close()
+    finally:
+        svc.close()

@@ -19,7 +19,7 @@ def cmd_serve(args) -> int:
         cors_origins=list(args.cors_origin or []), batching=not args.no_batching,
         batch_searches=not args.no_search_batching, batch_window_ms=args.batch_window_ms,
         reload_interval_s=args.reload_interval, torch_threads=args.torch_threads,
-        mllm=args.mllm,
+        mllm=args.mllm, header_timeout_s=args.header_timeout, body_min_rate=args.body_min_rate,
     )
     config.check()
     check_bind(config.host, config.token)  # refuse before anything loads
@@ -47,6 +47,10 @@ def register(sub, common) -> None:
                    help="re-ranking requests that may wait; more are answered 503 with Retry-After (default 8)")
     s.add_argument("--search-threads", type=int, default=None, help="plain searches run at once (default: the cores)")
     s.add_argument("--timeout", type=float, default=30.0, help="seconds per request before a 504 (default 30)")
+    s.add_argument("--header-timeout", type=float, default=5.0,
+                   help="seconds a connection has to send a request's headers; idle ones are closed (default 5)")
+    s.add_argument("--body-min-rate", type=int, default=4096,
+                   help="bytes/s a request body must keep after its first 5 s, else 408 (default 4096)")
     s.add_argument("--cors-origin", action="append", default=None,
                    help="an origin allowed to call the API from its pages (repeatable; default: no CORS)")
     s.add_argument("--no-batching", action="store_true",

@@ -12,9 +12,9 @@ unexpected 500 without internals (logged on the server).
 
 from __future__ import annotations
 
-import json
 import logging
 import time
+import urllib.parse
 from importlib import resources
 from pathlib import Path
 from typing import Annotated
@@ -44,7 +44,8 @@ from mmretrieve.errors import (
 )
 from mmretrieve.serve import models as M
 from mmretrieve.serve.media_response import ITEM_BYTES_HEADERS, media_response
-from mmretrieve.serve.safety import TOKEN_COOKIE, token_matches
+from mmretrieve.serve.protection import rate_limited
+from mmretrieve.serve.safety import TOKEN_COOKIE, check_text, parse_json, redact_paths, token_matches
 from mmretrieve.serve.service import API, Service
 
 log = logging.getLogger(__name__)
@@ -75,6 +76,12 @@ def status_of(e: Exception) -> int:
 
 
 def error_response(status: int, kind: str, message: str, headers: dict | None = None) -> JSONResponse:
+    """The JSON error every refusal answers with; server paths in ``message`` are cut to their last
+    component (the full message stays in the server's log)."""
+    shown = redact_paths(message)
+    if shown != message:
+        log.info("answered %d %s: %s", status, kind, message)
+    message = shown
     return JSONResponse({"error": {"type": kind, "message": message, "status": status}}, status_code=status,
                         headers=headers)
 
@@ -136,15 +143,18 @@ class Guard:
         state = {"status": 500}
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
         path = scope.get("path", "")
-        refusal = self._refusal(headers)
+        authed = self._authorised(headers)
+        refusal = self._refusal(headers, path, authed)
         if refusal is not None:
             await refusal(scope, receive, self._sender(send, state, path))
             return self._record(scope, state, t0)
+        cfg = self.service.config
+        body = rate_limited(receive, cfg.body_min_rate, cfg.body_grace_s)
         seen = 0
 
         async def limited_receive():
             nonlocal seen
-            msg = await receive()
+            msg = await body()
             if msg.get("type") == "http.request":
                 seen += len(msg.get("body", b""))
                 if seen > self.max_body:
@@ -152,20 +162,45 @@ class Guard:
                                                f"(uploads: {self.service.config.max_upload_bytes} bytes)")
             return msg
 
-        self.service.in_flight += 1
+        counter = "in_flight" if authed else "anonymous_in_flight"
+        setattr(self.service, counter, getattr(self.service, counter, 0) + 1)
         try:
             await self.app(scope, limited_receive, self._sender(send, state, path))
         finally:
-            self.service.in_flight -= 1
+            setattr(self.service, counter, getattr(self.service, counter) - 1)
             self._record(scope, state, t0)
 
-    def _refusal(self, headers: dict):
+    def _authorised(self, headers: dict) -> bool:
+        """Whether the request carries the token (always, where none is set): read from the headers alone,
+        before any of the body, so an unauthorised request costs no body and no slot of the authorised."""
+        token = self.service.config.token
+        if not token:
+            return True
+        from http.cookies import SimpleCookie
+
+        cookie = None
+        if "cookie" in headers:
+            jar = SimpleCookie()
+            try:
+                jar.load(headers["cookie"])
+            except Exception:  # a malformed Cookie header: no cookie
+                jar = {}
+            cookie = jar[TOKEN_COOKIE].value if TOKEN_COOKIE in jar else None
+        return token_matches(token, headers.get("authorization"), cookie)
+
+    def _refusal(self, headers: dict, path: str, authed: bool):
         host = headers.get("host", "")
         name = host.rsplit(":", 1)[0] if not host.startswith("[") else host[1:].split("]", 1)[0]
         if self.allowed_hosts is not None and name.lower() not in self.allowed_hosts:
             return error_response(400, "UsageError", f"Host {host!r} is not this server's (a loopback server answers "
-                                  "only to 127.0.0.1, localhost and ::1)")
-        if self.service.in_flight >= self.service.config.max_in_flight:
+                                  f"only to {', '.join(sorted(self.allowed_hosts))})")
+        if not authed and path.startswith((API + "/", "/metrics")):
+            return error_response(401, "UnauthorizedError", "missing or wrong API token: send 'Authorization: Bearer TOKEN'",
+                                  {"WWW-Authenticate": "Bearer"})
+        cfg = self.service.config
+        busy = (self.service.in_flight >= cfg.max_in_flight if authed
+                else getattr(self.service, "anonymous_in_flight", 0) >= cfg.max_in_flight_anonymous)
+        if busy:
             return error_response(503, "ServiceBusyError", "too many requests at once; try again later",
                                   {"Retry-After": "1"})
         cl = headers.get("content-length")
@@ -210,11 +245,7 @@ async def read_body(request: Request, model, service: Service):
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     cap = service.config.max_upload_bytes
     if ctype in ("", "application/json"):
-        raw = await request.body()
-        try:
-            data = json.loads(raw or b"{}")
-        except (ValueError, UnicodeDecodeError) as e:
-            raise UsageError(f"the request body is not valid JSON ({e})") from None
+        data = parse_json(await request.body() or b"{}")
         if not isinstance(data, dict):
             raise UsageError(f"the request body must be a JSON object, got {type(data).__name__}")
         return model.model_validate(data), None
@@ -232,11 +263,9 @@ async def read_body(request: Request, model, service: Service):
         elif key in _LIST_FIELDS:
             data.setdefault(key, []).append(value)
         elif key in _JSON_FIELDS:
-            try:
-                data[key] = json.loads(value)
-            except ValueError:
-                raise UsageError(f"{key}: not valid JSON") from None
+            data[key] = parse_json(value, key)
         else:
+            check_text(value, key)
             data[key] = value
     return model.model_validate(data), upload
 
@@ -344,7 +373,7 @@ def create_app(service: Service, *, allowed_hosts: frozenset[str] | None | str =
         app.add_middleware(CORSMiddleware, allow_origins=list(cfg.cors_origins), allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"])
     if allowed_hosts == "auto":
-        allowed_hosts = LOOPBACK_HOSTS if is_loopback(cfg.host) and not cfg.token else None
+        allowed_hosts = LOOPBACK_HOSTS | {cfg.host.strip("[]").lower()} if is_loopback(cfg.host) and not cfg.token else None
     app.add_middleware(Guard, service=service, allowed_hosts=allowed_hosts)
     _openapi_models(app)
     return app
@@ -369,9 +398,30 @@ def _page_routes(app: FastAPI, service: Service, offline_docs: Path | None) -> N
     def page():
         return FileResponse(STATIC / "index.html", media_type="text/html", headers={"Cache-Control": "no-cache"})
 
-    @app.get("/healthz", response_model=M.Health, summary="liveness: the served indexes and their versions")
-    def healthz():
+    @app.get("/healthz", response_model=M.Health, response_model_exclude_none=True,
+             summary="liveness; with the token (or without one set), the served indexes and their versions")
+    def healthz(request: Request):
+        if not token_matches(service.config.token, request.headers.get("authorization"), request.cookies.get(TOKEN_COOKIE)):
+            return {"status": "ok"}  # alive, and nothing about what is served
         return {"status": "ok", "indexes": {n: h.version for n, h in service.manager.handles.items()}}
+
+    @app.post("/session", status_code=204, summary="the page's sign-in: the token, checked, comes back as an "
+              "HttpOnly SameSite=Strict cookie that script cannot read; DELETE signs out")
+    async def session(request: Request):
+        body = parse_json(await request.body() or b"{}")
+        token = body.get("token") if isinstance(body, dict) else None
+        if not isinstance(token, str) or not service.config.token or not token_matches(service.config.token, f"Bearer {token}"):
+            raise UnauthorizedError("wrong API token")
+        r = Response(status_code=204)
+        r.set_cookie(TOKEN_COOKIE, urllib.parse.quote(token, safe=""), httponly=True, samesite="strict", path="/",
+                     secure=request.url.scheme == "https")
+        return r
+
+    @app.delete("/session", status_code=204, include_in_schema=False)
+    def sign_out():
+        r = Response(status_code=204)
+        r.delete_cookie(TOKEN_COOKIE, path="/", httponly=True, samesite="strict")
+        return r
 
     @app.get("/metrics", response_class=PlainTextResponse, summary="Prometheus text format")
     def metrics(request: Request):

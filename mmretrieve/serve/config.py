@@ -44,6 +44,16 @@ class ServeConfig:
     max_in_flight: int = 256
     #: seconds one request may take before it is answered 504
     request_timeout_s: float = 30.0
+    #: a connection's request line and headers must arrive within this many seconds of its first byte
+    #: (or of the connection, or of the last response): idle and slow-header connections are closed
+    header_timeout_s: float = 5.0
+    #: a request body must keep this average rate (bytes/s) once its first ``body_grace_s`` have passed,
+    #: and no single wait for more of it may exceed that grace: slower bodies are answered 408
+    body_min_rate: int = 4096
+    body_grace_s: float = 5.0
+    #: requests being handled at once that carry no valid token (the page, its files, /session, refusals
+    #: in the making), so that a flood of them leaves room for authorised requests
+    max_in_flight_anonymous: int = 32
     #: origins allowed to call the API from a browser page served elsewhere (none: no CORS headers)
     cors_origins: list[str] = field(default_factory=list)
     #: concurrent query encodings go into one encoder forward (measured: see README "Serving")
@@ -84,6 +94,9 @@ class ServeConfig:
                 raise UsageError(f"serve: {name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.max_offset < 0 or self.heavy_queue < 0:
             raise UsageError("serve: max-offset and heavy-queue must be >= 0")
+        if self.header_timeout_s <= 0 or self.body_grace_s <= 0 or self.body_min_rate < 1 or self.max_in_flight_anonymous < 1:
+            raise UsageError("serve: the header timeout and body grace must be > 0 s, the body rate and the anonymous "
+                             "in-flight cap at least 1")
         if self.request_timeout_s <= 0:
             raise UsageError(f"serve: the request timeout must be > 0 s, got {self.request_timeout_s}")
         if not 0 <= int(self.port) <= 65535:

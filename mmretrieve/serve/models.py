@@ -118,7 +118,7 @@ class EmbedResponse(BaseModel):
 
 class Health(BaseModel):
     status: str
-    indexes: dict[str, str]
+    indexes: dict[str, str] | None = None  # only with the token, where one is set
 
 
 class ErrorDetail(BaseModel):

@@ -17,6 +17,7 @@ import binascii
 import copy
 import hmac
 import math
+import os
 import re
 import threading
 from collections import OrderedDict
@@ -43,6 +44,85 @@ def token_matches(expected: str | None, authorization: str | None, cookie: str |
 
         given = unquote(cookie)
     return hmac.compare_digest(given.encode("utf-8", "surrogatepass"), expected.encode("utf-8", "surrogatepass"))
+
+
+# ---- request bodies: JSON nesting, lone surrogates ---------------------------------------------------------
+#: deepest nesting of arrays and objects a request body may have (a search request needs 3)
+MAX_JSON_DEPTH = 32
+
+
+def check_json_depth(raw: bytes | str, what: str = "the request body", limit: int = MAX_JSON_DEPTH) -> None:
+    """Refuse JSON nested deeper than ``limit`` before it is parsed (a parser would recurse once per level:
+    a 100k-deep list is a ``RecursionError``). One linear pass; brackets inside strings do not count."""
+    text = raw.decode("utf-8", "replace") if isinstance(raw, (bytes, bytearray)) else raw
+    if "[" not in text and "{" not in text:
+        return
+    depth, in_str, esc = 0, False, False
+    for ch in text:
+        if in_str:
+            if esc:
+                esc = False
+            elif ch == "\\":
+                esc = True
+            elif ch == '"':
+                in_str = False
+        elif ch == '"':
+            in_str = True
+        elif ch in "[{":
+            depth += 1
+            if depth > limit:
+                raise UsageError(f"{what}: JSON nested more than {limit} levels deep")
+        elif ch in "]}":
+            depth -= 1
+
+
+def check_text(value, what: str = "the request body") -> None:
+    """Refuse strings that cannot be encoded as UTF-8 (a lone surrogate such as ``"\\ud800"``, which JSON
+    allows and every later encode would fail on), anywhere in a parsed body."""
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError:
+                raise UsageError(f"{what}: a string holds a lone UTF-16 surrogate (e.g. \\ud800), which is not text") from None
+        elif isinstance(v, dict):
+            stack.extend(v.keys())
+            stack.extend(v.values())
+        elif isinstance(v, list):
+            stack.extend(v)
+
+
+def parse_json(raw: bytes | str, what: str = "the request body"):
+    """A client's JSON, parsed within the nesting limit, with every string valid text."""
+    import json
+
+    check_json_depth(raw, what)
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise UsageError(f"{what}: not valid JSON ({e})") from None
+    check_text(data, what)
+    return data
+
+
+# ---- what a client may see of server paths ---------------------------------------------------------------
+_ABS_PATH = re.compile(r"(?<![\w.:/~-])(/[^\s'\"`,;()<>|]+)")
+
+
+def redact_paths(message: str) -> str:
+    """``message`` with each absolute path of this machine (its first folder exists here: ``/tmp/x/a.jpg``,
+    ``/home/...``) cut to its last component; URL paths such as ``/api/v1/...`` stay."""
+    def one(m: re.Match) -> str:
+        path = m.group(1)
+        parts = [p for p in path.split("/") if p]
+        if len(parts) < 2 or not os.path.isdir("/" + parts[0]):
+            return path
+        tail = path.rstrip("/").rsplit("/", 1)[-1]
+        return tail.rstrip(".:") + path[len(path.rstrip(".:")):] if tail else path
+
+    return _ABS_PATH.sub(one, message)
 
 
 # ---- uploads ----------------------------------------------------------------------------------------
@@ -286,5 +366,5 @@ class RerankPolicy:
         if self.mllm:
             self._stage("mllm", {}, None, preset=False, check=False)
 
-__all__ = ["token_matches", "decode_base64", "decode_image", "HeavyQueue", "RerankPolicy", "REQUEST_OPTIONS",
+__all__ = ["parse_json", "check_json_depth", "check_text", "redact_paths", "MAX_JSON_DEPTH", "token_matches", "decode_base64", "decode_image", "HeavyQueue", "RerankPolicy", "REQUEST_OPTIONS",
            "TOKEN_COOKIE"]

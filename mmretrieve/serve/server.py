@@ -15,9 +15,31 @@ CONFIG_ENV = "MMRETRIEVE_SERVE_CONFIG"
 
 
 def _uvicorn_options(config: ServeConfig) -> dict:
+    """uvicorn's settings: the header deadline on every connection (``serve.protection``); no
+    ``limit_concurrency``, which counts idle connections too (the guard counts requests in progress)."""
+    from mmretrieve.serve.protection import http_protocol
+
     return dict(host=config.host, port=int(config.port), log_level="warning", server_header=False,
-                timeout_keep_alive=5, timeout_graceful_shutdown=10, proxy_headers=False,
-                limit_concurrency=config.max_in_flight + 64)
+                timeout_keep_alive=max(1, int(config.header_timeout_s)), timeout_graceful_shutdown=10,
+                proxy_headers=False, http=http_protocol(config.header_timeout_s), backlog=2048)
+
+
+def raise_open_files_limit() -> int:
+    """The process's soft limit of open files raised to its hard limit (each client holds one until the
+    header deadline closes it); returns the soft limit now in force."""
+    try:
+        import resource
+    except ImportError:  # not on this platform
+        return -1
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = hard if hard != resource.RLIM_INFINITY else max(soft, 65536)
+    if soft < want:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+            soft = want
+        except (ValueError, OSError):
+            pass
+    return soft
 
 
 def apply_threads(config: ServeConfig) -> None:
@@ -38,6 +60,7 @@ def serve(config: ServeConfig, *, print_fn=print, encoders: dict | None = None) 
 
         raise MissingDependencyError("mmretrieve serve needs FastAPI and uvicorn: pip install 'mmretrieve[serve]'") from None
     config.check()
+    raise_open_files_limit()
     notice = check_bind(config.host, config.token)
     host = f"[{config.host}]" if ":" in config.host else config.host
     base = f"http://{host}:{config.port}"
@@ -75,4 +98,4 @@ def app_factory():
     return create_app(Service(config).start())
 
 
-__all__ = ["serve", "app_factory", "apply_threads", "CONFIG_ENV"]
+__all__ = ["serve", "app_factory", "apply_threads", "raise_open_files_limit", "CONFIG_ENV"]

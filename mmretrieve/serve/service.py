@@ -114,7 +114,8 @@ class Service:
         self._thumb_lock = threading.Lock()
         self.started_at: float | None = None
         self.startup_s: float | None = None
-        self.in_flight = 0  # requests being handled (the app's guard counts them)
+        self.in_flight = 0  # requests being handled (the app's guard counts them): with the token, or none set
+        self.anonymous_in_flight = 0  # and those without a valid token (their own, smaller budget)
         self.metrics.on_render(lambda m: (m.set("mmretrieve_heavy_queue_depth", None, self.heavy.depth),
                                           m.set("mmretrieve_requests_in_flight", None, self.in_flight)))
 

@@ -11,7 +11,6 @@
     fusion: "sum", weight: 0.5, rerank: "", k: DEFAULT_K, compare: false, fusion2: "intersection",
   };
   const columns = [{ fusion: "sum", next: null, stages: [] }, { fusion: "intersection", next: null, stages: [] }];
-  let token = sessionStorage.getItem("mmretrieve_token") || "";
   let seq = 0;
   let opener = null;
 
@@ -33,14 +32,10 @@
     s.textContent = msg || "";
     s.classList.toggle("error", !!isError);
   }
-  function headers(extra) {
-    const h = Object.assign({}, extra || {});
-    if (token) h.Authorization = "Bearer " + token;
-    return h;
-  }
+  // the API token travels in an HttpOnly cookie the server sets (POST /session): this script never sees it
   async function api(path, opts) {
     opts = opts || {};
-    const r = await fetch(API + path, Object.assign({}, opts, { headers: headers(opts.headers) }));
+    const r = await fetch(API + path, Object.assign({ credentials: "same-origin" }, opts));
     let body = null;
     try { body = await r.json(); } catch (e) { body = null; }
     if (r.status === 401) { $("token-form").hidden = false; }
@@ -333,8 +328,9 @@
     const open = $("d-open");
     open.hidden = !h.media;
     if (h.media) open.href = h.media;
-    $("d-search").onclick = () => { d.close(); useItem(h, false); };
-    $("d-ref").onclick = () => { d.close(); useItem(h, true); };
+    // focus moves on to the query box: the dialog's close must not hand it back to the card
+    $("d-search").onclick = () => { opener = null; d.close(); useItem(h, false); };
+    $("d-ref").onclick = () => { opener = null; d.close(); useItem(h, true); };
     d.showModal();
     $("d-search").focus();
   }
@@ -347,10 +343,14 @@
       search();
       return;
     }
+    // a text left in the box from an earlier search must not silently become the modification
+    $("q").value = "";
+    state.q = "";
     showReference();
+    updateControls();
     $("q").focus();
-    if ($("q").value.trim()) search();
-    else status(`Reference: ${shortKey(h.key)}. Type a modification text and press Enter.`);
+    $("q").select();
+    status(`Reference: ${shortKey(h.key)}. Type a modification text and press Enter.`);
   }
 
   // ---- wiring ---------------------------------------------------------------------------------------------
@@ -400,9 +400,10 @@
     window.addEventListener("popstate", async () => { await fromURL(); if (state.q || state.item) search(false); });
     $("token-form").addEventListener("submit", async (e) => {
       e.preventDefault();
-      token = $("token").value.trim();
-      sessionStorage.setItem("mmretrieve_token", token);
-      document.cookie = `mmretrieve_token=${encodeURIComponent(token)}; path=/; SameSite=Strict`;
+      const r = await fetch("/session", { method: "POST", credentials: "same-origin",
+        headers: { "Content-Type": "application/json" }, body: JSON.stringify({ token: $("token").value.trim() }) });
+      $("token").value = "";
+      if (!r.ok) { status("That token was not accepted.", true); return; }
       $("token-form").hidden = true;
       start();
     });
