@@ -98,7 +98,8 @@ def test_a_reader_that_leaves_the_pipe_ends_the_command_quietly(photo_dir, tmp_p
     ends as Unix tools do (SIGPIPE's exit status, nothing on stderr)."""
     home = str(tmp_path / "home")
     assert main(["index", "build", "photos", str(photo_dir), "--index-dir", home, "-q"]) == 0
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    # a user's stdout is block-buffered: the output is still in Python's buffer when the command returns
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"} | {"HF_HUB_OFFLINE": "1"}
     r, w = os.pipe()
     os.close(r)  # the reader is gone before the first byte
     try:
@@ -108,6 +109,15 @@ def test_a_reader_that_leaves_the_pipe_ends_the_command_quietly(photo_dir, tmp_p
     finally:
         os.close(w)
     assert p.stderr == "" and p.returncode == 141
+    for args in (["--help"], ["index", "list", "--json", "--index-dir", home]):  # short output, all in the buffer
+        r, w = os.pipe()
+        os.close(r)
+        try:
+            p = subprocess.run([sys.executable, "-m", "mmretrieve", *args], stdout=w, stderr=subprocess.PIPE,
+                               text=True, env=env, timeout=120)
+        finally:
+            os.close(w)
+        assert (p.stderr, p.returncode) == ("", 141), args
     # a pipe whose reader stays: the whole output, exit 0
     p = subprocess.run(f"{sys.executable} -m mmretrieve search photos --text 'a cat' -k 20 --json --index-dir {home} | head -1",
                        shell=True, capture_output=True, text=True, env=env, timeout=120)

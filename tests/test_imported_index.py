@@ -33,8 +33,24 @@ def cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "mmretrieve", *args], capture_output=True, text=True, env=env, timeout=120)
 
 
+@pytest.fixture()
+def loads(monkeypatch):
+    """Every attempt to create an encoder, recorded (an attempt that fails leaves no encoder behind either)."""
+    import mmretrieve.encoders as encoders
+
+    calls: list[str] = []
+    real = encoders.create_encoder
+
+    def spy(name, *a, **kw):
+        calls.append(name)
+        return real(name, *a, **kw)
+
+    monkeypatch.setattr(encoders, "create_encoder", spy)
+    return calls
+
+
 @pytest.mark.parametrize("name", ["mine", "hub"])
-def test_search_by_item_and_vector_without_the_encoder(imported, name, capsys):
+def test_search_by_item_and_vector_without_the_encoder(imported, name, capsys, loads):
     import mmretrieve as mr
 
     capsys.readouterr()
@@ -46,7 +62,20 @@ def test_search_by_item_and_vector_without_the_encoder(imported, name, capsys):
     idx = mr.open_index(name, index_dir=imported)
     res = idx.search_by_vector(idx.vectors([hits[1]["id"]])[0], k=1)
     assert res.keys == [hits[1]["key"]]
-    assert idx._encoder is None  # nothing above loaded it
+    assert idx._encoder is None and loads == []  # nothing above even tried to load it
+
+
+def test_an_uncached_hub_encoder_fails_fast_in_process(imported, loads):
+    """The hub check answers at once offline: no wait for downloads or retries (generous bound)."""
+    import mmretrieve as mr
+    from mmretrieve.errors import EncoderUnavailableError
+
+    idx = mr.open_index("hub", index_dir=imported)
+    t0 = time.monotonic()
+    with pytest.raises(EncoderUnavailableError, match="not in the local cache"):
+        idx.search(text="a cat", k=2)
+    assert time.monotonic() - t0 < 10 and loads == [HUB_NAME]
+    assert idx.search(item="k2", k=1).keys == ["k2"]  # the failed text query leaves the item searches working
 
 
 @pytest.mark.parametrize("name,why", [("mine", "unknown encoder 'my-model'"), ("hub", "not in the local cache")])
@@ -56,10 +85,10 @@ def test_a_text_query_fails_fast_and_says_what_works(imported, name, why):
     assert time.monotonic() - t0 < 30  # the interpreter's start-up included; no wait for the hub
     assert p.returncode == 1 and "Traceback" not in p.stderr
     assert f"index {name!r} was built with encoder" in p.stderr and why in p.stderr
-    assert "--item" in p.stderr
+    assert "--item" in p.stderr and "rebuild the index with a known encoder" in p.stderr
 
 
-def test_served_without_its_encoder(imported):
+def test_served_without_its_encoder(imported, loads):
     pytest.importorskip("httpx", reason="FastAPI's test client needs httpx (the dev extra)")
     from fastapi.testclient import TestClient
 
@@ -81,7 +110,9 @@ def test_served_without_its_encoder(imported):
                 assert r.status_code == 200, r.text
                 r = c.post(f"/api/v1/indexes/{name}/search", json={"text": "a cat", "k": 2})
                 assert r.status_code == 400, r.text
-                assert "cannot be loaded on this server" in r.json()["error"]["message"]
-                assert "item and by vector" in r.json()["error"]["message"]
+                msg = r.json()["error"]["message"]
+                assert f"index {name!r} was built with encoder" in msg and "cannot be loaded on this server" in msg
+                assert "by item (item_key / item_id) or by vector" in msg and "rebuild it with a known encoder" in msg
+        assert sorted(loads) == sorted(["my-model", HUB_NAME])  # tried once at start, never again per request
     finally:
         svc.close()

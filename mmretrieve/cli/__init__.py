@@ -43,6 +43,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The ``mmretrieve`` command. Standard output is flushed before it returns (also after ``--help``):
+    a reader that left the pipe (``--json | head``) then ends the command quietly with SIGPIPE's status,
+    instead of an error at the interpreter's exit."""
+    try:
+        try:
+            return _run(argv)
+        finally:
+            _flush_stdout()
+    except BrokenPipeError:
+        if not _stdout_reader_gone():
+            raise
+        return _reader_gone()
+
+
+def _run(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     for name, default in COMMON_DEFAULTS:
@@ -54,13 +69,20 @@ def main(argv: list[str] | None = None) -> int:
 
         set_threads(args.threads, workload="query" if args.cmd in QUERY_COMMANDS else "batch")
         return args.func(args)
-    except BrokenPipeError as e:  # `mmretrieve ... | head`: the reader left; end quietly as Unix tools do
-        return _reader_gone() if _stdout_reader_gone() else _report_error(e, args)
+    except BrokenPipeError as e:  # `mmretrieve ... | head`: the reader left; main ends quietly as Unix tools do
+        if _stdout_reader_gone():
+            raise
+        return _report_error(e, args)  # a broken pipe elsewhere (a worker, a socket) is a real error
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
     except Exception as e:  # one clear line for users; the traceback with -v
         return _report_error(e, args)
+
+
+def _flush_stdout() -> None:
+    if sys.stdout is not None and not getattr(sys.stdout, "closed", False):
+        sys.stdout.flush()
 
 
 #: what a shell reports for a command ended by SIGPIPE (128 + 13)

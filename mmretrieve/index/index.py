@@ -198,7 +198,7 @@ class Index:
                     f"index {self.path.name!r} was built with encoder {self.encoder_name!r}, which cannot be loaded "
                     f"here ({e}). Queries by stored item or by vector work without it (--item, search_by_vector, "
                     "the API's item / vector); for text or image queries give a loadable query encoder of the same "
-                    "model and dim (--encoder / encoder=)") from None
+                    "model and dim (--encoder / encoder=), or rebuild the index with a known encoder") from None
             self.encoder = enc
         return self._encoder
 

@@ -90,7 +90,7 @@ class IndexManager:
         self.metrics = metrics or Metrics()
         self.encoders: dict[str, object] = dict(encoders or {})
         self.batchers: dict[str, EncodeBatcher] = {}
-        self.encoder_failures: dict[str, str] = {}  # encoder name -> why it cannot be loaded here
+        self.encoder_failures: dict[str, str] = {}  # encoder name -> why it cannot be loaded on this server
         self.handles: dict[str, IndexHandle] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -131,7 +131,7 @@ class IndexManager:
             if enc is None and name in self.encoder_failures:
                 if not required:
                     return None
-                raise EncoderUnavailableError(self.encoder_failures[name])
+                raise EncoderUnavailableError(self._unavailable(name))
             if enc is None:
                 from mmretrieve.encoders import create_encoder
 
@@ -139,13 +139,12 @@ class IndexManager:
                 try:
                     enc = self.encoders[name] = create_encoder(name)
                 except MMRetrieveError as e:
-                    self.encoder_failures[name] = (
-                        f"encoder {name!r} cannot be loaded on this server ({e}); this index answers searches by "
-                        "item and by vector only")
-                    log.warning("%s", self.encoder_failures[name])
+                    self.encoder_failures[name] = str(e)
+                    log.warning("%s; its indexes are served for searches by item and by vector only",
+                                self._unavailable(name))
                     if not required:
                         return None
-                    raise EncoderUnavailableError(self.encoder_failures[name]) from None
+                    raise EncoderUnavailableError(self._unavailable(name)) from None
                 log.info("encoder %s created in %.1f s", name, time.perf_counter() - t0)
             if enc.name not in self.batchers:
                 self.batchers[enc.name] = EncodeBatcher(enc, max_batch=self.config.max_batch, batching=self.config.batching,
@@ -163,10 +162,19 @@ class IndexManager:
             if "image" in modalities:
                 b.image(Image.new("RGB", (64, 64), (128, 128, 128))).result()
 
+    def _unavailable(self, name: str) -> str:
+        return f"encoder {name!r} cannot be loaded on this server ({self.encoder_failures[name]})"
+
     def encoder_of(self, index):
-        """The encoder of a served index, or a clear ``EncoderUnavailableError`` (never a load attempt per
-        request) where it could not be loaded."""
-        return self.encoder(index.encoder_name)
+        """The encoder of a served index, or a clear ``EncoderUnavailableError`` naming the index, what still
+        works and how to fix it (never a load attempt per request) where it could not be loaded."""
+        try:
+            return self.encoder(index.encoder_name)
+        except EncoderUnavailableError:
+            raise EncoderUnavailableError(
+                f"index {index.path.name!r} was built with encoder {index.encoder_name!r}, which cannot be loaded "
+                f"on this server ({self.encoder_failures[index.encoder_name]}): search it by item (item_key / "
+                "item_id) or by vector, or rebuild it with a known encoder (`mmretrieve encoders` lists them)") from None
 
     def batcher(self, index) -> EncodeBatcher:
         return self.batchers[self.encoder_of(index).name]
