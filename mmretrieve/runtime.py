@@ -114,9 +114,9 @@ def default_workers() -> int:
     return max(1, min(8, settings.available_cores() - 1))
 
 
-def progress_enabled() -> bool | None:
-    """tqdm's ``disable`` for progress bars that follow the log level: hidden above INFO, auto (tty only)
-    otherwise."""
+def progress_disable() -> bool | None:
+    """The value for tqdm's ``disable=``, so progress bars follow the log level: True (hidden) above INFO,
+    None (shown on a terminal only) otherwise."""
     return None if logging.getLogger("mmretrieve").getEffectiveLevel() <= logging.INFO else True
 
 

@@ -248,3 +248,13 @@ def test_embedded_encoder_starts_without_transformers_or_dynamo():
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr
     assert p.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_open_clip_names_in_open_clips_own_spelling():
+    """`ARCH:TAG` (open_clip's own spelling) and `ARCH@TAG` name the same model; schemas keep theirs."""
+    from mmretrieve.encoders.open_clip_encoder import parse_open_clip_spec
+
+    assert parse_open_clip_spec("ViT-B-32:laion2b_s34b_b79k") == ("ViT-B-32", "laion2b_s34b_b79k")
+    assert parse_open_clip_spec("ViT-B-32@laion2b_s34b_b79k") == ("ViT-B-32", "laion2b_s34b_b79k")
+    assert parse_open_clip_spec("hf-hub:laion/CLIP-ViT-B-32-laion2B-s34B-b79K") == ("hf-hub:laion/CLIP-ViT-B-32-laion2B-s34B-b79K", None)
+    assert parse_open_clip_spec("ViT-B-32") == ("ViT-B-32", None)

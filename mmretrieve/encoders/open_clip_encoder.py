@@ -36,7 +36,9 @@ log = logging.getLogger(__name__)
 
 
 def parse_open_clip_spec(spec: str) -> tuple[str, str | None]:
-    """``"ViT-B-32@laion2b_s34b_b79k"`` -> (model, pretrained). Schemas keep their full identifier."""
+    """``"ViT-B-32@laion2b_s34b_b79k"`` -> (model, pretrained); open_clip's own ``ARCH:TAG`` spelling
+    (``"ViT-B-32:laion2b_s34b_b79k"``) means the same. Schemas (``local-dir:``, ``hf-hub:``) keep their
+    full identifier."""
     spec = spec.strip()
     if not spec:
         raise UsageError("open_clip: empty model name; expected e.g. open_clip:ViT-B-32@laion2b_s34b_b79k")
@@ -44,6 +46,8 @@ def parse_open_clip_spec(spec: str) -> tuple[str, str | None]:
         return "local-dir:" + os.path.abspath(os.path.expanduser(spec[len("local-dir:") :])), None
     if spec.startswith("hf-hub:"):
         return spec, None
+    if "@" not in spec and ":" in spec:  # open_clip's ARCH:TAG
+        spec = spec.replace(":", "@", 1)
     model, sep, pretrained = spec.partition("@")
     pretrained = (pretrained or None) if sep else None
     if pretrained and (os.sep in pretrained or pretrained.endswith((".safetensors", ".bin", ".pt", ".pth"))):

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from mmretrieve.encoders import Encoder, create_encoder
 from mmretrieve.eval.datasets import TOP, CIRDataset, CIRQuery
 from mmretrieve.query import Query
-from mmretrieve.runtime import progress_enabled
+from mmretrieve.runtime import progress_disable
 from mmretrieve.settings import cache_dir as default_cache_root
 
 log = logging.getLogger(__name__)
@@ -269,7 +269,7 @@ def _rank_group(ds: CIRDataset, idx, qs, text_vec, strategy, pipe, rankings) -> 
     vecs, qobjs, ref_ids = _query_sides(ds, idx, group, qs, text_vec, strategy)
     excl = ref_ids if bench.remove_reference else None
     coarse = _coarse_batch(idx, vecs, strategy, k1, exclude=excl)
-    bar = tqdm(total=len(qs), desc=f"{ds.name} {group or ''}".strip(), unit="q", disable=progress_enabled(), leave=False)
+    bar = tqdm(total=len(qs), desc=f"{ds.name} {group or ''}".strip(), unit="q", disable=progress_disable(), leave=False)
     for q, qo, (ids, scores) in zip(qs, qobjs, coarse):
         rankings["coarse"][q.qid] = [keys[int(i)] for i in ids]
         if pipe is not None:

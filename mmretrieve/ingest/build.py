@@ -25,7 +25,7 @@ from mmretrieve.ingest.stages import UnitEnd, duplicate_key, run_stages, skipped
 from mmretrieve.media.scan import ScanResult, SourceItem
 from mmretrieve.media.shards import split_member_uri
 from mmretrieve.media.sources import BuildSource, Unit, open_source
-from mmretrieve.runtime import progress_enabled
+from mmretrieve.runtime import progress_disable
 from mmretrieve.store import DEFAULT_FACTORY, IndexWriter, read_manifest, resolve_index_path, resolve_item
 from mmretrieve.store.layout import MANIFEST, check_encoder_compat
 from mmretrieve.store.meta import Skipped
@@ -316,7 +316,7 @@ class _Run:
     def _run_units(self, src: BuildSource, units: list[Unit]) -> None:
         total = None if src.sharded else sum(u.size or 0 for u in units)
         desc = "encoding" if not src.sharded else f"{len(units)} shard(s)"
-        with tqdm(total=total, desc=desc, unit="item", disable=progress_enabled(), leave=False) as bar:
+        with tqdm(total=total, desc=desc, unit="item", disable=progress_disable(), leave=False) as bar:
             if self.engine == "ray":
                 from mmretrieve.ingest.ray_engine import run_units
 

@@ -36,7 +36,7 @@ from mmretrieve.media.scan import SourceItem
 from mmretrieve.media.video import decode_video
 from mmretrieve.media.workers import TaskFailure, TimeoutPool
 from mmretrieve.results import printable
-from mmretrieve.runtime import default_workers, progress_enabled
+from mmretrieve.runtime import default_workers, progress_disable
 from mmretrieve.store.meta import Item, Skipped
 from mmretrieve.store.sidestores import project_patches
 
@@ -444,7 +444,7 @@ def run_stages(writer, items: Iterable[SourceItem | tuple[SourceItem, str]], enc
                                                workers=workers, timeout=image_timeout))
     own = bar is None
     if own:
-        bar = tqdm(total=total, desc="encoding", unit="item", disable=progress_enabled(), leave=False)
+        bar = tqdm(total=total, desc="encoding", unit="item", disable=progress_disable(), leave=False)
     clock = report.stages
     try:
         for reader in readers:
