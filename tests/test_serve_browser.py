@@ -177,10 +177,13 @@ def test_the_token_lives_in_an_httponly_cookie_script_cannot_read(serve_gallery,
                 pg = ctx.new_page()
                 pg.set_default_timeout(T)
                 pg.goto(base + "/")
+                expect(pg.locator("body")).to_have_attribute("data-ready", "1")
                 expect(pg.locator("#token-form")).to_be_visible()
                 pg.locator("#token").fill(token)
                 pg.locator("#token").press("Enter")
                 expect(pg.locator("#token-form")).to_be_hidden()
+                expect(pg.locator("body")).to_have_attribute("data-ready", "1")  # the indexes are loaded now
+                expect(pg.locator("#index")).to_have_value("gallery")
                 pg.locator("#q").fill("a photo of a cat")
                 pg.locator("#q").press("Enter")
                 expect(pg.locator("#col-0 .hit").first).to_have_attribute("data-key", "chelsea")

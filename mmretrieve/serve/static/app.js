@@ -410,6 +410,7 @@
   }
 
   async function start() {
+    delete document.body.dataset.ready;  // set again once this start is through (a sign-in starts again)
     try {
       await loadIndexes();
       await fromURL();
