@@ -47,6 +47,7 @@ from mmretrieve.store.layout import (
     crash_point,
     list_versions,
     pkg_version,
+    read_live,
     read_manifest,
     seal_manifest,
     version_name,
@@ -121,6 +122,9 @@ class IndexWriter:
         self._lock_fh = None
         self._published = False
         self._closed = False
+        if not (self.path / MANIFEST).is_file() and list_versions(self.path) and not overwrite:
+            # versions kept but no live manifest: a damaged index, never a new one written over its versions
+            read_live(self.path)  # raises IndexCorruptedError naming the manifest and the repair
         if not create and not (self.path / MANIFEST).is_file():  # before anything is made there (no stray lock)
             raise IndexNotFoundError(f"index not found: {self.path}")
         self._made_dir = not self.path.exists()  # an aborted first build leaves nothing behind

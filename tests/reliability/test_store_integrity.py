@@ -238,3 +238,21 @@ def test_rollback_restores_the_newest_intact_version(tmp_path, capsys):
     (path / "v0001" / "manifest.json").write_bytes(b"{")
     with pytest.raises(IndexCorruptedError, match=r"no version the index keeps is intact \(v0002: .*v0001: "):
         rollback_index(path)
+
+
+def test_a_write_to_an_index_whose_live_manifest_is_gone_points_to_the_repair(tmp_path):
+    """`index add` (and a build without --overwrite) on a folder that keeps versions but lost manifest.json:
+    the repair is named, and nothing is written over the kept versions."""
+    from mmretrieve.errors import IndexCorruptedError
+    from mmretrieve.store.layout import MANIFEST, list_versions
+
+    path = tmp_path / "ix"
+    _build(path)
+    _add(path, ["extra"], seed=3)
+    kept = list_versions(path)
+    assert kept
+    (path / MANIFEST).unlink()
+    for create in (False, True):
+        with pytest.raises(IndexCorruptedError, match="--repair"):
+            IndexWriter(path, create=create, encoder_info=INFO)
+    assert list_versions(path) == kept
