@@ -15,6 +15,10 @@ strategy** (``FUSIONS``, listed by ``list_fusions()``):
 
 Every strategy declares its options; anything else is refused with the list of valid ones.
 
+A strategy never searches: ``plan(vectors, k)`` returns a ``CoarsePlan`` (the query rows to search and,
+for list-level strategies, how to merge their lists), and the index runs it. A query's encoded sides
+travel as an explicit value, ``EncodedQuery`` (what the coarse stage and the rerankers get).
+
 >>> strategy = coarse_strategy("weighted", {"weight": 0.7})
 >>> strategy.describe()
 {'fusion': 'weighted', 'weight': 0.7}
@@ -24,7 +28,7 @@ from __future__ import annotations
 
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -75,9 +79,26 @@ def intersection_scores(s_img: np.ndarray, s_txt: np.ndarray, mode: str = "min")
 
 
 # ---- coarse strategies ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class CoarsePlan:
+    """What the index searches for a coarse ranking: every row of ``queries`` for its top ``k``. With no
+    ``merge`` the plan has one row and its list is the ranking; otherwise the index gathers the stored
+    vectors of the union of the lists and ``merge(union ids, their vectors)`` returns ``(ids, scores)``
+    of the ranking, best first."""
+
+    queries: np.ndarray
+    k: int
+    merge: Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]] | None = None
+
+    @property
+    def single(self) -> bool:
+        """One vector, one top-k: what concurrent requests can share one scan for."""
+        return self.merge is None and len(self.queries) == 1
+
+
 class CoarseStrategy(ABC):
-    """How query vectors become the coarse ranking. ``search`` runs on anything with
-    ``search_vectors(q, k, exclude=, nprobe=, ef_search=) -> (D, I)`` and ``vectors(ids)`` (an Index)."""
+    """How a query's encoded sides become what the coarse stage searches (``plan``); the index runs the
+    searches, so a strategy never sees an index."""
 
     name: str = ""
     #: the options this strategy takes (anything else is refused)
@@ -91,13 +112,10 @@ class CoarseStrategy(ABC):
     def query_vector(self, vecs: dict[str, np.ndarray]) -> np.ndarray:
         """One vector for the query (what rerankers that score items against the query use)."""
 
-    def search(self, index, vecs: dict[str, np.ndarray], k: int, *, exclude: Sequence[int] | None = None,
-               nprobe: int | None = None, ef_search: int | None = None, k1: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """(ids, scores) of the top ``k``, best first (fewer when the index holds fewer). ``k1``: the
-        breadth of list-level strategies when their options do not set it (vector fusions ignore it)."""
-        D, I = index.search_vectors(self.query_vector(vecs), k, exclude=exclude, nprobe=nprobe, ef_search=ef_search)
-        m = I[0] >= 0
-        return I[0][m], D[0][m]
+    def plan(self, vecs: dict[str, np.ndarray], k: int, *, k1: int | None = None) -> CoarsePlan:
+        """What to search for the top ``k``. ``k1``: the breadth of list-level strategies when their
+        options do not set it (vector fusions ignore it)."""
+        return CoarsePlan(np.asarray(self.query_vector(vecs), np.float32)[None], int(k))
 
     def describe(self) -> dict[str, Any]:
         return {"fusion": self.name, **self.options}
@@ -144,18 +162,15 @@ class Intersection(CoarseStrategy):
     def query_vector(self, vecs):  # rerankers that need one vector get the sum's
         return fuse_sum(vecs["image"], vecs["text"])
 
-    def search(self, index, vecs, k, *, exclude=None, nprobe=None, ef_search=None, k1: int | None = None):
-        k1 = self.k1 or k1 or max(4 * k, 100)
-        kw = dict(nprobe=nprobe, ef_search=ef_search, exclude=exclude)
-        _, Ii = index.search_vectors(vecs["image"], k1, **kw)
-        _, It = index.search_vectors(vecs["text"], k1, **kw)
-        union = np.unique(np.concatenate([Ii[0][Ii[0] >= 0], It[0][It[0] >= 0]]))
-        if not len(union):
-            return union.astype(np.int64), np.zeros(0, np.float32)
-        V = index.vectors(union)
-        s = intersection_scores(V @ vecs["image"], V @ vecs["text"], mode=self.mode)
-        order = np.argsort(-s, kind="stable")[:k]
-        return union[order], s[order].astype(np.float32)
+    def plan(self, vecs, k, *, k1=None):
+        img, txt = np.asarray(vecs["image"], np.float32), np.asarray(vecs["text"], np.float32)
+
+        def merge(union: np.ndarray, V: np.ndarray):
+            s = intersection_scores(V @ img, V @ txt, mode=self.mode)
+            order = np.argsort(-s, kind="stable")[:k]
+            return union[order], s[order].astype(np.float32)
+
+        return CoarsePlan(np.stack([img, txt]), self.k1 or k1 or max(4 * k, 100), merge)
 
 
 def _vector_fusion(name: str, fn, options: tuple[str, ...] = (), doc: str = ""):
@@ -199,8 +214,6 @@ class Query:
     fusion: str = "sum"
     options: dict[str, Any] = field(default_factory=dict)
     image_id: int | None = None
-    #: per-query memo of encoded vectors (filled by the index; not part of the query's identity)
-    cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.text, (list, tuple)):
@@ -251,5 +264,44 @@ class Query:
         return d
 
 
-__all__ = ["Query", "FUSIONS", "list_fusions", "coarse_strategy", "CoarseStrategy", "VectorFusion", "Intersection",
+@dataclass(frozen=True)
+class EncodedQuery:
+    """A ``Query`` with its sides encoded (``{'image': (d,), 'text': (d,)}``, the ones it has): the value
+    the coarse stage plans from and rerankers read. ``vector`` is the strategy's single query vector."""
+
+    query: Query
+    sides: dict[str, np.ndarray]
+
+    @property
+    def vector(self) -> np.ndarray:
+        return self.query.strategy.query_vector(self.sides)
+
+    @property
+    def text(self) -> str | list[str] | None:
+        return self.query.text
+
+    @property
+    def image(self) -> Any:
+        return self.query.image
+
+    @property
+    def video(self):
+        return self.query.video
+
+    @property
+    def image_id(self) -> int | None:
+        return self.query.image_id
+
+    @property
+    def kind(self) -> str:
+        return self.query.kind
+
+    def plan(self, k: int, *, k1: int | None = None) -> CoarsePlan:
+        return self.query.strategy.plan(self.sides, k, k1=k1)
+
+    def describe(self) -> dict[str, Any]:
+        return self.query.describe()
+
+
+__all__ = ["Query", "EncodedQuery", "CoarsePlan", "FUSIONS", "list_fusions", "coarse_strategy", "CoarseStrategy", "VectorFusion", "Intersection",
            "SingleSide", "fuse_sum", "fuse_weighted", "intersection_scores", "minmax"]

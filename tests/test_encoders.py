@@ -258,3 +258,8 @@ def test_open_clip_names_in_open_clips_own_spelling():
     assert parse_open_clip_spec("ViT-B-32@laion2b_s34b_b79k") == ("ViT-B-32", "laion2b_s34b_b79k")
     assert parse_open_clip_spec("hf-hub:laion/CLIP-ViT-B-32-laion2B-s34B-b79K") == ("hf-hub:laion/CLIP-ViT-B-32-laion2B-s34B-b79K", None)
     assert parse_open_clip_spec("ViT-B-32") == ("ViT-B-32", None)
+    from mmretrieve.encoders import split_name
+
+    # open_clip's own hub spelling needs no family prefix (as in open_clip.create_model("hf-hub:..."))
+    assert split_name("hf-hub:laion/CLIP-ViT-B-32-laion2B-s34B-b79K") == ("open_clip", "hf-hub:laion/CLIP-ViT-B-32-laion2B-s34B-b79K")
+    assert split_name("open_clip:hf-hub:laion/x") == ("open_clip", "hf-hub:laion/x")

@@ -60,7 +60,7 @@ def test_search_by_item_and_vector_without_the_encoder(imported, name, capsys, l
     hits = json.loads(capsys.readouterr().out)["hits"]
     assert hits[0]["key"] == "k3" and len(hits) == 3
     idx = mr.open_index(name, index_dir=imported)
-    res = idx.search_by_vector(idx.vectors([hits[1]["id"]])[0], k=1)
+    res = idx.search(vector=idx.vectors([hits[1]["id"]])[0], k=1)
     assert res.keys == [hits[1]["key"]]
     assert idx._encoder is None and loads == []  # nothing above even tried to load it
 

@@ -26,6 +26,8 @@ from mmretrieve import (
     open_index,
     remove_from_index,
 )
+from mmretrieve.index.search import coarse
+from mmretrieve.query import coarse_strategy
 from mmretrieve.store import IndexWriter, Item
 from mmretrieve.store import layout as store
 
@@ -142,7 +144,7 @@ def test_save_load_identical_and_mmap(tmp_path, monkeypatch):
     np.testing.assert_array_equal(I1, I0)
     np.testing.assert_allclose(D1, D0, rtol=0, atol=1e-6)  # few queries: a BLAS scan (flatscan.py), other rounding
     assert np.array_equal(open_index(tmp_path / "i").search_vectors(np.tile(q, (3, 1)), 10)[1][:7], I0)  # FAISS's path
-    idx = open_index(tmp_path / "i", mmap=True)
+    idx = open_index(tmp_path / "i")
     D2, I2 = idx.search_vectors(q, 10)
     np.testing.assert_array_equal(I2, I1)
     np.testing.assert_array_equal(D2, D1)
@@ -179,7 +181,7 @@ def test_truncated_index_clear_error(tmp_path):
     m.pop("checksum")
     (tmp_path / "i" / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(IndexCorruptedError, match="vectors.npy"):
-        open_index(tmp_path / "i", verify=False)
+        open_index(tmp_path / "i", verify="fast")
 
 
 def test_index_and_metadata_consistency_checked(tmp_path):
@@ -190,7 +192,10 @@ def test_index_and_metadata_consistency_checked(tmp_path):
     con.commit()
     con.close()
     with pytest.raises(IndexCorruptedError, match="FAISS holds 20 vectors but the metadata lists 19"):
-        open_index(tmp_path / "i", verify=False)
+        open_index(tmp_path / "i", verify="fast")
+    # verify=False says what it does: no checks of the stored files at open (as "none"; benchmarks)
+    open_index(tmp_path / "i", verify=False).close()
+    open_index(tmp_path / "i", verify="none").close()
 
 
 def test_not_an_index(tmp_path):
@@ -438,7 +443,7 @@ def test_ivf_delete_keeps_every_other_id_right(tmp_path):
     assert I[:, 0].tolist() == keep  # each vector finds itself
     assert 3 not in idx.search_vectors(x[3], 10, nprobe=4)[1][0]
     np.testing.assert_allclose(idx.vectors([5, 199]), x[[5, 199]], atol=1e-6)
-    res = idx.coarse_from_vectors({"image": x[10], "text": x[11]}, "intersection", 5, nprobe=4)
+    res = coarse(idx, coarse_strategy("intersection").plan({"image": x[10], "text": x[11]}, 5), nprobe=4)
     assert len(res[0]) == 5 and 3 not in res[0]
     with IndexWriter(path, encoder_info=INFO) as w:  # a changed vector: the old one tombstoned, a new id
         w.add(_items(["20"]), x[100:101])
@@ -454,7 +459,7 @@ def test_empty_index_searches_return_nothing(tmp_path):
         idx = open_index(path)
         D, I = idx.search_vectors(_vectors(2), 5)
         assert (I == -1).all()
-        ids, scores = idx.coarse_from_vectors({"image": _vectors(1)[0], "text": _vectors(1, 1)[0]}, "intersection", 5)
+        ids, scores = coarse(idx, coarse_strategy("intersection").plan({"image": _vectors(1)[0], "text": _vectors(1, 1)[0]}, 5))
         assert len(ids) == 0 and len(scores) == 0
 
 

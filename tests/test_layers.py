@@ -230,8 +230,8 @@ def test_search_refuses_unknown_options_with_the_valid_ones(toy_index):
         toy_index.search(text="x", image="y.jpg", fusion="intersection", mod="product")
     with pytest.raises(UnknownOptionError, match=r"'weight' for Index.search \(fusion 'sum' takes no options\)"):
         toy_index.search(text="x", image="y.jpg", weight=0.3)
-    with pytest.raises(UnknownOptionError, match="Index.search_by_vector"):
-        toy_index.search_by_vector(np.eye(4, dtype=np.float32)[0], k=2, nprob=3)
+    with pytest.raises(UnknownOptionError, match=r"'nprob' for Index.search with a vector.*did you mean 'nprobe'"):
+        toy_index.search(vector=np.eye(4, dtype=np.float32)[0], k=2, nprob=3)
 
 
 def test_query_and_fusions_refuse_unknown_options():

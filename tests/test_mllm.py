@@ -82,13 +82,13 @@ def test_prompt_token_ids_and_p_yes(family, tiny_vlms, photo_index, sample_by_id
 def test_batching_gives_the_same_scores_as_one_by_one(family, tiny_vlms, photo_index, sample_by_id):
     q = Query(image=sample_by_id["motorcycle_left"].path, text="a horse instead")
     ids = np.array(photo_index.meta.all_ids()[:7])
-    one = create_reranker("mllm", model=tiny_vlms[family], k=7, batch_size=1).score(photo_index, q, ids).scores
-    many = create_reranker("mllm", model=tiny_vlms[family], k=7, batch_size=4).score(photo_index, q, ids).scores
+    one = create_reranker("mllm", model=tiny_vlms[family], k=7, batch_size=1).score(photo_index.view, q, ids, np.zeros(len(ids))).scores
+    many = create_reranker("mllm", model=tiny_vlms[family], k=7, batch_size=4).score(photo_index.view, q, ids, np.zeros(len(ids))).scores
     np.testing.assert_allclose(one, many, atol=1e-5)
     assert len(set(np.round(one, 6))) > 1  # different candidates, different answers
     text_q = Query(text="a photo of a cat")
-    a = create_reranker("mllm", model=tiny_vlms[family], k=7, batch_size=1).score(photo_index, text_q, ids).scores
-    b = create_reranker("mllm", model=tiny_vlms[family], k=7, batch_size=3).score(photo_index, text_q, ids).scores
+    a = create_reranker("mllm", model=tiny_vlms[family], k=7, batch_size=1).score(photo_index.view, text_q, ids, np.zeros(len(ids))).scores
+    b = create_reranker("mllm", model=tiny_vlms[family], k=7, batch_size=3).score(photo_index.view, text_q, ids, np.zeros(len(ids))).scores
     np.testing.assert_allclose(a, b, atol=1e-5)
 
 
@@ -104,11 +104,11 @@ def test_lora_adapter_is_applied(tiny_vlms, tmp_path, photo_index, sample_by_id)
     q = Query(text="a photo of a cat")
     ids = np.array(photo_index.meta.all_ids()[:4])
     # fp32 pinned: merged and unmerged adapters are compared for equality (bf16 rounds them apart)
-    plain = create_reranker("mllm", model=tiny_vlms["qwen2_vl"], k=4, dtype="fp32").score(photo_index, q, ids).scores
+    plain = create_reranker("mllm", model=tiny_vlms["qwen2_vl"], k=4, dtype="fp32").score(photo_index.view, q, ids, np.zeros(len(ids))).scores
     merged = create_reranker("mllm", model=tiny_vlms["qwen2_vl"], adapter=str(tmp_path / "lora"), k=4,
-                             dtype="fp32").score(photo_index, q, ids).scores
+                             dtype="fp32").score(photo_index.view, q, ids, np.zeros(len(ids))).scores
     unmerged = create_reranker("mllm", model=tiny_vlms["qwen2_vl"], adapter=str(tmp_path / "lora"), merge_adapter=False,
-                               k=4, dtype="fp32").score(photo_index, q, ids).scores
+                               k=4, dtype="fp32").score(photo_index.view, q, ids, np.zeros(len(ids))).scores
     assert np.abs(plain - merged).max() > 1e-4  # the adapter changes the answers
     np.testing.assert_allclose(merged, unmerged, atol=1e-4)  # merged or not, the same model
 

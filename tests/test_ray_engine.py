@@ -182,4 +182,4 @@ def test_ivf_on_ray_trains_one_quantizer_like_the_local_engine(ray_tmp, tmp_path
     _assert_same(_state("ray"), _state("local"))
     a, b = open_index("local"), open_index("ray")
     q = a.vectors([0])
-    assert [h.id for h in a.search_by_vector(q[0], k=10)] == [h.id for h in b.search_by_vector(q[0], k=10)]
+    assert [h.id for h in a.search(vector=q[0], k=10)] == [h.id for h in b.search(vector=q[0], k=10)]

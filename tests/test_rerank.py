@@ -9,7 +9,6 @@ import torch
 from PIL import Image
 
 from mmretrieve import build_index, create_encoder, open_index
-from mmretrieve.query import Query
 from mmretrieve.registry import UnknownNameError
 from mmretrieve.rerank import RERANKERS, Pipeline, Reranker, RerankOutput, create_reranker, list_rerankers
 from mmretrieve.rerank.ot import OTConvergenceError, emd_exact, emd_pot_sinkhorn, marginals, sinkhorn_batched
@@ -156,7 +155,7 @@ class _Fixed(Reranker):
         super().__init__(k=k, alpha=alpha, norm=norm)
         self.table = table or {}
 
-    def score(self, index, query, ids):
+    def score(self, view, query, ids, scores):
         return RerankOutput(np.array([self.table.get(int(i), 0.0) for i in ids]), {int(i): {"seen": True} for i in ids})
 
 
@@ -189,7 +188,7 @@ def test_pipeline_stage_ranks_and_tail_order(tmp_path):
     top5 = coarse_order[:5]
     s1 = _Fixed(table={int(i): float(r) for r, i in enumerate(top5)}, k=5)
     s2 = _Fixed(table={int(i): -float(i) for i in range(20)}, k=3)
-    res = Pipeline([s1, s2], coarse_k=12).run(idx, Query(text="x"), k=10)
+    res = idx.search(text="x", k=10, pipeline=Pipeline([s1, s2], coarse_k=12))
     after1 = list(reversed(top5)) + coarse_order[5:12]
     after2 = sorted(after1[:3]) + after1[3:]
     assert res.ids == [int(i) for i in after2[:10]]
@@ -198,20 +197,24 @@ def test_pipeline_stage_ranks_and_tail_order(tmp_path):
         assert h.stage_ranks["coarse"] == coarse_order.index(h.id) + 1
         assert h.stage_ranks["fixed"] == after1.index(h.id) + 1
         assert h.stage_ranks["fixed#2"] == after2.index(h.id) + 1 == h.rank
-    # items beyond the shortlist keep the coarse order and the coarse score
+    # items beyond the shortlist keep the coarse order and the coarse score's gaps, shifted below the head
+    # so that the score falls with rank (each stage's own score is kept in stage_scores)
     tail = [h for h in res if h.id not in top5]
     assert [h.id for h in tail] == [int(i) for i in coarse_order[5:5 + len(tail)]]
-    assert tail[0].score == pytest.approx(float(coarse[tail[0].id]), abs=1e-6)
+    shift = tail[0].score - float(coarse[tail[0].id])
+    assert [h.score - shift for h in tail] == pytest.approx([float(coarse[h.id]) for h in tail], abs=1e-6)
+    assert all(h.stage_scores["coarse"] == pytest.approx(float(coarse[h.id]), abs=1e-6) for h in res)
+    assert all(a.score > b.score for a, b in zip(res.hits, res.hits[1:]))
     assert "fixed" in res[0].stage_scores and res[0].extra == {"seen": True}
 
 
 def test_fusion_alpha_and_normalisation(tmp_path):
     idx, coarse = _toy_index(tmp_path)
     table = {i: float(i % 7) for i in range(20)}
-    res = Pipeline([_Fixed(table=table, k=20, alpha=0.3)]).run(idx, Query(text="x"), k=20)
+    res = idx.search(text="x", k=20, pipeline=Pipeline([_Fixed(table=table, k=20, alpha=0.3)]))
     for h in res:
         assert h.score == pytest.approx(0.3 * table[h.id] + 0.7 * coarse[h.id], abs=1e-6)
-    res = Pipeline([_Fixed(table=table, k=20, alpha=0.5, norm="minmax")]).run(idx, Query(text="x"), k=20)
+    res = idx.search(text="x", k=20, pipeline=Pipeline([_Fixed(table=table, k=20, alpha=0.5, norm="minmax")]))
     f = np.array([table[i] for i in range(20)])
     mm = lambda x: (x - x.min()) / (x.max() - x.min())  # noqa: E731
     expect = 0.5 * mm(f) + 0.5 * mm(coarse)
@@ -220,7 +223,7 @@ def test_fusion_alpha_and_normalisation(tmp_path):
 
 def test_k_larger_than_index_is_clamped(tmp_path):
     idx, _ = _toy_index(tmp_path, n=6)
-    res = Pipeline([_Fixed(k=500)], coarse_k=1000).run(idx, Query(text="x"), k=50)
+    res = idx.search(text="x", k=50, pipeline=Pipeline([_Fixed(k=500)], coarse_k=1000))
     assert len(res) == 6
 
 

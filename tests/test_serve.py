@@ -130,6 +130,16 @@ def test_composed_query_by_item_with_reranking_stages(client, ids):
     assert multi.json()["stages"] == ["coarse", "emd", "frames"]
 
 
+def test_scores_fall_with_rank_in_the_json_after_a_stage_of_another_scale(client, ids):
+    # z-scored fusion of 3 re-scored items puts the head around 0, below the tail's cosines: the tail moves
+    body = {"item": ids["motorcycle_left"], "text": "a horse", "rerank": ["emd:k=3,alpha=0.5,norm=zscore"], "k": 10}
+    hits = client.post(S, json=body).json()["hits"]
+    scores = [h["score"] for h in hits]
+    assert len(scores) == 10 and all(a > b for a, b in zip(scores, scores[1:])), scores
+    assert min(scores[:3]) <= 0 < max(h["stage_scores"]["coarse"] for h in hits[3:])  # the shift was needed
+    assert all("emd" not in h["stage_scores"] for h in hits[3:])
+
+
 def test_batched_searches_match_the_index_and_leave_the_reference_out(client, service, ids):
     idx = service.manager.get("gallery").index
     body = {"item": ids["motorcycle_left"], "text": "a horse", "k": 6}

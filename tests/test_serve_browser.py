@@ -95,6 +95,8 @@ def test_search_compose_and_click_through_in_chromium(site, page, sample_by_id, 
     expect(pg.locator("#col-1 .col-title")).to_have_text("fusion: intersection · coarse → emd")
     stages = pg.locator("#col-0 .hit .stages").first.inner_text()
     assert re.fullmatch(r"#coarse \d+ → #emd 1", stages), stages
+    shown = [float(t.split()[-1]) for t in pg.locator("#col-0 .hit .score").all_inner_texts()]
+    assert len(shown) > 1 and all(a >= b for a, b in zip(shown, shown[1:])), shown  # scores fall with rank
     assert pg.locator("#col-1 .hit").count() > 0
     shot = tmp_path / "composed.png"
     pg.screenshot(path=str(shot), full_page=True)

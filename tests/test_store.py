@@ -234,7 +234,7 @@ def test_import_clip_retrieval_layout_and_plain_files(tmp_path):
     idx = open_index("cr")
     assert idx.manifest["encoder"] == {**idx.manifest["encoder"], "name": "open_clip:ViT-B-32@laion2b_s34b_b79k", "dim": DIM,
                                        "imported": True}
-    hit = idx.search_by_vector(x[17], k=1)[0]
+    hit = idx.search(vector=x[17], k=1)[0]
     assert hit.key == "/data/img17.jpg" and hit.caption == "caption 17" and hit.score == pytest.approx(1, abs=1e-3)
     # a plain .npy with its keys, appended; a parquet with a vector column; bad rows
     np.save(tmp_path / "more.npy", _vectors(3, seed=8))

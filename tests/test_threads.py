@@ -12,15 +12,18 @@ import torch
 
 from mmretrieve import UsageError
 from mmretrieve.runtime import default_threads, default_workers, set_threads
-from mmretrieve.settings import available_cores
+
+#: cores -> (decoder workers, batch torch threads): the values the defaults were chosen to give (never
+#: more threads than cores; one decoder per spare core, at most 8), written out, not recomputed
+DEFAULTS = {1: (1, 1), 2: (1, 1), 3: (2, 1), 4: (3, 1), 8: (7, 1), 9: (8, 1), 16: (8, 8), 32: (8, 24)}
 
 
-def test_defaults_per_workload(monkeypatch):
+@pytest.mark.parametrize("cores", sorted(DEFAULTS))
+def test_defaults_per_workload(monkeypatch, cores):
     monkeypatch.delenv("MMRETRIEVE_THREADS", raising=False)
+    monkeypatch.setattr("mmretrieve.settings.available_cores", lambda: cores)
+    assert (default_workers(), default_threads("batch")) == DEFAULTS[cores]
     assert default_threads("query") == 1
-    assert default_threads("batch") == max(1, available_cores() - default_workers())
-    monkeypatch.setattr("mmretrieve.settings.available_cores", lambda: 16)
-    assert default_workers() == 8 and default_threads("batch") == 8
     with pytest.raises(UsageError, match="unknown workload 'serve'"):
         default_threads("serve")
 

@@ -86,6 +86,7 @@ def _make_queries(gallery, qsrc, qdir: Path, seed: int) -> list[tuple[str, Path,
 
 def _evaluate_encoder(idx, queries, args) -> list[dict]:
     """Ranks of every query's target under each configuration -> one table row per configuration."""
+    from mmretrieve.index.search import coarse, encode_query
     from mmretrieve.query import Query
     from mmretrieve.rerank.emd import EMDReranker
 
@@ -96,11 +97,11 @@ def _evaluate_encoder(idx, queries, args) -> list[dict]:
     rer = EMDReranker(k=args.K, alpha=args.alpha)
     key_to_id = {it.key: it.id for it in idx.meta.iter_items()}
     for t, p, target in queries:
-        q = Query(image=p)
-        ids, scores = idx.coarse(q, min(args.K, len(idx)))
+        q = encode_query(idx, Query(image=p))
+        ids, scores = coarse(idx, q.plan(min(args.K, len(idx))))
         tid = key_to_id[target]
         hits["coarse only"][t].append(_rank_of(ids, tid))
-        Qp, Cp = rer.query_patches(idx, q), idx.patches(ids.tolist())
+        Qp, Cp = rer.query_patches(idx.view, q), idx.patches(ids.tolist())
         for name, solver, w in configs[1:]:
             rer.weights = w
             t0 = time.perf_counter()

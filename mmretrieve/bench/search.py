@@ -66,11 +66,11 @@ def _time_size(path: Path, raw, q: np.ndarray, args, n: int, d: int, bw: dict, f
     k, nq = int(args.k), args.queries
     idx = Index.open(path, verify=False, search_device="cpu")  # memory-mapped segments of 100k rows
     raw.search(q[:1], k)
-    idx.search_by_vector(q[0], k)
+    idx.search(vector=q[0], k=k)
     raw_runs, mmr_runs = [], []
     for _ in range(2):
         raw_runs.append(median_per_call(lambda i: raw.search(q[i : i + 1], k), nq))
-        mmr_runs.append(median_per_call(lambda i: idx.search_by_vector(q[i], k), nq))
+        mmr_runs.append(median_per_call(lambda i: idx.search(vector=q[i], k=k), nq))
     raw_single, mmr_single = min(raw_runs), min(mmr_runs)
     qb = q[: args.batch]
     raw_b, mmr_b = [], []

@@ -112,7 +112,7 @@ def _ingest(args) -> dict:
 
 def _rerank(args, K: int = 100, T: int = 32, d: int = 512, queries: int = 50) -> dict:
     from mmretrieve.index import open_index
-    from mmretrieve.query import Query
+    from mmretrieve.query import EncodedQuery, Query
     from mmretrieve.rerank.frames import FramesReranker
     from mmretrieve.store import IndexWriter, Item
 
@@ -132,11 +132,10 @@ def _rerank(args, K: int = 100, T: int = 32, d: int = 512, queries: int = 50) ->
         r = FramesReranker(k=K)
         times = []
         for _ in range(queries):
-            q = Query(text="bench")
             qv = rng.standard_normal(d).astype(np.float32)
-            q.cache[("vectors", "bench")] = {"text": qv / np.linalg.norm(qv)}
+            q = EncodedQuery(Query(text="bench"), {"text": qv / np.linalg.norm(qv)})
             t = time.perf_counter()
-            r.score(idx, q, ids)
+            r.score(idx.view, q, ids, np.zeros(len(ids)))
             times.append((time.perf_counter() - t) * 1000)
         idx.close()
     finally:

@@ -57,7 +57,10 @@ _LOCK = threading.Lock()
 
 
 def split_name(name: str) -> tuple[str, str]:
+    """``family:spec``; open_clip's own ``hf-hub:org/repo`` spelling is the open_clip family's."""
     family, _, spec = name.strip().partition(":")
+    if family == "hf-hub":
+        return "open_clip", name.strip()
     return family, spec
 
 

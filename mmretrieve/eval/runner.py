@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from mmretrieve.encoders import Encoder, create_encoder
 from mmretrieve.eval.datasets import TOP, CIRDataset, CIRQuery
-from mmretrieve.query import Query
+from mmretrieve.query import EncodedQuery, Query
 from mmretrieve.runtime import progress_disable
 from mmretrieve.settings import cache_dir as default_cache_root
 
@@ -100,7 +100,7 @@ def cached_index(tag: str, gallery: dict[str, str], encoder: Encoder, *, patches
     path = base / f"{tag}-{key}"
     if (path / "manifest.json").is_file():
         try:
-            return open_index(path, encoder=encoder, verify=False)
+            return open_index(path, encoder=encoder, verify="fast")
         except Exception as e:  # a damaged cache is rebuilt, never trusted
             log.warning("rebuilding the cached gallery index %s (%s)", path, e)
     path.mkdir(parents=True, exist_ok=True)
@@ -113,7 +113,7 @@ def cached_index(tag: str, gallery: dict[str, str], encoder: Encoder, *, patches
     log.info("encoding the %s gallery (%d images, once; cached in %s)", tag, len(gallery), path)
     build_index(path, manifest, encoder=encoder, overwrite=True, patches=patches, batch_size=batch_size,
                 workers=workers, video=video)
-    return open_index(path, encoder=encoder, verify=False)
+    return open_index(path, encoder=encoder, verify="fast")
 
 
 def cached_text_embeddings(encoder: Encoder, texts: list[str], cache=None) -> np.ndarray:
@@ -230,7 +230,7 @@ def evaluate(
 
 
 def _query_sides(ds: CIRDataset, idx, group, qs, text_vec, strategy):
-    """Per query: its encoded sides, its ``Query`` (vectors memoised on it) and its reference's id."""
+    """Per query: its encoded sides, its ``EncodedQuery`` and its reference's id."""
     from mmretrieve.media.scan import media_kind
 
     id_of = {it.key: it.id for it in idx.meta.iter_items()}
@@ -252,8 +252,7 @@ def _query_sides(ds: CIRDataset, idx, group, qs, text_vec, strategy):
         vecs.append({"image": img, "text": t})
         qo = Query(text=q.texts, image=None if is_video else ref_path, video=ref_path if is_video else None,
                    fusion=strategy.name, options=strategy.options, image_id=rid)
-        qo.cache[("vectors", idx.encoder_name)] = {"image": img, "text": t}
-        qobjs.append(qo)
+        qobjs.append(EncodedQuery(qo, {"image": img, "text": t}))
     return vecs, qobjs, ref_ids
 
 
@@ -277,7 +276,7 @@ def _rank_group(ds: CIRDataset, idx, qs, text_vec, strategy, pipe, rankings) -> 
             per_list: dict[str, dict] = {}
             for proto, mask in bench.shortlists(q, ranked_keys):
                 m = np.asarray(mask, dtype=bool)
-                for r in pipe.stages_from(idx, qo, ids[m], scores[m]):
+                for r in pipe.rerank(idx.view, qo, ids[m], scores[m]):
                     per_list.setdefault(r.label, {})[proto] = [keys[int(i)] for i in r.ids]
             for label, lists in per_list.items():
                 rankings[label][q.qid] = lists[None] if None in lists else lists
@@ -288,14 +287,15 @@ def _rank_group(ds: CIRDataset, idx, qs, text_vec, strategy, pipe, rankings) -> 
 def _coarse_batch(idx, vecs: list[dict], strategy, k: int, exclude: list[int | None] | None = None):
     """Coarse rankings for many queries: one batched FAISS search for vector fusions. ``exclude``: one
     id per query (or None) to leave out of that query's ranking (CIRR's reference image)."""
-    from mmretrieve.query import VectorFusion
+    from mmretrieve.index.search import coarse
 
     if not vecs:
         return []
     exclude = exclude or [None] * len(vecs)
-    if not isinstance(strategy, VectorFusion):  # list-level strategies (intersection) search per query
-        return [idx.coarse_from_vectors(v, strategy, k, exclude=None if x is None else [x]) for v, x in zip(vecs, exclude)]
-    Q = np.stack([strategy.query_vector(v) for v in vecs]).astype(np.float32)
+    plans = [strategy.plan(v, k) for v in vecs]
+    if not all(p.single for p in plans):  # list-level strategies (intersection) search per query
+        return [coarse(idx, p, exclude=None if x is None else [x]) for p, x in zip(plans, exclude)]
+    Q = np.stack([p.queries[0] for p in plans]).astype(np.float32)
     extra = int(any(x is not None for x in exclude))  # one more, since a query's excluded id may be among them
     out = []
     for s in range(0, len(Q), 1024):

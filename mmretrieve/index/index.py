@@ -47,11 +47,11 @@ VERIFY_LEVELS = ("none", "fast", "full")
 
 
 def _verify_level(verify) -> str:
-    """``True`` -> ``full``; ``False`` (no checksums, as before segments) -> ``fast``."""
+    """``True`` -> ``full``; ``False`` -> ``none`` (what it says: no checks of the mapped files)."""
     if verify is True:
         return "full"
-    if verify in (False, None):
-        return "fast"
+    if verify is False:
+        return "none"
     if verify not in VERIFY_LEVELS:
         raise UsageError(f"verify must be one of {', '.join(VERIFY_LEVELS)} (or True / False), got {verify!r}")
     return verify
@@ -80,16 +80,16 @@ class Index:
     # ---- opening ---------------------------------------------------------------------------------
     @classmethod
     def open(cls, name_or_path: str | os.PathLike, *, index_dir: str | os.PathLike | None = None, encoder=None,
-             verify="fast", version: str | None = None, mmap: bool = True, search_device: str | None = "auto",
+             verify="fast", version: str | None = None, search_device: str | None = "auto",
              nprobe: int | None = None, ef_search: int | None = None) -> Index:
         """Open the live version (or a retained ``version``: ``v0007``, ``previous``), in O(segments).
 
         ``verify``: ``"fast"`` (default) checks the manifest (against its own checksum), the sizes and
         headers of every file and that the metadata lists one row per stored vector; ``"full"`` (or
         ``True``) also checks every byte against its sha256 and every metadata row against its checksum;
-        ``False`` means ``"fast"``; ``"none"`` skips the checks of the memory-mapped files (benchmarks).
-        Whatever the level, the small files read whole (deletion files, the patch projection) are checked
-        against their sha256 as they are read. Flat segments are always memory-mapped (``mmap`` is kept for older callers).
+        ``"none"`` (or ``False``) skips the checks of the memory-mapped files (benchmarks). Whatever the
+        level, the small files read whole (deletion files, the patch projection) are checked against their
+        sha256 as they are read. Segments are memory-mapped.
 
         ``search_device``: ``auto`` searches on the GPU when CUDA is present and the index can be searched
         there, else on the CPU; ``cpu`` / ``cuda`` force one (``cuda`` fails with the reason when it
@@ -185,6 +185,13 @@ class Index:
         return int(self.manifest["counts"]["items"])
 
     @property
+    def view(self) -> ReadView:
+        """What rerankers read of this snapshot (no search, no hydration). Made per use: a view kept on
+        the index would be a reference cycle, and an unreferenced index would hold its lease until the
+        cycle collector ran."""
+        return ReadView(self)
+
+    @property
     def encoder(self):
         """The query encoder, loaded on first need: opening an index, and searching it by stored item or by
         vector, never load it (an index of imported embeddings may name a model that is not here)."""
@@ -196,7 +203,7 @@ class Index:
             except MMRetrieveError as e:
                 raise EncoderUnavailableError(
                     f"index {self.path.name!r} was built with encoder {self.encoder_name!r}, which cannot be loaded "
-                    f"here ({e}). Queries by stored item or by vector work without it (--item, search_by_vector, "
+                    f"here ({e}). Queries by stored item or by vector work without it (--item, search(vector=...), "
                     "the API's item / vector); for text or image queries give a loadable query encoder of the same "
                     "model and dim (--encoder / encoder=), or rebuild the index with a known encoder") from None
             self.encoder = enc
@@ -372,42 +379,28 @@ class Index:
 
         return version_summaries(self.path)
 
-    def search(self, query: Query | None = None, *, text=None, image=None, video=None, item=None,
+    def search(self, query: Query | None = None, *, text=None, image=None, video=None, item=None, vector=None,
                fusion: str | None = None, k: int = 10, exclude: Sequence[int | str] | None = None,
-               exclude_reference: bool = True, pipeline=None, **options: Any) -> SearchResults:
-        """Search by text, image (or video), or both (composed). Returns ``SearchResults`` (best first).
+               exclude_reference: bool = True, pipeline=None, nprobe: int | None = None, ef_search: int | None = None,
+               **options: Any) -> SearchResults:
+        """Search by text, image (or video), both (composed), a stored item, or a precomputed ``vector``.
+        Returns ``SearchResults`` (best first; ``hit.score`` falls with rank).
 
         ``image`` is always a file (or a shard member ``<shard>.tar#<member>``); ``item`` is an indexed
-        item (id, key, ``id:N`` / ``key:K``) whose stored vector is the query's visual side.
+        item (id, key, ``id:N`` / ``key:K``) whose stored vector is the query's visual side; ``vector`` is
+        an embedding of the index's dim (no encoder involved; no fusion or rerankers with it).
 
         ``fusion`` and its ``options`` (``weight``; ``k1``, ``mode``) say how a composed query is searched
         (default: the pipeline's coarse fusion, else ``sum``); unknown options are refused.
         ``exclude_reference``: for composed queries whose reference image is itself in the index, leave
         it out of the results (what composed retrieval asks for). ``pipeline``: a ``Pipeline`` of
-        rerankers (or a preset name / spec string / list); without one, only the coarse stage runs.
+        rerankers (or a preset name / spec string / list, as ``--rerank`` / ``--pipeline`` take them);
+        without one, only the coarse stage runs. ``nprobe`` / ``ef_search``: this search's IVF / HNSW
+        breadth. For ids and scores of many raw vectors at once, see ``search_vectors``.
         """
-        if item is not None:
-            options["item"] = item
-        return _search.search(self, query, text=text, image=image, video=video, fusion=fusion, k=k, exclude=exclude,
-                              exclude_reference=exclude_reference, pipeline=pipeline, **options)
-
-    def search_by_vector(self, vector: np.ndarray, k: int = 10, **kw) -> SearchResults:
-        """Search with a precomputed embedding (no encoder involved); results carry metadata."""
-        return _search.search_by_vector(self, vector, k, **kw)
-
-    def coarse(self, query: Query, k: int, *, exclude=None, k1=None, nprobe=None, ef_search=None):
-        """The coarse stage: (ids, scores) of the top ``k`` for ``query`` (its fusion applied)."""
-        return _search.coarse(self, query, k, exclude=exclude, k1=k1, nprobe=nprobe, ef_search=ef_search)
-
-    def coarse_from_vectors(self, vecs: dict[str, np.ndarray], fusion, k: int, **kw):
-        """The coarse stage from already-encoded query sides (``fusion=None``: a single side)."""
-        return _search.coarse_from_vectors(self, vecs, fusion, k, **kw)
-
-    def encode_query(self, query: Query) -> dict[str, np.ndarray]:
-        return _search.encode_query(self, query)
-
-    def query_vector(self, query: Query) -> np.ndarray:
-        return _search.query_vector(self, query)
+        return _search.search(self, query, text=text, image=image, video=video, item=item, vector=vector, fusion=fusion,
+                              k=k, exclude=exclude, exclude_reference=exclude_reference, pipeline=pipeline,
+                              nprobe=nprobe, ef_search=ef_search, **options)
 
     def encode_video(self, path) -> np.ndarray:
         """A video's vector, sampled and pooled as this index's videos were (in-process, no timeout)."""
@@ -415,8 +408,44 @@ class Index:
 
         return encode_video(self.encoder, path, self.manifest.get("video"))
 
-    def hydrate(self, query: dict, ids, scores, **kw) -> SearchResults:
-        return _search.hydrate(self, query, ids, scores, **kw)
+
+class ReadView:
+    """What a reranker reads of an index snapshot (``rerank.base.IndexView``): its items, stored vectors,
+    patches and frames, and the query encoder. No search and no hydration: the search path owns those."""
+
+    __slots__ = ("_index",)
+
+    def __init__(self, index: Index) -> None:
+        self._index = index
+
+    @property
+    def path(self) -> Path:
+        return self._index.path
+
+    @property
+    def manifest(self) -> dict:
+        return self._index.manifest
+
+    @property
+    def encoder(self):
+        return self._index.encoder
+
+    def items(self, ids: Sequence[int]) -> dict[int, Item]:
+        return self._index.items(ids)
+
+    def vectors(self, ids: Sequence[int]) -> np.ndarray:
+        return self._index.vectors(ids)
+
+    def patches(self, ids: Sequence[int]) -> np.ndarray:
+        return self._index.patches(ids)
+
+    def patch_projection(self) -> np.ndarray | None:
+        return self._index.patch_projection()
+
+    def frames_matrix(self, ids: Sequence[int], *, as_torch: bool = False):
+        return self._index.frames_matrix(ids, as_torch=as_torch)
+
+    frame_similarities = staticmethod(Index.frame_similarities)
 
 
 def _data_bytes(m: dict) -> int:
@@ -429,4 +458,4 @@ def open_index(name_or_path: str | os.PathLike, **kw) -> Index:
     return Index.open(name_or_path, **kw)
 
 
-__all__ = ["Index", "open_index"]
+__all__ = ["Index", "ReadView", "open_index"]

@@ -1,9 +1,13 @@
-"""Searching one index snapshot: query encoding, the coarse stage, pipelines, hydration.
+"""Searching one index snapshot, in one order: encode the query -> plan and run the coarse search ->
+rerank stages -> hydrate.
 
-``search(index, ...)`` is what ``Index.search`` runs: it builds the ``Query``, encodes its sides once
-(memoised on the query, so rerankers reuse the vectors), runs the query's coarse strategy (a fusion,
-or intersection) and either returns the coarse ranking or hands it to a rerank ``Pipeline``; every path
-ends in ``hydrate``, which attaches the items' metadata and per-stage ranks.
+``search(index, ...)`` is what ``Index.search`` runs: it builds the ``Query``, ties its visual side to
+the index, encodes its sides once (an explicit ``EncodedQuery`` value) and hands it to ``run``, which
+owns the order of the stages. The coarse strategy only *plans* (``CoarsePlan``: the rows to search and
+how to merge their lists); ``coarse`` runs the plan on the index. Rerankers get a read-only view of the
+index (``ReadView``: items, stored vectors, patches, frames), the encoded query, the shortlist and its
+scores; they never search or hydrate. Every path ends in ``hydrate``, which attaches the items' metadata
+and per-stage ranks.
 """
 
 from __future__ import annotations
@@ -19,71 +23,90 @@ import numpy as np
 from mmretrieve.config import check_options, positive_int
 from mmretrieve.errors import BadVectorsError, InputError, UsageError
 from mmretrieve.media.shards import split_member_uri
-from mmretrieve.query import FUSIONS, Query
+from mmretrieve.query import FUSIONS, CoarsePlan, EncodedQuery, Query
 from mmretrieve.results import Hit, SearchResults
 
 
 # ---- query vectors --------------------------------------------------------------------------------
-def encode_query(index, query: Query) -> dict[str, np.ndarray]:
-    """{'image': (d,), 'text': (d,)} for the sides the query has. A list of texts is averaged
-    (normalised); an image or video already in the index (``query.image_id``) reuses its stored
-    embedding; a query video is sampled and pooled as the index's videos were. Memoised on the query."""
-    memo = query.cache.get(("vectors", index.encoder_name))
-    if memo is not None:
-        return memo
-    out = {}  # the encoder is loaded only for a side that needs encoding: an item query needs none
-    if query.text is not None:
+def encode_query(index, query: Query, known: dict[str, np.ndarray] | None = None) -> EncodedQuery:
+    """The query with its sides encoded: ``{'image': (d,), 'text': (d,)}`` for the sides it has. A list
+    of texts is averaged (normalised); an image or video already in the index (``query.image_id``) reuses
+    its stored embedding; a query video is sampled and pooled as the index's videos were. ``known``:
+    sides already encoded (e.g. by the service's batcher), not encoded again."""
+    out = dict(known or {})  # the encoder is loaded only for a side that needs encoding: an item query needs none
+    if query.text is not None and "text" not in out:
         texts = query.text if isinstance(query.text, list) else [query.text]
         t = index.encoder.encode_texts(texts).mean(0)
         out["text"] = (t / max(float(np.linalg.norm(t)), 1e-12)).astype(np.float32)
-    if query.image_id is not None and index.exact_vectors():
+    if "image" in out:
+        pass
+    elif query.image_id is not None and index.exact_vectors():
         out["image"] = index.vectors([query.image_id])[0]
     elif query.image is not None:
         out["image"] = index.encoder.encode_images([query.image])[0]
     elif query.video is not None:
         out["image"] = index.encode_video(query.video)
-    query.cache[("vectors", index.encoder_name)] = out
-    return out
-
-
-def query_vector(index, query: Query) -> np.ndarray:
-    """The single query vector (the fusion's; intersection gives the sum), for rerankers that score
-    items against the query (e.g. video frames)."""
-    return query.strategy.query_vector(encode_query(index, query))
+    return EncodedQuery(query, out)
 
 
 # ---- coarse stage ---------------------------------------------------------------------------------
-def coarse(index, query: Query, k: int, *, exclude: Sequence[int] | None = None, k1: int | None = None,
-           nprobe: int | None = None, ef_search: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(ids, scores) of the top ``k`` for ``query`` by its coarse strategy."""
-    return coarse_from_vectors(index, encode_query(index, query), query.strategy, k, exclude=exclude, k1=k1,
-                               nprobe=nprobe, ef_search=ef_search)
+def coarse(index, plan: CoarsePlan, *, exclude: Sequence[int] | None = None, nprobe: int | None = None,
+           ef_search: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Run a strategy's ``CoarsePlan`` on the index: (ids, scores) of the ranking, best first. Each row is
+    searched on its own (as a single query, so its list does not depend on what it is batched with)."""
+    lists = []
+    for q in plan.queries:
+        D, I = index.search_vectors(q[None], plan.k, exclude=exclude, nprobe=nprobe, ef_search=ef_search)
+        m = I[0] >= 0
+        lists.append((I[0][m], D[0][m]))
+    if plan.merge is None:
+        return lists[0]
+    union = np.unique(np.concatenate([ids for ids, _ in lists]))
+    if not len(union):
+        return union.astype(np.int64), np.zeros(0, np.float32)
+    return plan.merge(union, index.vectors(union))
 
 
-def coarse_from_vectors(index, vecs: dict[str, np.ndarray], strategy, k: int, *, options: dict | None = None,
-                        exclude: Sequence[int] | None = None, k1: int | None = None, nprobe: int | None = None,
-                        ef_search: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """The coarse stage from already-encoded query sides. ``strategy``: a ``CoarseStrategy``, a fusion
-    name (with ``options``), or ``None`` for a single-sided query."""
-    from mmretrieve.query import SingleSide, coarse_strategy
-
-    if strategy is None:
-        strategy = SingleSide()
-    elif isinstance(strategy, str):
-        strategy = coarse_strategy(strategy, options)
-    return strategy.search(index, vecs, k, exclude=exclude, nprobe=nprobe, ef_search=ef_search, k1=k1)
+# ---- the order of a search ------------------------------------------------------------------------
+def run(index, query: EncodedQuery, *, k: int, exclude: Sequence[int] = (), pipeline=None, nprobe: int | None = None,
+        ef_search: int | None = None) -> SearchResults:
+    """encoded query -> coarse -> every rerank stage -> the top ``k``, hydrated."""
+    shortlist = pipeline.shortlist_size(k) if pipeline is not None else k
+    t0 = time.perf_counter()
+    ids, scores = coarse(index, query.plan(shortlist), exclude=list(exclude), nprobe=nprobe, ef_search=ef_search)
+    timings = {"coarse": (time.perf_counter() - t0) * 1000}
+    order_by_stage = {"coarse": ids.copy()}
+    stage_scores = {"coarse": dict(zip(ids.tolist(), np.asarray(scores, np.float64).tolist()))}
+    extra: dict[int, dict] = {}
+    described = query.describe()
+    if pipeline is not None:
+        described["pipeline"] = [st.config() for st in pipeline.stages]
+        for r in pipeline.rerank(index.view, query, ids, scores):
+            ids, scores = r.ids, r.scores
+            timings[r.label] = r.ms
+            order_by_stage[r.label] = ids.copy()
+            stage_scores[r.label] = r.fine
+            for i, d in r.extra.items():
+                extra.setdefault(int(i), {}).update(d)
+    return hydrate(index, described, ids[:k], scores[:k], stages=order_by_stage, stage_scores=stage_scores,
+                   extra=extra, timings=timings)
 
 
 # ---- search -----------------------------------------------------------------------------------------
 SEARCH_OPTIONS = ("text", "image", "video", "item", "fusion", "k", "exclude", "exclude_reference", "pipeline")
 
 
-def search(index, query: Query | None = None, *, text=None, image=None, video=None, item=None, fusion: str | None = None,
-           k: int = 10, exclude: Sequence[int | str] | None = None, exclude_reference: bool = True, pipeline=None,
+def search(index, query: Query | None = None, *, text=None, image=None, video=None, item=None, vector=None,
+           fusion: str | None = None, k: int = 10, exclude: Sequence[int | str] | None = None,
+           exclude_reference: bool = True, pipeline=None, nprobe: int | None = None, ef_search: int | None = None,
            **options: Any) -> SearchResults:
     """See ``Index.search``. ``options`` are the fusion's (``weight``, ``k1``, ``mode``); anything else is
     refused with the list of valid options."""
     k = positive_int(k, "k", "Index.search")
+    excl = [index.as_id(e) for e in (exclude or [])]
+    if vector is not None:
+        return _search_vector(index, vector, query, text, image, video, item, fusion, pipeline, options, k, excl,
+                              nprobe, ef_search)
     pipe = None
     if pipeline is not None:
         from mmretrieve.rerank.pipeline import as_pipeline
@@ -98,16 +121,26 @@ def search(index, query: Query | None = None, *, text=None, image=None, video=No
     elif options or any(x is not None for x in (text, image, video, item, fusion)):
         check_options("Index.search with a Query (options belong in the Query)", options, ())
         raise UsageError("give either a Query or text= / image= / video= / item= / fusion=, not both")
-    excl = [index.as_id(e) for e in (exclude or [])]
     resolve_visual(index, query)
     if exclude_reference and query.kind.startswith("composed") and query.image_id is not None:
         excl.append(query.image_id)
-    if pipe is not None:
-        return pipe.run(index, query, k=k, exclude=excl)
+    return run(index, encode_query(index, query), k=k, exclude=excl, pipeline=pipe, nprobe=nprobe, ef_search=ef_search)
+
+
+def _search_vector(index, vector, query, text, image, video, item, fusion, pipeline, options, k, excl, nprobe,
+                   ef_search) -> SearchResults:
+    """A precomputed embedding: no encoder, no fusion, no rerankers (they need a query to look at)."""
+    check_options("Index.search with a vector", options, ("k", "exclude", "nprobe", "ef_search"))
+    given = [n for n, v in (("query", query), ("text", text), ("image", image), ("video", video), ("item", item),
+                            ("fusion", fusion), ("pipeline", pipeline)) if v is not None]
+    if given:
+        raise UsageError(f"Index.search(vector=...) takes k, exclude, nprobe and ef_search only, not {', '.join(given)} "
+                         "(a vector has no sides to fuse and no query for rerankers to look at)")
+    v = query_row(index, vector)
     t0 = time.perf_counter()
-    ids, scores = coarse(index, query, k, exclude=excl)
-    t1 = time.perf_counter()
-    return hydrate(index, query.describe(), ids, scores, stages={"coarse": ids}, timings={"coarse": (t1 - t0) * 1000})
+    ids, scores = coarse(index, CoarsePlan(v[None], k), exclude=excl, nprobe=nprobe, ef_search=ef_search)
+    ms = (time.perf_counter() - t0) * 1000
+    return hydrate(index, {"kind": "vector"}, ids, scores, stages={"coarse": ids}, timings={"coarse": ms})
 
 
 def resolve_visual(index, query: Query) -> None:
@@ -161,8 +194,8 @@ def query_row(index, vector) -> np.ndarray:
         v = v[0]
     if v.ndim != 1:
         raise BadVectorsError(
-            f"search_by_vector takes one vector of shape ({index.dim},) or (1, {index.dim}), got shape {tuple(v.shape)}; "
-            "for several, call it once per row or use Index.search_vectors (ids and scores of every row)")
+            f"Index.search(vector=...) takes one vector of shape ({index.dim},) or (1, {index.dim}), got shape "
+            f"{tuple(v.shape)}; for several, call it once per row or use Index.search_vectors (ids and scores of every row)")
     if v.shape[0] != index.dim:
         raise BadVectorsError(f"query vector: expected dim {index.dim}, got {v.shape[0]}")
     bad = np.flatnonzero(~np.isfinite(v))
@@ -171,19 +204,6 @@ def query_row(index, vector) -> np.ndarray:
     if not np.any(v):
         raise BadVectorsError("query vector: all zeros (no direction to search)")
     return v
-
-
-def search_by_vector(index, vector: np.ndarray, k: int = 10, **kw) -> SearchResults:
-    """Search with a precomputed embedding (no encoder involved); results carry metadata."""
-    check_options("Index.search_by_vector", kw, ("nprobe", "ef_search", "exclude"))
-    k = positive_int(k, "k", "Index.search_by_vector")
-    v = query_row(index, vector)
-    t0 = time.perf_counter()
-    D, I = index.search_vectors(v[None], k, **kw)
-    m = I[0] >= 0
-    ids, scores = I[0][m], D[0][m]
-    t1 = time.perf_counter()
-    return hydrate(index, {"kind": "vector"}, ids, scores, stages={"coarse": ids}, timings={"coarse": (t1 - t0) * 1000})
 
 
 def hydrate(index, query: dict, ids, scores, *, stages: dict[str, Sequence[int]], stage_scores=None, extra=None,
@@ -209,4 +229,4 @@ def hydrate(index, query: dict, ids, scores, *, stages: dict[str, Sequence[int]]
     return SearchResults(hits=hits, query=query, stages=list(stages), timings_ms=timings or {})
 
 
-__all__ = ["search", "search_by_vector", "resolve_visual", "query_row", "coarse", "coarse_from_vectors", "encode_query", "query_vector", "hydrate"]
+__all__ = ["search", "run", "coarse", "encode_query", "resolve_visual", "query_row", "hydrate"]

@@ -1,11 +1,14 @@
-"""The reranker interface: ``score(index, query, ids) -> RerankOutput`` over a shortlist.
+"""The reranker interface: ``score(view, query, ids, scores) -> RerankOutput`` over a shortlist.
 
 A reranker only scores; the ``Pipeline`` decides which items it sees (the top ``k`` of the previous
 stage), fuses its score with the previous one (``alpha * fine + (1 - alpha) * previous``; ``alpha=1``
 replaces) and keeps every item beyond the shortlist in its previous order.
 
-A reranker sees the index through the small read interface ``IndexView`` (what ``mmretrieve.index.Index``
-provides), so this layer sits below the read side and the index can run pipelines.
+A reranker sees the index through the small read interface ``IndexView`` (``Index.view``: items,
+stored vectors, patches, frames, the query encoder), the ``EncodedQuery`` (``.text``, ``.image``,
+``.video``, ``.image_id``, ``.kind``, the encoded ``.sides`` and the strategy's ``.vector``), the
+shortlisted ids and their current scores. It never searches or hydrates: the search path
+(``mmretrieve.index.search.run``) owns the order of the stages.
 
 Options are the keyword arguments of a reranker's ``__init__``; ``create_reranker`` refuses unknown
 ones and parses values by their declared types (``"100"`` -> 100 for an ``int`` option), with errors
@@ -29,7 +32,7 @@ from mmretrieve.registry import Registry
 
 
 class IndexView(Protocol):
-    """What rerankers and the pipeline use of an index (``mmretrieve.index.Index`` implements it)."""
+    """What rerankers read of an index (``Index.view``, a ``mmretrieve.index.ReadView``)."""
 
     path: Any
     manifest: dict
@@ -41,9 +44,7 @@ class IndexView(Protocol):
     def patches(self, ids) -> np.ndarray: ...
     def patch_projection(self) -> np.ndarray | None: ...
     def frames_matrix(self, ids, *, as_torch: bool = False): ...
-    def query_vector(self, query) -> np.ndarray: ...
-    def coarse(self, query, k: int, *, exclude=None): ...
-    def hydrate(self, query: dict, ids, scores, *, stages, stage_scores=None, extra=None, timings=None): ...
+    def frame_similarities(self, E, q: np.ndarray) -> np.ndarray: ...
 
 
 @dataclass
@@ -86,8 +87,9 @@ class Reranker(ABC):
         self.norm = norm
 
     @abstractmethod
-    def score(self, index: IndexView, query, ids: np.ndarray) -> RerankOutput:
-        """Fine scores of the shortlisted ``ids`` for ``query`` (higher is better)."""
+    def score(self, view: IndexView, query, ids: np.ndarray, scores: np.ndarray) -> RerankOutput:
+        """Fine scores of the shortlisted ``ids`` for ``query`` (an ``EncodedQuery``), higher is better;
+        ``scores`` are the shortlist's current scores (the pipeline does the fusing)."""
 
     def fuse(self, fine: np.ndarray, previous: np.ndarray) -> np.ndarray:
         """``alpha * fine + (1 - alpha) * previous`` after the configured normalisation."""

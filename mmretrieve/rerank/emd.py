@@ -174,7 +174,7 @@ class EMDReranker(Reranker):
             return emd_pot_sinkhorn(S, a, b, reg=self.reg)
         raise UsageError(f"emd: unknown solver {solver!r}")
 
-    def score(self, index, query, ids: np.ndarray) -> RerankOutput:
+    def score(self, index, query, ids: np.ndarray, scores: np.ndarray | None = None) -> RerankOutput:
         if len(ids) == 0:
             return RerankOutput(np.zeros(0))
         Q = self.query_patches(index, query)

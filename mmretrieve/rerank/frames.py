@@ -58,10 +58,10 @@ class FramesReranker(Reranker):
             out[j] = np.partition(seg, len(seg) - m)[len(seg) - m :].mean()
         return out, arg
 
-    def score(self, index, query, ids: np.ndarray) -> RerankOutput:
+    def score(self, index, query, ids: np.ndarray, scores: np.ndarray | None = None) -> RerankOutput:
         if len(ids) == 0:
             return RerankOutput(np.zeros(0))
-        q = index.query_vector(query)
+        q = query.vector
         F, ts, offsets = self.gather(index, ids)
         sims = index.frame_similarities(F, q)
         pooled, arg = self.pool(sims, offsets)

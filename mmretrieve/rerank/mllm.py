@@ -291,7 +291,7 @@ class MLLMReranker(Reranker):
             out.append(torch.softmax(pair, dim=-1)[:, 0].cpu().numpy())
         return np.concatenate(out) if out else np.zeros(0)
 
-    def score(self, index, query, ids: np.ndarray) -> RerankOutput:
+    def score(self, index, query, ids: np.ndarray, scores: np.ndarray | None = None) -> RerankOutput:
         if len(ids) == 0:
             return RerankOutput(np.zeros(0))
         self.load()

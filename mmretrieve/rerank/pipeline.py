@@ -1,9 +1,16 @@
-"""The multi-stage pipeline: coarse top K1 -> reranker -> top K2 -> next reranker -> results.
+"""The rerank stages: coarse top K1 -> reranker -> top K2 -> next reranker -> results.
 
-Each stage re-scores the top ``k`` of the current ranking, fuses its score with the current one
-(``alpha * fine + (1 - alpha) * previous``, or replaces it with ``alpha = 1``), re-sorts that shortlist
-and keeps everything beyond it in its previous order. The rank of every item after every stage is
-recorded in the results (``Hit.stage_ranks``), so what each reranker fixed or broke is visible.
+A ``Pipeline`` holds the stages; the search path (``mmretrieve.index.search.run``) runs the coarse
+search and hands its ranking to ``Pipeline.rerank``. Each stage re-scores the top ``k`` of the current
+ranking, fuses its score with the current one (``alpha * fine + (1 - alpha) * previous``, or replaces
+it with ``alpha = 1``), re-sorts that shortlist and keeps everything beyond it in its previous order.
+
+**Scores fall with rank.** A stage's scale may differ from the tail's (P(yes) in [0, 1] against cosine
+similarities): after each stage, when the best score of the untouched tail is not below the worst score
+of the re-scored head, the whole tail is shifted down by the same amount so that its best sits just
+below the head (its own order and gaps kept). ``hit.score`` is this final, rank-consistent score; each
+stage's own score stays in ``Hit.stage_scores`` and the rank after every stage in ``Hit.stage_ranks``,
+so what each reranker fixed or broke is visible.
 
 Configured in code, from ``--rerank "emd:k=100,alpha=0.7"`` specs, or from YAML presets::
 
@@ -18,14 +25,14 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from mmretrieve.config import check_options, load_config, parse_spec, positive_int
+from mmretrieve.config import check_options, load_config, parse_spec
 from mmretrieve.errors import ConfigNotFoundError, RerankError, UsageError
 from mmretrieve.rerank.base import Reranker, create_reranker
-from mmretrieve.results import SearchResults
 
 
 @dataclass
@@ -96,51 +103,46 @@ class Pipeline:
         """How many items the coarse stage must return for a final top ``k``."""
         return max(int(k), int(self.coarse_k or 0), max((st.k for st in self.stages), default=0))
 
-    def stages_from(self, index, query, ids: np.ndarray, scores: np.ndarray) -> Iterator[StageResult]:
-        """Run every stage over a coarse ranking; yields one ``StageResult`` per stage."""
+    def rerank(self, view, query, ids: np.ndarray, scores: np.ndarray) -> Iterator[StageResult]:
+        """Every stage over a coarse ranking (``view``: the index's ``IndexView``; ``query``: the
+        ``EncodedQuery``); yields one ``StageResult`` per stage."""
         cur_ids, cur_scores = np.asarray(ids, dtype=np.int64), np.asarray(scores, dtype=np.float64)
         for label, st in zip(self.labels, self.stages):
             t0 = time.perf_counter()
-            cur_ids, cur_scores, fine, ex = self.apply_stage(st, index, query, cur_ids, cur_scores)
+            cur_ids, cur_scores, fine, ex = self.apply_stage(st, view, query, cur_ids, cur_scores)
             yield StageResult(label, cur_ids, cur_scores, fine, ex, (time.perf_counter() - t0) * 1000)
 
-    def run(self, index, query, *, k: int = 10, exclude: Sequence[int] = ()) -> SearchResults:
-        """Coarse search then every stage; returns the top ``k`` with per-stage ranks and scores."""
-        k = positive_int(k, "k", "Pipeline.run")
-        _ = index.encoder  # load the model outside the timed stages
-        t0 = time.perf_counter()
-        ids, scores = index.coarse(query, self.shortlist_size(k), exclude=list(exclude))
-        timings = {"coarse": (time.perf_counter() - t0) * 1000}
-        order_by_stage = {"coarse": ids.copy()}
-        stage_scores = {"coarse": dict(zip(ids.tolist(), np.asarray(scores, np.float64).tolist()))}
-        extra: dict[int, dict] = {}
-        cur_ids, cur_scores = ids, scores
-        for r in self.stages_from(index, query, ids, scores):
-            cur_ids, cur_scores = r.ids, r.scores
-            timings[r.label] = r.ms
-            order_by_stage[r.label] = cur_ids.copy()
-            stage_scores[r.label] = r.fine
-            for i, d in r.extra.items():
-                extra.setdefault(int(i), {}).update(d)
-        return index.hydrate(
-            {**query.describe(), "pipeline": [st.config() for st in self.stages]},
-            cur_ids[:k], cur_scores[:k], stages=order_by_stage, stage_scores=stage_scores, extra=extra, timings=timings,
-        )
-
     @staticmethod
-    def apply_stage(st: Reranker, index, query, ids: np.ndarray, scores: np.ndarray):
+    def apply_stage(st: Reranker, view, query, ids: np.ndarray, scores: np.ndarray):
         """One stage over a ranking: returns (new ids, new scores, {id: fine score}, extras)."""
         n = min(st.k, len(ids))
         head, rest = ids[:n], ids[n:]
-        out = st.score(index, query, head)
+        out = st.score(view, query, head, scores[:n].copy())
         fine = np.asarray(out.scores, dtype=np.float64)
         if fine.shape != (n,):
             raise RerankError(f"reranker {st.name} returned {fine.shape} scores for {n} candidates")
         fused = st.fuse(fine, scores[:n])
         order = np.argsort(-fused, kind="stable")
         new_ids = np.concatenate([head[order], rest])
-        new_scores = np.concatenate([fused[order], scores[n:]])
+        new_scores = np.concatenate([fused[order], below(scores[n:], fused[order])])
         return new_ids, new_scores, dict(zip(head.tolist(), fine.tolist())), out.extra
+
+
+#: how far below the head's worst score a shifted tail starts (relative to the scores' magnitude)
+TAIL_GAP = 1e-6
+
+
+def below(tail: np.ndarray, head: np.ndarray) -> np.ndarray:
+    """``tail`` shifted down so that its best is below the worst of ``head`` (unchanged when it already
+    is): a ranking's scores then fall with rank across a stage's boundary."""
+    tail = np.asarray(tail, dtype=np.float64)
+    if not len(tail) or not len(head):
+        return tail
+    top, floor = float(tail.max()), float(np.min(head))
+    if top < floor:
+        return tail
+    gap = TAIL_GAP * max(1.0, abs(floor), abs(top))
+    return tail - (top - floor + gap)
 
 
 def as_pipeline(p) -> Pipeline:
@@ -153,14 +155,17 @@ def as_pipeline(p) -> Pipeline:
     if isinstance(p, (list, tuple)):
         return Pipeline.from_specs(list(p))
     if isinstance(p, str):
-        return Pipeline.from_specs(p) if ":" in p or p in _names() else Pipeline.from_config(p)
+        return Pipeline.from_config(p) if is_preset(p) else Pipeline.from_specs(p)
     raise UsageError(f"cannot make a pipeline from {type(p).__name__}")
 
 
-def _names() -> list[str]:
-    from mmretrieve.rerank.base import list_rerankers
+def is_preset(name: str) -> bool:
+    """Whether a pipeline string names a preset (``configs/pipelines/<name>.yaml``) or a YAML file, as
+    ``--pipeline`` takes it; anything else is reranker specs, as ``--rerank`` takes them. So
+    ``pipeline="emd"`` is the ``emd`` preset in Python, on the command line and over HTTP alike."""
+    from mmretrieve.config import list_presets
 
-    return list_rerankers()
+    return f"pipelines/{name}" in list_presets("pipelines") or (name.endswith((".yaml", ".yml")) and Path(name).is_file())
 
 
-__all__ = ["Pipeline", "StageResult", "as_pipeline"]
+__all__ = ["Pipeline", "StageResult", "as_pipeline", "below"]

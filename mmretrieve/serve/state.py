@@ -119,7 +119,7 @@ class IndexManager:
         enc = self.encoder(read_manifest(path)["encoder"]["name"], required=False)
         idx = open_index(path, encoder=enc, verify=self.config.verify)
         if len(idx):  # the first search builds the scan structures; do it before the swap
-            idx.search_by_vector(np.full(idx.dim, idx.dim ** -0.5, np.float32), k=1)
+            idx.search(vector=np.full(idx.dim, idx.dim ** -0.5, np.float32), k=1)
         return idx
 
     def encoder(self, name: str, *, required: bool = True):

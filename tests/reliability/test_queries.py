@@ -63,37 +63,31 @@ def test_cli_item_and_image(index, tmp_path, monkeypatch, capsys):
 def test_query_vectors_are_validated(index):
     d = index.dim
     v = index.vectors([0])[0]
-    assert index.search_by_vector(v, k=1)[0].id == 0 and index.search_by_vector(v[None], k=1)[0].id == 0
+    assert index.search(vector=v, k=1)[0].id == 0 and index.search(vector=v[None], k=1)[0].id == 0
     nan = v.copy()
     nan[3] = np.nan
     cases = [
         (nan, r"query vector: 1 NaN or infinite value\(s\), the first at position 3"),
         (np.full(d, np.inf, np.float32), rf"query vector: {d} NaN or infinite value\(s\), the first at position 0"),
-        (np.stack([v, v]), rf"search_by_vector takes one vector of shape \({d},\) or \(1, {d}\), got shape \(2, {d}\)"),
+        (np.stack([v, v]), rf"Index.search\(vector=...\) takes one vector of shape \({d},\) or \(1, {d}\), got shape \(2, {d}\)"),
         (v[:-1], f"query vector: expected dim {d}, got {d - 1}"),
         (np.zeros(d, np.float32), "query vector: all zeros"),
         (["a"] * d, "query vector: not numeric"),
     ]
     for bad, msg in cases:
         with pytest.raises(BadVectorsError, match=msg):
-            index.search_by_vector(bad, k=3)
+            index.search(vector=bad, k=3)
 
 
 @pytest.mark.parametrize("k", [0, -5, 2.5, True, "3", None])
 def test_k_is_a_positive_integer_everywhere(index, k):
     v = index.vectors([0])[0]
     for call, where in [(lambda: index.search(text="a photo", k=k), "Index.search"),
-                        (lambda: index.search_by_vector(v, k=k), "Index.search_by_vector"),
-                        (lambda: Pipeline([]).run(index, _text_query(), k=k), "Pipeline.run")]:
+                        (lambda: index.search(vector=v, k=k), "Index.search"),
+                        (lambda: index.search(text="a photo", k=k, pipeline=Pipeline([])), "Index.search")]:
         with pytest.raises(UsageError, match=f"{where}: k must be a positive integer, got {k!r}"):
             call()
     assert len(index.search(text="a photo", k=np.int64(2))) == 2
-
-
-def _text_query():
-    from mmretrieve import Query
-
-    return Query(text="a photo")
 
 
 RERANKER_ERRORS = {
