@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -36,6 +37,27 @@ def test_bomb_between_1x_and_2x_is_only_a_warning_in_pillow(bad_files):
         load_image(path)
     with pytest.raises(Image.DecompressionBombError):
         Image.open(bad_files["bomb_above_2x.png"][0])
+
+
+def test_refusing_bombs_on_many_threads_leaves_the_warnings_filters_alone(bad_files):
+    """Server threads decode uploads: nothing on them may change the process's warnings filters
+    (``warnings.catch_warnings`` is not thread-safe), and every bomb is still refused."""
+    import concurrent.futures as cf
+    import warnings
+
+    from mmretrieve.media.images import load_image_bytes
+
+    data = Path(bad_files["bomb_between_1x_2x.png"][0]).read_bytes()
+    before = list(warnings.filters)
+
+    def one(_):
+        with pytest.raises(BadImageError, match="decompression bomb"):
+            load_image_bytes(data, max_pixels=None)  # Pillow's own threshold still refuses it
+        return list(warnings.filters) == before
+
+    with cf.ThreadPoolExecutor(4) as pool:
+        assert all(pool.map(one, range(16)))
+    assert warnings.filters == before
 
 
 def test_missing_file():

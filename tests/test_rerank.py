@@ -126,6 +126,7 @@ def test_threaded_sinkhorn_equals_serial():
     assert i1["mode"] == "kernel" and i1["iterations"] <= 50
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning:ot")  # as a user's process has it: POT's warning only printed
 def test_pot_non_convergence_is_an_error():
     Q, C = _problem(K=1, n=30, m=30, d=8, clustered=False)
     S = torch.tensor(np.einsum("knd,md->knm", C, Q))

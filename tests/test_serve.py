@@ -228,10 +228,14 @@ def test_healthz_metrics_docs_and_page(client, ids):
     assert 'mmretrieve_http_request_duration_seconds_bucket{endpoint="/api/v1/indexes/{name}/search",le="+Inf"}' in text
     assert 'mmretrieve_stage_duration_seconds_count{index="gallery",stage="coarse"}' in text
     assert 'mmretrieve_stage_duration_seconds_count{index="gallery",stage="emd"}' in text
-    assert 'mmretrieve_batch_size_bucket{batcher="encode",encoder="embedded",kind="text",le="1"}' in text
-    assert 'mmretrieve_batch_size_bucket{batcher="search",index="gallery",le="1"}' in text
+    assert 'mmretrieve_batch_size_bucket{batcher="encode",encoder="embedded",kind="text",le="1.0"}' in text
+    assert 'mmretrieve_batch_size_bucket{batcher="search",index="gallery",le="1.0"}' in text
     assert 'mmretrieve_index_info{index="gallery",version="v0001"} 1' in text
     assert "# TYPE mmretrieve_http_errors_total counter" in text
+    assert "process_resident_memory_bytes" in text and "process_cpu_seconds_total" in text  # prometheus_client's
+    om = client.get("/metrics", headers={"accept": "application/openmetrics-text; version=1.0.0"})
+    assert om.headers["content-type"].startswith("application/openmetrics-text")
+    assert om.text.rstrip().endswith("# EOF") and "# TYPE mmretrieve_http_requests counter" in om.text
     spec = client.get("/openapi.json").json()
     assert "/api/v1/indexes/{name}/search" in spec["paths"] and "SearchRequest" in spec["components"]["schemas"]
     assert "multipart/form-data" in spec["paths"]["/api/v1/indexes/{name}/search"]["post"]["requestBody"]["content"]
@@ -336,7 +340,11 @@ def test_bad_bodies(client):
 
 
 def test_host_header_and_cors(client, home, embedded):
-    err(client.get("/api/v1/indexes", headers={"host": "evil.example"}), 400, "is not this server's")
+    refused = client.get("/api/v1/indexes", headers={"host": "evil.example"})  # DNS rebinding: Starlette's check
+    assert refused.status_code == 400 and refused.text == "Invalid host header"
+    assert client.get("/api/v1/indexes", headers={"host": "evil.example:8000"}).status_code == 400
+    assert client.get("/api/v1/indexes", headers={"host": "127.0.0.1:8000"}).status_code == 200
+    assert client.get("/api/v1/indexes", headers={"host": "[::1]:8000"}).status_code == 200
     r = client.get("/api/v1/indexes", headers={"origin": "http://elsewhere.example"})
     assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
     svc = make_service(home, embedded, cors_origins=["http://app.example"])
@@ -654,3 +662,21 @@ def test_thumbnails_and_media_of_samples_inside_shards(tmp_path, samples, embedd
             err(c.get(f"/api/v1/indexes/wds/items/{last.id}/thumbnail", params={"size": 128}), 410, "changed since")
     finally:
         svc.close()
+
+
+def test_metrics_from_many_threads_add_up_and_services_do_not_mix():
+    from mmretrieve.serve.metrics import Metrics
+
+    a, b = Metrics(), Metrics()
+
+    def work(n):
+        for _ in range(500):
+            a.inc("mmretrieve_timeouts_total", {"endpoint": "search"})
+            a.observe("mmretrieve_stage_duration_seconds", 0.002, {"index": "g", "stage": "coarse"})
+
+    with cf.ThreadPoolExecutor(8) as pool:
+        list(pool.map(work, range(8)))
+    text = a.render()[0].decode()
+    assert 'mmretrieve_timeouts_total{endpoint="search"} 4000.0' in text
+    assert 'mmretrieve_stage_duration_seconds_count{index="g",stage="coarse"} 4000.0' in text
+    assert "mmretrieve_timeouts_total" not in b.render()[0].decode()  # its own registry

@@ -38,24 +38,23 @@ class DecodedBatch:
 
 def _header(data: bytes, name: str, formats, max_pixels) -> tuple[str, int, int]:
     """(format, width, height) from the header only; refusals as ``BadImageError`` with load_image's reasons."""
-    import warnings
-
     from PIL import Image
+
+    from mmretrieve.media.images import pixel_limit
 
     if not data:
         raise BadImageError(name, "empty file (0 bytes)")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data), formats=list(formats) if formats else None) as im:
-                w, h, fmt = im.size[0], im.size[1], im.format
-                orientation = im.getexif().get(0x0112, 1) if fmt == "JPEG" else 1
+        with Image.open(io.BytesIO(data), formats=list(formats) if formats else None) as im:
+            w, h, fmt = im.size[0], im.size[1], im.format
+            orientation = im.getexif().get(0x0112, 1) if fmt == "JPEG" else 1
     except Image.UnidentifiedImageError:
         raise BadImageError(name, f"not an image, or a format outside the allowlist ({', '.join(formats or [])})") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise BadImageError(name, f"decompression bomb: {e}") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise BadImageError(name, f"cannot decode image: {e}") from None
+    max_pixels = pixel_limit(max_pixels)
     if max_pixels is not None and w * h > max_pixels:
         raise BadImageError(name, f"decompression bomb: {w}x{h} = {w * h} pixels exceeds the limit of {max_pixels}")
     return (fmt if orientation in (1, None) else f"{fmt}-rotated"), w, h
@@ -154,10 +153,13 @@ def jpeg_decoder():
     from torchvision.io import ImageReadMode
     from torchvision.io import decode_jpeg as tv
 
+    # deprecated for TorchCodec since torchvision 0.29: silenced once, for that message only (a filter set
+    # per call with catch_warnings would race with other threads' warnings)
+    warnings.filterwarnings("ignore", message=r".*decode_jpeg.*", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", message=r".*TorchCodec.*", category=DeprecationWarning)
+
     def decode(raw, device):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)  # deprecated for TorchCodec since 0.29
-            return tv(raw, mode=ImageReadMode.RGB, device=device)
+        return tv(raw, mode=ImageReadMode.RGB, device=device)
 
     decode.backend = "torchvision"
     return decode

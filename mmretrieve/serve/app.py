@@ -55,7 +55,8 @@ STATIC = Path(str(resources.files("mmretrieve.serve") / "static"))
 PAGE_CSP = ("default-src 'self'; img-src 'self' blob: data:; media-src 'self' blob:; style-src 'self'; "
             "script-src 'self'; connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'; "
             "form-action 'self'")
-LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+#: Host header names a loopback server answers to (Starlette keeps an IPv6 host in brackets)
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "[::1]"})
 
 
 # ---- errors -------------------------------------------------------------------------------------------
@@ -125,14 +126,13 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(500, "InternalError", "internal error (the server logged the details)")
 
 
-# ---- the guard: host check, in-flight cap, body cap, security headers, metrics -------------------------
+# ---- the guard: in-flight cap, body cap, security headers, metrics (the host check is Starlette's) -----
 class Guard:
-    """Pure ASGI middleware in front of everything."""
+    """Pure ASGI middleware in front of everything but the host check."""
 
-    def __init__(self, app, service: Service, allowed_hosts: frozenset[str] | None) -> None:
+    def __init__(self, app, service: Service) -> None:
         self.app = app
         self.service = service
-        self.allowed_hosts = allowed_hosts
         cfg = service.config
         self.max_body = cfg.max_upload_bytes * 4 // 3 + (64 << 10)  # base64 in JSON, plus the other fields
 
@@ -189,11 +189,6 @@ class Guard:
         return token_matches(token, headers.get("authorization"), cookie)
 
     def _refusal(self, headers: dict, path: str, authed: bool):
-        host = headers.get("host", "")
-        name = host.rsplit(":", 1)[0] if not host.startswith("[") else host[1:].split("]", 1)[0]
-        if self.allowed_hosts is not None and name.lower() not in self.allowed_hosts:
-            return error_response(400, "UsageError", f"Host {host!r} is not this server's (a loopback server answers "
-                                  f"only to {', '.join(sorted(self.allowed_hosts))})")
         if not authed and path.startswith((API + "/", "/metrics")):
             return error_response(401, "UnauthorizedError", "missing or wrong API token: send 'Authorization: Bearer TOKEN'",
                                   {"WWW-Authenticate": "Bearer"})
@@ -373,8 +368,14 @@ def create_app(service: Service, *, allowed_hosts: frozenset[str] | None | str =
         app.add_middleware(CORSMiddleware, allow_origins=list(cfg.cors_origins), allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"])
     if allowed_hosts == "auto":
-        allowed_hosts = LOOPBACK_HOSTS | {cfg.host.strip("[]").lower()} if is_loopback(cfg.host) and not cfg.token else None
-    app.add_middleware(Guard, service=service, allowed_hosts=allowed_hosts)
+        bound = cfg.host.strip("[]").lower()
+        allowed_hosts = (LOOPBACK_HOSTS | {f"[{bound}]" if ":" in bound else bound}
+                         if is_loopback(cfg.host) and not cfg.token else None)
+    app.add_middleware(Guard, service=service)
+    if allowed_hosts is not None:  # outermost: a request for another host name is refused before anything
+        from starlette.middleware.trustedhost import TrustedHostMiddleware
+
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=sorted(allowed_hosts))
     _openapi_models(app)
     return app
 
@@ -427,7 +428,8 @@ def _page_routes(app: FastAPI, service: Service, offline_docs: Path | None) -> N
     def metrics(request: Request):
         if not token_matches(service.config.token, request.headers.get("authorization"), request.cookies.get(TOKEN_COOKIE)):
             raise UnauthorizedError("missing or wrong API token: send 'Authorization: Bearer TOKEN'")
-        return PlainTextResponse(service.metrics.render(), media_type="text/plain; version=0.0.4")
+        body, content_type = service.metrics.render(request.headers.get("accept"))
+        return Response(body, media_type=content_type)
 
     if offline_docs is not None:
         from fastapi.openapi.docs import get_swagger_ui_html

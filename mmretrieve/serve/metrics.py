@@ -1,6 +1,12 @@
-"""Counters, gauges and histograms in the Prometheus text format (``GET /metrics``), thread-safe, with
-no dependency: requests, errors and latency per endpoint, time per search stage, encoder batch sizes,
-the heavy queue, index versions."""
+"""Counters, gauges and histograms for ``GET /metrics``, thread-safe: requests, errors and latency per
+endpoint, time per search stage, encoder batch sizes, the heavy queue, index versions, and the process
+(CPU, memory, open files) and platform metrics of ``prometheus_client``.
+
+The series live in this module's store (a series' labels may differ within a metric, e.g. a stage timed
+per index or per encoder); each ``Metrics`` is a collector on its own ``prometheus_client``
+``CollectorRegistry`` (one per service, so several services in one process do not mix), and
+``prometheus_client`` writes the exposition: the Prometheus text format, or OpenMetrics when the client
+asks for it (``Accept: application/openmetrics-text``)."""
 
 from __future__ import annotations
 
@@ -8,6 +14,10 @@ import bisect
 import math
 import threading
 from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.metrics_core import Metric
 
 #: latency buckets in seconds (1 ms .. 30 s)
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -35,18 +45,8 @@ def _labels(labels: dict[str, str] | None) -> tuple[tuple[str, str], ...]:
     return tuple(sorted((labels or {}).items()))
 
 
-def _fmt_labels(labels: tuple[tuple[str, str], ...], extra: tuple[tuple[str, str], ...] = ()) -> str:
-    items = labels + extra
-    if not items:
-        return ""
-    esc = lambda v: str(v).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')  # noqa: E731
-    return "{" + ",".join(f'{k}="{esc(v)}"' for k, v in items) + "}"
-
-
-def _num(v: float) -> str:
-    if math.isinf(v):
-        return "+Inf" if v > 0 else "-Inf"
-    return repr(float(v)) if not float(v).is_integer() else str(int(v))
+def _le(b: float) -> str:
+    return "+Inf" if math.isinf(b) else repr(float(b))
 
 
 class Metrics:
@@ -56,6 +56,10 @@ class Metrics:
         self._gauges: dict[tuple[str, tuple], float] = {}
         self._hists: dict[tuple[str, tuple], list] = {}  # [bucket bounds, counts, sum, count]
         self._callbacks: list[Callable[[Metrics], None]] = []
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(self)
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
 
     def inc(self, name: str, labels: dict[str, str] | None = None, value: float = 1.0) -> None:
         key = (name, _labels(labels))
@@ -96,29 +100,37 @@ class Metrics:
         with self._lock:
             return self._counters.get((name, _labels(labels)), 0.0)
 
-    def render(self) -> str:
+    def collect(self):
+        """The series as ``prometheus_client`` metric families (the registry's collector interface)."""
         for fn in self._callbacks:
             fn(self)
+        families: dict[str, Metric] = {}
+
+        def family(name: str, kind: str) -> Metric:
+            if name not in families:
+                doc = _HELP.get(name, (kind, name))[1]
+                families[name] = Metric(name.removesuffix("_total") if kind == "counter" else name, doc, kind)
+            return families[name]
+
         with self._lock:
-            series: dict[str, list[str]] = {}
             for (name, lab), v in sorted(self._counters.items()):
-                series.setdefault(name, []).append(f"{name}{_fmt_labels(lab)} {_num(v)}")
+                family(name, "counter").add_sample(name, dict(lab), v)
             for (name, lab), v in sorted(self._gauges.items()):
-                series.setdefault(name, []).append(f"{name}{_fmt_labels(lab)} {_num(v)}")
+                family(name, "gauge").add_sample(name, dict(lab), v)
             for (name, lab), (bounds, counts, total, n) in sorted(self._hists.items(), key=lambda kv: kv[0]):
-                lines = series.setdefault(name, [])
-                acc = 0
+                f, acc = family(name, "histogram"), 0
                 for b, c in zip(bounds, counts):
                     acc += c
-                    lines.append(f"{name}_bucket{_fmt_labels(lab, (('le', _num(b)),))} {acc}")
-                lines.append(f"{name}_bucket{_fmt_labels(lab, (('le', '+Inf'),))} {n}")
-                lines.append(f"{name}_sum{_fmt_labels(lab)} {_num(round(total, 9))}")
-                lines.append(f"{name}_count{_fmt_labels(lab)} {n}")
-        out = []
-        for name in sorted(series):
-            kind, doc = _HELP.get(name, ("untyped", name))
-            out += [f"# HELP {name} {doc}", f"# TYPE {name} {kind}", *series[name]]
-        return "\n".join(out) + "\n"
+                    f.add_sample(f"{name}_bucket", {**dict(lab), "le": _le(b)}, acc)
+                f.add_sample(f"{name}_bucket", {**dict(lab), "le": "+Inf"}, n)
+                f.add_sample(f"{name}_count", dict(lab), n)
+                f.add_sample(f"{name}_sum", dict(lab), round(total, 9))
+        yield from (families[n] for n in sorted(families))
+
+    def render(self, accept: str | None = None) -> tuple[bytes, str]:
+        """(body, content type): OpenMetrics when ``accept`` asks for it, else the Prometheus text format."""
+        encoder, content_type = choose_encoder(accept or "")
+        return encoder(self.registry), content_type
 
 
 __all__ = ["Metrics", "LATENCY_BUCKETS", "BATCH_BUCKETS"]
