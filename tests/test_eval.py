@@ -140,6 +140,26 @@ def test_cirr_runner_matches_reference_implementation(tmp_path, samples, embedde
     assert via_pipe.config["fusion"] == "intersection" and via_pipe.rankings["coarse"] == inter.rankings["coarse"]
 
 
+def test_an_evaluator_is_built_once_and_called_per_run(tmp_path, samples, embedded, monkeypatch):
+    """sentence-transformers' evaluator shape: the protocol is made once, from data that never builds it."""
+    from mmretrieve.eval import CIREvaluator, protocol
+    from mmretrieve.eval.datasets import BENCHMARKS, CIRDataset
+
+    make_cirr(tmp_path / "cirr", samples)
+    ds = load_dataset("cirr", tmp_path / "cirr", "val")
+    assert not any(hasattr(CIRDataset, a) for a in ("benchmark", "metrics", "target_rank", "needs_full_ranking"))
+    made = []
+    real_create = BENCHMARKS.create
+    monkeypatch.setattr(BENCHMARKS, "create", lambda name, **kw: made.append(name) or real_create(name, **kw))
+    evaluator = CIREvaluator(ds, cache=tmp_path / "cache")
+    a = evaluator(embedded)
+    b = evaluator(embedded, fusion="intersection")
+    assert made == ["cirr"]  # one protocol for both runs
+    assert a.metrics == evaluate(ds, encoder=embedded, cache=tmp_path / "cache").metrics
+    assert b.metrics == evaluate(ds, encoder=embedded, cache=tmp_path / "cache", fusion="intersection").metrics
+    assert a.metrics["coarse"] == pytest.approx(protocol(ds).metrics(a.rankings["coarse"], ds.queries))
+
+
 def test_fashioniq_and_circo_runners_match_reference(tmp_path, samples, embedded):
     make_fashioniq(tmp_path / "fiq", samples)
     fiq = load_dataset("fashioniq", tmp_path / "fiq", "val", categories=["dress", "toptee"])

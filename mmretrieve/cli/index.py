@@ -42,19 +42,26 @@ def _report_out(report, args) -> int:
     return EXIT_OK
 
 
+def build_options(args, *, shape: bool = True):
+    """The ``BuildOptions`` of ``index build`` / ``index add`` from their arguments (one place; ``shape``:
+    the options that make a new index, which only ``build`` takes)."""
+    from mmretrieve.ingest import BuildOptions
+
+    run = {n: getattr(args, n) for n in ("batch_size", "workers", "on_bad_vectors", "strict", "image_timeout", "engine",
+                                          "ray_address", "ray_actors", "decode", "unit_items")}
+    if not shape:
+        return BuildOptions(**run)
+    video = {"num_frames": args.frames, "fps": args.fps, "max_frames": args.max_frames, "pooling": args.video_pooling,
+             "frame_entries": args.frame_entries or None, "timeout": args.video_timeout}
+    return BuildOptions(factory=args.factory, patches=_patches_arg(args), vector_dtype=args.vector_dtype,
+                        retain=args.retain, video={k: v for k, v in video.items() if v is not None}, **run)
+
+
 def cmd_build(args) -> int:
     from mmretrieve.ingest import build_index
 
-    video = {"num_frames": args.frames, "fps": args.fps, "max_frames": args.max_frames, "pooling": args.video_pooling,
-             "frame_entries": args.frame_entries or None, "timeout": args.video_timeout}
-    report = build_index(
-        args.name, args.source, encoder=args.encoder, index_dir=args.index_dir, factory=args.factory,
-        patches=_patches_arg(args), video={k: v for k, v in video.items() if v is not None}, overwrite=args.overwrite,
-        batch_size=args.batch_size, workers=args.workers, on_bad_vectors=args.on_bad_vectors, strict=args.strict,
-        vector_dtype=args.vector_dtype, retain=args.retain, image_timeout=args.image_timeout, resume=args.resume,
-        engine=args.engine, ray_address=args.ray_address, ray_actors=args.ray_actors, decode=args.decode,
-        unit_items=args.unit_items,
-    )
+    report = build_index(args.name, args.source, encoder=args.encoder, index_dir=args.index_dir, overwrite=args.overwrite,
+                         resume=args.resume, options=build_options(args))
     return _report_out(report, args)
 
 
@@ -144,10 +151,8 @@ def cmd_rollback(args) -> int:
 def cmd_add(args) -> int:
     from mmretrieve.ingest import add_to_index
 
-    report = add_to_index(args.name, args.source, index_dir=args.index_dir, batch_size=args.batch_size, workers=args.workers,
-                          on_bad_vectors=args.on_bad_vectors, strict=args.strict, image_timeout=args.image_timeout,
-                          prune=not args.no_prune, include_removed=args.include_removed, engine=args.engine, ray_address=args.ray_address,
-                          ray_actors=args.ray_actors, decode=args.decode, unit_items=args.unit_items)
+    report = add_to_index(args.name, args.source, index_dir=args.index_dir, prune=not args.no_prune,
+                          include_removed=args.include_removed, options=build_options(args, shape=False))
     return _report_out(report, args)
 
 

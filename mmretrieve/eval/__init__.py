@@ -1,9 +1,10 @@
 """Evaluation on the composed-retrieval benchmarks (CIRR, FashionIQ, CIRCO, EgoCVR) and image-caption
 sets, with the official metric definitions, per-stage reports and official submission files.
 
->>> from mmretrieve.eval import load_dataset, evaluate, write_report      # doctest: +SKIP
+>>> from mmretrieve.eval import load_dataset, CIREvaluator, write_report  # doctest: +SKIP
 >>> ds = load_dataset("cirr", "/data/CIRR", "val")                         # doctest: +SKIP
->>> res = evaluate(ds, encoder="clip-vit-b32", pipeline="emd")             # doctest: +SKIP
+>>> evaluator = CIREvaluator(ds)                                         # doctest: +SKIP
+>>> res = evaluator("clip-vit-b32", pipeline="emd")                        # doctest: +SKIP
 >>> res.metrics["emd"]["recall@1"]                                         # doctest: +SKIP
 
 Names load on first use (the command line lists the benchmarks without importing torch).
@@ -23,6 +24,8 @@ _LAZY = {
     "load_dataset": "mmretrieve.eval.datasets",
     "EvalResult": "mmretrieve.eval.runner",
     "evaluate": "mmretrieve.eval.runner",
+    "CIREvaluator": "mmretrieve.eval.runner",
+    "protocol": "mmretrieve.eval.datasets",
     "evaluate_fusions": "mmretrieve.eval.runner",
     "write_report": "mmretrieve.eval.report",
 }

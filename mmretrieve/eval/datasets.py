@@ -1,4 +1,6 @@
 """Benchmarks as classes: each one loads its official layout unchanged and knows its own protocol.
+A ``CIRDataset`` is data only (queries, galleries); the protocol is the ``Benchmark``, which an
+evaluator builds once (``protocol(ds)``): the two never call each other.
 
 A ``Benchmark`` (``cirr``, ``fashioniq``, ``circo``, ``egocvr``; ``BENCHMARKS`` lists them) loads a split
 into a ``CIRDataset`` (queries + galleries) and owns everything that differs between benchmarks: its
@@ -63,18 +65,8 @@ class CIRDataset:
     unreadable_dropped: set[str] = field(default_factory=set)
 
     @property
-    def benchmark(self) -> Benchmark:
-        import mmretrieve.eval.benchmarks  # noqa: F401 - registers the built-in benchmarks
-
-        return BENCHMARKS.create(self.name)
-
-    @property
     def has_targets(self) -> bool:
         return bool(self.queries) and all(q.target is not None for q in self.queries)
-
-    @property
-    def needs_full_ranking(self) -> bool:
-        return self.benchmark.needs_full_ranking
 
     def with_queries(self, queries: list[CIRQuery]) -> CIRDataset:
         """The same split restricted to ``queries`` (e.g. ``--limit``)."""
@@ -105,16 +97,6 @@ class CIRDataset:
         if not keep:
             raise DatasetError(f"{where}: no query is left once the unreadable images are dropped: nothing to evaluate")
         return keep
-
-    def metrics(self, rankings: dict[str, list[str]]) -> dict[str, float]:
-        return self.benchmark.metrics(rankings, self.queries)
-
-    def target_rank(self, q: CIRQuery, ranking) -> int | None:
-        """The 1-based rank of the (first) ground truth in a ranking, as the protocol counts it."""
-        return M.first_rank(self.benchmark.scored_ranking(self, q, ranking), q.gts or ([q.target] if q.target else []))
-
-    def top(self, q: CIRQuery, ranking, n: int) -> list[str]:
-        return self.benchmark.scored_ranking(self, q, ranking)[:n]
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -154,6 +136,13 @@ class Benchmark:
         """The ranking as the metric reads it (after the protocol's reference removal / gallery filter)."""
         return M.remove_reference(ranking, q.reference) if self.remove_reference else list(ranking)
 
+    def target_rank(self, ds: CIRDataset, q: CIRQuery, ranking) -> int | None:
+        """The 1-based rank of the (first) ground truth in a ranking, as the protocol counts it."""
+        return M.first_rank(self.scored_ranking(ds, q, ranking), q.gts or ([q.target] if q.target else []))
+
+    def top(self, ds: CIRDataset, q: CIRQuery, ranking, n: int) -> list[str]:
+        return self.scored_ranking(ds, q, ranking)[:n]
+
     def run_options(self, options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
         """Command-line options -> (loader options, evaluation options). All go to the loader by default."""
         return dict(options), {}
@@ -190,6 +179,14 @@ DATASETS = BENCHMARKS
 def register(cls: type[Benchmark]) -> type[Benchmark]:
     BENCHMARKS.register(cls.name, doc=cls.help)(cls)
     return cls
+
+
+def protocol(ds: CIRDataset) -> Benchmark:
+    """The benchmark protocol of a loaded split (by its name). A dataset is data only: it never builds
+    its benchmark; an evaluator builds it once (``mmretrieve.eval.runner.CIREvaluator``)."""
+    import mmretrieve.eval.benchmarks  # noqa: F401 - registers the built-in benchmarks
+
+    return BENCHMARKS.create(ds.name)
 
 
 def load_dataset(name: str, root: str | os.PathLike, split: str | None = None, **kw: Any) -> CIRDataset:

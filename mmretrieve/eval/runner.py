@@ -24,7 +24,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from mmretrieve.encoders import Encoder, create_encoder
-from mmretrieve.eval.datasets import TOP, CIRDataset, CIRQuery
+from mmretrieve.eval.datasets import TOP, CIRDataset, CIRQuery, protocol
 from mmretrieve.query import EncodedQuery, Query
 from mmretrieve.runtime import progress_disable
 from mmretrieve.settings import cache_dir as default_cache_root
@@ -155,78 +155,87 @@ def _stage_labels(pipeline) -> list[str]:
     return ["coarse"] + (list(pipeline.labels) if pipeline is not None else [])
 
 
-def evaluate(
-    ds: CIRDataset,
-    *,
-    encoder: Encoder | str = "embedded",
-    pipeline=None,
-    fusion: str | None = None,
-    fusion_options: dict | None = None,
-    batch_size: int | None = None,
-    workers: int | None = None,
-    cache: str | Path | None = None,
-    limit: int | None = None,
-    video: dict | None = None,
-) -> EvalResult:
-    """Run the coarse stage (composed fusion ``fusion``; default: the pipeline's coarse fusion, else sum)
-    and every reranker of ``pipeline`` on ``ds``.
+class CIREvaluator:
+    """One benchmark split's evaluation, set up once (its protocol, its data, how galleries are indexed)
+    and called on what is evaluated, as sentence-transformers' evaluators are::
 
-    Where the protocol removes the reference image from the ranking (CIRR), it is left out of the coarse
-    search itself, so that rerankers never spend a shortlist slot on it and score normalisations (e.g.
-    the intersection fusion's min-max) do not see its self-similarity. Rerankers re-score each of the
-    benchmark's shortlists (EgoCVR: the coarse ranking filtered to the query's global and to its local
-    gallery, as EgoCVR's two-stage baseline does).
-    ``video``: how gallery videos are sampled (default: the benchmark's, e.g. EgoCVR's 15 uniform frames)."""
-    from mmretrieve.query import coarse_strategy
-    from mmretrieve.rerank.pipeline import as_pipeline
+        evaluator = CIREvaluator(load_dataset("cirr", root), cache=...)
+        sum_run = evaluator("clip-vit-b32")
+        emd_run = evaluator("clip-vit-b32", pipeline="emd", fusion="intersection")
 
-    t_start = time.perf_counter()
-    bench = ds.benchmark
-    video = video if video is not None else bench.video
-    enc = create_encoder(encoder) if isinstance(encoder, str) else encoder
-    pipe = as_pipeline(pipeline) if pipeline is not None else None
-    fusion = fusion or (pipe.coarse_fusion if pipe is not None else None) or "sum"
-    fusion_options = dict(fusion_options or {})
-    strategy = coarse_strategy(fusion, fusion_options)  # unknown fusion or option: refused before any work
-    queries = ds.queries[: limit or None]
-    stages = _stage_labels(pipe)
-    rankings: dict[str, dict[str, Any]] = {s: {} for s in stages}
-    timings = {"gallery": 0.0, "queries": 0.0}
-    by_group: dict = {}
-    for q in queries:
-        by_group.setdefault(q.group, []).append(q)
-    # one text embedding per distinct phrasing, shared by all groups (cached on disk like the galleries)
-    t0 = time.perf_counter()
-    uniq = sorted({t for q in queries for t in q.texts})
-    text_vec = dict(zip(uniq, cached_text_embeddings(enc, uniq, cache))) if uniq else {}
-    timings["text_encoding"] = time.perf_counter() - t0
-    for group, qs in by_group.items():
-        t0 = time.perf_counter()
-        idx = gallery_index(ds, group, enc, patches=_needs_patches(pipe), batch_size=batch_size, workers=workers, cache=cache,
-                            video=video)
-        timings["gallery"] += time.perf_counter() - t0
-        kept = ds.drop_unusable({s.key: s.reason for s in idx.meta.skipped()}, group, qs)  # unreadable: fail or drop
-        if len(kept) < len(qs):
-            dropped = {q.qid for q in qs} - {q.qid for q in kept}
-            queries, qs = [q for q in queries if q.qid not in dropped], kept
-        t0 = time.perf_counter()
-        _rank_group(ds, idx, qs, text_vec, strategy, pipe, rankings)
-        timings["queries"] += time.perf_counter() - t0
-        idx.close()
-    sub = ds.with_queries(queries)
-    metrics = {s: sub.metrics(rankings[s]) for s in stages} if sub.has_targets else None
-    per_query = [_diagnostics(sub, q, rankings, stages) for q in queries]
-    timings["total"] = time.perf_counter() - t_start
-    config = {
-        "encoder": enc.info.to_dict(),
-        "fusion": fusion,
-        "fusion_options": fusion_options,
-        "pipeline": pipe.config() if pipe is not None else None,
-        "limit": limit,
-    }
-    summary = sub.summary()
-    summary["queries_evaluated"] = len(queries)
-    return EvalResult(summary, config, stages, metrics, rankings, per_query, timings)
+    Each call runs the coarse stage (composed fusion ``fusion``; default: the pipeline's coarse fusion,
+    else sum) and every reranker of ``pipeline``, and returns an ``EvalResult``. Where the protocol removes
+    the reference image from the ranking (CIRR), it is left out of the coarse search itself, so that
+    rerankers never spend a shortlist slot on it and score normalisations (e.g. the intersection
+    fusion's min-max) do not see its self-similarity. Rerankers re-score each of the benchmark's
+    shortlists (EgoCVR: the coarse ranking filtered to the query's global and to its local gallery, as
+    EgoCVR's two-stage baseline does). ``video``: how gallery videos are sampled (default: the
+    benchmark's, e.g. EgoCVR's 15 uniform frames). ``limit``: the first N queries only.
+    """
+
+    def __init__(self, ds: CIRDataset, *, batch_size: int | None = None, workers: int | None = None,
+                 cache: str | Path | None = None, limit: int | None = None, video: dict | None = None) -> None:
+        self.dataset = ds
+        self.benchmark = protocol(ds)
+        self.video = video if video is not None else self.benchmark.video
+        self.batch_size, self.workers, self.cache, self.limit = batch_size, workers, cache, limit
+
+    def __call__(self, encoder: Encoder | str = "embedded", *, pipeline=None, fusion: str | None = None,
+                 fusion_options: dict | None = None) -> EvalResult:
+        from mmretrieve.query import coarse_strategy
+        from mmretrieve.rerank.pipeline import as_pipeline
+
+        t_start = time.perf_counter()
+        ds = self.dataset
+        enc = create_encoder(encoder) if isinstance(encoder, str) else encoder
+        pipe = as_pipeline(pipeline) if pipeline is not None else None
+        fusion = fusion or (pipe.coarse_fusion if pipe is not None else None) or "sum"
+        fusion_options = dict(fusion_options or {})
+        strategy = coarse_strategy(fusion, fusion_options)  # unknown fusion or option: refused before any work
+        queries = ds.queries[: self.limit or None]
+        stages = _stage_labels(pipe)
+        rankings: dict[str, dict[str, Any]] = {s: {} for s in stages}
+        timings = {"gallery": 0.0, "queries": 0.0}
+        t0 = time.perf_counter()  # one text embedding per distinct phrasing, shared by all groups (cached on disk)
+        uniq = sorted({t for q in queries for t in q.texts})
+        text_vec = dict(zip(uniq, cached_text_embeddings(enc, uniq, self.cache))) if uniq else {}
+        timings["text_encoding"] = time.perf_counter() - t0
+        by_group: dict = {}
+        for q in queries:
+            by_group.setdefault(q.group, []).append(q)
+        for group, qs in by_group.items():
+            t0 = time.perf_counter()
+            idx = gallery_index(ds, group, enc, patches=_needs_patches(pipe), batch_size=self.batch_size,
+                                workers=self.workers, cache=self.cache, video=self.video)
+            timings["gallery"] += time.perf_counter() - t0
+            kept = ds.drop_unusable({s.key: s.reason for s in idx.meta.skipped()}, group, qs)  # unreadable: fail or drop
+            if len(kept) < len(qs):
+                dropped = {q.qid for q in qs} - {q.qid for q in kept}
+                queries, qs = [q for q in queries if q.qid not in dropped], kept
+            t0 = time.perf_counter()
+            _rank_group(ds, self.benchmark, idx, qs, text_vec, strategy, pipe, rankings)
+            timings["queries"] += time.perf_counter() - t0
+            idx.close()
+        config = {"encoder": enc.info.to_dict(), "fusion": fusion, "fusion_options": fusion_options,
+                  "pipeline": pipe.config() if pipe is not None else None, "limit": self.limit}
+        return self._result(queries, stages, rankings, config, timings, t_start)
+
+    def _result(self, queries, stages, rankings, config, timings, t_start) -> EvalResult:
+        sub = self.dataset.with_queries(queries)
+        metrics = {s: self.benchmark.metrics(rankings[s], sub.queries) for s in stages} if sub.has_targets else None
+        per_query = [_diagnostics(sub, self.benchmark, q, rankings, stages) for q in queries]
+        timings["total"] = time.perf_counter() - t_start
+        summary = sub.summary()
+        summary["queries_evaluated"] = len(queries)
+        return EvalResult(summary, config, stages, metrics, rankings, per_query, timings)
+
+
+def evaluate(ds: CIRDataset, *, encoder: Encoder | str = "embedded", pipeline=None, fusion: str | None = None,
+             fusion_options: dict | None = None, batch_size: int | None = None, workers: int | None = None,
+             cache: str | Path | None = None, limit: int | None = None, video: dict | None = None) -> EvalResult:
+    """One run of ``CIREvaluator(ds, ...)(encoder, pipeline=..., fusion=...)`` (see there)."""
+    return CIREvaluator(ds, batch_size=batch_size, workers=workers, cache=cache, limit=limit, video=video)(
+        encoder, pipeline=pipeline, fusion=fusion, fusion_options=fusion_options)
 
 
 def _query_sides(ds: CIRDataset, idx, group, qs, text_vec, strategy):
@@ -256,10 +265,9 @@ def _query_sides(ds: CIRDataset, idx, group, qs, text_vec, strategy):
     return vecs, qobjs, ref_ids
 
 
-def _rank_group(ds: CIRDataset, idx, qs, text_vec, strategy, pipe, rankings) -> None:
+def _rank_group(ds: CIRDataset, bench, idx, qs, text_vec, strategy, pipe, rankings) -> None:
     """Coarse rankings for one gallery's queries (one batched search for vector fusions), then every
     stage of ``pipe`` over each of the benchmark's shortlists."""
-    bench = ds.benchmark
     group = qs[0].group if qs else None
     keys = {it.id: it.key for it in idx.meta.iter_items()}
     n = len(idx)
@@ -306,7 +314,7 @@ def _coarse_batch(idx, vecs: list[dict], strategy, k: int, exclude: list[int | N
     return out
 
 
-def _diagnostics(ds: CIRDataset, q: CIRQuery, rankings, stages) -> dict[str, Any]:
+def _diagnostics(ds: CIRDataset, bench, q: CIRQuery, rankings, stages) -> dict[str, Any]:
     d: dict[str, Any] = {"qid": q.qid, "reference": q.reference, "texts": q.texts}
     if q.group:
         d["group"] = q.group
@@ -314,17 +322,19 @@ def _diagnostics(ds: CIRDataset, q: CIRQuery, rankings, stages) -> dict[str, Any
         d["aspects"] = q.aspects
     if q.target is not None:
         d["target"] = q.target
-        d["ranks"] = {s: ds.target_rank(q, rankings[s][q.qid]) for s in stages}
-    d["top5"] = {s: ds.top(q, rankings[s][q.qid], 5) for s in stages}
+        d["ranks"] = {s: bench.target_rank(ds, q, rankings[s][q.qid]) for s in stages}
+    d["top5"] = {s: bench.top(ds, q, rankings[s][q.qid], 5) for s in stages}
     return d
 
 
 def evaluate_fusions(ds: CIRDataset, fusions: list[str], **kw) -> EvalResult:
     """``evaluate`` once per composed fusion (e.g. ``["sum", "intersection"]``) and put the runs side by
     side: stage names become ``<fusion>/<stage>``. Gallery and text features are shared (cached)."""
+    run_kw = {k: kw.pop(k) for k in ("encoder", "pipeline", "fusion_options") if k in kw}
+    evaluator = CIREvaluator(ds, **kw)  # built once, called once per fusion
     if len(fusions) == 1:
-        return evaluate(ds, fusion=fusions[0], **kw)
-    runs = [(f, evaluate(ds, fusion=f, **kw)) for f in fusions]
+        return evaluator(fusion=fusions[0], **run_kw)
+    runs = [(f, evaluator(fusion=f, **run_kw)) for f in fusions]
     first = runs[0][1]
     stages = [f"{f}/{s}" for f, r in runs for s in r.stages]
     rankings = {f"{f}/{s}": r.rankings[s] for f, r in runs for s in r.stages}

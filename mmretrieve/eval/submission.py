@@ -16,12 +16,12 @@ from pathlib import Path
 from typing import Any
 
 from mmretrieve.errors import DatasetError, SubmissionError
-from mmretrieve.eval.datasets import TOP, CIRDataset
+from mmretrieve.eval.datasets import TOP, CIRDataset, protocol
 
 
 def submission_files(ds: CIRDataset, full: dict[str, Any]) -> dict[str, dict]:
     """file name -> JSON content, from full (or long enough) rankings keyed by query id."""
-    return ds.benchmark.submission_files(ds, full)
+    return protocol(ds).submission_files(ds, full)
 
 
 def write_submission(ds: CIRDataset, full: dict[str, Any], out_dir: Path, prefix: str = "") -> list[Path]:
@@ -89,7 +89,7 @@ def score_files(ds: CIRDataset, rankings_path: str | Path, subset_path: str | Pa
     data = load_json(rankings_path)
     if not isinstance(data, dict):
         raise SubmissionError(f"{rankings_path}: expected a JSON object of query id -> ranked ids")
-    return ds.benchmark.score_files(ds, rankings_path, data, Path(subset_path) if subset_path else None)
+    return protocol(ds).score_files(ds, rankings_path, data, Path(subset_path) if subset_path else None)
 
 
 def check_ids(path: Path, data: Any, *, count: tuple[int, int], pattern, what: str, skip: tuple[str, ...] = ()) -> dict[str, list]:

@@ -14,11 +14,13 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from tqdm.auto import tqdm
 
 from mmretrieve.encoders import DEFAULT_ENCODER, create_encoder
 from mmretrieve.errors import DeviceError, IndexExistsError, InputError, SkippedInputsError, UsageError
+from mmretrieve.ingest.options import BuildOptions
 from mmretrieve.ingest.ray_engine import check_engine
 from mmretrieve.ingest.report import IngestReport
 from mmretrieve.ingest.stages import UnitEnd, duplicate_key, run_stages, skipped_of
@@ -26,7 +28,7 @@ from mmretrieve.media.scan import ScanResult, SourceItem
 from mmretrieve.media.shards import split_member_uri
 from mmretrieve.media.sources import BuildSource, Unit, open_source
 from mmretrieve.runtime import progress_disable
-from mmretrieve.store import DEFAULT_FACTORY, IndexWriter, read_manifest, resolve_index_path, resolve_item
+from mmretrieve.store import IndexWriter, read_manifest, resolve_index_path, resolve_item
 from mmretrieve.store.layout import MANIFEST, check_encoder_compat
 from mmretrieve.store.meta import Skipped
 from mmretrieve.store.sidestores import patch_config
@@ -43,76 +45,52 @@ def build_index(
     *,
     encoder=DEFAULT_ENCODER,
     index_dir: str | os.PathLike | None = None,
-    factory: str = DEFAULT_FACTORY,
-    patches: bool | dict = False,
-    video: dict | None = None,
     overwrite: bool = False,
-    batch_size: int | None = None,
-    workers: int | None = None,
-    on_bad_vectors: str = "error",
-    strict: bool = False,
-    vector_dtype: str = "float32",
-    retain: int | None = None,
-    image_timeout: float | None = None,
     resume: bool | None = None,
-    engine: str = "local",
-    ray_address: str | None = None,
-    ray_actors: int | None = None,
-    decode: str = "auto",
-    unit_items: int | None = None,
+    options: BuildOptions | None = None,
+    **kw: Any,
 ) -> IngestReport:
     """Index every image and video of ``source``: a folder (recursively), a CSV/JSONL manifest, webdataset
     tar shards (a file, a folder of them, a brace pattern ``shards/{00000..00123}.tar``) or parquet files.
 
     ``encoder``: a name (``embedded``, ``open_clip:ViT-B-32@laion2b_s34b_b79k``, a preset) or an
-    ``Encoder``. ``patches``: ``True`` stores the encoder's native patch grid (fp16) for the EMD reranker,
-    or a dict ``{"grid": 4, "dim": 256}`` to pool the grid / project the features to fewer dimensions.
-    ``video``: frame sampling and storage of videos, e.g. ``{"num_frames": 16}``, ``{"fps": 1,
-    "max_frames": 64}``, ``{"frame_entries": True}`` (see ``mmretrieve.media.video.VIDEO_DEFAULTS``).
-    ``vector_dtype``: ``float16`` halves a Flat index's memory and bandwidth (scores within 1e-3).
-    ``retain``: how many versions the index keeps (default 2: the live one and the previous).
-    ``image_timeout``: seconds one image may take to decode before its worker is killed (default 30); a
-    decoder that fails, crashes, is killed or hangs costs only its own file, reported with the reason.
+    ``Encoder``. How the index is made and the build runs is a ``BuildOptions`` (``options``), or its
+    fields as keywords (``patches=True``, ``video={"num_frames": 16}``, ``batch_size=64``, ``engine="ray"``,
+    ...; see ``BuildOptions``); an unknown keyword is refused with the list of valid ones.
 
     Progress is committed per shard (or per ``unit_items`` files of a folder or manifest, default
     1024), so a build killed at any point and run again skips what is committed and ends with the same
     items and vectors as an uninterrupted one. ``resume`` (default: when the index exists and was being
     built from the same source) continues such a build; ``resume=False`` refuses an existing index
     (``overwrite`` starts again). ``strict`` publishes all or nothing, so a strict build is not
-    resumable. ``engine``: ``local`` or ``ray`` (Ray Data: decode tasks and an encoder actor pool on the
-    cluster at ``ray_address``, or on this machine). ``decode``: ``auto`` (on the GPU when the encoder
-    runs on CUDA), ``cpu``, ``gpu``.
+    resumable.
     """
     from mmretrieve.media.video import resolve_video_config
 
     t0 = time.perf_counter()
+    opts = BuildOptions.of(options, where="build_index", **kw)
     path = resolve_index_path(name_or_path, index_dir)
-    check_engine(engine)
-    decode = check_decode(decode)
+    check_engine(opts.engine)
     prev = None if overwrite or not (path / MANIFEST).is_file() else read_manifest(path)
     state = _resumable(prev, path, resume) if prev is not None else None  # refused before the source is read
     src = open_source(source)  # a wrong source is reported before any model is loaded
-    vcfg = resolve_video_config(video)
-    options = {"factory": factory.strip(), "video": vcfg, "vector_dtype": str(vector_dtype).lower()}
+    shape = {"factory": opts.factory, "video": resolve_video_config(opts.video), "vector_dtype": opts.vector_dtype}
     if state is not None:
-        _check_resume(path, state, src, options, bool(patches))
+        _check_resume(path, state, src, shape, bool(opts.patches))
         if state.get("complete") and isinstance(encoder, str) and encoder == prev["encoder"].get("name"):
-            return _up_to_date(src, path, engine, prev, t0)  # nothing to do: no model is loaded
+            return _up_to_date(src, path, opts.engine, prev, t0)  # nothing to do: no model is loaded
     enc = _encoder(encoder)
-    pcfg = patch_config(enc, patches)
-    options["patches"] = pcfg
-    report = _report(src, path, engine)
+    shape["patches"] = patch_config(enc, opts.patches)
+    report = _report(src, path, opts.engine)
     if state is not None:
         check_encoder_compat(prev["encoder"], enc.info.to_dict(), path)
-        _check_same_options(path, state.get("options") or {}, options)
+        _check_same_options(path, state.get("options") or {}, shape)
         if state.get("complete"):
-            return _up_to_date(src, path, engine, prev, t0)
-        writer = IndexWriter(path, encoder_info=enc.info.to_dict(), retain=retain)
+            return _up_to_date(src, path, opts.engine, prev, t0)
+        writer = IndexWriter(path, encoder_info=enc.info.to_dict(), retain=opts.retain)
     else:
-        writer, state = _new_build(path, src, enc, options, overwrite=overwrite, retain=retain)
-    run = _Run(writer, enc, report, batch_size=batch_size, workers=workers, on_bad_vectors=on_bad_vectors, strict=strict,
-               image_timeout=image_timeout, engine=engine, ray_address=ray_address, ray_actors=ray_actors, decode=decode,
-               unit_items=unit_items, state=state)
+        writer, state = _new_build(path, src, enc, shape, overwrite=overwrite, retain=opts.retain)
+    run = _Run(writer, enc, report, opts, state=state)
     run.execute(src, select=prev is not None, t0=t0)
     return report
 
@@ -123,21 +101,14 @@ def add_to_index(
     *,
     encoder=None,
     index_dir: str | os.PathLike | None = None,
-    batch_size: int | None = None,
-    workers: int | None = None,
-    on_bad_vectors: str = "error",
-    strict: bool = False,
-    image_timeout: float | None = None,
     prune: bool = True,
     include_removed: bool = False,
-    engine: str = "local",
-    ray_address: str | None = None,
-    ray_actors: int | None = None,
-    decode: str = "auto",
-    unit_items: int | None = None,
+    options: BuildOptions | None = None,
+    **kw: Any,
 ) -> IngestReport:
     """Encode only the new or changed files of ``source`` and publish them (per unit, as a build does: an
-    interrupted add run again encodes only what was not committed).
+    interrupted add run again encodes only what was not committed). How it runs: ``BuildOptions`` or its
+    run fields as keywords (the index keeps its own factory, patches, video and dtype).
 
     ``prune`` (a folder source): items indexed from this folder whose file is gone are removed and
     listed in ``report.pruned``; ``prune=False`` keeps them. (Items of other sources, and items a
@@ -145,21 +116,21 @@ def add_to_index(
 
     Files ``index rm`` removed are not added back while they are unchanged: they are listed in
     ``report.not_readded``; ``include_removed=True`` adds them (and forgets that they were removed)."""
+    run_fields = tuple(n for n in BuildOptions.names() if n not in BuildOptions.INDEX_SHAPE)
+    opts = BuildOptions.of(options, where="add_to_index (the index keeps its own factory, patches, video and dtype)",
+                           allowed=run_fields, **kw)
     path = resolve_index_path(name_or_path, index_dir)
     manifest = read_manifest(path)  # a missing index is reported before any model loads
     t0 = time.perf_counter()
-    check_engine(engine)
-    decode = check_decode(decode)
+    check_engine(opts.engine)
     src = open_source(source)
     enc = _encoder(manifest["encoder"]["name"] if encoder is None else encoder)
     check_encoder_compat(manifest["encoder"], enc.info.to_dict(), path)
-    report = _report(src, path, engine)
+    report = _report(src, path, opts.engine)
     folder = Path(source).expanduser()
     root = folder.resolve() if prune and src.kind == "folder" else None
     writer = IndexWriter(path, encoder_info=enc.info.to_dict())
-    run = _Run(writer, enc, report, batch_size=batch_size, workers=workers, on_bad_vectors=on_bad_vectors, strict=strict,
-               image_timeout=image_timeout, engine=engine, ray_address=ray_address, ray_actors=ray_actors, decode=decode,
-               unit_items=unit_items, state=None)
+    run = _Run(writer, enc, report, opts, state=None)
     run.removed = {} if include_removed else writer.meta.removed_fingerprints()
     run.execute(src, select=True, t0=t0, prune=(root, {it.key for it in src.scan.items}) if root else None)
     return report
@@ -222,13 +193,6 @@ def _check_same_options(path: Path, before: dict, now: dict) -> None:
                              f"{json.dumps(v)}: run the same command to resume, or --overwrite to start again")
 
 
-def check_decode(decode: str) -> str:
-    d = str(decode).lower()
-    if d not in ("auto", "cpu", "gpu"):
-        raise UsageError(f"unknown decode {decode!r}; expected auto, cpu or gpu")
-    return d
-
-
 def _decode_for(encoder, decode: str) -> str:
     """``auto`` decodes on the GPU when the encoder runs on CUDA and its preprocessing has a device
     equivalent; ``gpu`` without CUDA is refused."""
@@ -252,14 +216,10 @@ class _Run:
     """One build or add: the units of a source through the stages into one writer, a version published
     after each unit (none in strict mode until the end), and the final commit."""
 
-    def __init__(self, writer: IndexWriter, encoder, report: IngestReport, *, batch_size, workers, on_bad_vectors,
-                 strict: bool, image_timeout, engine: str, ray_address, ray_actors, decode: str, unit_items,
+    def __init__(self, writer: IndexWriter, encoder, report: IngestReport, opts: BuildOptions, *,
                  state: dict | None) -> None:
         self.writer, self.encoder, self.report = writer, encoder, report
-        self.batch_size, self.workers, self.on_bad_vectors = batch_size, workers, on_bad_vectors
-        self.strict, self.image_timeout, self.engine = strict, image_timeout, engine
-        self.ray_address, self.ray_actors, self.unit_items = ray_address, ray_actors, unit_items
-        self.decode = _decode_for(encoder, decode)
+        self.opts = replace(opts, decode=_decode_for(encoder, opts.decode))
         self.state = state
         self._fingerprints: tuple[dict, dict] | None = None
         #: an add: key -> (size, mtime) of the files ``index rm`` removed, which it does not bring back
@@ -272,7 +232,7 @@ class _Run:
         try:
             units = self._units(src, select)
             self._run_units(src, units)
-            if self.strict and report.skipped:
+            if self.opts.strict and report.skipped:
                 raise SkippedInputsError(report)
             # an indexed item whose file is now broken or gone no longer stands for what is on disk
             stale = [(writer.meta.item_by_key(s.key), s) for s in report.skipped]
@@ -311,22 +271,21 @@ class _Run:
             todo = list(self.select(todo))
             if self.state is not None:
                 report.units_resumed = int(self.state.get("units_done", 0))
-        return src.units(todo, unit_items=self.unit_items)
+        return src.units(todo, unit_items=self.opts.unit_items)
 
     def _run_units(self, src: BuildSource, units: list[Unit]) -> None:
         total = None if src.sharded else sum(u.size or 0 for u in units)
         desc = "encoding" if not src.sharded else f"{len(units)} shard(s)"
         with tqdm(total=total, desc=desc, unit="item", disable=progress_disable(), leave=False) as bar:
-            if self.engine == "ray":
+            if self.opts.engine == "ray":
                 from mmretrieve.ingest.ray_engine import run_units
 
                 select = None
                 if src.sharded and self.state is None:  # an add: samples already indexed unchanged are not written
                     select = self.select
-                run_units(self.writer, units, self.encoder, self.report,
-                          on_unit_done=lambda u, last: self.unit_done(u, src, last=last),
-                          local=self._run_local, address=self.ray_address, actors=self.ray_actors,
-                          batch_size=self.batch_size, on_bad_vectors=self.on_bad_vectors, bar=bar, select=select,
+                run_units(self.writer, units, self.encoder, self.report, self.opts,
+                          on_unit_done=lambda u, last: self.unit_done(u, src, last=last), local=self._run_local,
+                          bar=bar, select=select,
                           seen=self._keys_met() if src.sharded else None)
                 return
             if src.sharded:  # one stream through one decoder pool, a unit published as its last batch is written
@@ -379,8 +338,9 @@ class _Run:
         n_before = self.report.encoded + len(self.report.skipped) + self.report.unchanged
         if self._existing is None:  # read once per run, not once per unit of 1024 files
             self._existing = set(self._index_state()[0])
-        run_stages(self.writer, items, self.encoder, self.report, batch_size=self.batch_size, workers=self.workers,
-                   on_bad_vectors=self.on_bad_vectors, image_timeout=self.image_timeout, decode=self.decode, bar=bar,
+        o = self.opts
+        run_stages(self.writer, items, self.encoder, self.report, batch_size=o.batch_size, workers=o.workers,
+                   on_bad_vectors=o.on_bad_vectors, image_timeout=o.image_timeout, decode=o.decode, bar=bar,
                    on_unit_end=on_unit_end, existing=self._existing)
         if not isinstance(items, list):  # a shard: its samples are counted as they are read
             self.report.scanned += self.report.encoded + len(self.report.skipped) + self.report.unchanged - n_before
@@ -392,7 +352,7 @@ class _Run:
             self.state["units_done"] = int(self.state.get("units_done", 0)) + 1 if unit.items is not None else unit.index + 1
             if unit.shard is not None and src is not None:
                 self.state["digest"] = src.digest(unit.index + 1)
-        if last or self.strict or not self.writer.ready_to_checkpoint():
+        if last or self.opts.strict or not self.writer.ready_to_checkpoint():
             return
         t = time.perf_counter()
         self.writer.checkpoint(self.state)
@@ -499,4 +459,4 @@ def changed_only(items: Iterable, fingerprints: dict, skipped_fp: dict, report: 
         yield it
 
 
-__all__ = ["build_index", "add_to_index", "remove_from_index", "select_changed", "changed_only", "check_decode"]
+__all__ = ["build_index", "add_to_index", "remove_from_index", "select_changed", "changed_only"]

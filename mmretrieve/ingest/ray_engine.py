@@ -302,17 +302,17 @@ def _actor_count(ray, actors: int | None) -> tuple[int, float]:
     return n, 0.0
 
 
-def run_units(writer, units: Sequence, encoder, report: IngestReport, *, on_unit_done: Callable, local: Callable,
-              address: str | None = None, actors: int | None = None, batch_size: int | None = None,
-              on_bad_vectors: str = "error", bar=None, select=None, seen: set[str] | None = None) -> None:
-    """Decode and encode ``units`` on Ray; the driver writes the rows and calls ``on_unit_done(unit, last)``
-    as each unit completes (in order). ``local(items, bar)`` runs a unit's videos through the local engine."""
+def run_units(writer, units: Sequence, encoder, report: IngestReport, opts, *, on_unit_done: Callable, local: Callable,
+              bar=None, select=None, seen: set[str] | None = None) -> None:
+    """Decode and encode ``units`` on Ray as ``opts`` (``BuildOptions``: ``ray_address``, ``ray_actors``,
+    ``batch_size``, ``on_bad_vectors``) says; the driver writes the rows and calls ``on_unit_done(unit,
+    last)`` as each unit completes (in order). ``local(items, bar)`` runs a unit's videos locally."""
     from mmretrieve.encoders import encoder_spec
 
-    bs = int(batch_size or encoder.batch_size)
+    bs, actors, on_bad_vectors = int(opts.batch_size or encoder.batch_size), opts.ray_actors, opts.on_bad_vectors
     units = list(units)
     t0 = time.perf_counter()
-    with ray_session(address) as ray:
+    with ray_session(opts.ray_address) as ray:
         report.stages["ray_start"] = report.stages.get("ray_start", 0.0) + time.perf_counter() - t0
         ctx = ray.data.DataContext.get_current()
         ctx.execution_options.preserve_order = True  # the local engine's order: the same ids
