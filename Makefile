@@ -17,6 +17,9 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(BIN)/ruff check mmretrieve tests demos
 	$(BIN)/python -m pytest -q
+	@# the documentation site (docs/, mkdocs.yml): a broken link or anchor, or a page left out of the nav, fails.
+	@# No -q: mkdocs' -q hides the warnings that --strict turns into a failure.
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 	@# the Ray engine: local mode and a 2-node cluster simulated on this machine (loopback only)
 	RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 RAY_USAGE_STATS_ENABLED=0 $(BIN)/python -m pytest -q -m ray -p no:cacheprovider
 	@# where `auto` picks bf16 (CPUs with AVX512-BF16 / AMX), the fp32 path runs too

@@ -123,8 +123,8 @@ def emd_pot_sinkhorn(
 def similarity_matrices(Q, C, device: torch.device | str = "cpu") -> torch.Tensor:
     """``S[k] = C[k] @ Q.T`` for all candidates: (K, n, m) float32.
 
-    On CPU one large sgemm through numpy (measured 1.6x faster than torch's batched matmul on the AMD
-    test machine, where MKL takes a slow path); on GPU a torch einsum.
+    On CPU one large sgemm through numpy; on GPU a torch einsum (why, with the timings:
+    docs/benchmarks.md, "EMD solvers: why the CPU path is numpy").
     """
     device = torch.device(device)
     if device.type == "cpu":
@@ -158,12 +158,13 @@ def sinkhorn_batched(
     ``"auto"`` picks the kernel whenever ``max cost / reg`` is small enough that the kernel cannot
     underflow in the working dtype. Stops early when the row-marginal error (L1, averaged over
     candidates) falls below ``tol``, checked every ``check_every`` iterations. ``tol=None`` adapts to
-    the grid: 0.005 for up to 64x64 patch pairs (iterations are cheap there), 0.02 above; measured with
+    the grid: 0.005 for up to 64x64 patch pairs (iterations are cheap there), 0.02 above, chosen with
     ``mmretrieve bench rerank`` to keep the top-10 ranking within 0.9 of the exact one.
 
-    ``backend``: kernel mode on CPU tensors runs in numpy (its batched matvec was measured 6x faster
-    than ``torch.bmm`` for these shapes), split over ``threads`` chunks of candidates (each candidate's
-    problem is independent; numpy releases the GIL); ``"torch"`` forces the torch program (the GPU path).
+    ``backend``: kernel mode on CPU tensors runs in numpy, split over ``threads`` chunks of candidates
+    (each candidate's problem is independent; numpy releases the GIL); ``"torch"`` forces the torch
+    program (the GPU path). The measurements behind this choice, and the machine where it does not
+    hold, are in docs/benchmarks.md ("EMD solvers: why the CPU path is numpy").
     """
     if reg <= 0:
         raise UsageError(f"sinkhorn: reg must be > 0, got {reg}")
