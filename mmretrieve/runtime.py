@@ -93,7 +93,7 @@ WORKLOADS = ("query", "batch")
 def default_threads(workload: str = "batch") -> int:
     """torch intra-op threads for ``workload`` when neither ``--threads`` nor ``MMRETRIEVE_THREADS`` says.
 
-    Measured with ``mmretrieve bench threads`` on 2 cores (README, "Threads"): two threads beat one only
+    Measured with ``mmretrieve bench threads`` on 2 cores (docs/benchmarks.md, "Threads"): two threads beat one only
     while nothing else wants the CPU (up to 1.8x for a ViT query image, about 20% for ingest) and lose
     1.24x to 44x as soon as another process takes a core (OpenMP workers spin for the descheduled one);
     a batch job's decoder worker processes take a core each already. So the defaults never oversubscribe:

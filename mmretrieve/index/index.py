@@ -347,8 +347,8 @@ class Index:
     @staticmethod
     def frame_similarities(E, q: np.ndarray, chunk: int = 1024) -> np.ndarray:
         """``E @ q`` for a torch frame matrix (fp16 or fp32), converted to fp32 chunk by chunk so each
-        chunk stays in cache; done in torch, since mixing numpy's BLAS threads with torch's right after a
-        torch op was measured 3x slower on 2 cores. 100 videos x 32 frames x 512-d: about 1.2 ms."""
+        chunk stays in cache; done in torch, not numpy's BLAS (why, with figures: docs/benchmarks.md;
+        ``mmretrieve bench video`` measures it)."""
         import torch
 
         qt = torch.from_numpy(np.ascontiguousarray(q, dtype=np.float32))

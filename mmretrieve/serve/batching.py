@@ -8,7 +8,7 @@ clients that are about to come back (without it, 8 clients split into two altern
 each costing about as much as a full one); a lone client never waits. The encoder thread also keeps
 encoder calls one at a time (tokenizers are not safe to call from several threads).
 
-Measured on 2 cores (README "Serving"): MiniLM text encodings of the embedded encoder cost 8-11 ms
+Measured on 2 cores (docs/serving.md): MiniLM text encodings of the embedded encoder cost 8-11 ms
 alone and about 2.5 ms each in a batch of 8; one query over 100k x 1000-d vectors reads 400 MB (about
 50 ms here) and 16 queries cost little more than one (the scan is bound by memory, not arithmetic).
 ``batching=False`` keeps the threads but runs one request per batch (for comparison).

@@ -56,7 +56,7 @@ class ServeConfig:
     max_in_flight_anonymous: int = 32
     #: origins allowed to call the API from a browser page served elsewhere (none: no CORS headers)
     cors_origins: list[str] = field(default_factory=list)
-    #: concurrent query encodings go into one encoder forward (measured: see README "Serving")
+    #: concurrent query encodings go into one encoder forward (measured: see docs/serving.md)
     batching: bool = True
     #: concurrent single-vector coarse searches of one index go into one scan, for indexes of at least
     #: this many bytes of vectors: a smaller scan takes about a millisecond and a batch's thread hops
@@ -69,7 +69,7 @@ class ServeConfig:
     batch_window_ms: float = 10.0
     #: torch threads of the process (encoder forwards, rerankers); 1 measured faster on a 2-core machine
     #: under concurrent load: a 2-thread forward stalls whenever either thread is descheduled, and its
-    #: spinning threads slow the index scans that run between forwards (README "Serving")
+    #: spinning threads slow the index scans that run between forwards (docs/serving.md)
     torch_threads: int | None = 1
     #: seconds between checks for a newly published index version
     reload_interval_s: float = 1.0
