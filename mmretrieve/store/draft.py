@@ -4,7 +4,7 @@ A draft starts from the live version (``carried``) or from nothing (``fresh``: a
 with ``--overwrite``). It holds the next manifest's fields (``manifest``: format, encoder, factory,
 ``next_id``, ``next_segment``, the side files...), the segment entries, the rows deleted per segment
 (``view``, shared with the session's database) and the item counts. ``seal`` gives the manifest to
-publish; the files are written by the writer (``IndexWriter``) and its helpers.
+publish and ``publish`` publishes it; ``Unpublished`` lists the files written since, removed on abort.
 """
 
 from __future__ import annotations
@@ -164,10 +164,10 @@ class Draft:
         with ``keep_ids`` (Flat indexes), keeps its id; every other item gets a new one."""
         if existing:
             self.delete(list(existing.values()))
-        fresh = [it for it in items if not (keep_ids and it.key in existing)]
+        n_new = sum(1 for it in items if not (keep_ids and it.key in existing))
         start = int(self.manifest["next_id"])
-        self.manifest["next_id"] = start + len(fresh)
-        new_ids = iter(range(start, start + len(fresh)))
+        self.manifest["next_id"] = start + n_new
+        new_ids = iter(range(start, start + n_new))
         for it in items:
             prev = existing.get(it.key)
             it.id = prev.id if (keep_ids and prev is not None) else next(new_ids)
