@@ -98,6 +98,8 @@ class IndexWriter:
     segments = property(lambda self: self.draft.segments, doc="The next version's segment entries.")
     view = property(lambda self: self.draft.view, doc="The next version's segments and deleted rows.")
     counts = property(lambda self: self.draft.counts, doc="The next version's item counts.")
+    segment_rows = property(lambda self: self.feed.rows, doc="A new segment is started after this many rows.")
+    segment_bytes = property(lambda self: self.feed.nbytes, doc="... or after this many bytes.")
     dim = property(lambda self: int(self.manifest["encoder"]["dim"]), doc="The vectors' dimension.")
     flat = property(lambda self: self.feed.flat, doc="Whether segments store raw vectors (a Flat factory).")
     patch_cfg = property(lambda self: self.manifest.get("patches"), doc="The patch store's config, or None.")
