@@ -17,7 +17,7 @@ import pytest
 import mmretrieve as mr
 from mmretrieve import IndexCorruptedError, open_index
 from mmretrieve.store import IndexWriter, Item, compact_index, rollback_index, verify_index
-from mmretrieve.store.compaction import plan, write_amplification_bound
+from mmretrieve.store.compaction import merge_segments, plan, write_amplification_bound
 
 DIM = 16
 INFO = {"name": "test-vectors", "dim": DIM, "modalities": ["image"]}
@@ -111,6 +111,29 @@ def test_tiered_policy_bounds_segments_and_rewrites(tmp_path):
     assert all(len(v) < 10 for v in tiers.values()), tiers
     assert m["counts"]["items"] == 1250 and not plan(m["segments"])
     assert write_amplification_bound(10**6) == 7
+
+
+def test_a_merge_returns_its_entry_and_leaves_the_session_untouched(tmp_path):
+    """Compaction works on explicit inputs (the folder, the session's database, the index's fields): it
+    writes the merged segment and its metadata rows and returns the segment's entry; the session's
+    segments change only when the writer puts the entry in. A merged folder no version lists is
+    collected by the next writer."""
+    path = tmp_path / "i"
+    with IndexWriter(path, encoder_info=INFO, create=True, segment_rows=10, auto_compact=False) as w:
+        w.add(_items(range(30)), _vectors(30))
+    with IndexWriter(path, auto_compact=False) as w:
+        w.remove([0])
+    w = IndexWriter(path, auto_compact=False)
+    before = [dict(e) for e in w.segments]
+    entry = merge_segments(w.path, w.meta, w.segments[:2], "s000099", version=w.version, manifest=w.manifest)
+    assert (entry["id"], entry["rows"], entry["deleted"], entry["kind"]) == ("s000099", 19, 0, "flat")
+    assert w.segments == before and "s000099" not in w.view.segments
+    assert sorted(r[2] for r in w.meta.rows_of("s000099")) == list(range(19))
+    assert (path / "segments" / "s000099").is_dir()
+    w.abort()
+    IndexWriter(path).abort()  # opening a writer collects what a crashed session left
+    assert not (path / "segments" / "s000099").exists()
+    assert open_index(path).manifest["counts"]["items"] == 29
 
 
 def test_fp16_vectors_keep_the_top_k_scores_within_1e_3(tmp_path):

@@ -115,8 +115,8 @@ def _amplification(tmp: Path, d: int, writes: int = 400, batch: int = 50) -> dic
     merged = {"bytes": 0, "merges": 0}
     real = compaction.merge_segments
 
-    def counting(writer, group, sid):
-        entry = real(writer, group, sid)
+    def counting(*args, **kwargs):
+        entry = real(*args, **kwargs)
         if entry is not None:
             merged["bytes"] += sum(f["bytes"] for f in entry["files"].values())
             merged["merges"] += 1

@@ -1,7 +1,9 @@
 """The on-disk format of an index (see ``layout`` for the files and guarantees): segments (``segments``),
 metadata (``meta``), the patch projection (``sidestores``), readers' leases (``leases``), file writing
-with checksums (``io``), merging (``compaction``), verification (``verify``) and the one way to write
-a version (``IndexWriter``). Searching is the ``index`` layer's job."""
+with checksums (``io``), merging (``compaction``), retention and collection (``retention``),
+verification (``verify``) and the one way to write a version (``IndexWriter``, from its lock (``lock``),
+its row feed (``feed``) and the draft of the next version (``draft``)). Searching is the ``index``
+layer's job."""
 
 from mmretrieve.store.layout import (
     DEFAULT_FACTORY,

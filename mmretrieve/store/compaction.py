@@ -20,13 +20,15 @@ import shutil
 import uuid
 from collections import defaultdict
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 
 from mmretrieve.store import io
+from mmretrieve.store.draft import Draft
 from mmretrieve.store.layout import SEGMENTS, crash_point, segment_dir
-from mmretrieve.store.meta import Item
-from mmretrieve.store.segments import SegmentFiles, is_ivf, segment_index
+from mmretrieve.store.meta import Item, MetaDB
+from mmretrieve.store.segments import SegmentFiles, is_flat_factory, is_ivf, segment_index
 
 MERGE_FACTOR = 10
 DELETED_SHARE = 0.5
@@ -56,6 +58,24 @@ def plan(segments: list[dict], factor: int = MERGE_FACTOR) -> list[list[dict]]:
     return groups
 
 
+def pick(segments: list[dict], *, everything: bool = False) -> list[list[dict]]:
+    """The merges to run now: the tiered policy's (``plan``), or with ``everything`` one of all segments
+    (when there is more than one, or any deleted row to drop)."""
+    if everything and (len(segments) > 1 or any(int(e["deleted"]) for e in segments)):
+        return [list(segments)]
+    return plan(segments)
+
+
+def merge_into(draft: Draft, root: Path, meta: MetaDB, group: list[dict], *, version: str,
+               template=None) -> dict | None:
+    """Merge ``group`` into a new segment that takes its place in ``draft``; returns the new entry (None
+    when no row of the group was live: the group is dropped)."""
+    entry = merge_segments(root, meta, group, draft.segment_id(), version=version, manifest=draft.manifest,
+                           template=template)
+    draft.replace(group, entry)
+    return entry
+
+
 def write_amplification_bound(n_rows: int) -> int:
     """How many times, at most, the policy writes a row of an index of ``n_rows`` rows (the first write included)."""
     return int(math.ceil(math.log10(max(n_rows, 10)))) + 1
@@ -65,48 +85,53 @@ def _live(seg: SegmentFiles) -> np.ndarray:
     return np.setdiff1d(np.arange(seg.rows, dtype=np.int64), seg.deleted, assume_unique=True)
 
 
-def merge_segments(writer, group: list[dict], sid: str) -> dict | None:
-    """Write the live rows of ``group`` as segment ``sid`` and insert their metadata rows; returns its
-    manifest entry (None when no row is live)."""
-    segs = [SegmentFiles(writer.path, e, check="none") for e in group]
+def merge_segments(root: Path, meta: MetaDB, group: list[dict], sid: str, *, version: str, manifest: dict,
+                   template=None) -> dict | None:
+    """Write the live rows of ``group`` as segment ``sid`` and insert their metadata rows (noted as
+    written by ``version``) in ``meta``'s open transaction; returns the new segment's manifest entry (None
+    when no row is live: nothing is written). ``manifest``: the index's fields (factory, vector dtype,
+    patches); ``template``: its FAISS template (non-Flat factories). The caller puts the entry into its
+    next version. The folder's rename is the last step: a failure leaves none at ``segments/<sid>``
+    (and nothing in ``meta`` committed)."""
+    root = Path(root)
+    segs = [SegmentFiles(root, e, check="none") for e in group]
     lives = [_live(s) for s in segs]
     total = int(sum(len(x) for x in lives))
     if not total:
         return None
-    records, frame_rows = _remap_rows(writer, segs, lives, sid)
-    tmp = writer.path / SEGMENTS / f".{sid}.{uuid.uuid4().hex[:8]}.tmp"
+    records, frame_rows = _remap_rows(meta, segs, lives, sid)
+    tmp = root / SEGMENTS / f".{sid}.{uuid.uuid4().hex[:8]}.tmp"
     tmp.mkdir(parents=True)
     try:
         crash_point("before-index-write")
         files = {"ids.npy": io.write_npy(tmp / "ids.npy", np.concatenate([s.ids[r] for s, r in zip(segs, lives)]))}
-        if writer.flat:
-            files["vectors.npy"] = _stream(tmp / "vectors.npy", segs, lives, "vectors.npy", writer.manifest["vector_dtype"])
+        if is_flat_factory(manifest["factory"]):
+            files["vectors.npy"] = _stream(tmp / "vectors.npy", segs, lives, "vectors.npy", manifest["vector_dtype"])
         else:
-            files["index.faiss"] = io.write_faiss(tmp / "index.faiss", _merged_faiss(writer, segs, lives))
-        if writer.patch_cfg and all((s.dir / "patches.npy").exists() for s in segs):
+            files["index.faiss"] = io.write_faiss(tmp / "index.faiss", _merged_faiss(template, segs, lives))
+        if manifest.get("patches") and all((s.dir / "patches.npy").exists() for s in segs):
             files["patches.npy"] = _stream(tmp / "patches.npy", segs, lives, "patches.npy", "float16")
         if frame_rows:
             files.update(_frames(tmp, segs, records, frame_rows))
         crash_point("after-index-write")
         io.fsync_dir(tmp)
+        meta.note_segment(sid, version)
+        meta.insert_items([it for it, _ in records])
         crash_point("before-version-rename")
-        os.rename(tmp, segment_dir(writer.path, sid))
+        os.rename(tmp, segment_dir(root, sid))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    writer._written.append(sid)
-    writer.meta.note_segment(sid, writer.version)
-    writer.meta.insert_items([it for it, _ in records])
     return {"id": sid, "kind": group[0]["kind"], "dtype": group[0].get("dtype"), "rows": total, "frames": frame_rows,
             "deleted": 0, "deletions": None, "files": files}
 
 
-def _remap_rows(writer, segs, lives, sid) -> tuple[list[tuple[Item, tuple[str, int]]], int]:
+def _remap_rows(meta: MetaDB, segs, lives, sid) -> tuple[list[tuple[Item, tuple[str, int]]], int]:
     """The merged segment's metadata rows (new row and frame positions) with where each one's frames were."""
     out, row, frame_rows = [], 0, 0
     for s, live in zip(segs, lives):
         keep = set(live.tolist())
-        for r in writer.meta.rows_of(s.sid):
+        for r in meta.rows_of(s.sid):
             if r[2] not in keep:
                 continue
             it = Item.from_row(r[:-1])
@@ -154,12 +179,11 @@ def _frames(tmp, segs, records, frame_rows) -> dict:
         raise
 
 
-def _merged_faiss(writer, segs, lives):
+def _merged_faiss(template, segs, lives):
     """IVF: the segments' lists merged (codes copied), deleted ids removed; others rebuilt from the
     stored vectors (HNSW graphs cannot be merged)."""
     import faiss
 
-    template = writer.template()
     if is_ivf(template):
         out = faiss.clone_index(template)
         faiss.extract_index_ivf(out).set_direct_map_type(faiss.DirectMap.NoMap)
@@ -177,4 +201,4 @@ def _merged_faiss(writer, segs, lives):
     return segment_index(template, vecs, ids)
 
 
-__all__ = ["plan", "merge_segments", "tier", "write_amplification_bound", "MERGE_FACTOR", "DELETED_SHARE"]
+__all__ = ["plan", "pick", "merge_into", "merge_segments", "tier", "write_amplification_bound", "MERGE_FACTOR", "DELETED_SHARE"]

@@ -20,9 +20,10 @@ from mmretrieve.store.layout import (
     resolve_index_path,
     version_summaries,
 )
+from mmretrieve.store.lock import writer_lock
 from mmretrieve.store.verify import verify_all_versions, verify_version
 from mmretrieve.store.verify import verify_index as _verify
-from mmretrieve.store.writer import IndexWriter, rollback, writer_lock
+from mmretrieve.store.writer import IndexWriter, rollback
 
 log = logging.getLogger(__name__)
 

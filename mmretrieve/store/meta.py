@@ -298,10 +298,16 @@ class MetaDB:
     def noted_segments(self) -> list[str]:
         return [r[0][len("segment:"):] for r in self._q("SELECT k FROM info WHERE k LIKE 'segment:%'")]
 
-    def record_skipped(self, skipped: Iterable[Skipped]) -> None:
+    def record_skipped(self, skipped: Iterable[Skipped]) -> bool:
+        """Record skipped inputs; returns whether any is new or changed (its size, mtime or transience)."""
+        skipped = list(skipped)
+        if not skipped:
+            return False
+        before = self.skipped_fingerprints()
         now = time.time()
         self.write("INSERT OR REPLACE INTO skipped(key, uri, size, mtime, reason, at, transient) VALUES(?,?,?,?,?,?,?)",
                    [(s.key, s.uri, s.size, s.mtime, s.reason, now, int(s.transient)) for s in skipped], many=True)
+        return any(before.get(s.key) != (s.size, s.mtime, s.transient) for s in skipped)
 
     def record_removed(self, items: Iterable[Item]) -> None:
         """Remember items ``index rm`` removed, with their file's size and mtime then, so an ``index add``

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from mmretrieve.errors import UsageError
-from mmretrieve.store.io import load_npy
+from mmretrieve.store.io import load_npy, write_npy
 
 PROJECTION = "patch_proj.npy"
 
@@ -58,6 +58,23 @@ def load_projection(root: Path, cfg: dict | None, info: dict | None = None) -> n
     return load_npy(Path(root) / PROJECTION, info)
 
 
+def ensure_projection(root: Path, manifest: dict) -> np.ndarray | None:
+    """A writer's patch projection: read back when ``manifest`` (a draft's fields) lists its file, else
+    made from the patch config and written, its size and sha256 noted in ``manifest["files"]``. None
+    without one."""
+    cfg = manifest.get("patches")
+    if not cfg or not cfg.get("projection"):
+        return None
+    path = Path(root) / PROJECTION
+    if PROJECTION in manifest["files"] and path.exists():
+        return load_npy(path, manifest["files"][PROJECTION])
+    proj = make_projection(cfg)
+    tmp = path.with_name(path.name + ".new")
+    manifest["files"][PROJECTION] = write_npy(tmp, proj)
+    tmp.replace(path)
+    return proj
+
+
 def project_patches(P: np.ndarray, proj: np.ndarray | None) -> np.ndarray:
     """Patch features (..., native_dim) projected to the stored dim and re-normalised (identity without
     a projection)."""
@@ -67,4 +84,4 @@ def project_patches(P: np.ndarray, proj: np.ndarray | None) -> np.ndarray:
     return P / np.maximum(np.linalg.norm(P, axis=-1, keepdims=True), 1e-12)
 
 
-__all__ = ["patch_config", "make_projection", "load_projection", "project_patches", "PROJECTION"]
+__all__ = ["patch_config", "make_projection", "load_projection", "ensure_projection", "project_patches", "PROJECTION"]
