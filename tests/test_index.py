@@ -682,6 +682,21 @@ def test_bench_search_runs_against_plain_faiss(capsys):
     assert row["n"] == 3000 and row["single_query_ms_mmretrieve"] > 0 and row["batch_qps_faiss"] > 0
 
 
+def test_bench_scan_compares_the_flat_scan_with_faiss_knn(capsys):
+    """`bench scan` times the hand-written scan, faiss.knn (BLAS threshold default and 1) and IndexFlatIP
+    on the same rows in one run, fp32 and fp16, and reports each as a ratio of the scan's time."""
+    import json as _json
+
+    from mmretrieve.cli import main
+
+    assert main(["bench", "scan", "--sizes", "2000", "--batches", "1,8", "--thread-counts", "1", "--repeat", "1",
+                 "--json"]) == 0
+    rows = _json.loads(capsys.readouterr().out)["rows"]
+    assert [(r["dtype"], r["batch"]) for r in rows] == [("fp32", 1), ("fp32", 8), ("fp16", 1), ("fp16", 8)]
+    assert set(rows[0]["ms"]) == {"flatscan", "faiss.knn (blas>=20)", "faiss.knn (blas>=1)", "IndexFlatIP"}
+    assert all(r["over_flatscan"]["flatscan"] == 1.0 and min(r["ms"].values()) > 0 for r in rows)
+
+
 @pytest.mark.parametrize("metric_ip", [True, False])
 def test_flat_scan_paths_agree(metric_ip, monkeypatch):
     """The three ways a Flat segment is scanned give the same top-k: few queries (rows x queries product),

@@ -20,6 +20,7 @@ BENCHMARKS = {
     "ingest": "ingest",
     "encode": "encode",
     "search": "search",
+    "scan": "scan",
     "store": "store",
     "rerank": "rerank",
     "emd-ood": "emd_ood",

@@ -105,19 +105,28 @@ class FlatScan:
                deleted_rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """FAISS-style (scores (nq, k), ids (nq, k)), ``-1`` ids in empty slots; ``deleted_rows`` (sorted)
         and the rows of ``exclude`` ids never come back."""
-        import torch
-
         q = np.ascontiguousarray(q, dtype=np.float32)
         nq = len(q)
-        D = np.full((nq, k), -np.inf if self.metric_ip else np.inf, dtype=np.float32)
-        I = np.full((nq, k), -1, dtype=np.int64)
-        if not self.n or not nq:
-            return D, I
         masked = self.id_rows.rows_of(exclude)
         if deleted_rows is not None and len(deleted_rows):
             masked = np.union1d(masked, deleted_rows)
-        if nq >= FAISS_BATCH and not len(masked) and self.xb.dtype == np.float32 and self.xb.flags.c_contiguous:
+        if self.n and nq >= FAISS_BATCH and not len(masked) and self.xb.dtype == np.float32 and self.xb.flags.c_contiguous:
+            D, I = self._empty(nq, k)
             return self._faiss_knn(q, k, D, I)
+        return self._torch_search(q, k, masked)
+
+    def _empty(self, nq: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+        return (np.full((nq, k), -np.inf if self.metric_ip else np.inf, dtype=np.float32),
+                np.full((nq, k), -1, dtype=np.int64))
+
+    def _torch_search(self, q: np.ndarray, k: int, masked: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The scan itself: one BLAS product per block of rows, ``torch.topk`` per block, a running merge."""
+        import torch
+
+        nq = len(q)
+        D, I = self._empty(nq, k)
+        if not self.n or not nq:
+            return D, I
         qt = torch.from_numpy(q)
         qn = (qt * qt).sum(1, keepdim=True) if not self.metric_ip else None
         block = max(1, MAX_SCORE_BYTES // (4 * nq))
