@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import collections
-import functools
 import logging
 import os
 import time
@@ -96,11 +95,13 @@ class DecodeImage:
         self.transform = transform
         self.formats = formats
         self.max_pixels = max_pixels
+        #: the test hook as it is now: it travels with the task (a forkserver's worker inherits no globals)
+        self.hook = _DECODE_HOOK
 
     def __call__(self, job):
         uri, data = job if isinstance(job, tuple) else (job, None)
-        if _DECODE_HOOK is not None:
-            _DECODE_HOOK(uri)
+        if self.hook is not None:
+            self.hook(uri)
         try:
             draft = getattr(self.transform, "draft_size", None)
             if data is not None:
@@ -115,8 +116,33 @@ class DecodeImage:
             raise BadImageError(uri, f"unexpected error while decoding: {type(e).__name__}: {e}") from None
 
 
-#: tests set this to make a decoder worker crash, hang or be killed on chosen files (inherited by fork)
+#: tests set this to make a decoder worker crash, hang or be killed on chosen files (a picklable function:
+#: the task made while it is set carries it to the workers)
 _DECODE_HOOK = None
+#: what decoder workers import before their first task (once, in the forkserver): their first image is
+#: not also their first import of torch and PIL
+_PRELOAD = ("mmretrieve.ingest.stages",)
+
+
+def _preload(transform) -> tuple[str, ...]:
+    """The modules decoder workers import up front: the stages' and the transform's (its class's module)."""
+    return (*_PRELOAD, type(transform).__module__)
+
+
+class DecodeVideo:
+    """Sample and preprocess one video's frames (the picklable task a decoder worker runs); carries the
+    video decoder's test hook as it was when the task was made (``mmretrieve.media.video._DECODE_HOOK``)."""
+
+    def __init__(self, transform, sampling: dict) -> None:
+        from mmretrieve.media import video
+
+        self.transform, self.sampling, self.hook = transform, sampling, video._DECODE_HOOK
+
+    def __call__(self, path: str) -> dict[str, Any]:
+        from mmretrieve.media import video
+
+        video._DECODE_HOOK = self.hook
+        return decode_video(path, transform=self.transform, sampling=self.sampling)
 
 
 def _one_thread(*_: Any) -> None:
@@ -213,7 +239,7 @@ def read_images(items: Iterable[SourceItem | tuple[SourceItem, str] | UnitEnd], 
         for i, res in pool.imap(task, feed.jobs()):
             yield i, res if isinstance(res, TaskFailure) else (torch.from_numpy(res[0]), (res[1], res[2]))
 
-    with TimeoutPool(workers=n, timeout=limit, init=_one_thread, depth=depth) as pool:
+    with TimeoutPool(workers=n, timeout=limit, init=_one_thread, depth=depth, preload=_preload(transform)) as pool:
         yield from feed.batches(results(pool), batch_size)
 
 
@@ -278,9 +304,10 @@ def _read_file(it: SourceItem) -> tuple[bytes | None, str | None]:
 
 def read_videos(items: Sequence[SourceItem], transform, sampling: dict, *, workers: int | None = None) -> Iterator[Decoded]:
     """Sample and preprocess video frames in worker processes with a per-file timeout; one video per batch."""
-    fn = functools.partial(decode_video, transform=transform, sampling=sampling)
+    fn = DecodeVideo(transform, sampling)
     n = default_workers() if workers is None else max(1, workers)
-    with TimeoutPool(workers=n, timeout=float(sampling["timeout"]), init=_one_thread) as pool:
+    with TimeoutPool(workers=n, timeout=float(sampling["timeout"]), init=_one_thread,
+                     preload=_preload(transform)) as pool:
         for i, res in pool.imap(fn, [v.uri for v in items]):
             src = items[i]
             if isinstance(res, TaskFailure):

@@ -108,26 +108,44 @@ def _sender(out: Connection, results: queue.SimpleQueue) -> None:
 
 
 def _die_with_parent(parent: int) -> None:
-    """A worker must not outlive its parent (a build killed with SIGKILL): forked workers hold copies of
-    each other's pipe ends, so none of them would see its task pipe close. On Linux the kernel kills the
-    worker (``PR_SET_PDEATHSIG``); elsewhere a thread watches the parent's pid."""
+    """A worker must not outlive its parent (a build killed with SIGKILL): workers hold copies of each
+    other's pipe ends, so none of them would see its task pipe close. On Linux the kernel kills the
+    worker when the process that forked it dies (``PR_SET_PDEATHSIG``): the pool's owner, or its
+    forkserver, which exits when the owner dies. A thread watches the owner's pid too (the only guard
+    elsewhere, and a second one for a forkserver's worker)."""
+    forked_by = os.getppid()
     try:
         import ctypes
 
         libc = ctypes.CDLL(None, use_errno=True)
         if libc.prctl(1, signal.SIGKILL, 0, 0, 0) == 0:  # PR_SET_PDEATHSIG
-            if os.getppid() != parent:  # it died before the call
+            if os.getppid() != forked_by:  # its parent died before the call
                 os._exit(1)
-            return
+            if forked_by == parent:
+                return
     except (OSError, AttributeError):
         pass
 
     def watch() -> None:
-        while os.getppid() == parent:
+        while True:
+            try:
+                os.kill(parent, 0)
+            except ProcessLookupError:
+                os._exit(1)
+            except PermissionError:
+                pass
             time.sleep(1.0)
-        os._exit(1)
 
     threading.Thread(target=watch, daemon=True).start()
+
+
+def _is_stopped(pid: int | None) -> bool:
+    """Whether process ``pid`` is stopped (``kill -STOP``, a debugger); False where /proc cannot tell."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            return fh.read().rsplit(b")", 1)[1].split()[0] in (b"T", b"t")
+    except (OSError, IndexError):
+        return False
 
 
 def _feed(w: _Worker) -> None:
@@ -252,6 +270,45 @@ class _Worker:
         self.out.close()
 
 
+#: how workers start: forked from a small server process (not from the caller, which already runs torch's
+#: and the pipeline's threads: a fork of it copies locks some other thread held), else spawned
+DEFAULT_START_METHOD = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
+
+
+#: the modules the running forkserver imported, and how many pools may be using it (a server is only
+#: restarted, to import more, while none is: its workers die with it)
+_server = {"preload": frozenset(), "pools": 0}
+_server_lock = threading.Lock()
+
+
+def pool_context(start_method: str | None = None, preload: tuple[str, ...] = ()):
+    """The multiprocessing context of a pool. With forkserver, the modules in ``preload`` (and this one)
+    are imported once by the server, so each worker it forks starts with them (e.g. torch) imported
+    instead of importing them itself when it unpickles its task; a running server that lacks some is
+    restarted with them when no pool is using it. Everything a worker receives (its function, ``init``,
+    its tasks) is pickled: nothing is inherited from the caller."""
+    ctx = mp.get_context(start_method or DEFAULT_START_METHOD)
+    if ctx.get_start_method() != "forkserver":
+        return ctx
+    from multiprocessing import forkserver
+
+    wanted = frozenset(["mmretrieve.media.workers", *preload])
+    with _server_lock:
+        if not wanted <= _server["preload"]:
+            server = forkserver._forkserver
+            if getattr(server, "_forkserver_pid", None) is not None and _server["pools"] == 0:
+                server._stop()  # started by a pool that needed less; no worker of it is alive
+            _server["preload"] = _server["preload"] | wanted
+            ctx.set_forkserver_preload(sorted(_server["preload"]))
+        _server["pools"] += 1
+    return ctx
+
+
+def _pool_closed() -> None:
+    with _server_lock:
+        _server["pools"] = max(0, _server["pools"] - 1)
+
+
 class TimeoutPool:
     """``for i, result in pool.imap(fn, inputs)``: results in input order; ``TaskFailure`` on error,
     crash or timeout. ``depth``: tasks handed to each worker ahead of time.
@@ -261,13 +318,13 @@ class TimeoutPool:
     """
 
     def __init__(self, workers: int = 1, timeout: float = 60.0, init: Callable[[], None] | None = None,
-                 start_method: str | None = None, depth: int = 1) -> None:
+                 start_method: str | None = None, depth: int = 1, preload: tuple[str, ...] = ()) -> None:
         self.n = max(1, int(workers))
         self.timeout = float(timeout)
         self.init = init
         self.depth = max(1, int(depth))
-        method = start_method or ("fork" if hasattr(os, "fork") else "spawn")
-        self.ctx = mp.get_context(method)
+        self.ctx = pool_context(start_method, preload)
+        self._counted = self.ctx.get_start_method() == "forkserver"  # one of the pools ``_server`` counts
         self._workers: list[_Worker] = []
         #: how many workers were replaced (crashed, killed or timed out) during the last ``imap``
         self.replaced = 0
@@ -277,6 +334,9 @@ class TimeoutPool:
 
     def __exit__(self, *exc) -> None:
         self.close()
+        if self._counted:
+            self._counted = False
+            _pool_closed()
 
     def close(self) -> None:
         for w in self._workers:
@@ -355,11 +415,12 @@ class TimeoutPool:
     def _deadline(self, w: _Worker) -> tuple[float, str]:
         """When a busy worker is lost if it shows no progress, and the reason its input would get: the
         task it runs must end within ``timeout``; between tasks it must answer within ``timeout`` of the
-        parent last waiting for it (``_STARTUP_S`` while it starts)."""
+        parent last waiting for it (``_STARTUP_S`` while it starts, importing its task's modules, unless it
+        was stopped: ``kill -STOP`` is no slow start)."""
         idx, start = w.running()
         if idx is not None:
             return start + self.timeout, f"timed out after {self.timeout:g}s (decoder hung); worker killed"
-        limit = self.timeout if w.started() else max(self.timeout, _STARTUP_S)
+        limit = self.timeout if w.started() or _is_stopped(w.proc.pid) else max(self.timeout, _STARTUP_S)
         since = max(w.last_sign(), self._resumed_at)
         return since + limit, f"decoder stopped answering (timeout {self.timeout:g}s); worker killed"
 

@@ -9,6 +9,7 @@ import shutil
 import signal
 import threading
 import time
+from multiprocessing import forkserver
 from pathlib import Path
 
 import psutil
@@ -153,7 +154,10 @@ def _stop_a_decoder_from_outside(stopped: list, done: threading.Event) -> None:
     deadline = time.monotonic() + 30
     while not done.is_set() and time.monotonic() < deadline:
         try:
-            kids = [p for p in me.children() if p.status() not in (psutil.STATUS_STOPPED, psutil.STATUS_ZOMBIE)]
+            # the workers: the children of this process's forkserver (not the server itself, nor other helpers)
+            server = forkserver._forkserver._forkserver_pid
+            kids = [p for p in me.children(recursive=True) if server is not None and p.ppid() == server
+                    and p.status() not in (psutil.STATUS_STOPPED, psutil.STATUS_ZOMBIE)]
         except psutil.NoSuchProcess:  # a worker replaced while listed
             continue
         if len(kids) >= 2:
@@ -189,3 +193,16 @@ def test_a_build_with_stopped_decoders_ends_and_reports_what_they_cost(photo_dir
     assert all(s.transient for s in report.skipped) and len(reasons) <= 2
     assert report.added + len(report.skipped) == report.scanned == len(samples) + 1
     assert len(open_index("stopped")) == report.added
+
+
+def test_decoder_pools_fork_from_a_forkserver_and_their_tasks_pickle(tiny_clip, monkeypatch):
+    """Workers are not forked from the caller (which runs torch's threads): the pool's context is
+    forkserver, and a decoder task (with the test hook set when it was made) survives pickling."""
+    import pickle
+
+    with TimeoutPool(workers=1, timeout=10) as pool:
+        assert pool.ctx.get_start_method() == "forkserver"
+        assert [r for _, r in pool.imap(len, ["ab"])] == [2]
+    monkeypatch.setattr(stages, "_DECODE_HOOK", _slow_decode_stop_on_stop_jpg)
+    for task in (stages.DecodeImage(tiny_clip.image_transform), stages.DecodeVideo(tiny_clip.image_transform, {})):
+        assert pickle.loads(pickle.dumps(task)).hook is _slow_decode_stop_on_stop_jpg
