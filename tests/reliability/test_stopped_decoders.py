@@ -203,6 +203,9 @@ def test_decoder_pools_fork_from_a_forkserver_and_their_tasks_pickle(tiny_clip, 
     with TimeoutPool(workers=1, timeout=10) as pool:
         assert pool.ctx.get_start_method() == "forkserver"
         assert [r for _, r in pool.imap(len, ["ab"])] == [2]
+    from mmretrieve.media import video
+
     monkeypatch.setattr(stages, "_DECODE_HOOK", _slow_decode_stop_on_stop_jpg)
+    monkeypatch.setattr(video, "_DECODE_HOOK", _slow_decode_stop_on_stop_jpg)
     for task in (stages.DecodeImage(tiny_clip.image_transform), stages.DecodeVideo(tiny_clip.image_transform, {})):
         assert pickle.loads(pickle.dumps(task)).hook is _slow_decode_stop_on_stop_jpg
