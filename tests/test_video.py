@@ -153,6 +153,11 @@ def test_frame_entries_moment_search_and_rm(video_dir, embedded):
     assert not any("cat_moment" in k for k in idx.search(text="a photo of a cat", k=10).keys)
 
 
+def _hang_on_hangs_webm(path):
+    if path.endswith("hangs.webm"):
+        time.sleep(3600)  # a decoder that never returns
+
+
 def test_broken_and_hanging_videos_are_skipped(video_dir, embedded, monkeypatch, tmp_path):
     from mmretrieve.media import video as video_ingest
 
@@ -163,11 +168,7 @@ def test_broken_and_hanging_videos_are_skipped(video_dir, embedded, monkeypatch,
     (video_dir / "text.mov").write_text("not a video at all\n" * 50)
     shutil.copy(video_dir / "coffee.webm", video_dir / "hangs.webm")
 
-    def hook(path):
-        if path.endswith("hangs.webm"):
-            time.sleep(3600)  # a decoder that never returns
-
-    monkeypatch.setattr(video_ingest, "_DECODE_HOOK", hook)  # inherited by the forked decoder workers
+    monkeypatch.setattr(video_ingest, "_DECODE_HOOK", _hang_on_hangs_webm)  # carried to the workers by the task
     t0 = time.perf_counter()
     report = build_index("broken", video_dir, encoder=embedded, video={"num_frames": 4, "timeout": 3})
     assert time.perf_counter() - t0 < 120
