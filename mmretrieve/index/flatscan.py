@@ -1,23 +1,11 @@
 """Exact top-k over a matrix of vectors (a Flat segment, memory-mapped): one BLAS product per block of
-rows, ``torch.topk`` per block, and a running merge, all in torch (alternating numpy's BLAS and torch's
-thread pools per segment made ten 10k-row segments 2-4x slower than one 100k-row segment on 2 cores;
-with torch alone they take the same time).
-
-FAISS searches fewer than 20 queries one vector at a time with its own SIMD kernels; on this project's
-2-core machine that read memory at single-thread speed (266 ms for one query over 1M x 512, against a
-100 ms bound at both threads' bandwidth). A BLAS product over the rows, as here, took 150 ms with the
-same ids. For batches, blocks of rows sized so the score block stays under 256 MB, with ``torch.topk``
-per block, beat FAISS's flat search too (measured over 200k x 512, 2 threads: 1 query 32 vs 70 ms, 16
-queries 150 vs 240 ms, 1,000 queries 3.1 vs 4.1 s).
-
-Measured again on a 2-core AMD EPYC with AVX-512 (`mmretrieve bench search --threads 2`, 1M x 512 in
-ten 100k segments): torch's BLAS there is MKL, whose matrix-vector product ran at a third of memory
-speed, so few queries now take the product as rows x queries (``_scores``: 77 ms per query against
-FAISS's 171 ms, 200 ms before), and batches of a segment with nothing masked go to ``faiss.knn`` on
-the rows (173 q/s against FAISS's 179 over one 1M index; torch's product + ``topk``: 90 q/s).
+rows, ``torch.topk`` per block, and a running merge, all in torch. Kept where it measures ahead of
+``faiss.knn`` (``mmretrieve bench scan``; figures and their history in docs/benchmarks.md, "Flat scan
+vs faiss.knn"): few queries (fewer than ``FAISS_BATCH``), fp16 rows (converted a block at a time, where
+``faiss.knn`` needs an fp32 copy of the segment), and masked rows (deletions, exclusions). Batches of
+unmasked fp32 rows go to ``faiss.knn`` on the rows themselves.
 
 Deleted rows are masked by row; excluded ids through the segment's ids (sorted once, on first use).
-fp16 segments are converted to fp32 a block at a time (half the memory read per query).
 """
 
 from __future__ import annotations
@@ -158,10 +146,13 @@ class FlatScan:
         return D, I
 
 
-#: from this many queries on, a segment without masked rows is searched by ``faiss.knn`` over its
-#: (memory-mapped) rows: FAISS's BLAS and its top-k beat torch's product + ``topk`` for batches
-#: (1,000 queries over ten 100k x 512 segments on 2 AMD EPYC cores: 7.2 s vs 10.5 s)
-FAISS_BATCH = 64
+#: from this many queries on, a segment of fp32 rows without masked rows is searched by ``faiss.knn``
+#: over its (memory-mapped) rows. ``mmretrieve bench scan`` on 2 AMD EPYC cores (d 512, k 100, fp32,
+#: 2 threads; time of faiss.knn / time of the scan): at 8 queries 1.86 (100k rows) and 1.92 (1M), at 16
+#: queries 0.76 and 0.66, at 256 queries 0.86 and 0.59; at 1 thread 8 queries 1.14 / 1.07, 16 queries
+#: 0.72 / 0.49. FAISS's ``distance_compute_blas_threshold`` at 1 instead of 20 changed none of these
+#: beyond noise (so it is left at FAISS's default).
+FAISS_BATCH = 16
 
 #: below this many queries the product is taken as rows x queries (see ``_scores``)
 FEW_QUERIES = 64
