@@ -16,7 +16,7 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(BIN)/ruff check mmretrieve tests demos
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=20
 	@# the documentation site (docs/, mkdocs.yml): a broken link or anchor, or a page left out of the nav, fails.
 	@# No -q: mkdocs' -q hides the warnings that --strict turns into a failure.
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
