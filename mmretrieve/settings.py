@@ -6,6 +6,7 @@
 | ``MMRETRIEVE_CACHE`` | caches (class-text embeddings, evaluation galleries) | ``~/.cache/mmretrieve`` |
 | ``MMRETRIEVE_THREADS`` | torch + FAISS threads | 1 for queries (search), the cores decoder workers leave for batch work |
 | ``MMRETRIEVE_PRECISION`` | forces every ``precision="auto"`` (encoders, MLLM verifier): ``fp32``, ``bf16``, ``fp16`` | unset: per device |
+| ``MMRETRIEVE_DECODER_START`` | how decoder worker processes start: ``forkserver``, ``spawn``, ``fork`` | ``forkserver`` (``spawn`` where there is none) |
 | ``MMRETRIEVE_SEARCH_DEVICE`` | where the coarse search runs: ``auto``, ``cpu``, ``cuda`` | ``auto`` |
 | ``MMRETRIEVE_CONFIG_DIR`` | an extra folder of presets, searched first | unset |
 | ``MMRETRIEVE_OPENCV_DOC`` | where Debian's opencv-doc sample data was unpacked | ``.cache/opencv-doc/...`` |

@@ -16,6 +16,10 @@ from PIL import Image
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the tests may download
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# the hundreds of small builds the suite runs start their decoders by fork (a pool 1.3 s sooner: each
+# process's forkserver imports torch once); the decoder-pool tests run on the default, the forkserver
+# (tests/reliability/test_stopped_decoders.py and test_decoders.py: builds, kills, stopped and hung workers)
+os.environ.setdefault("MMRETRIEVE_DECODER_START", "fork")
 
 from mmretrieve.media.samples import sample_images  # noqa: E402
 

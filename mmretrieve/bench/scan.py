@@ -16,8 +16,8 @@ def add_arguments(p) -> None:
     p.add_argument("--sizes", default="10000,100000,1000000", help="comma-separated N (default 10000,100000,1000000)")
     p.add_argument("--batches", default="1,16,256", help="comma-separated query batch sizes (default 1,16,256)")
     p.add_argument("--thread-counts", default="1,2", help="comma-separated thread counts (torch and FAISS OpenMP) measured")
-    p.add_argument("--dim", type=int, default=512)
-    p.add_argument("-k", type=int, default=100)
+    p.add_argument("--dim", type=int, default=512, help="vector dimension (default 512)")
+    p.add_argument("-k", type=int, default=100, help="results per query (default 100)")
     p.add_argument("--repeat", type=int, default=5, help="timed runs per cell (the median is reported)")
     p.add_argument("--no-fp16", action="store_true", help="skip the fp16-row cells")
 

@@ -23,6 +23,12 @@ from mmretrieve.ingest import stages
 from mmretrieve.media.workers import TaskFailure, TimeoutPool
 
 
+@pytest.fixture(autouse=True)
+def _the_default_start_method(monkeypatch):
+    """These tests are about decoder pools: they run on what users get (the forkserver), not on the fork
+    the rest of the suite starts its many small builds with (tests/conftest.py)."""
+    monkeypatch.delenv("MMRETRIEVE_DECODER_START", raising=False)
+
 def _faulty_decoder(path: str) -> None:
     name = os.path.basename(path)
     if name.startswith("crash"):

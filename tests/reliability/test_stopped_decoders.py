@@ -13,11 +13,18 @@ from multiprocessing import forkserver
 from pathlib import Path
 
 import psutil
+import pytest
 
 from mmretrieve import build_index, open_index
 from mmretrieve.ingest import stages
 from mmretrieve.media.workers import TaskFailure, TimeoutPool
 
+
+@pytest.fixture(autouse=True)
+def _the_default_start_method(monkeypatch):
+    """These tests are about decoder pools: they run on what users get (the forkserver), not on the fork
+    the rest of the suite starts its many small builds with (tests/conftest.py)."""
+    monkeypatch.delenv("MMRETRIEVE_DECODER_START", raising=False)
 
 def _bounded(fn, seconds: float):
     """``fn()``'s value, or a failure when it has not returned within ``seconds`` (the hang this file
@@ -209,3 +216,14 @@ def test_decoder_pools_fork_from_a_forkserver_and_their_tasks_pickle(tiny_clip, 
     monkeypatch.setattr(video, "_DECODE_HOOK", _slow_decode_stop_on_stop_jpg)
     for task in (stages.DecodeImage(tiny_clip.image_transform), stages.DecodeVideo(tiny_clip.image_transform, {})):
         assert pickle.loads(pickle.dumps(task)).hook is _slow_decode_stop_on_stop_jpg
+
+
+def test_the_start_method_can_be_chosen_and_a_bad_one_is_named(monkeypatch):
+    from mmretrieve import UsageError
+    from mmretrieve.media.workers import pool_context
+
+    monkeypatch.setenv("MMRETRIEVE_DECODER_START", "spawn")
+    assert pool_context().get_start_method() == "spawn"
+    monkeypatch.setenv("MMRETRIEVE_DECODER_START", "threads")
+    with pytest.raises(UsageError, match="MMRETRIEVE_DECODER_START must be one of .*got 'threads'"):
+        pool_context()
