@@ -463,6 +463,28 @@ def test_empty_index_searches_return_nothing(tmp_path):
         assert len(ids) == 0 and len(scores) == 0
 
 
+@pytest.mark.parametrize("factory", ["IVF4,Flat", "HNSW16"])
+def test_deleted_ids_are_filtered_by_one_selector_per_snapshot(tmp_path, monkeypatch, factory):
+    """A profile put 97% of an ANN query after deletions in rebuilding each segment's set of deleted ids:
+    the selector is made once per open snapshot, a search's own exclusions on top; numpy exclusions work."""
+    import faiss
+
+    path = tmp_path / "i"
+    x = _vector_index(path, 200, factory=factory)
+    remove_from_index(path, [str(i) for i in range(0, 200, 3)])
+    idx = open_index(path, search_device="cpu")
+    made = []
+    real = faiss.IDSelectorBatch
+    monkeypatch.setattr(faiss, "IDSelectorBatch", lambda ids: made.append(len(ids)) or real(ids))
+    for i in range(1, 40, 3):
+        D, I = idx.search_vectors(x[i], 5, nprobe=4, ef_search=64)
+        assert I[0, 0] == i and not set(I[0].tolist()) & set(range(0, 200, 3))
+    assert made == [67]  # the deleted ids, once
+    I = idx.search_vectors(x[1], 5, nprobe=4, exclude=np.array([1, 2]))[1][0]
+    assert 1 not in I and 2 not in I and made == [67, 2]
+    assert 1 not in idx.search(vector=x[1], k=5, exclude=np.array([1])).ids
+
+
 def test_ivf_training_and_clear_error(tmp_path):
     _vector_index(tmp_path / "ivf", 400, factory="IVF8,Flat")
     idx = open_index(tmp_path / "ivf")

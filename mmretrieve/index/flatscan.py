@@ -34,7 +34,7 @@ class IdRows:
 
     def rows_of(self, ids: Sequence[int] | None) -> np.ndarray:
         """Rows of the ids that are stored (unknown ids are ignored)."""
-        want = np.asarray(list(ids or []), dtype=np.int64)
+        want = np.asarray([] if ids is None else ids, dtype=np.int64).ravel()
         if not len(want) or not len(self.ids):
             return np.zeros(0, np.int64)
         if self._sorted is None:

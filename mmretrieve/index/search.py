@@ -103,7 +103,7 @@ def search(index, query: Query | None = None, *, text=None, image=None, video=No
     """See ``Index.search``. ``options`` are the fusion's (``weight``, ``k1``, ``mode``); anything else is
     refused with the list of valid options."""
     k = positive_int(k, "k", "Index.search")
-    excl = [index.as_id(e) for e in (exclude or [])]
+    excl = [index.as_id(e) for e in ([] if exclude is None else exclude)]
     if vector is not None:
         return _search_vector(index, vector, query, text, image, video, item, fusion, pipeline, options, k, excl,
                               nprobe, ef_search)

@@ -53,6 +53,29 @@ class SegmentSearch:
         self.seg, self.metric_ip = seg, metric_ip
         self.live = seg.rows - len(seg.deleted)
         self._scan = None
+        self._deleted = None  # (FAISS selector of the deleted ids, the ids it points into): built once
+
+    def _selector(self, exclude: np.ndarray):
+        """``IDSelectorNot`` of the deleted ids (built once per snapshot: a segment's deletions do not
+        change while it is open) or-ed with this search's excluded ids; ``(None, ())`` when neither.
+        Returned with the objects it points into, which must outlive the search."""
+        import faiss
+
+        if self._deleted is None:
+            dead = np.ascontiguousarray(np.unique(np.asarray(self.seg.ids[self.seg.deleted], np.int64)))
+            self._deleted = (faiss.IDSelectorBatch(dead), dead) if len(dead) else (None, dead)
+        deleted, keep = self._deleted[0], [self._deleted]
+        if len(exclude):
+            ex = np.ascontiguousarray(exclude)
+            extra = faiss.IDSelectorBatch(ex)
+            keep.append((extra, ex))
+            sel = extra if deleted is None else faiss.IDSelectorOr(deleted, extra)
+            keep.append(sel)
+        elif deleted is None:
+            return None, keep
+        else:
+            sel = deleted
+        return faiss.IDSelectorNot(sel), keep
 
     def search(self, q: np.ndarray, k: int, *, exclude=(), nprobe=None, ef_search=None):
         if self.seg.kind == "flat":
@@ -65,8 +88,8 @@ class SegmentSearch:
         import faiss
 
         index = self.seg.faiss_index()
-        dead = np.unique(np.concatenate([np.asarray(self.seg.ids[self.seg.deleted], np.int64),
-                                         np.asarray(list(exclude), np.int64)]))
+        exclude = np.unique(np.asarray(exclude, np.int64))
+        sel, keep = self._selector(exclude)  # noqa: F841 (keep: what the selector points into, alive till the end)
         want = min(k, max(0, self.live - len(exclude)))
         inner = inner_index(index)
         hnsw, ivf = hasattr(inner, "hnsw"), hasattr(inner, "nprobe")
@@ -78,8 +101,8 @@ class SegmentSearch:
                 p.efSearch = int(ef)
             if ivf and probe:
                 p.nprobe = int(probe)
-            if len(dead):
-                p.sel = faiss.IDSelectorNot(faiss.IDSelectorBatch(np.ascontiguousarray(dead)))
+            if sel is not None:
+                p.sel = sel
             D, I = index.search(q, k, params=p)
             if (I >= 0).sum(1).min() >= want or not (hnsw or (ivf and nlist and (probe or 1) < nlist)):
                 break
@@ -122,7 +145,7 @@ class SegmentedVectors:
         if q.ndim != 2 or q.shape[1] != self.dim:
             raise BadVectorsError(f"expected query vectors of dim {self.dim}, got shape {tuple(q.shape)}")
         k = max(1, min(int(k), max(1, self.live)))
-        excl = [int(i) for i in (exclude or [])]
+        excl = [] if exclude is None else [int(i) for i in np.asarray(exclude, np.int64).ravel()]
         if not self.live:
             return np.full((len(q), k), -np.inf, np.float32), np.full((len(q), k), -1, np.int64)
         if self.search_device == "cuda":
