@@ -221,6 +221,7 @@ def test_healthz_metrics_docs_and_page(client, ids):
     assert client.get("/healthz").json() == {"status": "ok", "indexes": {"gallery": "v0001"}}
     client.post(S, json={"text": "a cup of coffee"})
     client.post(S, json={"item": ids["coffee"], "text": "but red", "rerank": ["emd:k=10"]})
+    client.get("/api/v1/no-such-endpoint")  # an error of its own: the test does not lean on earlier ones
     m = client.get("/metrics")
     assert m.status_code == 200 and m.headers["content-type"].startswith("text/plain")
     text = m.text
