@@ -57,24 +57,23 @@ class SegmentSearch:
 
     def _selector(self, exclude: np.ndarray):
         """``IDSelectorNot`` of the deleted ids (built once per snapshot: a segment's deletions do not
-        change while it is open) or-ed with this search's excluded ids; ``(None, ())`` when neither.
+        change while it is open) or-ed with this search's excluded ids; ``None`` when there are neither.
         Returned with the objects it points into, which must outlive the search."""
         import faiss
 
         if self._deleted is None:
             dead = np.ascontiguousarray(np.unique(np.asarray(self.seg.ids[self.seg.deleted], np.int64)))
             self._deleted = (faiss.IDSelectorBatch(dead), dead) if len(dead) else (None, dead)
-        deleted, keep = self._deleted[0], [self._deleted]
+        keep = [self._deleted]
+        parts = [] if self._deleted[0] is None else [self._deleted[0]]
         if len(exclude):
             ex = np.ascontiguousarray(exclude)
-            extra = faiss.IDSelectorBatch(ex)
-            keep.append((extra, ex))
-            sel = extra if deleted is None else faiss.IDSelectorOr(deleted, extra)
-            keep.append(sel)
-        elif deleted is None:
+            parts.append(faiss.IDSelectorBatch(ex))
+            keep.append((parts[-1], ex))
+        if not parts:
             return None, keep
-        else:
-            sel = deleted
+        sel = parts[0] if len(parts) == 1 else faiss.IDSelectorOr(*parts)
+        keep.append(sel)
         return faiss.IDSelectorNot(sel), keep
 
     def search(self, q: np.ndarray, k: int, *, exclude=(), nprobe=None, ef_search=None):
