@@ -474,14 +474,15 @@ def test_deleted_ids_are_filtered_by_one_selector_per_snapshot(tmp_path, monkeyp
     remove_from_index(path, [str(i) for i in range(0, 200, 3)])
     idx = open_index(path, search_device="cpu")
     made = []
-    real = faiss.IDSelectorBatch
-    monkeypatch.setattr(faiss, "IDSelectorBatch", lambda ids: made.append(len(ids)) or real(ids))
+    real_batch, real_bitmap = faiss.IDSelectorBatch, faiss.IDSelectorBitmap
+    monkeypatch.setattr(faiss, "IDSelectorBatch", lambda ids: made.append(("batch", len(ids))) or real_batch(ids))
+    monkeypatch.setattr(faiss, "IDSelectorBitmap", lambda n, bm: made.append(("bitmap", n)) or real_bitmap(n, bm))
     for i in range(1, 40, 3):
         D, I = idx.search_vectors(x[i], 5, nprobe=4, ef_search=64)
         assert I[0, 0] == i and not set(I[0].tolist()) & set(range(0, 200, 3))
-    assert made == [67]  # the deleted ids, once
+    assert made == [("bitmap", 200)]  # the live ids as one bitmap, made once
     I = idx.search_vectors(x[1], 5, nprobe=4, exclude=np.array([1, 2]))[1][0]
-    assert 1 not in I and 2 not in I and made == [67, 2]
+    assert 1 not in I and 2 not in I and made == [("bitmap", 200), ("batch", 2)]
     assert 1 not in idx.search(vector=x[1], k=5, exclude=np.array([1])).ids
 
 

@@ -21,6 +21,7 @@ BENCHMARKS = {
     "encode": "encode",
     "search": "search",
     "scan": "scan",
+    "ann": "ann",
     "store": "store",
     "rerank": "rerank",
     "emd-ood": "emd_ood",

@@ -47,69 +47,130 @@ def resolve_search_device(device: str | None, findex) -> str:
 
 
 class SegmentSearch:
-    """Top-k in one segment (``SegmentFiles``), with its deleted rows never returned."""
+    """Top-k in one Flat segment (``SegmentFiles``), its deleted rows masked in the scan."""
 
     def __init__(self, seg, metric_ip: bool) -> None:
         self.seg, self.metric_ip = seg, metric_ip
         self.live = seg.rows - len(seg.deleted)
         self._scan = None
-        self._deleted = None  # (FAISS selector of the deleted ids, the ids it points into): built once
 
-    def _selector(self, exclude: np.ndarray):
-        """``IDSelectorNot`` of the deleted ids (built once per snapshot: a segment's deletions do not
-        change while it is open) or-ed with this search's excluded ids; ``None`` when there are neither.
-        Returned with the objects it points into, which must outlive the search."""
-        import faiss
+    def search(self, q: np.ndarray, k: int, *, exclude=()):
+        if self._scan is None:
+            self._scan = FlatScan(self.seg.array("vectors.npy"), self.seg.ids, metric_ip=self.metric_ip)
+        return self._scan.search(q, k, exclude=exclude, deleted_rows=self.seg.deleted)
 
-        if self._deleted is None:
-            dead = np.ascontiguousarray(np.unique(np.asarray(self.seg.ids[self.seg.deleted], np.int64)))
-            self._deleted = (faiss.IDSelectorBatch(dead), dead) if len(dead) else (None, dead)
-        keep = [self._deleted]
-        parts = [] if self._deleted[0] is None else [self._deleted[0]]
-        if len(exclude):
-            ex = np.ascontiguousarray(exclude)
-            parts.append(faiss.IDSelectorBatch(ex))
-            keep.append((parts[-1], ex))
-        if not parts:
-            return None, keep
-        sel = parts[0] if len(parts) == 1 else faiss.IDSelectorOr(*parts)
-        keep.append(sel)
-        return faiss.IDSelectorNot(sel), keep
+
+class FaissSearch:
+    """Top-k in FAISS segments: the IVF ones as one logical IVF (``ivf.LogicalIVF``), others (HNSW, PQ)
+    each on its own; deleted and excluded ids filtered by one selector (``ivf.DeletionFilter``).
+
+    The breadth (IVF ``nprobe``, HNSW ``efSearch``) is raised and the search repeated only while a search
+    returns fewer results than the rows it can give, so a search returns ``k`` results whenever the
+    snapshot holds ``k`` live items, whatever the share of deletions."""
+
+    def __init__(self, segments, metric_ip: bool) -> None:
+        from mmretrieve.store.segments import is_ivf
+
+        self.segments, self.metric_ip = list(segments), metric_ip
+        self.live = sum(s.rows - len(s.deleted) for s in self.segments)
+        self._filter = None
+        self._ivf = None
+        self.ivf_segments = [s for s in self.segments if is_ivf(s.faiss_index())]
+        rest = [s for s in self.segments if s not in self.ivf_segments]
+        # small graphs (the segments of small writes) cost a FAISS call each: their exact vectors are
+        # scanned as one flat matrix instead
+        small = [s for s in rest if s.rows <= SMALL_SEGMENT_ROWS and _storage(s) is not None]
+        if sum(s.rows for s in small) > SMALL_SEGMENT_ROWS * 8:
+            small = []
+        self.others = [s for s in rest if s not in small]
+        self._small = None
+        if len(small) > 1:
+            xb = np.concatenate([_storage(s) for s in small])
+            ids = np.concatenate([np.asarray(s.ids, np.int64) for s in small])
+            offsets = np.cumsum([0] + [s.rows for s in small])
+            dead = np.concatenate([np.asarray(s.deleted, np.int64) + o for s, o in zip(small, offsets)])
+            self._small = (FlatScan(xb, ids, metric_ip=metric_ip), np.sort(dead), int(len(ids) - len(dead)))
+        else:
+            self.others = rest
+
+    def filter(self):
+        if self._filter is None:
+            from mmretrieve.index.ivf import DeletionFilter
+
+            self._filter = DeletionFilter(self.segments)
+        return self._filter
+
+    def logical_ivf(self):
+        if self._ivf is None:
+            from mmretrieve.index.ivf import LogicalIVF
+
+            self._ivf = LogicalIVF(self.ivf_segments)
+        return self._ivf
 
     def search(self, q: np.ndarray, k: int, *, exclude=(), nprobe=None, ef_search=None):
-        if self.seg.kind == "flat":
-            if self._scan is None:
-                self._scan = FlatScan(self.seg.array("vectors.npy"), self.seg.ids, metric_ip=self.metric_ip)
-            return self._scan.search(q, k, exclude=exclude, deleted_rows=self.seg.deleted)
-        return self._faiss_search(q, k, exclude, nprobe, ef_search)
-
-    def _faiss_search(self, q, k, exclude, nprobe, ef_search):
-        import faiss
-
-        index = self.seg.faiss_index()
         exclude = np.unique(np.asarray(exclude, np.int64))
-        sel, keep = self._selector(exclude)  # noqa: F841 (keep: what the selector points into, alive till the end)
-        want = min(k, max(0, self.live - len(exclude)))
-        inner = inner_index(index)
-        hnsw, ivf = hasattr(inner, "hnsw"), hasattr(inner, "nprobe")
-        ef, probe = ef_search or (max(16, 2 * k) if hnsw else None), nprobe
-        nlist = getattr(inner, "nlist", None)
-        for _ in range(12):  # the breadth grows until every query has what the segment can give
-            p = faiss.SearchParametersHNSW() if hnsw else faiss.SearchParametersIVF() if ivf else faiss.SearchParameters()
-            if hnsw:
-                p.efSearch = int(ef)
-            if ivf and probe:
-                p.nprobe = int(probe)
-            if sel is not None:
-                p.sel = sel
-            D, I = index.search(q, k, params=p)
-            if (I >= 0).sum(1).min() >= want or not (hnsw or (ivf and nlist and (probe or 1) < nlist)):
-                break
-            ef = ef * 2 if hnsw else ef
-            probe = min(nlist, (probe or 1) * 2) if ivf else probe
-            if hnsw and ef > max(4096, 4 * self.seg.rows):
-                break
-        return D, I
+        sel, keep = self.filter().selector(exclude)  # noqa: F841 (keep: what sel points into, alive till the end)
+        parts = []
+        if self.ivf_segments:
+            ivf = self.logical_ivf()
+            live = sum(s.rows - len(s.deleted) for s in self.ivf_segments)
+            parts.append(_breadth_search(ivf.search, q, k, min(k, max(0, live - len(exclude))), sel, ivf=ivf.nlist,
+                                         nprobe=nprobe))
+        if self._small is not None and self._small[2]:
+            scan, dead, _ = self._small
+            parts.append(scan.search(q, k, exclude=exclude, deleted_rows=dead))
+        for s in self.others:
+            live = s.rows - len(s.deleted)
+            if not live:
+                continue
+            index = s.faiss_index()
+            hnsw = hasattr(inner_index(index), "hnsw")
+            parts.append(_breadth_search(lambda q_, k_, p, index=index: index.search(q_, k_, params=p), q, k,
+                                         min(k, max(0, live - len(exclude))), sel, hnsw_rows=s.rows if hnsw else 0,
+                                         ef_search=ef_search))
+        return merge_topk(parts, k, self.metric_ip) if parts else (
+            np.full((len(q), k), -np.inf, np.float32), np.full((len(q), k), -1, np.int64))
+
+
+#: FAISS (non-IVF) segments of at most this many rows are scanned flat, together, when their vectors are exact
+SMALL_SEGMENT_ROWS = 4096
+
+
+def _storage(seg) -> np.ndarray | None:
+    """The exact stored vectors of an HNSW-Flat segment in row order (None for other kinds)."""
+    import faiss
+
+    inner = inner_index(seg.faiss_index())
+    storage = faiss.downcast_index(inner.storage) if hasattr(inner, "storage") else None
+    if not isinstance(storage, faiss.IndexFlat) or storage.ntotal != seg.rows:
+        return None
+    return storage.reconstruct_n(0, storage.ntotal) if storage.ntotal else np.zeros((0, inner.d), np.float32)
+
+
+def _breadth_search(search, q, k, want, sel, *, ivf: int = 0, nprobe=None, hnsw_rows: int = 0, ef_search=None):
+    """``search(q, k, params)`` with the breadth doubled until every query has ``want`` results (or the
+    breadth is the whole index). ``ivf``: nlist of an IVF; ``hnsw_rows``: rows of an HNSW graph."""
+    import faiss
+
+    ef, probe = ef_search or (max(16, 2 * k) if hnsw_rows else None), nprobe
+    for _ in range(12):
+        p = faiss.SearchParametersHNSW() if hnsw_rows else faiss.SearchParametersIVF() if ivf else faiss.SearchParameters()
+        if hnsw_rows:
+            p.efSearch = int(ef)
+        if ivf and probe:
+            p.nprobe = int(probe)
+        if sel is not None:
+            p.sel = sel
+        D, I = search(q, k, p)
+        if (I >= 0).sum(1).min() >= want:
+            break
+        if ivf and (probe or 1) < ivf:
+            probe = min(ivf, (probe or 1) * 2)
+        elif hnsw_rows and ef <= max(4096, 4 * hnsw_rows):
+            ef = ef * 2
+        else:
+            break
+    return D, I
 
 
 class SegmentedVectors:
@@ -124,7 +185,10 @@ class SegmentedVectors:
         self.search_device = resolve_search_device(search_device, "flat" if kind == "flat" else kind)
         self.nprobe = int(nprobe) if nprobe else (min(int(nlist), 32) if nlist else None)
         self.ef_search = int(ef_search) if ef_search else None
-        self._searchers = [SegmentSearch(s, self.metric_ip) for s in self.segments]
+        self._searchers = [SegmentSearch(s, self.metric_ip) for s in self.segments if s.kind == "flat"]
+        faiss_segs = [s for s in self.segments if s.kind != "flat"]
+        if faiss_segs:
+            self._searchers.append(FaissSearch(faiss_segs, self.metric_ip))
         self._gpu = None
 
     @property
@@ -149,7 +213,8 @@ class SegmentedVectors:
             return np.full((len(q), k), -np.inf, np.float32), np.full((len(q), k), -1, np.int64)
         if self.search_device == "cuda":
             return self.gpu_searcher().search(q, k, exclude=excl)
-        parts = [s.search(q, k, exclude=excl, nprobe=nprobe or self.nprobe, ef_search=ef_search or self.ef_search)
+        opts = {"nprobe": nprobe or self.nprobe, "ef_search": ef_search or self.ef_search}
+        parts = [s.search(q, k, exclude=excl, **({} if isinstance(s, SegmentSearch) else opts))
                  for s in self._searchers if s.live]
         return merge_topk(parts, k, self.metric_ip)
 
@@ -181,4 +246,4 @@ def merge_topk(parts: list[tuple[np.ndarray, np.ndarray]], k: int, metric_ip: bo
     return np.take_along_axis(D, order, 1), np.take_along_axis(I, order, 1)
 
 
-__all__ = ["SegmentedVectors", "SegmentSearch", "merge_topk", "resolve_search_device", "SEARCH_DEVICES"]
+__all__ = ["SegmentedVectors", "SegmentSearch", "FaissSearch", "merge_topk", "resolve_search_device", "SEARCH_DEVICES"]

@@ -180,21 +180,33 @@ def _frames(tmp, segs, records, frame_rows) -> dict:
 
 
 def _merged_faiss(template, segs, lives):
-    """IVF: the segments' lists merged (codes copied), deleted ids removed; others rebuilt from the
-    stored vectors (HNSW graphs cannot be merged)."""
+    """IVF: the segments' live codes copied list by list into a clone of the template (their lists are
+    memory-mapped, so the merge reads each list once and holds one list at a time); others rebuilt from
+    the stored vectors (HNSW graphs cannot be merged)."""
     import faiss
 
     if is_ivf(template):
         out = faiss.clone_index(template)
-        faiss.extract_index_ivf(out).set_direct_map_type(faiss.DirectMap.NoMap)
+        ivf = faiss.extract_index_ivf(out)
+        ivf.set_direct_map_type(faiss.DirectMap.NoMap)
+        total = 0
         for s, live in zip(segs, lives):
-            idx = faiss.clone_index(s.faiss_index())
-            faiss.extract_index_ivf(idx).set_direct_map_type(faiss.DirectMap.NoMap)
-            dead = np.setdiff1d(s.ids[:], s.ids[live])
-            if len(dead):
-                idx.remove_ids(faiss.IDSelectorBatch(np.ascontiguousarray(dead, dtype=np.int64)))
-            out.merge_from(idx, 0)
-        faiss.extract_index_ivf(out).set_direct_map_type(faiss.DirectMap.Hashtable)
+            src = faiss.extract_index_ivf(s.faiss_index())
+            keep_ids = np.asarray(s.ids[live], np.int64)
+            cs = int(src.code_size)
+            for lno in range(int(src.nlist)):
+                n = src.invlists.list_size(lno)
+                if not n:
+                    continue
+                ids = faiss.rev_swig_ptr(src.invlists.get_ids(lno), n)
+                codes = faiss.rev_swig_ptr(src.invlists.get_codes(lno), n * cs).reshape(n, cs)
+                mask = np.isin(ids, keep_ids, assume_unique=True)
+                if mask.any():
+                    ids_l, codes_l = np.ascontiguousarray(ids[mask]), np.ascontiguousarray(codes[mask])
+                    ivf.invlists.add_entries(lno, len(ids_l), faiss.swig_ptr(ids_l), faiss.swig_ptr(codes_l))
+                    total += len(ids_l)
+        ivf.ntotal = total
+        out.ntotal = total
         return out
     ids = np.concatenate([s.ids[r] for s, r in zip(segs, lives)])
     vecs = np.concatenate([s.vectors(r) for s, r in zip(segs, lives)])

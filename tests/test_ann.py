@@ -1,0 +1,158 @@
+"""ANN indexes stay ANN: after deletions, over many segments, and with their IVF lists on disk.
+
+Results are compared by recall against exact ground truth (not ids: FAISS factories are themselves
+approximate and their training is seeded per build), with the same factory built fresh by FAISS on the
+surviving rows as the reference.
+"""
+
+from __future__ import annotations
+
+import os
+
+import faiss
+import numpy as np
+import pytest
+
+from mmretrieve import open_index, remove_from_index
+from mmretrieve.index import vectors
+from mmretrieve.index.ivf import HSTACK_MAX_CODE, LogicalIVF
+from mmretrieve.store import IndexWriter, Item
+from mmretrieve.store.maintenance import compact_index
+
+DIM = 32
+INFO = {"name": "test-vectors", "dim": DIM, "modalities": ["image"]}
+N, BATCHES, K = 4000, 4, 10
+
+
+def _clustered(n: int, seed: int, centres: np.ndarray) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    x = centres[rng.integers(0, len(centres), n)] + 0.35 * rng.standard_normal((n, DIM)).astype(np.float32)
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def data():
+    centres = np.random.default_rng(99).standard_normal((40, DIM)).astype(np.float32)
+    return _clustered(N, 1, centres), _clustered(60, 2, centres)
+
+
+def _build(path, x, factory):
+    step = N // BATCHES
+    for b in range(BATCHES):  # one segment per write (no automatic merge below ten of a tier)
+        with IndexWriter(path, encoder_info=INFO, factory=factory, create=b == 0) as w:
+            w.add([Item(id=-1, key=str(i), uri=f"vec://{i}") for i in range(b * step, (b + 1) * step)], x[b * step:(b + 1) * step])
+
+
+def _recall(found: np.ndarray, truth: np.ndarray) -> float:
+    return float(np.mean([len(set(f[f >= 0]) & set(t)) / len(t) for f, t in zip(found, truth)]))
+
+
+FACTORIES = {"IVF16,Flat": {"nprobe": 4}, "IVF16,PQ8x4": {"nprobe": 4}, "HNSW16": {"ef_search": 32}}
+
+
+@pytest.mark.parametrize("compacted", [False, True], ids=["segments", "compacted"])
+@pytest.mark.parametrize("factory", list(FACTORIES))
+def test_ann_after_deletions_matches_a_fresh_build_of_the_survivors(tmp_path, monkeypatch, data, factory, compacted):
+    monkeypatch.setattr(vectors, "SMALL_SEGMENT_ROWS", 100)  # the graphs themselves are searched, not scanned
+    x, q = data
+    path = tmp_path / "i"
+    _build(path, x, factory)
+    dead = np.random.default_rng(3).choice(N, int(0.3 * N), replace=False)
+    remove_from_index(path, [str(i) for i in dead])
+    if compacted:
+        compact_index(path, everything=True)
+    alive = np.setdiff1d(np.arange(N), dead)
+    truth = alive[np.argsort(-(q @ x[alive].T), axis=1)[:, :K]]
+
+    breadth = FACTORIES[factory]
+    idx = open_index(path, search_device="cpu", **breadth)
+    assert len(idx.manifest["segments"]) == (1 if compacted else BATCHES)
+    D, ids = idx.search_vectors(q, K)
+    assert (ids >= 0).all() and not np.isin(ids, dead).any()  # k results, none of them deleted
+    assert (np.diff(D, axis=1) <= 1e-6).all()
+
+    fresh = faiss.index_factory(DIM, factory, faiss.METRIC_INNER_PRODUCT)  # the reference: FAISS on the survivors
+    fresh.train(x[alive][: N // BATCHES] if "IVF" in factory else x[alive])
+    fresh = faiss.IndexIDMap(fresh)
+    fresh.add_with_ids(x[alive], alive.astype(np.int64))
+    inner = faiss.downcast_index(fresh.index)
+    if "nprobe" in breadth:
+        inner.nprobe = breadth["nprobe"]
+    else:
+        inner.hnsw.efSearch = breadth["ef_search"]
+    ref = _recall(fresh.search(q, K)[1], truth)
+    got = _recall(ids, truth)
+    assert got >= ref - 0.03, (factory, got, ref)
+
+
+def test_ivf_segments_are_searched_as_one_ivf(tmp_path, data):
+    """One coarse quantisation per query, the same lists in every segment: the result of one FAISS IVF
+    holding every row (same template), ids and scores."""
+    x, q = data
+    for factory in ("IVF16,Flat", "IVF16,PQ8x4"):
+        path = tmp_path / factory.replace(",", "_")
+        _build(path, x, factory)
+        idx = open_index(path, search_device="cpu", nprobe=3)
+        ivf = idx.vector_index._searchers[0].logical_ivf()
+        assert isinstance(ivf, LogicalIVF) and len(ivf.ivfs) == BATCHES
+        assert (ivf.stacked is not None) == (ivf.code_size <= HSTACK_MAX_CODE)
+        one = faiss.clone_index(faiss.read_index(str(path / "template.faiss")))
+        for s in idx.segments:  # FAISS itself, all rows in one index
+            one.merge_from(faiss.read_index(str(s.dir / "index.faiss")), 0)  # read whole, not mapped
+        one.nprobe = 3
+        D0, I0 = one.search(q, K)
+        D, I = idx.search_vectors(q, K)
+        assert np.array_equal(I, I0) and np.allclose(D, D0, atol=1e-5)
+
+
+def test_small_graphs_are_scanned_flat_together(tmp_path, data):
+    """The segments of small writes to an HNSW index are scanned as one exact matrix (a FAISS call per
+    tiny graph cost more than the scan), their deleted rows masked; large graphs stay graphs."""
+    x, q = data
+    path = tmp_path / "h"
+    with IndexWriter(path, encoder_info=INFO, factory="HNSW16", create=True) as w:
+        w.add([Item(id=-1, key=str(i), uri="") for i in range(3000)], x[:3000])  # one graph of 3000
+    for j in range(10):
+        with IndexWriter(path, auto_compact=False) as w:
+            w.add([Item(id=-1, key=str(i), uri="") for i in range(3000 + 100 * j, 3100 + 100 * j)], x[3000 + 100 * j:3100 + 100 * j])
+    remove_from_index(path, [str(i) for i in range(3000, 4000, 2)])
+    idx = open_index(path, search_device="cpu", ef_search=64)
+    searcher = idx.vector_index._searchers[0]
+    assert len(idx.segments) == 11 and searcher._small is not None and len(searcher.others) == 0  # 3000 <= 4096
+    alive = np.setdiff1d(np.arange(4000), np.arange(3000, 4000, 2))
+    exact = alive[np.argsort(-(q @ x[alive].T), axis=1)[:, :K]]
+    D, ids = idx.search_vectors(q, K)
+    assert _recall(ids, exact) > 0.97 and not np.isin(ids, np.arange(3000, 4000, 2)).any()
+
+
+def _rss_mib() -> float:
+    with open(f"/proc/{os.getpid()}/status") as fh:
+        return next(int(line.split()[1]) for line in fh if line.startswith("VmRSS")) / 1024
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads RSS from /proc")
+def test_ivf_lists_stay_on_disk_until_probed(tmp_path):
+    """An IVF index opens without reading its inverted lists: they are memory-mapped, and resident memory
+    grows with the lists a search probes, not with the index."""
+    path = tmp_path / "big"
+    dim, n = 256, 120_000  # 120 MB of IVF-Flat codes
+    rng = np.random.default_rng(0)
+    info = {"name": "test-vectors", "dim": dim, "modalities": ["image"]}
+    with IndexWriter(path, encoder_info=info, factory="IVF64,Flat", create=True) as w:
+        for s in range(0, n, 20_000):
+            v = rng.standard_normal((20_000, dim)).astype(np.float32)
+            w.add([Item(id=-1, key=str(i), uri=f"vec://{i}") for i in range(s, s + 20_000)], v)
+    del v
+    lists_mib = sum(os.path.getsize(p) for p in path.rglob("index.faiss")) / 2**20
+    assert lists_mib > 100
+    before = _rss_mib()
+    idx = open_index(path, search_device="cpu", nprobe=1)
+    inv = faiss.extract_index_ivf(idx.segments[0].faiss_index()).invlists
+    assert "OnDisk" in type(faiss.downcast_InvertedLists(inv)).__name__
+    opened = _rss_mib() - before
+    idx.search_vectors(rng.standard_normal((1, dim)).astype(np.float32), 10)
+    searched = _rss_mib() - before
+    assert opened < 0.1 * lists_mib, (opened, lists_mib)
+    assert searched < 0.25 * lists_mib, (searched, lists_mib)  # one list of 64 per segment, plus the table
+    v = idx.vectors([5, 70_000])  # read back through the list locations
+    assert v.shape == (2, dim) and np.isfinite(v).all()
