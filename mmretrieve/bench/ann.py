@@ -181,7 +181,7 @@ def run(args) -> dict:
                 fs = _faiss_search(fidx, factory, b)
                 row = {"factory": factory, "breadth": kw, "faiss": {"p50_ms": _p50_ms(fs, q), "recall": _recall(fs(q)[1], truth)}}
                 for name, idx in states.items():
-                    search = lambda qq, idx=idx: idx.search_vectors(qq, 10, **kw)  # noqa: E731
+                    search = lambda qq, idx=idx, kw=kw: idx.search_vectors(qq, 10, **kw)  # noqa: E731
                     row[name] = {"p50_ms": _p50_ms(search, q),
                                  "recall": _recall(search(q)[1], truth if name == "fresh" else truth2)}
                 row["segments"] = {name: len(idx.segments) for name, idx in states.items()}
