@@ -89,7 +89,7 @@ def _clip_retrieval(root: Path) -> Iterator[EmbeddingBatch]:
         if len(paths) != len(vecs):
             raise InputError(f"{meta}: {len(paths)} rows but {e} holds {len(vecs)} embeddings")
         caps = table.column("caption").to_pylist() if "caption" in table.column_names else [None] * len(paths)
-        yield EmbeddingBatch(paths, np.asarray(vecs, dtype=np.float32), paths, caps, str(e))
+        yield EmbeddingBatch(paths, vecs, paths, caps, str(e))  # memory-mapped: read chunk by chunk
 
 
 def _npy(path: Path, keys: str | os.PathLike | None) -> Iterator[EmbeddingBatch]:
@@ -101,7 +101,7 @@ def _npy(path: Path, keys: str | os.PathLike | None) -> Iterator[EmbeddingBatch]
         names = [line.rstrip("\n") for line in fh if line.strip()]
     if len(names) != len(vecs):
         raise InputError(f"{kpath}: {len(names)} keys but {path} holds {len(vecs)} vectors")
-    yield EmbeddingBatch(names, np.asarray(vecs, dtype=np.float32), names, [None] * len(names), str(path))
+    yield EmbeddingBatch(names, vecs, names, [None] * len(names), str(path))  # memory-mapped: read chunk by chunk
 
 
 def _parquet_file(path: Path) -> Iterator[EmbeddingBatch]:
@@ -209,21 +209,30 @@ def import_embeddings(name_or_path, source, *, encoder=None, index_dir=None, key
     return report
 
 
+#: rows checked and added at a time: a 10M-row .npy is memory-mapped and read chunk by chunk, so an
+#: import holds one chunk (and the open segment) whatever the source's size
+IMPORT_CHUNK = 50_000
+
+
 def _add_batch(writer: IndexWriter, batch: EmbeddingBatch, report: IngestReport, *, normalize, on_bad_vectors) -> None:
-    report.scanned += len(batch.keys)
-    vecs, keep = check_vectors(batch.vectors, writer.dim, batch.keys, normalize=normalize,
-                               on_bad_vectors=on_bad_vectors, where=batch.source)
-    bad = [Skipped(k, u, "bad embedding (NaN, inf or zero norm)") for k, u, ok in zip(batch.keys, batch.uris, keep) if not ok]
-    if bad:
-        writer.record_skipped(bad)
-        report.skipped.extend(bad)
-    rows = np.flatnonzero(keep)
-    existing = set(writer.meta.items_by_keys([batch.keys[i] for i in rows]))
-    for s in range(0, len(rows), 50_000):
-        sel = rows[s : s + 50_000]
-        items = [Item(id=-1, key=batch.keys[i], uri=batch.uris[i], kind="image", caption=batch.captions[i],
-                      extra={"imported_from": batch.source}) for i in sel]
-        stored = writer.add(items, vecs[sel])
+    dim = writer.dim
+    if batch.vectors.ndim != 2 or batch.vectors.shape[1] != dim:
+        raise BadVectorsError(f"{batch.source}: expected vectors of shape (n, {dim}), got {tuple(batch.vectors.shape)}")
+    for s in range(0, len(batch.keys), IMPORT_CHUNK):
+        e = min(len(batch.keys), s + IMPORT_CHUNK)
+        keys = batch.keys[s:e]
+        report.scanned += len(keys)
+        vecs, keep = check_vectors(batch.vectors[s:e], dim, keys, normalize=normalize, on_bad_vectors=on_bad_vectors,
+                                   where=batch.source)
+        bad = [Skipped(k, u, "bad embedding (NaN, inf or zero norm)") for k, u, ok in zip(keys, batch.uris[s:e], keep) if not ok]
+        if bad:
+            writer.record_skipped(bad)
+            report.skipped.extend(bad)
+        rows = np.flatnonzero(keep)
+        existing = set(writer.meta.items_by_keys([keys[i] for i in rows]))
+        items = [Item(id=-1, key=keys[i], uri=batch.uris[s + i], kind="image", caption=batch.captions[s + i],
+                      extra={"imported_from": batch.source}) for i in rows]
+        stored = writer.add(items, vecs if len(rows) == len(keys) else vecs[rows])
         n_upd = sum(1 for st in stored if st.key in existing)
         report.updated += n_upd
         report.added += len(stored) - n_upd

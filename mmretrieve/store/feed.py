@@ -66,6 +66,26 @@ def check_batch(items: list[Item], vectors, patches, frames, *, dim: int, has_pa
     return items, vectors, patches, frames
 
 
+def train_sample_rows(template) -> int:
+    """Rows an untrained template is trained on: FAISS's own cap (k-means subsamples to 256 points per
+    centroid, for the IVF lists and for PQ's codes alike), and never fewer than it wants (``min_train_rows``)."""
+    return max(min_train_rows(template), (min_train_rows(template) // 39) * 256)
+
+
+def _sample(chunks: list[np.ndarray], n: int) -> np.ndarray:
+    """At most ``n`` rows spread evenly over ``chunks`` (all of them when they hold fewer), copied once."""
+    total = sum(len(c) for c in chunks)
+    if total <= n:
+        return np.concatenate(chunks)
+    want = np.linspace(0, total - 1, n).astype(np.int64)
+    out, start = [], 0
+    for c in chunks:
+        sel = want[(want >= start) & (want < start + len(c))] - start
+        out.append(np.asarray(c[sel], np.float32))
+        start += len(c)
+    return np.concatenate(out)
+
+
 class RowFeed:
     """Rows on their way into segments. ``manifest``: the draft's fields (the template's file is noted in
     its ``files``); ``open_segment()``: a new segment's id, noted by the session."""
@@ -114,8 +134,10 @@ class RowFeed:
         """Buffer rows (each item gets its segment and row), or hold them for an untrained template."""
         if self.flat or self.template().is_trained:
             self._buffer(items, vectors, patches, frames)
-        else:  # an untrained IVF/PQ template trains on this session's rows at commit
+        else:  # an untrained IVF/PQ template trains on the first rows, once there are enough to sample
             self._pending.append((items, vectors, patches, frames))
+            if sum(len(v) for _, v, _, _ in self._pending) >= train_sample_rows(self.template()):
+                self._train_pending()  # the rows then go on to segments: memory stays bounded
 
     def finish(self) -> list[dict]:
         """Train the template on the held rows, write the open segment; returns the entries of the
@@ -129,7 +151,7 @@ class RowFeed:
         if not self._pending:
             return
         pending, self._pending = self._pending, []
-        vecs = np.concatenate([v for _, v, _, _ in pending])
+        vecs = _sample([v for _, v, _, _ in pending], train_sample_rows(self.template()))
         log.info("training FAISS index %s on %d vectors", self.manifest["factory"], len(vecs))
         train_template(self.template(), vecs, self.manifest["factory"])
         p = self.root / TEMPLATE
@@ -166,7 +188,7 @@ class RowFeed:
         if self._builder is None:
             pc = self.manifest.get("patches")
             self._builder = SegmentBuilder(self._open_segment(), self.dim, kind="flat" if self.flat else "faiss",
-                                           dtype=self.manifest["vector_dtype"],
+                                           dtype=self.manifest["vector_dtype"], template=None if self.flat else self.template(),
                                            patch_shape=(int(pc["grid"]) ** 2, int(pc["dim"])) if pc else None)
         return self._builder
 
@@ -177,4 +199,4 @@ class RowFeed:
         self.written.append(b.write(self.root, template=None if self.flat else self.template()))
 
 
-__all__ = ["RowFeed", "check_batch", "SEGMENT_ROWS", "SEGMENT_BYTES"]
+__all__ = ["RowFeed", "check_batch", "train_sample_rows", "SEGMENT_ROWS", "SEGMENT_BYTES"]

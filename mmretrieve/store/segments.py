@@ -110,9 +110,13 @@ class SegmentBuilder:
     """The rows of one new segment, buffered until ``write``."""
 
     def __init__(self, sid: str, dim: int, *, kind: str = "flat", dtype: str = "float32",
-                 patch_shape: tuple[int, int] | None = None) -> None:
+                 patch_shape: tuple[int, int] | None = None, template=None) -> None:
         self.sid, self.dim, self.kind, self.dtype = sid, int(dim), kind, dtype
         self.patch_shape = patch_shape
+        # FAISS segments take their rows as they come (a clone of the trained template): the rows are not
+        # held a second time as float32 until the segment is written
+        self._index = segment_index(template, np.zeros((0, self.dim), np.float32), np.zeros(0, np.int64)) \
+            if kind != "flat" and template is not None else None
         self._ids: list[np.ndarray] = []
         self._vecs: list[np.ndarray] = []
         self._patches: list[np.ndarray] = []
@@ -126,13 +130,17 @@ class SegmentBuilder:
         """Buffer rows; returns the first row number they got."""
         first = self.rows
         self._ids.append(np.asarray(ids, dtype=np.int64))
-        self._vecs.append(np.asarray(vectors, dtype=np.float32))
+        if self._index is not None:
+            if len(ids):
+                self._index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), np.ascontiguousarray(ids, dtype=np.int64))
+        else:
+            self._vecs.append(np.asarray(vectors, dtype=np.float32))
         if self.patch_shape is not None:
             if patches is None:
                 raise UsageError("this index stores patch features: every added row needs its patches")
             self._patches.append(np.asarray(patches, dtype=np.float16))
         self.rows += len(ids)
-        self.nbytes += self._vecs[-1].nbytes + (self._patches[-1].nbytes if self._patches else 0)
+        self.nbytes += len(ids) * self.dim * 4 + (self._patches[-1].nbytes if self._patches else 0)
         return first
 
     def add_frames(self, emb: np.ndarray, ts: np.ndarray) -> int:
@@ -155,11 +163,11 @@ class SegmentBuilder:
             crash_point("before-index-write")
             ids = np.concatenate(self._ids) if self._ids else np.zeros(0, np.int64)
             files = {"ids.npy": io.write_npy(tmp / "ids.npy", ids)}
-            vecs = self.vectors()
             if self.kind == "flat":
-                files["vectors.npy"] = io.write_npy(tmp / "vectors.npy", vecs.astype(self.dtype, copy=False))
+                files["vectors.npy"] = io.write_npy(tmp / "vectors.npy", self.vectors().astype(self.dtype, copy=False))
             else:
-                files["index.faiss"] = io.write_faiss(tmp / "index.faiss", segment_index(template, vecs, ids))
+                index = self._index if self._index is not None else segment_index(template, self.vectors(), ids)
+                files["index.faiss"] = io.write_faiss(tmp / "index.faiss", index)
             if self.patch_shape is not None:
                 pat = np.concatenate(self._patches) if self._patches else np.zeros((0, *self.patch_shape), np.float16)
                 files["patches.npy"] = io.write_npy(tmp / "patches.npy", pat)
