@@ -241,3 +241,50 @@ def test_a_killed_replica_costs_a_retry_not_a_request(cluster, indexes):
     finally:
         serve.delete(app)
         idx.close()
+
+
+def test_cli_serve_ray_answers_over_http_and_stops_on_ctrl_c(indexes, tmp_path, capsys):
+    """``mmretrieve serve PATH --ray``: its own Ray (loopback), the JSON route, SIGINT stops it all."""
+    import signal
+    import subprocess
+    import sys
+
+    from mmretrieve.cli import main
+
+    assert main(["serve", "a", "b", "--ray"]) != 0  # one index only
+    assert "serve --ray serves one index" in capsys.readouterr().err
+    path, port = indexes["flat"], _free_port()
+    d = tempfile.mkdtemp(prefix="mmr-rc-", dir="/tmp")
+    env = {**os.environ, "RAY_TMPDIR": d, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    log = open(tmp_path / "serve.log", "w+")
+    p = subprocess.Popen([sys.executable, "-m", "mmretrieve.cli", "serve", str(path), "--ray", "--port", str(port),
+                          "--shards", "3", "--cpus-per-replica", "0.25", "--threads", "1"], stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        idx = Index.open(path, search_device="cpu")
+        q = _unit(np.random.default_rng(3), 3)
+        body = json.dumps({"vectors": q.tolist(), "k": 7}).encode()
+        out, deadline = None, time.monotonic() + 120
+        for _ in range(240):  # Ray, Serve and 4 replicas start: bounded wait
+            if p.poll() is not None or time.monotonic() > deadline:
+                break
+            try:
+                req = urllib.request.Request(f"http://127.0.0.1:{port}/", data=body, method="POST",
+                                             headers={"Content-Type": "application/json"})
+                with urllib.request.urlopen(req, timeout=10) as resp:
+                    out = json.loads(resp.read())
+                break
+            except OSError:
+                time.sleep(0.5)
+        log.seek(0)
+        assert out is not None, log.read()[-3000:]
+        assert [[r["id"] for r in row] for row in out["results"]] == idx.search_vectors(q, 7)[1].tolist()
+        p.send_signal(signal.SIGINT)
+        assert p.wait(timeout=60) == 0
+        idx.close()
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait(timeout=30)
+        log.close()
+        shutil.rmtree(d, ignore_errors=True)

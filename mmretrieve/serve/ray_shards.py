@@ -83,12 +83,13 @@ class ShardSearcher:
     class; ``build_app`` makes one deployment of it per shard)."""
 
     def __init__(self, index_path: str, version: str, segment_ids: Sequence[str], *, nprobe: int | None = None,
-                 ef_search: int | None = None, search_device: str = "cpu", shard: int = 0) -> None:
+                 ef_search: int | None = None, search_device: str = "cpu", shard: int = 0, verify: bool = True) -> None:
         from mmretrieve.index.index import Index
         from mmretrieve.index.vectors import SegmentedVectors
 
         # the Index is kept: its lease keeps the version's files from being collected while we map them
-        self._index = Index.open(index_path, version=version, search_device="cpu", nprobe=nprobe, ef_search=ef_search)
+        self._index = Index.open(index_path, version=version, search_device="cpu", nprobe=nprobe, ef_search=ef_search,
+                                 verify="fast" if verify else "none")
         if self._index.version != version:
             raise UsageError(f"{index_path}: asked for version {version}, opened {self._index.version}")
         mine = list(segment_ids)
@@ -128,10 +129,12 @@ class ShardSearcher:
 class ShardRouter:
     """Fans a batch of query vectors out to every shard, merges, hydrates (a Serve deployment's class)."""
 
-    def __init__(self, index_path: str, version: str, shards: Sequence[Any], plan: Sequence[Sequence[str]]) -> None:
+    def __init__(self, index_path: str, version: str, shards: Sequence[Any], plan: Sequence[Sequence[str]], *,
+                 token: str | None = None, verify: bool = True) -> None:
         from mmretrieve.index.index import Index
 
-        self._index = Index.open(index_path, version=version, search_device="cpu")
+        self._index = Index.open(index_path, version=version, search_device="cpu", verify="fast" if verify else "none")
+        self._token = token
         self.version, self.shards, self.plan = version, list(shards), [list(p) for p in plan]
         self.retries = 0  # shard calls retried after a replica failure (for the tests and logs)
         self._retryable = _retryable()
@@ -184,8 +187,15 @@ class ShardRouter:
     async def __call__(self, request) -> Any:
         """HTTP: ``POST {"vectors": [[...], ...], "k": 10, "exclude": [...], "nprobe": .., "ef_search": ..}``
         -> JSON ``{"version", "results": [[{"id", "score", "key", "uri"}, ...], ...]}``; ``GET`` -> stats."""
+        import hmac
+
         from starlette.responses import JSONResponse
 
+        if self._token:
+            got = request.headers.get("authorization", "")
+            if not hmac.compare_digest(got.encode(), f"Bearer {self._token}".encode()):
+                return JSONResponse({"error": "missing or wrong bearer token"}, status_code=401,
+                                    headers={"WWW-Authenticate": "Bearer"})
         if request.method == "GET":
             return JSONResponse(self.stats())
         try:
@@ -203,10 +213,13 @@ class ShardRouter:
 
 def build_app(index, *, shards: int = 2, replicas: int = 1, gpus_per_replica: float = 0, version: str | None = None,
               nprobe: int | None = None, ef_search: int | None = None, cpus_per_replica: float = 1,
-              max_ongoing_requests: int = 16, index_dir=None, name: str = "mmretrieve"):
+              max_ongoing_requests: int = 16, index_dir=None, name: str = "mmretrieve", token: str | None = None,
+              verify: bool = True):
     """A Serve application: ``shards`` shard deployments (``replicas`` replicas each, ``gpus_per_replica``
     GPUs and ``cpus_per_replica`` CPUs per replica) and their router, all pinned to ``version`` (default:
-    the live version now). ``index``: an index name, folder or open ``Index``."""
+    the live version now). ``index``: an index name, folder or open ``Index``. ``token``: the bearer
+    token the HTTP route requires (the handle path needs none). ``verify``: check the files on open
+    (``Index.open``'s ``"fast"``), as ``serve`` does unless ``--no-verify``."""
     _, serve = _serve()
     from mmretrieve.store.layout import read_manifest, resolve_index_path
 
@@ -230,13 +243,26 @@ def build_app(index, *, shards: int = 2, replicas: int = 1, gpus_per_replica: fl
             name=f"{name}-shard-{i}", num_replicas=int(replicas), ray_actor_options=dict(opts),
             max_ongoing_requests=int(max_ongoing_requests))
         bound.append(dep.bind(str(path), version, seg_ids, nprobe=nprobe, ef_search=ef_search, search_device=device,
-                              shard=i))
+                              shard=i, verify=verify))
     router = serve.deployment(ShardRouter).options(
         name=f"{name}-router", num_replicas=1, ray_actor_options={"num_cpus": min(1, cpus_per_replica)},
         max_ongoing_requests=max(1, int(max_ongoing_requests)) * len(plan))
     log.info("%s %s: %d shards x %d replicas: %s", path.name, version, len(plan), replicas,
              [len(p) for p in plan])
-    return router.bind(str(path), version, bound, plan)
+    app = router.bind(str(path), version, bound, plan, token=token, verify=verify)
+    # what the replicas ask of the cluster (``run`` checks it fits)
+    app._mmr_needs = {"CPU": len(plan) * int(replicas) * cpus_per_replica + min(1, cpus_per_replica),
+                      "GPU": len(plan) * int(replicas) * gpus_per_replica}
+    return app
+
+
+def _check_room(ray, app) -> None:
+    """Serve waits for ever for replicas the cluster cannot place: say so now, not after a silent wait."""
+    have = ray.cluster_resources()
+    for res, need in getattr(app, "_mmr_needs", {}).items():
+        if need and need > have.get(res, 0) + 1e-9:
+            log.warning("the replicas ask for %g %s and the cluster has %g: Serve will wait until it has them "
+                        "(lower --replicas / --shards, or cpus_per_replica)", need, res, have.get(res, 0))
 
 
 def run(index, *, address: str | None = None, host: str = "127.0.0.1", port: int = 8000, http: bool = True,
@@ -249,7 +275,8 @@ def run(index, *, address: str | None = None, host: str = "127.0.0.1", port: int
     ray, serve = _serve()
     from mmretrieve.ingest.ray_engine import loopback_only
 
-    if not ray.is_initialized():
+    started = not ray.is_initialized()
+    if started:
         if address is None:  # a Ray of our own listens on 127.0.0.1 only
             os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -264,6 +291,7 @@ def run(index, *, address: str | None = None, host: str = "127.0.0.1", port: int
         except ConnectionError as e:
             raise UsageError(f"cannot connect to the Ray cluster at {address}: {e}") from None
     app = build_app(index, **app_options)
+    _check_room(ray, app)
     if http:
         serve.start(proxy_location="HeadOnly", http_options={"host": host, "port": int(port)})
     else:
@@ -278,7 +306,12 @@ def run(index, *, address: str | None = None, host: str = "127.0.0.1", port: int
                 time.sleep(3600)
         except KeyboardInterrupt:
             log.info("stopping")
-            serve.shutdown()
+        finally:  # a cluster we joined keeps its other applications
+            if started:
+                serve.shutdown()
+                ray.shutdown()
+            else:
+                serve.delete(app_name)
     return handle
 
 
