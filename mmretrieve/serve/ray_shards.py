@@ -271,7 +271,8 @@ def run(index, *, address: str | None = None, host: str = "127.0.0.1", port: int
     """Deploy ``build_app(index, **app_options)`` with ``serve.run``: on the Ray this process is connected
     to, else on ``address`` (an existing cluster), else on a Ray started here on loopback only. HTTP
     (a JSON ``POST`` to ``route_prefix``) on ``host:port`` by the head node's proxy, unless ``http`` is
-    false. Returns the router's ``DeploymentHandle`` (``blocking``: serves until interrupted)."""
+    false. Returns the router's ``DeploymentHandle``; ``blocking``: serves until Ctrl+C, then stops the
+    application (and the Ray started here), returns None."""
     ray, serve = _serve()
     from mmretrieve.ingest.ray_engine import loopback_only
 
@@ -292,26 +293,32 @@ def run(index, *, address: str | None = None, host: str = "127.0.0.1", port: int
             raise UsageError(f"cannot connect to the Ray cluster at {address}: {e}") from None
     app = build_app(index, **app_options)
     _check_room(ray, app)
+    if not blocking:
+        return _deploy(serve, app, index, http, host, port, app_name, route_prefix)
+    import time
+
+    try:  # Ctrl+C at any point, during the start too, stops what was started here
+        _deploy(serve, app, index, http, host, port, app_name, route_prefix)
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        log.info("stopping")
+    finally:  # a cluster we joined keeps its other applications
+        if started:
+            serve.shutdown()
+            ray.shutdown()
+        else:
+            serve.delete(app_name)
+    return None
+
+
+def _deploy(serve, app, index, http, host, port, app_name, route_prefix):
     if http:
         serve.start(proxy_location="HeadOnly", http_options={"host": host, "port": int(port)})
     else:
         serve.start(proxy_location="Disabled")
     handle = serve.run(app, name=app_name, route_prefix=route_prefix if http else None, blocking=False)
     log.info("sharded search of %s ready%s", index, f" at http://{host}:{port}{route_prefix}" if http else "")
-    if blocking:
-        import time
-
-        try:
-            while True:
-                time.sleep(3600)
-        except KeyboardInterrupt:
-            log.info("stopping")
-        finally:  # a cluster we joined keeps its other applications
-            if started:
-                serve.shutdown()
-                ray.shutdown()
-            else:
-                serve.delete(app_name)
     return handle
 
 
