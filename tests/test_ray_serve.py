@@ -107,6 +107,9 @@ def test_plan_shards_splits_by_rows_and_covers_every_segment_once():
             worst = max(sum(rows[s] for s in p) for p in plan)
             assert worst <= sum(rows.values()) / n + max(rows.values())
     assert plan_shards(m, 2) == [["s0", "s1", "s2"], ["s3", "s4", "s5", "s6", "s7"]]  # 2300 | 2600
+    # by rows, not by segment count: one big segment is a shard of its own
+    big = {"segments": [{"id": f"b{i}", "rows": r} for i, r in enumerate([100, 100, 100, 3000])]}
+    assert plan_shards(big, 2) == [["b0", "b1", "b2"], ["b3"]]
     assert plan_shards({"segments": []}, 3) == [[]]
     with pytest.raises(ValueError):
         plan_shards(m, 0)
