@@ -6,6 +6,8 @@ from mmretrieve.cli.common import EXIT_OK
 
 
 def cmd_serve(args) -> int:
+    if getattr(args, "ray", False):
+        return _serve_on_ray(args)
     from mmretrieve import settings
     from mmretrieve.serve.config import ServeConfig, check_bind
     from mmretrieve.serve.server import serve
@@ -24,6 +26,24 @@ def cmd_serve(args) -> int:
     config.check()
     check_bind(config.host, config.token)  # refuse before anything loads
     serve(config, print_fn=print)
+    return EXIT_OK
+
+
+def _serve_on_ray(args) -> int:
+    """``serve NAME --ray``: sharded vector search on Ray Serve (``mmretrieve.serve.ray_shards``), blocking."""
+    from mmretrieve import settings
+    from mmretrieve.errors import UsageError
+    from mmretrieve.serve.config import check_bind
+    from mmretrieve.serve.ray_shards import run
+
+    if len(args.names) != 1:
+        raise UsageError("serve --ray serves one index (give one NAME)")
+    token = args.token or settings.serve_token()
+    print(check_bind(args.host, token))  # refuse an open address without a token before Ray starts
+    run(args.names[0], address=args.ray_address, host=args.host, port=args.port, blocking=True, token=token,
+        shards=args.shards, replicas=args.replicas, gpus_per_replica=args.gpus_per_replica,
+        cpus_per_replica=args.cpus_per_replica, index_dir=args.index_dir,
+        verify=not args.no_verify)
     return EXIT_OK
 
 
@@ -66,4 +86,15 @@ def register(sub, common) -> None:
                    help="seconds between checks for a new index version (0: never; default 1)")
     s.add_argument("--mllm", default=None, metavar="MODEL",
                    help="a vision-language model (local folder) that the mllm reranker may use (default: mllm off)")
+    r = s.add_argument_group("sharded search on Ray Serve (--ray; needs mmretrieve[ray]; vectors only: POST "
+                             '{"vectors": [[...]], "k": 10} to /)')
+    r.add_argument("--ray", action="store_true",
+                   help="serve one index as shards of its segments on Ray Serve instead of the FastAPI service")
+    r.add_argument("--shards", type=int, default=2, help="shards: contiguous segment ranges, balanced by rows (default 2)")
+    r.add_argument("--replicas", type=int, default=1, help="replicas per shard (default 1)")
+    r.add_argument("--gpus-per-replica", type=float, default=0, help="GPUs per shard replica (default 0)")
+    r.add_argument("--cpus-per-replica", type=float, default=1,
+                   help="CPUs Ray reserves per shard replica (default 1; fractions allowed, e.g. 0.5)")
+    r.add_argument("--ray-address", default=None, metavar="ADDR",
+                   help="an existing Ray cluster to join (default: start Ray on this machine, loopback only)")
     s.set_defaults(func=cmd_serve)
