@@ -156,3 +156,36 @@ def test_ivf_lists_stay_on_disk_until_probed(tmp_path):
     assert searched < 0.25 * lists_mib, (searched, lists_mib)  # one list of 64 per segment, plus the table
     v = idx.vectors([5, 70_000])  # read back through the list locations
     assert v.shape == (2, dim) and np.isfinite(v).all()
+
+
+def test_a_large_import_streams_trains_on_a_sample_and_stores_each_uri_once(tmp_path, monkeypatch):
+    """An import holds a chunk, not the source: the .npy is read chunk by chunk, the IVF is trained on a
+    sample once enough rows arrived (FAISS's 256 per centroid), and the rows go on to segments before the
+    import ends; a uri equal to its key is stored once."""
+    import sqlite3
+
+    from mmretrieve.ingest import embeddings, import_embeddings
+    from mmretrieve.store import feed, segments
+
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((6000, DIM)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    np.save(tmp_path / "v.npy", x)
+    (tmp_path / "v.keys.txt").write_text("".join(f"img/{i}.jpg\n" for i in range(len(x))))
+    monkeypatch.setattr(embeddings, "IMPORT_CHUNK", 500)
+    reads, trained, written = [], [], []
+    real_get = embeddings.NpyRows.__getitem__
+    monkeypatch.setattr(embeddings.NpyRows, "__getitem__", lambda self, sl: reads.append(sl) or real_get(self, sl))
+    real_train = feed.train_template
+    monkeypatch.setattr(feed, "train_template", lambda t, v, f: trained.append(len(v)) or real_train(t, v, f))
+    real_write = segments.SegmentBuilder.write
+    monkeypatch.setattr(segments.SegmentBuilder, "write", lambda self, *a, **k: written.append(len(trained)) or real_write(self, *a, **k))
+    import_embeddings(tmp_path / "i", tmp_path / "v.npy", encoder=INFO, factory="IVF4,Flat", segment_rows=1000)
+    assert len(reads) == 12 and all(sl.stop - sl.start <= 500 for sl in reads)
+    assert trained == [4 * 256]  # once, on a sample of FAISS's size
+    assert len(written) == 6 and written[0] == 1  # segments written as the rows came, after training
+    idx = open_index(tmp_path / "i", search_device="cpu", nprobe=4)
+    assert idx.search_vectors(x[4321], 1)[1][0, 0] == 4321
+    assert idx.get("img/17.jpg").uri == "img/17.jpg" and idx.meta.items_by_uri("img/17.jpg")[0].key == "img/17.jpg"
+    con = sqlite3.connect(tmp_path / "i" / "meta.sqlite")
+    assert con.execute("SELECT COUNT(*) FROM items WHERE uri IS NOT NULL OR extra IS NOT NULL").fetchone()[0] == 0

@@ -72,6 +72,40 @@ def _shard_number(p: Path) -> int:
     return int(m.group(1)) if m else -1
 
 
+class NpyRows:
+    """The rows of a 2-D ``.npy``, read from the file slice by slice (``rows[s:e]``): an import of a
+    10M-row file holds the chunk it adds, not the pages of a whole memory map."""
+
+    def __init__(self, path: Path) -> None:
+        from mmretrieve.errors import IndexCorruptedError
+        from mmretrieve.store.io import npy_header
+
+        self.path = Path(path)
+        try:
+            with open(self.path, "rb") as fh:
+                shape, self.dtype, self.offset = npy_header(fh, self.path)
+        except IndexCorruptedError as e:
+            raise InputError(str(e)) from None
+        if len(shape) != 2 or self.dtype.kind != "f":
+            raise InputError(f"{self.path}: expected a 2-D float array of vectors, got shape {shape} ({self.dtype})")
+        if self.offset + shape[0] * shape[1] * self.dtype.itemsize > self.path.stat().st_size:
+            raise InputError(f"{self.path}: truncated (its header promises {shape[0]} rows)")
+        self.shape, self.ndim = shape, 2
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, sl: slice) -> np.ndarray:
+        start, stop, step = sl.indices(self.shape[0])
+        if step != 1:
+            raise UsageError("NpyRows reads contiguous row ranges")
+        row = self.shape[1] * self.dtype.itemsize
+        with open(self.path, "rb") as fh:
+            fh.seek(self.offset + start * row)
+            out = np.fromfile(fh, dtype=self.dtype, count=max(0, stop - start) * self.shape[1])
+        return out.reshape(-1, self.shape[1]).astype(np.float32, copy=False)
+
+
 def _clip_retrieval(root: Path) -> Iterator[EmbeddingBatch]:
     pq = _parquet()
     embs = sorted((root / "img_emb").glob("img_emb_*.npy"), key=_shard_number)
@@ -81,7 +115,7 @@ def _clip_retrieval(root: Path) -> Iterator[EmbeddingBatch]:
         meta = root / "metadata" / f"metadata_{_shard_number(e)}.parquet"
         if not meta.is_file():
             raise InputError(f"{e}: its metadata file {meta} is missing")
-        vecs = np.load(e, mmap_mode="r", allow_pickle=False)
+        vecs = NpyRows(e)
         table = pq.read_table(meta)
         if "image_path" not in table.column_names:
             raise InputError(f"{meta}: no image_path column (found: {', '.join(table.column_names)})")
@@ -89,11 +123,11 @@ def _clip_retrieval(root: Path) -> Iterator[EmbeddingBatch]:
         if len(paths) != len(vecs):
             raise InputError(f"{meta}: {len(paths)} rows but {e} holds {len(vecs)} embeddings")
         caps = table.column("caption").to_pylist() if "caption" in table.column_names else [None] * len(paths)
-        yield EmbeddingBatch(paths, vecs, paths, caps, str(e))  # memory-mapped: read chunk by chunk
+        yield EmbeddingBatch(paths, vecs, paths, caps, str(e))  # read chunk by chunk
 
 
 def _npy(path: Path, keys: str | os.PathLike | None) -> Iterator[EmbeddingBatch]:
-    vecs = np.load(path, mmap_mode="r", allow_pickle=False)
+    vecs = NpyRows(path)
     kpath = Path(keys) if keys else path.with_suffix(".keys.txt")
     if not kpath.is_file():
         raise InputError(f"{path}: its keys are missing: give --keys FILE (one key per line) or put them in {kpath}")
@@ -101,7 +135,7 @@ def _npy(path: Path, keys: str | os.PathLike | None) -> Iterator[EmbeddingBatch]
         names = [line.rstrip("\n") for line in fh if line.strip()]
     if len(names) != len(vecs):
         raise InputError(f"{kpath}: {len(names)} keys but {path} holds {len(vecs)} vectors")
-    yield EmbeddingBatch(names, vecs, names, [None] * len(names), str(path))  # memory-mapped: read chunk by chunk
+    yield EmbeddingBatch(names, vecs, names, [None] * len(names), str(path))  # read chunk by chunk
 
 
 def _parquet_file(path: Path) -> Iterator[EmbeddingBatch]:
@@ -218,6 +252,8 @@ def _add_batch(writer: IndexWriter, batch: EmbeddingBatch, report: IngestReport,
     dim = writer.dim
     if batch.vectors.ndim != 2 or batch.vectors.shape[1] != dim:
         raise BadVectorsError(f"{batch.source}: expected vectors of shape (n, {dim}), got {tuple(batch.vectors.shape)}")
+    # the source is noted once in the database, not on every row (it was ~40 bytes of each row)
+    writer.meta.write("INSERT OR REPLACE INTO info(k, v) VALUES(?, ?)", (f"imported:{batch.source}", str(time.time())))
     for s in range(0, len(batch.keys), IMPORT_CHUNK):
         e = min(len(batch.keys), s + IMPORT_CHUNK)
         keys = batch.keys[s:e]
@@ -230,8 +266,7 @@ def _add_batch(writer: IndexWriter, batch: EmbeddingBatch, report: IngestReport,
             report.skipped.extend(bad)
         rows = np.flatnonzero(keep)
         existing = set(writer.meta.items_by_keys([keys[i] for i in rows]))
-        items = [Item(id=-1, key=keys[i], uri=batch.uris[s + i], kind="image", caption=batch.captions[s + i],
-                      extra={"imported_from": batch.source}) for i in rows]
+        items = [Item(id=-1, key=keys[i], uri=batch.uris[s + i], kind="image", caption=batch.captions[s + i]) for i in rows]
         stored = writer.add(items, vecs if len(rows) == len(keys) else vecs[rows])
         n_upd = sum(1 for st in stored if st.key in existing)
         report.updated += n_upd

@@ -31,7 +31,7 @@ CREATE TABLE IF NOT EXISTS items(
     segment TEXT NOT NULL,
     row INTEGER NOT NULL,
     key TEXT NOT NULL,
-    uri TEXT NOT NULL,
+    uri TEXT,
     kind TEXT NOT NULL DEFAULT 'image',
     size INTEGER,
     mtime REAL,
@@ -47,7 +47,7 @@ CREATE TABLE IF NOT EXISTS items(
 CREATE UNIQUE INDEX IF NOT EXISTS items_pos ON items(segment, row);
 CREATE INDEX IF NOT EXISTS items_id ON items(id);
 CREATE INDEX IF NOT EXISTS items_key ON items(key);
-CREATE INDEX IF NOT EXISTS items_uri ON items(uri);
+CREATE INDEX IF NOT EXISTS items_uri ON items(uri) WHERE uri IS NOT NULL;
 CREATE TABLE IF NOT EXISTS skipped(
     key TEXT PRIMARY KEY,
     uri TEXT NOT NULL,
@@ -98,7 +98,7 @@ class Item:
 
     @classmethod
     def from_row(cls, r: Sequence[Any]) -> Item:
-        return cls(id=r[0], segment=r[1], row=r[2], key=r[3], uri=r[4], kind=r[5], size=r[6], mtime=r[7], caption=r[8],
+        return cls(id=r[0], segment=r[1], row=r[2], key=r[3], uri=r[3] if r[4] is None else r[4], kind=r[5], size=r[6], mtime=r[7], caption=r[8],
                    width=r[9], height=r[10], added_at=r[11], frame_start=r[12], frame_count=r[13],
                    extra=json.loads(r[14]) if r[14] else {})
 
@@ -179,6 +179,8 @@ class MetaDB:
 
     def __init__(self, conn: sqlite3.Connection, path: Path, view: Visibility, *, readonly: bool) -> None:
         self.conn = conn
+        # a uri equal to its key is stored once (NULL uri), unless the database predates that (uri NOT NULL)
+        self.lean_uris = not readonly and not any(r[1] == "uri" and r[3] for r in conn.execute("PRAGMA table_info(items)"))
         self.path = path
         self.view = view
         self.readonly = readonly
@@ -282,6 +284,8 @@ class MetaDB:
     # ---- writing ------------------------------------------------------------------------------------
     def insert_items(self, items: Sequence[Item]) -> None:
         rows = [it.to_row() for it in items]
+        if self.lean_uris:
+            rows = [r if r[4] != r[3] else (*r[:4], None, *r[5:]) for r in rows]
         self.write(f"INSERT INTO items({', '.join(ITEM_COLUMNS)}, crc) VALUES({', '.join('?' * (len(ITEM_COLUMNS) + 1))})",
                    [(*r, row_crc(r)) for r in rows], many=True)
         self.write("DELETE FROM skipped WHERE key=?", [(r[3],) for r in rows], many=True)
@@ -361,7 +365,11 @@ class MetaDB:
         return self.items_by_keys([key]).get(key)
 
     def items_by_uri(self, uri: str) -> list[Item]:
-        return self._lookup("uri", [uri])
+        """Items whose uri is ``uri``: stored in the uri column, or as their key (a uri equal to the key is
+        stored once)."""
+        found = {it.id: it for it in self._lookup("uri", [uri])}
+        found.update({it.id: it for it in self._lookup("key", [uri]) if it.uri == uri})
+        return sorted(found.values(), key=lambda it: it.id)
 
     def iter_items(self, batch: int = 10000) -> Iterator[Item]:
         """Every visible item, by id."""
@@ -378,7 +386,7 @@ class MetaDB:
         """key -> (id, size, mtime, uri, caption) of every visible item (one pass; for ``index add``)."""
         cond, segs = self._segs_sql()
         rows = self._q(f"SELECT id, segment, row, key, size, mtime, uri, caption FROM items WHERE {cond}", segs)
-        return {r[3]: (r[0], r[4], r[5], r[6], r[7]) for r in self._visible(rows, make=tuple)}
+        return {r[3]: (r[0], r[4], r[5], r[3] if r[6] is None else r[6], r[7]) for r in self._visible(rows, make=tuple)}
 
     def skipped_fingerprints(self) -> dict[str, tuple[int | None, float | None, bool]]:
         """key -> (size, mtime, transient) of every skip record (a writer's database: it has the column)."""
