@@ -15,7 +15,7 @@ import pytest
 
 from mmretrieve import open_index, remove_from_index
 from mmretrieve.index import vectors
-from mmretrieve.index.ivf import HSTACK_MAX_CODE, LogicalIVF
+from mmretrieve.index.ivf import LogicalIVF
 from mmretrieve.store import IndexWriter, Item
 from mmretrieve.store.maintenance import compact_index
 
@@ -85,24 +85,37 @@ def test_ann_after_deletions_matches_a_fresh_build_of_the_survivors(tmp_path, mo
     assert got >= ref - 0.03, (factory, got, ref)
 
 
-def test_ivf_segments_are_searched_as_one_ivf(tmp_path, data):
+@pytest.mark.parametrize("mode", ["stacked", "preassigned", "small-stacked"])
+def test_ivf_segments_are_searched_as_one_ivf(tmp_path, monkeypatch, data, mode):
     """One coarse quantisation per query, the same lists in every segment: the result of one FAISS IVF
-    holding every row (same template), ids and scores."""
+    holding every row (same template), ids and scores, whichever way the segments are searched."""
+    from mmretrieve.index import ivf as ivf_mod
+
+    if mode != "stacked":  # as wide IVF-Flat codes are: search_preassigned per (large) segment
+        monkeypatch.setattr(ivf_mod, "HSTACK_MAX_CODE", 0)
+    if mode == "preassigned":
+        monkeypatch.setattr(ivf_mod, "STACK_BELOW_ROWS", 0)
     x, q = data
     for factory in ("IVF16,Flat", "IVF16,PQ8x4"):
         path = tmp_path / factory.replace(",", "_")
         _build(path, x, factory)
+        remove_from_index(path, [str(i) for i in range(0, N, 5)])
         idx = open_index(path, search_device="cpu", nprobe=3)
         ivf = idx.vector_index._searchers[0].logical_ivf()
         assert isinstance(ivf, LogicalIVF) and len(ivf.ivfs) == BATCHES
-        assert (ivf.stacked is not None) == (ivf.code_size <= HSTACK_MAX_CODE)
+        assert len(ivf.parts) == (BATCHES if mode == "preassigned" else 1)
         one = faiss.clone_index(faiss.read_index(str(path / "template.faiss")))
         for s in idx.segments:  # FAISS itself, all rows in one index
             one.merge_from(faiss.read_index(str(s.dir / "index.faiss")), 0)  # read whole, not mapped
-        one.nprobe = 3
-        D0, I0 = one.search(q, K)
-        D, I = idx.search_vectors(q, K)
-        assert np.array_equal(I, I0) and np.allclose(D, D0, atol=1e-5)
+        gone = faiss.IDSelectorBatch(np.concatenate([np.arange(0, N, 5), [7, 8]]).astype(np.int64))  # deleted + excluded
+        p = faiss.SearchParametersIVF()
+        p.nprobe, p.sel = 3, (keep := faiss.IDSelectorNot(gone))
+        D0, I0 = one.search(q, K, params=p)
+        D, I = idx.search_vectors(q, K, exclude=[7, 8])
+        assert np.allclose(D, D0, atol=1e-5), (factory, keep)
+        for d, i, i0 in zip(D, I, I0):  # the same ids, up to the order of equal scores (4-bit PQ ties often)
+            sure = d > d[-1] + 1e-5
+            assert set(i[sure]) == set(i0[sure]) and not set(i.tolist()) & (set(range(0, N, 5)) | {7, 8})
 
 
 def test_small_graphs_are_scanned_flat_together(tmp_path, data):

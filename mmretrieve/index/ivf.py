@@ -8,8 +8,9 @@ code size (measured at 1M x 512 in 10 segments, see docs/benchmarks.md):
 - compact codes (PQ, SQ on small dims; ``code_size <= HSTACK_MAX_CODE``): the segments' inverted lists are
   stacked (``faiss.HStackInvertedLists``) under one IVF, so FAISS scans each probed list once, with one
   distance table per (query, list), exactly as one index would;
-- wide codes (IVF-Flat): stacking copies every probed list per query, so each segment is searched with
-  ``search_preassigned`` on the one quantisation and the per-segment top-k merged.
+- wide codes (IVF-Flat): stacking copies every probed list per query, so each large segment is searched
+  with ``search_preassigned`` on the one quantisation and the per-segment top-k merged; the small
+  segments of small writes (under ``STACK_BELOW_ROWS``) are stacked together into one more part.
 
 Deleted rows are filtered by one ``IDSelectorBitmap`` over the snapshot's live ids (built once per
 snapshot: a bit test per scanned code), and-ed with a search's own exclusions.
@@ -20,6 +21,9 @@ from __future__ import annotations
 import numpy as np
 
 HSTACK_MAX_CODE = 256
+#: with wide codes, segments under this many rows are stacked together (copying their probed lists costs
+#: less than a search call each: the segments of small writes)
+STACK_BELOW_ROWS = 20_000
 #: ids are dense (0..next_id); a bitmap wider than this many bits per stored row falls back to a hash set
 BITMAP_MAX_SPARSITY = 64
 
@@ -80,36 +84,52 @@ class LogicalIVF:
         self.nlist, self.code_size = int(first.nlist), int(first.code_size)
         self.ntotal = sum(int(i.ntotal) for i in self.ivfs)
         self.quantizer = first.quantizer
+        self.metric_ip = first.metric_type == faiss.METRIC_INNER_PRODUCT
+        self._keep: list = []
         self.stacked = None
         if len(self.ivfs) > 1 and self.code_size <= HSTACK_MAX_CODE:
-            self._ils = faiss.InvertedListsPtrVector()
-            for i in self.ivfs:
-                self._ils.push_back(i.invlists)
-            self._hstack = faiss.HStackInvertedLists(self._ils.size(), self._ils.data())
-            # a second reading of the first segment (memory-mapped: free) whose lists are replaced
-            self._owner = self.segments[0].faiss_index(fresh=True)  # owns the C++ index `stacked` points to
-            self.stacked = faiss.extract_index_ivf(self._owner)
-            self.stacked.replace_invlists(self._hstack, False)
-            self.stacked.ntotal = self.ntotal
+            self.stacked = self._stack(self.segments, self.ivfs)
+            self.parts = [self.stacked]
+        else:  # wide codes: large segments searched each on the one quantisation, small ones stacked
+            big = [j for j, s in enumerate(self.segments) if s.rows >= STACK_BELOW_ROWS]
+            small = [j for j in range(len(self.segments)) if j not in big]
+            self.parts = [self.ivfs[j] for j in big]
+            if len(small) > 1:
+                self.parts.append(self._stack([self.segments[j] for j in small], [self.ivfs[j] for j in small]))
+            else:
+                self.parts += [self.ivfs[j] for j in small]
+
+    def _stack(self, segments, ivfs):
+        """One IVF over the lists of ``ivfs`` (``HStackInvertedLists``), under a second reading of the
+        first segment (memory-mapped: free) whose lists are replaced."""
+        faiss = _faiss()
+        ils = faiss.InvertedListsPtrVector()
+        for i in ivfs:
+            ils.push_back(i.invlists)
+        hstack = faiss.HStackInvertedLists(ils.size(), ils.data())
+        owner = segments[0].faiss_index(fresh=True)  # owns the C++ index the returned object points to
+        out = faiss.extract_index_ivf(owner)
+        out.replace_invlists(hstack, False)
+        out.ntotal = sum(int(i.ntotal) for i in ivfs)
+        self._keep += [ils, hstack, owner]
+        return out
 
     def search(self, q: np.ndarray, k: int, params) -> tuple[np.ndarray, np.ndarray]:
-        if len(self.ivfs) == 1:
-            return self.ivfs[0].search(q, k, params=params)
-        if self.stacked is not None:
-            return self.stacked.search(q, k, params=params)
+        if len(self.parts) == 1:
+            return self.parts[0].search(q, k, params=params)
         faiss = _faiss()
         nprobe = int(params.nprobe) if params.nprobe else int(self.ivfs[0].nprobe)
         params.nprobe = nprobe
         Dq, Iq = self.quantizer.search(q, nprobe)
         m = len(q)
-        D = np.empty((len(self.ivfs), m, k), np.float32)
-        I = np.empty((len(self.ivfs), m, k), np.int64)
-        for j, ivf in enumerate(self.ivfs):
-            ivf.search_preassigned_c(m, faiss.swig_ptr(q), k, faiss.swig_ptr(Iq), faiss.swig_ptr(Dq),
-                                     faiss.swig_ptr(D[j]), faiss.swig_ptr(I[j]), False, params, None)
+        D = np.empty((len(self.parts), m, k), np.float32)
+        I = np.empty((len(self.parts), m, k), np.int64)
+        qp, iqp, dqp = faiss.swig_ptr(q), faiss.swig_ptr(Iq), faiss.swig_ptr(Dq)
+        for j, ivf in enumerate(self.parts):
+            ivf.search_preassigned_c(m, qp, k, iqp, dqp, faiss.swig_ptr(D[j]), faiss.swig_ptr(I[j]), False, params, None)
         from mmretrieve.index.vectors import merge_topk
 
-        return merge_topk([(D[j], I[j]) for j in range(len(self.ivfs))], k, self.ivfs[0].metric_type == faiss.METRIC_INNER_PRODUCT)
+        return merge_topk([(D[j], I[j]) for j in range(len(self.parts))], k, self.metric_ip)
 
 
 __all__ = ["LogicalIVF", "DeletionFilter", "HSTACK_MAX_CODE"]
