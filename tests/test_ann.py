@@ -38,8 +38,8 @@ def data():
 
 def _build(path, x, factory):
     step = N // BATCHES
-    for b in range(BATCHES):  # one segment per write (no automatic merge below ten of a tier)
-        with IndexWriter(path, encoder_info=INFO, factory=factory, create=b == 0) as w:
+    for b in range(BATCHES):  # one segment per write (HNSW would merge its four)
+        with IndexWriter(path, encoder_info=INFO, factory=factory, create=b == 0, auto_compact=False) as w:
             w.add([Item(id=-1, key=str(i), uri=f"vec://{i}") for i in range(b * step, (b + 1) * step)], x[b * step:(b + 1) * step])
 
 
@@ -58,7 +58,8 @@ def test_ann_after_deletions_matches_a_fresh_build_of_the_survivors(tmp_path, mo
     path = tmp_path / "i"
     _build(path, x, factory)
     dead = np.random.default_rng(3).choice(N, int(0.3 * N), replace=False)
-    remove_from_index(path, [str(i) for i in dead])
+    with IndexWriter(path, auto_compact=False) as w:  # ids are 0..N-1 in the order written
+        w.remove([int(i) for i in dead])
     if compacted:
         compact_index(path, everything=True)
     alive = np.setdiff1d(np.arange(N), dead)
@@ -138,6 +139,23 @@ def test_small_graphs_are_scanned_flat_together(tmp_path, data):
     assert _recall(ids, exact) > 0.97 and not np.isin(ids, np.arange(3000, 4000, 2)).any()
 
 
+def test_hnsw_graphs_are_merged_four_at_a_time(tmp_path, data):
+    """Each HNSW graph costs a search of its own, so the tiered policy merges four of a tier (IVF
+    segments, searched as one IVF, wait for ten)."""
+    x, q = data
+    for factory, want in (("HNSW16", [1, 2, 3, 1]), ("IVF16,Flat", [1, 2, 3, 4])):
+        path = tmp_path / factory.replace(",", "_")
+        got = []
+        for b in range(4):
+            with IndexWriter(path, encoder_info=INFO, factory=factory, create=b == 0) as w:
+                w.add([Item(id=-1, key=str(i), uri="") for i in range(b * 1000, (b + 1) * 1000)], x[b * 1000:(b + 1) * 1000])
+            got.append(len(open_index(path).segments))
+        assert got == want, factory
+    idx = open_index(tmp_path / "HNSW16", ef_search=64)
+    exact = np.argsort(-(q @ x.T), axis=1)[:, :K]
+    assert _recall(idx.search_vectors(q, K)[1], exact) > 0.95
+
+
 def _rss_mib() -> float:
     with open(f"/proc/{os.getpid()}/status") as fh:
         return next(int(line.split()[1]) for line in fh if line.startswith("VmRSS")) / 1024
@@ -202,3 +220,23 @@ def test_a_large_import_streams_trains_on_a_sample_and_stores_each_uri_once(tmp_
     assert idx.get("img/17.jpg").uri == "img/17.jpg" and idx.meta.items_by_uri("img/17.jpg")[0].key == "img/17.jpg"
     con = sqlite3.connect(tmp_path / "i" / "meta.sqlite")
     assert con.execute("SELECT COUNT(*) FROM items WHERE uri IS NOT NULL OR extra IS NOT NULL").fetchone()[0] == 0
+
+
+def test_bench_ann_prints_the_table_with_its_targets(tmp_path):
+    """`mmretrieve bench ann` on a small collection: every state measured beside FAISS, ratios against
+    their targets (the real run is 1M x 512; its figures are in docs/benchmarks.md)."""
+    import argparse
+
+    from mmretrieve import bench
+
+    args = argparse.Namespace(n=3000, large=False, dim=16, queries=20, segments=3, threads=1,
+                              factories="IVF16,Flat:2;IVF16,PQ4x4:2;HNSW8:16", dir=str(tmp_path / "w"))
+    res = bench.run("ann", args)
+    assert [r["factory"] for r in res["rows"]] == ["IVF16,Flat", "IVF16,PQ4x4", "HNSW8"]
+    for r in res["rows"]:
+        assert r["segments"]["fresh"] == 3 and r["segments"]["changed"] > 3 and r["segments"]["compacted"] == 1
+        assert all(0 <= r[s]["recall"] <= 1 and r[s]["p50_ms"] > 0 for s in ("faiss", "fresh", "changed", "compacted"))
+        if "IVF" in r["factory"]:  # the same quantizer, the same lists: FAISS's recall, fresh
+            assert abs(r["fresh"]["recall"] - r["faiss"]["recall"]) < 0.05
+    lines = bench.render("ann", res)
+    assert "fresh/FAISS" in lines[1] and "target <= 1.3" in lines[1] and "changed/fresh" in lines[1]

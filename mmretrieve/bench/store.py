@@ -8,6 +8,9 @@ a table, rewritten on each change) as the baseline. Growth is printed as ratios 
 Also: a search over 10 segments against one segment of the same vectors, and the write amplification
 of the tiered compaction (bytes written by merges per byte of data) against its stated bound.
 
+Also: ``index import`` of the largest N against FAISS's own build of the same factory from the same
+file (``--import-factory``, default IVF1024,Flat; time and peak RSS, each in a process of its own).
+
 Targets: add and rm at 1M within 2x of their cost at 10k and under 1 s; bytes written per add O(batch)
 (under 10 MB for 10 vectors at 1M); open at 1M under 1 s with under 100 MB more anonymous RSS; 10
 segments within 1.2x of one; disk after 5 small adds within 1.1x of the data.
@@ -35,6 +38,8 @@ def add_arguments(p) -> None:
     p.add_argument("--dim", type=int, default=512, help="vector dimension (default 512)")
     p.add_argument("--no-baseline", action="store_true", help="skip the FAISS + SQLite baseline")
     p.add_argument("--dir", default=None, help="work folder (default: a temporary one; needs ~8 GB at 1M)")
+    p.add_argument("--import-factory", default="IVF1024,Flat",
+                   help="factory of the import-rate comparison with FAISS at the largest N ('' to skip; default IVF1024,Flat)")
 
 
 def _source(tmp: Path, n: int, d: int) -> Path:
@@ -105,6 +110,50 @@ def _fanout(tmp: Path, n: int, d: int) -> dict:
             "ratio": round(out[10] / out[1], 3), "target": "<= 1.2"}
 
 
+_IMPORT_CHILD = """
+import json, resource, sys, time
+import faiss
+faiss.omp_set_num_threads(int(sys.argv[4]))
+which, src, factory = sys.argv[1], sys.argv[2], sys.argv[3]
+t = time.perf_counter()
+if which == "mmretrieve":
+    from mmretrieve.ingest import import_embeddings
+    import_embeddings(sys.argv[5], src, encoder="bench-random", factory=factory)
+else:  # FAISS's own build of the same factory: trained on as many rows (spread the same way), added in chunks
+    import numpy as np
+    from mmretrieve.store.feed import train_sample_rows
+    x = np.load(src, mmap_mode="r")
+    idx = faiss.index_factory(x.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
+    ns = min(len(x), train_sample_rows(idx))
+    idx.train(np.ascontiguousarray(x[np.linspace(0, len(x) - 1, ns).astype(np.int64)]))
+    for s in range(0, len(x), 200_000):
+        idx.add(np.ascontiguousarray(x[s:s + 200_000]))
+    faiss.write_index(idx, sys.argv[5])
+print(json.dumps({"seconds": time.perf_counter() - t, "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+"""
+
+
+def _import_vs_faiss(tmp: Path, n: int, factory: str, threads: int) -> dict:
+    """``index import`` of the largest source against FAISS building the same factory from the same .npy,
+    each in a process of its own (time and peak RSS); the rate ratio is FAISS's time over ours."""
+    from mmretrieve.store.segments import min_train_rows, new_template
+
+    src = tmp / f"vec{n}.npy"
+    out = {"n": n, "factory": factory, "threads": threads}
+    if n < min_train_rows(new_template(int(np.load(src, mmap_mode="r").shape[1]), factory)):
+        raise RuntimeError(f"bench store: {factory} needs more rows to train than N={n:,}; give --import-factory ''")
+    for which in ("faiss", "mmretrieve"):
+        dest = tmp / f"import-{which}"
+        p = subprocess.run([sys.executable, "-c", _IMPORT_CHILD, which, str(src), factory, str(threads), str(dest)],
+                           capture_output=True, text=True, timeout=7200)
+        if p.returncode != 0:
+            raise RuntimeError(f"bench store: the {which} import failed:\n{p.stderr[-3000:]}")
+        out[which] = json.loads(p.stdout.strip().splitlines()[-1])
+        shutil.rmtree(dest, ignore_errors=True) if dest.is_dir() else dest.unlink(missing_ok=True)
+    out["rate_vs_faiss"] = round(out["faiss"]["seconds"] / out["mmretrieve"]["seconds"], 3)
+    return out
+
+
 def _amplification(tmp: Path, d: int, writes: int = 400, batch: int = 50) -> dict:
     """Many small writes into one index: bytes written by compaction merges per byte of live data."""
     from mmretrieve.bench.store_ops import disk_bytes
@@ -152,9 +201,11 @@ def run(args) -> dict:
         rows = [_one_size(tmp, n, d, not args.no_baseline) for n in sizes]
         fan = _fanout(tmp, sizes[-1], d)
         amp = _amplification(tmp, d)
+        imp = _import_vs_faiss(tmp, sizes[-1], args.import_factory, int(getattr(args, "threads", None) or 2)) \
+            if args.import_factory else None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return {"benchmark": "store", "dim": d, "results": rows, "fanout": fan, "compaction": amp}
+    return {"benchmark": "store", "dim": d, "results": rows, "fanout": fan, "compaction": amp, "import": imp}
 
 
 def _fmt(r: dict, key: str) -> str:
@@ -193,6 +244,11 @@ def render(res: dict) -> list[str]:
     f = res["fanout"]
     out.append(f"  search over 10 segments vs one (N={f['n']:,}): {f['ten_segments_ms']} vs {f['one_segment_ms']} ms "
                f"= {f['ratio']}x (target <= 1.2)")
+    i = res.get("import")
+    if i:
+        out.append(f"  import of N={i['n']:,} as {i['factory']} ({i['threads']} threads): mmretrieve {i['mmretrieve']['seconds']:.1f} s, "
+                   f"peak RSS {i['mmretrieve']['peak_rss'] / 1e9:.2f} GB; FAISS's own build {i['faiss']['seconds']:.1f} s, "
+                   f"peak RSS {i['faiss']['peak_rss'] / 1e9:.2f} GB; rate x{i['rate_vs_faiss']} of FAISS's (target >= 0.7)")
     a = res["compaction"]
     out.append(f"  compaction: {a['writes']} writes of {a['batch']} -> {a['segments']} segments after {a['merges']} merges; "
                f"merges wrote {a['merge_bytes_per_data_byte']}x the data (bound: each row rewritten <= "

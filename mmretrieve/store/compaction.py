@@ -5,7 +5,9 @@
 once per tier: at most ``ceil(log10 N) + 1`` times over its life at N rows (6 at a million, counting the
 first write), and at most 9 segments stay per tier, so a search fans out over at most ``9 * (tiers)``
 segments. A segment with half or more of its rows deleted is rewritten on its own (its live rows
-only; dropped when none is left).
+only; dropped when none is left). HNSW indexes merge ``GRAPH_MERGE_FACTOR`` (4) segments of a tier at
+once: each graph costs a search of its own, so they are merged sooner (a row is then rebuilt at most
+twice per tier: 4 x 4 segments of a tier exceed the tier).
 
 A merge streams the live rows of its segments into a new segment (vectors, ids, patches, frames; FAISS
 segments by ``merge_from`` for IVF, rebuilt from their stored vectors otherwise) and copies their
@@ -31,6 +33,7 @@ from mmretrieve.store.meta import Item, MetaDB
 from mmretrieve.store.segments import SegmentFiles, is_flat_factory, is_ivf, segment_index
 
 MERGE_FACTOR = 10
+GRAPH_MERGE_FACTOR = 4
 DELETED_SHARE = 0.5
 CHUNK = 65_536
 
@@ -58,12 +61,20 @@ def plan(segments: list[dict], factor: int = MERGE_FACTOR) -> list[list[dict]]:
     return groups
 
 
-def pick(segments: list[dict], *, everything: bool = False) -> list[list[dict]]:
+def merge_factor(factory: str | None) -> int:
+    """Segments of one tier merged at once: ``MERGE_FACTOR``, but ``GRAPH_MERGE_FACTOR`` for HNSW, whose
+    graphs cannot be searched as one (each costs a search of its own: 10 graphs of 20k measured 15x one
+    graph of 200k) while IVF segments can (``index.ivf``)."""
+    f = (factory or "").upper()
+    return GRAPH_MERGE_FACTOR if "HNSW" in f and "IVF" not in f else MERGE_FACTOR
+
+
+def pick(segments: list[dict], *, everything: bool = False, factory: str | None = None) -> list[list[dict]]:
     """The merges to run now: the tiered policy's (``plan``), or with ``everything`` one of all segments
     (when there is more than one, or any deleted row to drop)."""
     if everything and (len(segments) > 1 or any(int(e["deleted"]) for e in segments)):
         return [list(segments)]
-    return plan(segments)
+    return plan(segments, merge_factor(factory))
 
 
 def merge_into(draft: Draft, root: Path, meta: MetaDB, group: list[dict], *, version: str,
@@ -213,4 +224,4 @@ def _merged_faiss(template, segs, lives):
     return segment_index(template, vecs, ids)
 
 
-__all__ = ["plan", "pick", "merge_into", "merge_segments", "tier", "write_amplification_bound", "MERGE_FACTOR", "DELETED_SHARE"]
+__all__ = ["plan", "pick", "merge_factor", "GRAPH_MERGE_FACTOR", "merge_into", "merge_segments", "tier", "write_amplification_bound", "MERGE_FACTOR", "DELETED_SHARE"]

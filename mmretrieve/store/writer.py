@@ -22,7 +22,7 @@ import numpy as np
 
 from mmretrieve.errors import ItemNotFoundError, MMRetrieveError, UsageError
 from mmretrieve.store import retention
-from mmretrieve.store.compaction import merge_into, pick, plan
+from mmretrieve.store.compaction import merge_factor, merge_into, pick, plan
 from mmretrieve.store.draft import (
     KIND_COUNTS,
     Draft,
@@ -220,7 +220,7 @@ class IndexWriter:
             self.meta.begin()
             self.collect()
             if self.auto_compact:
-                for group in plan(self.segments):
+                for group in plan(self.segments, merge_factor(self.manifest.get("factory"))):
                     self._merge_and_publish(group)
             self.meta.commit()
             self.meta.checkpoint()
@@ -250,7 +250,7 @@ class IndexWriter:
             if self._changed:
                 raise UsageError("commit the session's changes before compacting")
             self.manifest_live = self.prev
-            groups = pick(self.segments, everything=everything)
+            groups = pick(self.segments, everything=everything, factory=self.manifest.get("factory"))
             for group in groups:
                 self._merge_and_publish(group)
             self.meta.commit() if groups else self.meta.rollback()
