@@ -240,3 +240,25 @@ def test_bench_ann_prints_the_table_with_its_targets(tmp_path):
             assert abs(r["fresh"]["recall"] - r["faiss"]["recall"]) < 0.05
     lines = bench.render("ann", res)
     assert "fresh/FAISS" in lines[1] and "target <= 1.3" in lines[1] and "changed/fresh" in lines[1]
+
+
+def test_a_damaged_npy_is_refused_naming_the_file_and_nothing_is_written(tmp_path):
+    """A source read chunk by chunk is checked up front: a truncated file, a 1-D or integer array, a
+    damaged header: an InputError naming the file, and no index left behind."""
+    from mmretrieve.errors import InputError
+    from mmretrieve.ingest import import_embeddings
+
+    x = np.random.default_rng(0).standard_normal((100, DIM)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    cases = {"truncated": None, "flat": x.ravel(), "ints": (x * 100).astype(np.int32), "header": None}
+    for name, arr in cases.items():
+        src = tmp_path / f"{name}.npy"
+        np.save(src, x if arr is None else arr)
+        if name == "truncated":
+            src.write_bytes(src.read_bytes()[:-1000])
+        if name == "header":
+            src.write_bytes(src.read_bytes()[:10] + b"{'descr': <garbage" + src.read_bytes()[28:])
+        (tmp_path / f"{name}.keys.txt").write_text("".join(f"{i}\n" for i in range(100 if name != "flat" else 100 * DIM)))
+        with pytest.raises(InputError, match=str(src)):
+            import_embeddings(tmp_path / f"i-{name}", src, encoder=INFO)
+        assert not (tmp_path / f"i-{name}" / "manifest.json").exists()

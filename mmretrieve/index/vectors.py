@@ -1,13 +1,15 @@
 """The vectors of one index snapshot: top-k over all its segments, and stored vectors read back.
 
-Each segment is searched on its own and the per-segment top-k lists are merged (by score, ties by id),
-which gives the ids and, to float rounding, the scores of one Flat index over the same vectors. Flat
-segments are scanned with BLAS over their memory-mapped rows (``flatscan``: resident memory grows with
-what a search touches), deleted rows masked; FAISS segments (IVF, HNSW, PQ ...) are searched by FAISS
-with their deleted and excluded ids filtered by a selector, and with a breadth (IVF ``nprobe``, HNSW
-``efSearch``) raised and the search repeated while a segment returns fewer results than it has live
-rows to give, so a search returns ``k`` results whenever the snapshot holds ``k`` live items, whatever
-the share of deletions. On a GPU, Flat segments are searched as one matrix (``gpu``).
+Flat segments are searched each on its own and their top-k lists merged (by score, ties by id), which
+gives the ids and, to float rounding, the scores of one Flat index over the same vectors; they are
+scanned with BLAS over their memory-mapped rows (``flatscan``: resident memory grows with what a search
+touches), deleted rows masked. FAISS segments are searched by ``FaissSearch``: the IVF ones as one
+logical IVF (``ivf.LogicalIVF``: one coarse quantisation, the same lists in every segment), HNSW graphs
+one by one except the small ones, scanned together as one exact matrix; deleted and excluded ids are
+filtered by one selector per snapshot (``ivf.DeletionFilter``), and the breadth (IVF ``nprobe``, HNSW
+``efSearch``) is raised and the search repeated only while a search returns fewer results than it has
+live rows to give, so a search returns ``k`` results whenever the snapshot holds ``k`` live items,
+whatever the share of deletions. On a GPU, Flat segments are searched as one matrix (``gpu``).
 """
 
 from __future__ import annotations
