@@ -26,7 +26,7 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-HELP = "recall@10 vs latency of IVF / IVF-PQ / HNSW: FAISS, mmretrieve fresh, after adds + 30% deletions, compacted"
+HELP = "recall@10 vs latency of IVF / IVF-PQ / HNSW: FAISS, mmretrieve fresh, after adds + 30%% deletions, compacted"
 
 DEFAULT_FACTORIES = "IVF1024,Flat:1/16;IVF1024,PQ64:4/32;HNSW32:16/64"
 TARGET_FRESH, TARGET_CHANGED = 1.3, 1.5
