@@ -283,7 +283,7 @@ def test_cli_serve_ray_answers_over_http_and_stops_on_ctrl_c(indexes, tmp_path, 
         assert out is not None, log.read()[-3000:]
         assert [[r["id"] for r in row] for row in out["results"]] == idx.search_vectors(q, 7)[1].tolist()
         p.send_signal(signal.SIGINT)
-        assert p.wait(timeout=60) == 0
+        assert p.wait(timeout=120) == 0  # bounded; a loaded 2-core machine stops Ray slowly
         idx.close()
     finally:
         if p.poll() is None:

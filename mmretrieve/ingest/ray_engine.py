@@ -82,29 +82,35 @@ def loopback_only(on: bool) -> Iterator[None]:
         ray_constants.ENABLE_RAY_CLUSTER = before
 
 
-@contextlib.contextmanager
-def ray_session(address: str | None = None, *, num_cpus: int | None = None) -> Iterator[Any]:
-    """Ray connected to ``address``, or started on this machine (loopback only); shut down afterwards
-    only if started here. An already initialised Ray (a caller's own) is used as it is."""
+def start_ray(address: str | None = None, *, num_cpus: int | None = None) -> tuple[Any, bool]:
+    """``ray.init`` on ``address``, or a Ray of our own on this machine listening on loopback only,
+    unless one is initialised already; returns (the ray module, whether it was started here)."""
     if address is None:  # a Ray of our own listens on 127.0.0.1 only: for its processes ...
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     ray = _ray()
+    if ray.is_initialized():
+        return ray, False
+    kw: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False}
+    if address:
+        kw["address"] = address
+    else:
+        kw["num_cpus"] = num_cpus
+    try:
+        with loopback_only(address is None):
+            ray.init(**kw)
+    except ConnectionError as e:
+        raise UsageError(f"cannot connect to the Ray cluster at {address}: {e}") from None
+    return ray, True
+
+
+@contextlib.contextmanager
+def ray_session(address: str | None = None, *, num_cpus: int | None = None) -> Iterator[Any]:
+    """Ray connected to ``address``, or started on this machine (loopback only); shut down afterwards
+    only if started here. An already initialised Ray (a caller's own) is used as it is."""
+    ray, started = start_ray(address, num_cpus=num_cpus)
     if not log.isEnabledFor(logging.DEBUG):  # Ray Data logs every execution plan at INFO
         logging.getLogger("ray.data").setLevel(logging.WARNING)
-    started = False
-    if not ray.is_initialized():
-        kw: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False}
-        if address:
-            kw["address"] = address
-        else:
-            kw["num_cpus"] = num_cpus
-        try:
-            with loopback_only(address is None):
-                ray.init(**kw)
-        except ConnectionError as e:
-            raise UsageError(f"cannot connect to the Ray cluster at {address}: {e}") from None
-        started = True
     try:
         yield ray
     finally:

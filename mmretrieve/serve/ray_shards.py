@@ -211,6 +211,10 @@ class ShardRouter:
         return JSONResponse({"version": r["version"], "results": results})
 
 
+#: a search is milliseconds: a replica being stopped need not wait Serve's default 20 s for requests
+SHUTDOWN = {"graceful_shutdown_timeout_s": 5.0, "graceful_shutdown_wait_loop_s": 0.5}
+
+
 def build_app(index, *, shards: int = 2, replicas: int = 1, gpus_per_replica: float = 0, version: str | None = None,
               nprobe: int | None = None, ef_search: int | None = None, cpus_per_replica: float = 1,
               max_ongoing_requests: int = 16, index_dir=None, name: str = "mmretrieve", token: str | None = None,
@@ -241,12 +245,12 @@ def build_app(index, *, shards: int = 2, replicas: int = 1, gpus_per_replica: fl
     for i, seg_ids in enumerate(plan):
         dep = serve.deployment(ShardSearcher).options(
             name=f"{name}-shard-{i}", num_replicas=int(replicas), ray_actor_options=dict(opts),
-            max_ongoing_requests=int(max_ongoing_requests))
+            max_ongoing_requests=int(max_ongoing_requests), **SHUTDOWN)
         bound.append(dep.bind(str(path), version, seg_ids, nprobe=nprobe, ef_search=ef_search, search_device=device,
                               shard=i, verify=verify))
     router = serve.deployment(ShardRouter).options(
         name=f"{name}-router", num_replicas=1, ray_actor_options={"num_cpus": min(1, cpus_per_replica)},
-        max_ongoing_requests=max(1, int(max_ongoing_requests)) * len(plan))
+        max_ongoing_requests=max(1, int(max_ongoing_requests)) * len(plan), **SHUTDOWN)
     log.info("%s %s: %d shards x %d replicas: %s", path.name, version, len(plan), replicas,
              [len(p) for p in plan])
     app = router.bind(str(path), version, bound, plan, token=token, verify=verify)
@@ -273,24 +277,15 @@ def run(index, *, address: str | None = None, host: str = "127.0.0.1", port: int
     (a JSON ``POST`` to ``route_prefix``) on ``host:port`` by the head node's proxy, unless ``http`` is
     false. Returns the router's ``DeploymentHandle``; ``blocking``: serves until Ctrl+C, then stops the
     application (and the Ray started here), returns None."""
-    ray, serve = _serve()
-    from mmretrieve.ingest.ray_engine import loopback_only
+    from mmretrieve.ingest.ray_engine import start_ray
 
-    started = not ray.is_initialized()
-    if started:
-        if address is None:  # a Ray of our own listens on 127.0.0.1 only
-            os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-        kw: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False}
-        if address:
-            kw["address"] = address
-        else:
-            kw["num_cpus"] = num_cpus
-        try:
-            with loopback_only(address is None):
-                ray.init(**kw)
-        except ConnectionError as e:
-            raise UsageError(f"cannot connect to the Ray cluster at {address}: {e}") from None
+    ray, started = start_ray(address, num_cpus=num_cpus)  # before Serve imports Ray: the loopback setting is read then
+    try:
+        ray, serve = _serve()
+    except MissingDependencyError:
+        if started:
+            ray.shutdown()
+        raise
     app = build_app(index, **app_options)
     _check_room(ray, app)
     if not blocking:
@@ -304,9 +299,8 @@ def run(index, *, address: str | None = None, host: str = "127.0.0.1", port: int
     except KeyboardInterrupt:
         log.info("stopping")
     finally:  # a cluster we joined keeps its other applications
-        if started:
-            serve.shutdown()
-            ray.shutdown()
+        if started:  # the Ray started here takes Serve and every replica with it (Serve's own graceful
+            ray.shutdown()  # shutdown took over a minute on a loaded 2-core machine)
         else:
             serve.delete(app_name)
     return None
