@@ -262,3 +262,23 @@ def test_a_damaged_npy_is_refused_naming_the_file_and_nothing_is_written(tmp_pat
         with pytest.raises(InputError, match=str(src)):
             import_embeddings(tmp_path / f"i-{name}", src, encoder=INFO)
         assert not (tmp_path / f"i-{name}" / "manifest.json").exists()
+
+
+def test_an_ivf_segment_not_cloned_from_the_template_is_refused_naming_it(tmp_path, data):
+    """The logical IVF reads every segment's list l as the same cell: a segment of another IVF (a file
+    swapped in, the manifest's checks skipped) is an IndexCorruptedError naming it, not wrong results."""
+    from mmretrieve.errors import IndexCorruptedError
+
+    x, q = data
+    path = tmp_path / "i"
+    _build(path, x, "IVF16,Flat")
+    idx = open_index(path)
+    other = faiss.index_factory(DIM, "IVF8,Flat", faiss.METRIC_INNER_PRODUCT)
+    other.train(x[:1000])
+    victim = idx.segments[2].dir / "index.faiss"
+    idx.close()
+    faiss.write_index(other, str(victim))
+    with pytest.raises(IndexCorruptedError, match=str(victim)):
+        open_index(path, verify="none", nprobe=2).search_vectors(q[:2], K)
+    with pytest.raises(IndexCorruptedError, match="index.faiss"):  # the default checks catch it first
+        open_index(path)

@@ -82,6 +82,13 @@ class LogicalIVF:
         self.ivfs = [faiss.extract_index_ivf(s.faiss_index()) for s in self.segments]
         first = self.ivfs[0]
         self.nlist, self.code_size = int(first.nlist), int(first.code_size)
+        for seg, ivf in zip(self.segments, self.ivfs):  # clones of one template, or the lists mean different things
+            if (int(ivf.nlist), int(ivf.code_size), int(ivf.d)) != (self.nlist, self.code_size, int(first.d)):
+                from mmretrieve.errors import IndexCorruptedError
+
+                raise IndexCorruptedError(f"{seg.dir / 'index.faiss'}: an IVF of {ivf.nlist} lists and {ivf.code_size}-byte "
+                                          f"codes beside segments of {self.nlist} and {self.code_size}: not a clone of the "
+                                          "index's template")
         self.ntotal = sum(int(i.ntotal) for i in self.ivfs)
         self.quantizer = first.quantizer
         self.metric_ip = first.metric_type == faiss.METRIC_INNER_PRODUCT
