@@ -262,7 +262,10 @@ def test_cli_serve_ray_answers_over_http_and_stops_on_ctrl_c(indexes, tmp_path, 
     env.pop("RAY_ADDRESS", None)
     log = open(tmp_path / "serve.log", "w+")
     p = subprocess.Popen([sys.executable, "-m", "mmretrieve.cli", "serve", str(path), "--ray", "--port", str(port),
-                          "--shards", "3", "--cpus-per-replica", "0.25", "--threads", "1"], stdout=log, stderr=subprocess.STDOUT, env=env)
+                          "--shards", "3", "--cpus-per-replica", "0.25", "--threads", "1"], stdout=log, stderr=subprocess.STDOUT, env=env,
+                             # a job started in the background by a shell (make test &) has SIGINT ignored, which
+                             # the child would inherit: Ctrl+C is what is tested, so it gets its default back
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         idx = Index.open(path, search_device="cpu")
         q = _unit(np.random.default_rng(3), 3)

@@ -290,8 +290,15 @@ def run(index, *, address: str | None = None, host: str = "127.0.0.1", port: int
     _check_room(ray, app)
     if not blocking:
         return _deploy(serve, app, index, http, host, port, app_name, route_prefix)
+    import signal
+    import threading
     import time
 
+    def _stop(signum, frame):
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is threading.main_thread():  # SIGTERM (systemd, docker stop) stops it as Ctrl+C does
+        signal.signal(signal.SIGTERM, _stop)
     try:  # Ctrl+C at any point, during the start too, stops what was started here
         _deploy(serve, app, index, http, host, port, app_name, route_prefix)
         while True:
