@@ -38,6 +38,9 @@ def add_arguments(p) -> None:
     p.add_argument("--dim", type=int, default=512, help="vector dimension (default 512)")
     p.add_argument("--no-baseline", action="store_true", help="skip the FAISS + SQLite baseline")
     p.add_argument("--dir", default=None, help="work folder (default: a temporary one; needs ~8 GB at 1M)")
+    p.add_argument("--lancedb-python", default=None, metavar="PYTHON",
+                   help="a Python with lancedb installed (an environment of its own): its add of 10 rows at each N is "
+                        "printed beside mmretrieve's as an anchor (default: skipped)")
     p.add_argument("--import-factory", default="IVF1024,Flat",
                    help="factory of the import-rate comparison with FAISS at the largest N ('' to skip; default IVF1024,Flat)")
 
@@ -154,6 +157,41 @@ def _import_vs_faiss(tmp: Path, n: int, factory: str, threads: int) -> dict:
     return out
 
 
+_LANCEDB_CHILD = """
+import json, statistics, sys, time
+import numpy as np, lancedb, pyarrow as pa
+src, dest = sys.argv[1], sys.argv[2]
+x = np.load(src, mmap_mode="r")
+db = lancedb.connect(dest)
+def batch(a, start):
+    return pa.table({"id": pa.array(np.arange(start, start + len(a)), pa.int64()),
+                     "vector": pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(a).ravel()), a.shape[1])})
+t = db.create_table("items", batch(x[:100_000], 0))
+for s in range(100_000, len(x), 100_000):
+    t.add(batch(x[s:s + 100_000], s))
+rng = np.random.default_rng(1)
+times = []
+for j in range(7):
+    v = rng.standard_normal((10, x.shape[1])).astype(np.float32)
+    t0 = time.perf_counter()
+    t.add(batch(v / np.linalg.norm(v, axis=1, keepdims=True), len(x) + 10 * j))
+    times.append(time.perf_counter() - t0)
+print(json.dumps({"add10_median_s": statistics.median(times), "lancedb": lancedb.__version__}))
+"""
+
+
+def _lancedb_small_write(tmp: Path, n: int, python: str) -> dict:
+    """LanceDB's add of 10 rows to a table of the same ``n`` vectors (the median of 7), run by
+    ``python``: an environment of its own with ``lancedb`` (not a dependency of mmretrieve)."""
+    dest = tmp / "lancedb"
+    p = subprocess.run([python, "-c", _LANCEDB_CHILD, str(tmp / f"vec{n}.npy"), str(dest)], capture_output=True,
+                       text=True, timeout=3600)
+    shutil.rmtree(dest, ignore_errors=True)
+    if p.returncode != 0:
+        return {"n": n, "error": (p.stderr.strip().splitlines() or ["failed"])[-1]}
+    return {"n": n, **json.loads(p.stdout.strip().splitlines()[-1])}
+
+
 def _amplification(tmp: Path, d: int, writes: int = 400, batch: int = 50) -> dict:
     """Many small writes into one index: bytes written by compaction merges per byte of live data."""
     from mmretrieve.bench.store_ops import disk_bytes
@@ -203,9 +241,10 @@ def run(args) -> dict:
         amp = _amplification(tmp, d)
         imp = _import_vs_faiss(tmp, sizes[-1], args.import_factory, int(getattr(args, "threads", None) or 2)) \
             if args.import_factory else None
+        lance = [_lancedb_small_write(tmp, n, args.lancedb_python) for n in sizes] if args.lancedb_python else None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return {"benchmark": "store", "dim": d, "results": rows, "fanout": fan, "compaction": amp, "import": imp}
+    return {"benchmark": "store", "dim": d, "results": rows, "fanout": fan, "compaction": amp, "import": imp, "lancedb": lance}
 
 
 def _fmt(r: dict, key: str) -> str:
@@ -249,6 +288,12 @@ def render(res: dict) -> list[str]:
         out.append(f"  import of N={i['n']:,} as {i['factory']} ({i['threads']} threads): mmretrieve {i['mmretrieve']['seconds']:.1f} s, "
                    f"peak RSS {i['mmretrieve']['peak_rss'] / 1e9:.2f} GB; FAISS's own build {i['faiss']['seconds']:.1f} s, "
                    f"peak RSS {i['faiss']['peak_rss'] / 1e9:.2f} GB; rate x{i['rate_vs_faiss']} of FAISS's (target >= 0.7)")
+    for L, r in zip(res.get("lancedb") or [], rows):
+        if "error" in L:
+            out.append(f"  LanceDB anchor at N={L['n']:,}: not measured ({L['error']})")
+        else:
+            out.append(f"  add of 10 at N={L['n']:,}: mmretrieve {r['ours']['add10']['seconds']:.3f} s (the first add in a fresh process), "
+                       f"LanceDB {L['lancedb']} {L['add10_median_s']:.4f} s (in process, median of 7)")
     a = res["compaction"]
     out.append(f"  compaction: {a['writes']} writes of {a['batch']} -> {a['segments']} segments after {a['merges']} merges; "
                f"merges wrote {a['merge_bytes_per_data_byte']}x the data (bound: each row rewritten <= "
