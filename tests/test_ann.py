@@ -131,7 +131,7 @@ def test_small_graphs_are_scanned_flat_together(tmp_path, data):
             w.add([Item(id=-1, key=str(i), uri="") for i in range(3000 + 100 * j, 3100 + 100 * j)], x[3000 + 100 * j:3100 + 100 * j])
     remove_from_index(path, [str(i) for i in range(3000, 4000, 2)])
     idx = open_index(path, search_device="cpu", ef_search=64)
-    searcher = idx.vector_index._searchers[0]
+    searcher = idx.vector_index._searchers[0].prepare()
     assert len(idx.segments) == 11 and searcher._small is not None and len(searcher.others) == 0  # 3000 <= 4096
     alive = np.setdiff1d(np.arange(4000), np.arange(3000, 4000, 2))
     exact = alive[np.argsort(-(q @ x[alive].T), axis=1)[:, :K]]

@@ -71,29 +71,37 @@ class FaissSearch:
     snapshot holds ``k`` live items, whatever the share of deletions."""
 
     def __init__(self, segments, metric_ip: bool) -> None:
-        from mmretrieve.store.segments import is_ivf
-
         self.segments, self.metric_ip = list(segments), metric_ip
         self.live = sum(s.rows - len(s.deleted) for s in self.segments)
         self._filter = None
         self._ivf = None
+        self._prepared = False
+
+    def prepare(self) -> FaissSearch:
+        """Sort the segments by how they are searched (on first use: it reads each segment's FAISS file,
+        which opening an index does not need)."""
+        if self._prepared:
+            return self
+        from mmretrieve.store.segments import is_ivf
+
         self.ivf_segments = [s for s in self.segments if is_ivf(s.faiss_index())]
+        self.ivf_live = sum(s.rows - len(s.deleted) for s in self.ivf_segments)
         rest = [s for s in self.segments if s not in self.ivf_segments]
         # small graphs (the segments of small writes) cost a FAISS call each: their exact vectors are
         # scanned as one flat matrix instead
-        small = [s for s in rest if s.rows <= SMALL_SEGMENT_ROWS and _storage(s) is not None]
-        if sum(s.rows for s in small) > SMALL_SEGMENT_ROWS * 8:
+        small = [(s, v) for s in rest if s.rows <= SMALL_SEGMENT_ROWS and (v := _storage(s)) is not None]
+        if len(small) < 2 or sum(s.rows for s, _ in small) > SMALL_SEGMENT_ROWS * 8:
             small = []
-        self.others = [s for s in rest if s not in small]
+        self.others = [s for s in rest if all(s is not t for t, _ in small)]
         self._small = None
-        if len(small) > 1:
-            xb = np.concatenate([_storage(s) for s in small])
-            ids = np.concatenate([np.asarray(s.ids, np.int64) for s in small])
-            offsets = np.cumsum([0] + [s.rows for s in small])
-            dead = np.concatenate([np.asarray(s.deleted, np.int64) + o for s, o in zip(small, offsets)])
-            self._small = (FlatScan(xb, ids, metric_ip=metric_ip), np.sort(dead), int(len(ids) - len(dead)))
-        else:
-            self.others = rest
+        if small:
+            ids = np.concatenate([np.asarray(s.ids, np.int64) for s, _ in small])
+            offsets = np.cumsum([0] + [s.rows for s, _ in small])
+            dead = np.concatenate([np.asarray(s.deleted, np.int64) + o for (s, _), o in zip(small, offsets)])
+            scan = FlatScan(np.concatenate([v for _, v in small]), ids, metric_ip=self.metric_ip)
+            self._small = (scan, np.sort(dead), int(len(ids) - len(dead)))
+        self._prepared = True
+        return self
 
     def filter(self):
         if self._filter is None:
@@ -106,18 +114,18 @@ class FaissSearch:
         if self._ivf is None:
             from mmretrieve.index.ivf import LogicalIVF
 
-            self._ivf = LogicalIVF(self.ivf_segments)
+            self._ivf = LogicalIVF(self.prepare().ivf_segments)
         return self._ivf
 
     def search(self, q: np.ndarray, k: int, *, exclude=(), nprobe=None, ef_search=None):
+        self.prepare()
         exclude = np.unique(np.asarray(exclude, np.int64))
         sel, keep = self.filter().selector(exclude)  # noqa: F841 (keep: what sel points into, alive till the end)
         parts = []
         if self.ivf_segments:
             ivf = self.logical_ivf()
-            live = sum(s.rows - len(s.deleted) for s in self.ivf_segments)
-            parts.append(_breadth_search(ivf.search, q, k, min(k, max(0, live - len(exclude))), sel, ivf=ivf.nlist,
-                                         nprobe=nprobe))
+            parts.append(_breadth_search(ivf.search, q, k, min(k, max(0, self.ivf_live - len(exclude))), sel,
+                                         ivf=ivf.nlist, nprobe=nprobe))
         if self._small is not None and self._small[2]:
             scan, dead, _ = self._small
             parts.append(scan.search(q, k, exclude=exclude, deleted_rows=dead))

@@ -324,16 +324,17 @@ class SegmentFiles:
         rows = np.asarray(rows, dtype=np.int64)
         if self.kind == "flat":
             return np.asarray(self.array("vectors.npy")[rows], dtype=np.float32)
+        faiss = _faiss()
         idx = self.faiss_index()
         out = np.zeros((len(rows), int(idx.d)), np.float32)
         ids = np.asarray(self.ids[rows], np.int64)
-        ivf = _faiss().extract_index_ivf(idx) if is_ivf(idx) else None
-        if ivf is not None and ivf.direct_map.type == _faiss().DirectMap.NoMap and int(ivf.d) != int(idx.d):
-            ivf.set_direct_map_type(_faiss().DirectMap.Hashtable)  # behind a transform: FAISS maps it back
-        if ivf is not None and ivf.direct_map.type == _faiss().DirectMap.NoMap:
+        ivf = faiss.extract_index_ivf(idx) if is_ivf(idx) else None
+        if ivf is not None and ivf.direct_map.type == faiss.DirectMap.NoMap and int(ivf.d) != int(idx.d):
+            ivf.set_direct_map_type(faiss.DirectMap.Hashtable)  # behind a transform: FAISS maps it back
+        if ivf is not None and ivf.direct_map.type == faiss.DirectMap.NoMap:
             lists, offs = self.locate(ids)
             for j in range(len(rows)):
-                ivf.reconstruct_from_offset(int(lists[j]), int(offs[j]), _faiss().swig_ptr(out[j]))
+                ivf.reconstruct_from_offset(int(lists[j]), int(offs[j]), faiss.swig_ptr(out[j]))
             return out
         for j, i in enumerate(ids):
             out[j] = idx.reconstruct(int(i))
