@@ -243,8 +243,8 @@ def import_embeddings(name_or_path, source, *, encoder=None, index_dir=None, key
     return report
 
 
-#: rows checked and added at a time: a 10M-row .npy is memory-mapped and read chunk by chunk, so an
-#: import holds one chunk (and the open segment) whatever the source's size
+#: rows checked and added at a time: a 10M-row .npy is read from the file chunk by chunk (``NpyRows``), so
+#: an import holds one chunk (and the open segment) whatever the source's size
 IMPORT_CHUNK = 50_000
 
 

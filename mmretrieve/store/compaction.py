@@ -201,9 +201,9 @@ def _merged_faiss(template, segs, lives):
         ivf = faiss.extract_index_ivf(out)
         ivf.set_direct_map_type(faiss.DirectMap.NoMap)
         total = 0
-        for s, live in zip(segs, lives):
+        for s in segs:
             src = faiss.extract_index_ivf(s.faiss_index())
-            dead = np.sort(np.asarray(s.ids[np.setdiff1d(np.arange(s.rows), live, assume_unique=True)], np.int64))
+            dead = np.sort(np.asarray(s.ids[s.deleted], np.int64))  # what ``lives`` leaves out (``_live``)
             cs = int(src.code_size)
             for lno in range(int(src.nlist)):
                 n = src.invlists.list_size(lno)
