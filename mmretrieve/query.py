@@ -271,10 +271,19 @@ class EncodedQuery:
 
     query: Query
     sides: dict[str, np.ndarray]
+    #: a coarse strategy that replaces the query's own (a ``describe`` stage's: the description alone, or
+    #: fused with the reference image or the modification text)
+    coarse: CoarseStrategy | None = None
+    #: the target description a ``describe`` stage wrote for this query (the coarse stage searched for it)
+    description: str | None = None
+
+    @property
+    def strategy(self) -> CoarseStrategy:
+        return self.coarse if self.coarse is not None else self.query.strategy
 
     @property
     def vector(self) -> np.ndarray:
-        return self.query.strategy.query_vector(self.sides)
+        return self.strategy.query_vector(self.sides)
 
     @property
     def text(self) -> str | list[str] | None:
@@ -297,10 +306,15 @@ class EncodedQuery:
         return self.query.kind
 
     def plan(self, k: int, *, k1: int | None = None) -> CoarsePlan:
-        return self.query.strategy.plan(self.sides, k, k1=k1)
+        return self.strategy.plan(self.sides, k, k1=k1)
 
     def describe(self) -> dict[str, Any]:
-        return self.query.describe()
+        d = self.query.describe()
+        if self.description is not None:
+            d["description"] = self.description
+            if self.coarse is not None:
+                d.update(self.coarse.describe())
+        return d
 
 
 __all__ = ["Query", "EncodedQuery", "CoarsePlan", "FUSIONS", "list_fusions", "coarse_strategy", "CoarseStrategy", "VectorFusion", "Intersection",

@@ -63,6 +63,18 @@ class SearchResults:
     query: dict[str, Any]
     stages: list[str] = field(default_factory=lambda: ["coarse"])
     timings_ms: dict[str, float] = field(default_factory=dict)
+    #: stage -> what it reports about the query: ``describe``'s description, a generative stage's cost
+    #: (prompts, cache hits, prompt and generated tokens, seconds), reasoning, unread answers
+    stage_info: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def description(self) -> str | None:
+        """The target description the coarse stage searched for (a ``describe`` stage), if any."""
+        return self.stage_info.get("describe", {}).get("description")
+
+    def cost(self) -> dict[str, dict[str, Any]]:
+        """Stage -> the generation cost of this search (generative stages only)."""
+        return {s: d["cost"] for s, d in self.stage_info.items() if "cost" in d}
 
     def __iter__(self) -> Iterator[Hit]:
         return iter(self.hits)
@@ -91,6 +103,7 @@ class SearchResults:
             "stages": self.stages,
             "timings_ms": {k: round(v, 3) for k, v in self.timings_ms.items()},
             "hits": [h.to_dict() for h in self.hits],
+            **({"stage_info": self.stage_info} if self.stage_info else {}),
         }
 
     def table(self, *, max_width: int = 70) -> str:
@@ -107,4 +120,16 @@ class SearchResults:
             rows.append([str(h.rank), f"{h.score:.4f}", *[str(h.stage_ranks.get(s, "-")) for s in stage_cols], key + extra])
         widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
         fmt = lambda r: "  ".join(c.rjust(w) if i < len(r) - 1 else c for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
-        return "\n".join([fmt(head), *(fmt(r) for r in rows)]) if rows else "(no results)"
+        table = "\n".join([fmt(head), *(fmt(r) for r in rows)]) if rows else "(no results)"
+        return "\n".join([*self.notes(), table])
+
+    def notes(self) -> list[str]:
+        """Lines above the table: what a describe stage searched for, and each generative stage's cost."""
+        out = []
+        if self.description is not None:
+            out.append(f"searched for: {printable(self.description)}")
+        for s, c in self.cost().items():
+            unread = f", {c['unparsed']} answer(s) unread" if c.get("unparsed") else ""
+            out.append(f"{s}: {c['prompts']} prompt(s), {c['cache_hits']} cached, {c['prompt_tokens']} prompt + "
+                       f"{c['generated_tokens']} generated tokens, {c['seconds']:.2f} s{unread}")
+        return out

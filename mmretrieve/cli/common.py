@@ -43,3 +43,29 @@ def out_json(obj: Any) -> None:
 def usage_error(msg: str) -> int:
     print(f"error: {msg}", file=sys.stderr)
     return EXIT_USAGE
+
+
+def add_generation_args(p: argparse.ArgumentParser) -> None:
+    """The options of the generative stages (search and eval share them)."""
+    g = p.add_argument_group("generative stages (describe, listwise, pairwise, mllm)")
+    g.add_argument("--describe", default=None, metavar="SPEC",
+                   help='a model writes the target and the coarse stage searches for it, e.g. '
+                        '"mllm:model=DIR,prompt=target,fuse=image,weight=0.5" (fuse: none, image, text, query)')
+    g.add_argument("--vlm", default=None, metavar="MODEL",
+                   help="the vision-language model (a local folder or hub id) of every generative stage, instead of "
+                        "the preset's")
+    g.add_argument("--vlm-api", default=None, metavar="URL",
+                   help="an OpenAI-compatible endpoint (http://host:port/v1) for the generative stages instead")
+    g.add_argument("--vlm-api-model", default=None, metavar="NAME", help="the model name the endpoint serves")
+    g.add_argument("--vlm-api-key-env", default=None, metavar="VAR",
+                   help="the environment variable that holds the endpoint's API key (the key is never stored)")
+
+
+def pipeline_from_args(args):
+    """The ``Pipeline`` of ``--pipeline`` / ``--rerank`` / ``--describe`` / ``--vlm*`` (None: none asked)."""
+    from mmretrieve.rerank.pipeline import pipeline_from_options
+
+    vlm = {"model": getattr(args, "vlm", None), "api": getattr(args, "vlm_api", None),
+           "api_model": getattr(args, "vlm_api_model", None), "api_key_env": getattr(args, "vlm_api_key_env", None)}
+    return pipeline_from_options(pipeline=getattr(args, "pipeline", None), rerank=getattr(args, "rerank", None),
+                                 describe=getattr(args, "describe", None), vlm=vlm)

@@ -9,15 +9,13 @@ import sys
 import time
 from pathlib import Path
 
-from mmretrieve.cli.common import EXIT_OK, out_json, usage_error
+from mmretrieve.cli.common import EXIT_OK, add_generation_args, out_json, usage_error
 
 
 def _pipeline_arg(args):
-    if getattr(args, "pipeline", None) or getattr(args, "rerank", None):
-        from mmretrieve.rerank.pipeline import Pipeline
+    from mmretrieve.cli.common import pipeline_from_args
 
-        return Pipeline.from_config(args.pipeline) if args.pipeline else Pipeline.from_specs(args.rerank)
-    return None
+    return pipeline_from_args(args)
 
 
 def _print_metrics(res, ds) -> None:
@@ -127,6 +125,7 @@ def _run_options() -> argparse.ArgumentParser:
     p.add_argument("--fusion-options", default=None, help="e.g. weight=0.7 or k1=200,mode=product")
     p.add_argument("--rerank", action="append", default=None, help='reranker spec, e.g. "emd:k=50" (repeatable)')
     p.add_argument("--pipeline", default=None, help="a pipeline preset or YAML file")
+    add_generation_args(p)
     p.add_argument("--allow-missing", action="store_true", help="evaluate on the images that exist")
     p.add_argument("--limit", type=int, default=None, help="evaluate the first N queries only")
     p.add_argument("--out", default=None, help="report folder (default eval-runs/<dataset>-<split>-<time>)")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from mmretrieve.cli.common import EXIT_OK, out_json, usage_error
+from mmretrieve.cli.common import EXIT_OK, add_generation_args, out_json, usage_error
 
 
 def cmd_search(args) -> int:
@@ -24,11 +24,9 @@ def cmd_search(args) -> int:
     idx = open_index(args.name, index_dir=args.index_dir, verify="none" if args.no_verify else "fast",
                      encoder=args.encoder, version=args.version, search_device=args.search_device, nprobe=args.nprobe,
                      ef_search=args.ef_search)
-    pipeline = None
-    if args.pipeline or args.rerank:
-        from mmretrieve.rerank.pipeline import Pipeline
+    from mmretrieve.cli.common import pipeline_from_args
 
-        pipeline = Pipeline.from_config(args.pipeline) if args.pipeline else Pipeline.from_specs(args.rerank)
+    pipeline = pipeline_from_args(args)
     default = "weighted" if args.weight is not None else "sum"
     fusion = args.fusion or (pipeline.coarse_fusion if pipeline is not None else None) or default
     query = Query(text=args.text, image=args.image, video=args.video, item=args.item, fusion=fusion, options=options)
@@ -56,6 +54,7 @@ def register(sub, common) -> None:
     s.add_argument("--encoder", default=None, help="query encoder (default: the index's own)")
     s.add_argument("--rerank", action="append", default=None, help='reranker spec, e.g. "emd:k=100,alpha=0.7" (repeatable)')
     s.add_argument("--pipeline", default=None, help="a pipeline preset (configs/pipelines/NAME) or YAML file")
+    add_generation_args(s)
     s.add_argument("--no-verify", action="store_true", help="skip the size and header checks of the index files")
     s.add_argument("--version", default=None, help="search a retained version (e.g. v0007, previous; default: live)")
     s.add_argument("--nprobe", type=int, default=None, help="IVF indexes: lists probed (default min(nlist, 32))")

@@ -72,15 +72,25 @@ def run(index, query: EncodedQuery, *, k: int, exclude: Sequence[int] = (), pipe
         ef_search: int | None = None) -> SearchResults:
     """encoded query -> coarse -> every rerank stage -> the top ``k``, hydrated."""
     shortlist = pipeline.shortlist_size(k) if pipeline is not None else k
+    timings: dict[str, float] = {}
+    stage_info: dict[str, dict] = {}
+    if pipeline is not None and pipeline.describer is not None:
+        t0 = time.perf_counter()
+        (text,), cost = pipeline.describer.describe([query])
+        query = pipeline.describer.apply(index.encoder, query, text)
+        timings["describe"] = (time.perf_counter() - t0) * 1000
+        stage_info["describe"] = {"description": query.description, "cost": cost.to_dict()}
     t0 = time.perf_counter()
     ids, scores = coarse(index, query.plan(shortlist), exclude=list(exclude), nprobe=nprobe, ef_search=ef_search)
-    timings = {"coarse": (time.perf_counter() - t0) * 1000}
+    timings["coarse"] = (time.perf_counter() - t0) * 1000
     order_by_stage = {"coarse": ids.copy()}
     stage_scores = {"coarse": dict(zip(ids.tolist(), np.asarray(scores, np.float64).tolist()))}
     extra: dict[int, dict] = {}
     described = query.describe()
     if pipeline is not None:
         described["pipeline"] = [st.config() for st in pipeline.stages]
+        if pipeline.describer is not None:
+            described["describe"] = pipeline.describer.config()
         for r in pipeline.rerank(index.view, query, ids, scores):
             ids, scores = r.ids, r.scores
             timings[r.label] = r.ms
@@ -88,8 +98,12 @@ def run(index, query: EncodedQuery, *, k: int, exclude: Sequence[int] = (), pipe
             stage_scores[r.label] = r.fine
             for i, d in r.extra.items():
                 extra.setdefault(int(i), {}).update(d)
-    return hydrate(index, described, ids[:k], scores[:k], stages=order_by_stage, stage_scores=stage_scores,
-                   extra=extra, timings=timings)
+            if r.info:
+                stage_info[r.label] = r.info
+    res = hydrate(index, described, ids[:k], scores[:k], stages=order_by_stage, stage_scores=stage_scores,
+                  extra=extra, timings=timings)
+    res.stage_info = stage_info
+    return res
 
 
 # ---- search -----------------------------------------------------------------------------------------

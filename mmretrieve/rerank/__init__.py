@@ -20,7 +20,8 @@ from mmretrieve.rerank.base import (
     list_rerankers,
 )
 
-_BUILTIN = ("mmretrieve.rerank.emd", "mmretrieve.rerank.frames", "mmretrieve.rerank.mllm")
+_BUILTIN = ("mmretrieve.rerank.emd", "mmretrieve.rerank.frames", "mmretrieve.rerank.mllm", "mmretrieve.rerank.listwise",
+            "mmretrieve.rerank.pairwise")
 _loaded = False
 
 

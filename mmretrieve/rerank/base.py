@@ -53,6 +53,9 @@ class RerankOutput:
 
     scores: np.ndarray
     extra: dict[int, dict[str, Any]] = field(default_factory=dict)
+    #: what the stage reports about the query as a whole (a generative stage's cost, reasoning, answers
+    #: it could not read, candidates it skipped)
+    info: dict[str, Any] = field(default_factory=dict)
 
 
 NORMS = ("none", "minmax", "zscore")

@@ -18,32 +18,18 @@ image's size before the processor sees it.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import math
-import os
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
-from mmretrieve.encoders.hub import hub_source
-from mmretrieve.errors import ItemNotFoundError, MissingDependencyError, MLLMError, UsageError
+from mmretrieve.errors import ItemNotFoundError, MLLMError, UsageError
 from mmretrieve.rerank.base import RERANKERS, Reranker, RerankOutput, option_device
-from mmretrieve.runtime import resolve_device
+from mmretrieve.rerank.vlm import DTYPES, HOW_TO, collage, fit_pixels, item_image, load_vlm, torch_dtype  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
-
-
-DTYPES = ("auto", "fp32", "float32", "bf16", "bfloat16", "fp16", "float16")
-
-HOW_TO = (
-    "the mllm reranker needs a vision-language model: mllm:model=Qwen/Qwen2-VL-2B-Instruct (a Hugging Face hub id, "
-    "downloaded on first use: about 4.5 GB in bf16) or mllm:model=/path/to/model (a local folder with the processor "
-    "and weights, e.g. from `huggingface-cli download Qwen/Qwen2-VL-2B-Instruct --local-dir DIR`); "
-    "add adapter=/path/to/lora for a PEFT LoRA adapter"
-)
 
 
 def _parse_kwargs(spec: Any) -> dict:
@@ -83,21 +69,6 @@ def resolve_answer_ids(tokenizer, yes: str, no: str, fallback: str | None = None
     return ids[0], ids[1]
 
 
-def fit_pixels(im: Image.Image, max_pixels: int | None) -> Image.Image:
-    if not max_pixels or im.width * im.height <= max_pixels:
-        return im
-    s = math.sqrt(max_pixels / (im.width * im.height))
-    return im.resize((max(1, int(im.width * s)), max(1, int(im.height * s))), Image.BICUBIC)
-
-
-def collage(left: Image.Image, right: Image.Image) -> Image.Image:
-    h = max(left.height, right.height)
-    out = Image.new("RGB", (left.width + right.width, h), (255, 255, 255))
-    out.paste(left, (0, (h - left.height) // 2))
-    out.paste(right, (left.width, (h - right.height) // 2))
-    return out
-
-
 @RERANKERS.register("mllm")
 class MLLMReranker(Reranker):
     """Yes/no verification of each candidate by a vision-language model; score = P(yes)."""
@@ -127,7 +98,7 @@ class MLLMReranker(Reranker):
     ) -> None:
         super().__init__(k=k, alpha=alpha, norm=norm)
         if not model:
-            raise MLLMError(HOW_TO)
+            raise MLLMError(f"{HOW_TO}; add adapter=/path/to/lora for a PEFT LoRA adapter")
         self.model = str(model)
         self.adapter = adapter
         self.merge_adapter = bool(merge_adapter)
@@ -162,65 +133,18 @@ class MLLMReranker(Reranker):
 
     # ---- model ------------------------------------------------------------------------------------
     def _torch_dtype(self, dev: torch.device):
-        from mmretrieve.runtime import cpu_has_native_bf16
-        from mmretrieve.settings import forced_precision
-
-        if self.dtype == "auto" and forced_precision():
-            return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[forced_precision()]
-        if self.dtype == "auto":
-            if dev.type == "cuda":
-                return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-            return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
-        table = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-                 "fp16": torch.float16, "float16": torch.float16}
-        return table[self.dtype]
+        return torch_dtype(self.dtype, dev)
 
     def load(self):
-        """Load processor + model (+ adapter) once; raises ``MLLMError`` saying how to provide them."""
+        """Load processor + model (+ adapter) once per process (shared with every stage naming the same
+        model); raises ``MLLMError`` saying how to provide them."""
         if self._loaded is not None:
             return self._loaded
-        local = os.path.isdir(self.model)
-        if not local and (self.model.startswith(("/", ".", "~")) or self.model.count("/") > 1):
-            raise MLLMError(f"model folder not found: {self.model}. {HOW_TO}")
-        source = contextlib.nullcontext("local") if local else hub_source(  # entered first: fails before any import
-            self.model, asked=f"could not load vision-language model {self.model!r} (mllm:model=)", error=MLLMError,
-            local_hint="mllm:model=/path/to/model (a folder with the processor and weights)")
-        with source as where:
-            try:
-                from transformers import AutoModelForImageTextToText, AutoProcessor
-                from transformers.utils import logging as hf_logging
-            except ImportError:
-                raise MissingDependencyError("the mllm reranker needs transformers: pip install 'mmretrieve[mllm]'") from None
-            hf_logging.disable_progress_bar()
-            dev = resolve_device(self.device)
-            dtype = self._torch_dtype(dev)
-            offline = where != "hub"
-            try:
-                processor = AutoProcessor.from_pretrained(self.model, trust_remote_code=self.trust_remote_code,
-                                                          local_files_only=offline)
-                model = AutoModelForImageTextToText.from_pretrained(
-                    self.model, dtype=dtype, trust_remote_code=self.trust_remote_code, local_files_only=offline
-                )
-            except (OSError, ValueError) as e:
-                raise MLLMError(f"could not load vision-language model {self.model!r}: {e}. {HOW_TO}") from None
-        if self.adapter:
-            try:
-                from peft import PeftModel
-            except ImportError:
-                raise MissingDependencyError("LoRA adapters need peft: pip install 'mmretrieve[mllm]'") from None
-            if not os.path.isdir(self.adapter):
-                raise MLLMError(f"adapter folder not found: {self.adapter}")
-            model = PeftModel.from_pretrained(model, self.adapter)
-            if self.merge_adapter:
-                model = model.merge_and_unload()
-        model.to(dev).eval()
-        tok = getattr(processor, "tokenizer", processor)
-        tok.padding_side = "left"  # the answer position is the last one for every row of a batch
-        yes_id, no_id = resolve_answer_ids(tok, self.yes, self.no, self.answer_fallback)
-        if getattr(processor, "chat_template", None) is None and getattr(tok, "chat_template", None) is None:
-            raise MLLMError(f"{self.model}: the processor has no chat template; this reranker needs a chat model")
-        self._loaded = (processor, model, yes_id, no_id, dev)
-        log.info("mllm reranker: %s on %s (%s), answer ids %d/%d", self.model, dev, dtype, yes_id, no_id)
+        vlm = load_vlm(self.model, adapter=self.adapter, merge_adapter=self.merge_adapter, dtype=self.dtype,
+                       device=self.device, trust_remote_code=self.trust_remote_code, what="mllm")
+        yes_id, no_id = resolve_answer_ids(vlm.tokenizer, self.yes, self.no, self.answer_fallback)
+        self._loaded = (vlm.processor, vlm.model, yes_id, no_id, vlm.device)
+        log.info("mllm reranker: %s, answer ids %d/%d", self.model, yes_id, no_id)
         return self._loaded
 
     # ---- prompts ------------------------------------------------------------------------------------
@@ -254,22 +178,7 @@ class MLLMReranker(Reranker):
         return processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False), images
 
     def _image_of(self, index, item_or_path) -> Image.Image:
-        from mmretrieve.media.images import load_image
-        from mmretrieve.media.scan import media_kind
-        from mmretrieve.media.video import sample_frames
-
-        if isinstance(item_or_path, Image.Image):
-            return fit_pixels(item_or_path.convert("RGB"), self.max_pixels)
-        uri = getattr(item_or_path, "uri", item_or_path)
-        kind = getattr(item_or_path, "kind", None) or media_kind(str(uri))
-        if kind == "frame":
-            ts = float(item_or_path.extra.get("timestamp", 0.0))
-            im = sample_frames(uri, timestamps=[ts]).images[0]
-        elif kind == "video":
-            im = sample_frames(uri, num_frames=1).images[0]
-        else:
-            im = load_image(uri)
-        return fit_pixels(im, self.max_pixels)
+        return item_image(item_or_path, self.max_pixels)
 
     # ---- scoring --------------------------------------------------------------------------------------
     @torch.inference_mode()

@@ -148,9 +148,16 @@ def aggregate(n: int, rankings: Sequence[Sequence[int]], *, method: str = "winra
               prior: Sequence[int] | None = None) -> list[int]:
     """One ranking of ``range(n)`` from block ``rankings`` (best first); ties keep the ``prior`` order
     (default: position order)."""
+    return aggregate_wins(wins_matrix(n, rankings), method=method, prior=prior)
+
+
+def aggregate_wins(W: np.ndarray, *, method: str = "winrate", prior: Sequence[int] | None = None) -> list[int]:
+    """One ranking of ``range(len(W))`` from a wins matrix (``wins_matrix``, ``pair_wins``); ties keep
+    the ``prior`` order (default: position order)."""
     if method not in AGGREGATORS:
         raise ValueError(f"unknown aggregation {method!r}; expected one of {', '.join(AGGREGATORS)}")
-    score = AGGREGATORS[method](wins_matrix(n, rankings))
+    n = len(W)
+    score = AGGREGATORS[method](W)
     prior_rank = np.empty(n, np.int64)
     prior_rank[np.asarray(list(prior) if prior is not None else range(n), np.int64)] = np.arange(n)
     return [int(i) for i in np.lexsort((prior_rank, -np.round(score, 12)))]
@@ -172,6 +179,48 @@ def joint_rank(order: Sequence[int], rank_blocks: Callable[[list[list[int]]], Se
     return [order[i] for i in aggregate(n, rankings, method=method)]
 
 
+def merge_sort(items: Sequence[int], compare: Callable[[list[tuple[int, int]]], Sequence[float]]) -> tuple[list[int], list[tuple[int, int, float]]]:
+    """``items`` sorted best first by a pairwise judge, O(n log n) comparisons asked in batches: every
+    merge of a level advances in lockstep, so ``compare`` gets one pair from each (a list of ``(a, b)``
+    -> for each, how much ``a`` beats ``b`` in [0, 1]; >= 0.5 puts ``a`` first). Returns the order and every
+    comparison made ``(a, b, p)``. Stable: on a tie (0.5) the earlier item stays first."""
+    runs = [[x] for x in items]
+    seen: list[tuple[int, int, float]] = []
+    while len(runs) > 1:
+        pairs = [(runs[j], runs[j + 1]) for j in range(0, len(runs) - 1, 2)]
+        merged: list[list[int]] = [[] for _ in pairs]
+        heads = [[0, 0] for _ in pairs]
+        while True:
+            active = [m for m, (a, b) in enumerate(pairs) if heads[m][0] < len(a) and heads[m][1] < len(b)]
+            if not active:
+                break
+            asks = [(pairs[m][0][heads[m][0]], pairs[m][1][heads[m][1]]) for m in active]
+            answers = list(compare(asks))
+            if len(answers) != len(asks):
+                raise ValueError(f"compare answered {len(answers)} times for {len(asks)} pairs")
+            for m, (a, b), p in zip(active, asks, answers):
+                seen.append((a, b, float(p)))
+                if float(p) >= 0.5:
+                    merged[m].append(a)
+                    heads[m][0] += 1
+                else:
+                    merged[m].append(b)
+                    heads[m][1] += 1
+        for m, (a, b) in enumerate(pairs):
+            merged[m] += a[heads[m][0]:] + b[heads[m][1]:]
+        runs = merged + ([runs[-1]] if len(runs) % 2 else [])
+    return (runs[0] if runs else []), seen
+
+
+def pair_wins(n: int, outcomes: Sequence[tuple[int, int, float]]) -> np.ndarray:
+    """``W[i, j]`` = how much position ``i`` beat position ``j`` over ``outcomes`` ``(i, j, p)`` (p: i's share)."""
+    W = np.zeros((n, n))
+    for i, j, p in outcomes:
+        W[i, j] += p
+        W[j, i] += 1.0 - p
+    return W
+
+
 def kendall_tau(a: Sequence[int], b: Sequence[int]) -> float:
     """Kendall's tau between two orders of the same items (1: identical, -1: reversed)."""
     pos = {x: i for i, x in enumerate(b)}
@@ -185,4 +234,4 @@ def kendall_tau(a: Sequence[int], b: Sequence[int]) -> float:
 
 
 __all__ = ["complete_ranking", "sliding_windows", "sliding_window", "block_design", "wins_matrix", "win_rate",
-           "pagerank", "aggregate", "joint_rank", "kendall_tau", "AGGREGATORS"]
+           "pagerank", "aggregate", "joint_rank", "kendall_tau", "AGGREGATORS", "merge_sort", "pair_wins", "aggregate_wins"]
