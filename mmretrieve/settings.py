@@ -34,6 +34,13 @@ def cache_dir(create: bool = True) -> Path:
     return d
 
 
+def generation_cache_path() -> Path:
+    """The generation cache's file (``$MMRETRIEVE_GENERATION_CACHE``, else ``generations.sqlite`` under
+    ``cache_dir()``): the generative stages' answers, shared by CLI, evaluation and the server."""
+    p = os.environ.get("MMRETRIEVE_GENERATION_CACHE")
+    return Path(p) if p else cache_dir() / "generations.sqlite"
+
+
 def available_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 

@@ -197,3 +197,65 @@ def test_the_token_lives_in_an_httponly_cookie_script_cannot_read(serve_gallery,
                 browser.close()
     finally:
         svc.close()
+
+
+def test_a_generative_preset_shows_its_description_cost_and_reasoning_as_text(serve_gallery, embedded, tmp_path,
+                                                                               monkeypatch):
+    """The cotrr preset on a tiny local model: "searched for: ...", each generative stage's cost line, the
+    reasoning (collapsed) and the per-stage ranks. The description and reasoning are model output: markup in
+    them is shown as text, never run."""
+    from transformers.utils import logging as hf_logging
+
+    from mmretrieve.rerank.describe import Describer
+    from mmretrieve.rerank.generate import Cost
+    from mmretrieve.rerank.listwise import ListwiseReranker
+    from mmretrieve.testing import write_tiny_vlm
+
+    hf_logging.set_verbosity_error()
+    evil = '<img src=x onerror="document.body.dataset.pwned=1"> a dog'
+    monkeypatch.setenv("MMRETRIEVE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(Describer, "describe", lambda self, queries: ([evil] * len(queries), Cost(prompts=len(queries))))
+    real_order = ListwiseReranker.order
+
+    def order(self, query, qimg, ids, pictures, cost, info):
+        out = real_order(self, query, qimg, ids, pictures, cost, info)
+        info["reasoning"] = ['<img src=x onerror="document.body.dataset.pwned=2"> the first one has a dog']
+        return out
+
+    monkeypatch.setattr(ListwiseReranker, "order", order)
+    model = write_tiny_vlm(tmp_path / "vlm", "qwen2_vl")
+    svc = Service(ServeConfig(indexes=["gallery"], index_dir=str(serve_gallery), reload_interval_s=0, vlm=model,
+                              request_timeout_s=120), encoders={"embedded": embedded}).start()
+    expect = sync_api.expect
+    try:
+        item = svc.manager.get("gallery").index.get("key:chelsea").id
+        with running_server(create_app(svc)) as base, sync_api.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, timeout=60_000)
+            try:
+                pg = browser.new_page(viewport={"width": 1280, "height": 900})
+                pg.set_default_timeout(60_000)
+                errors = []
+                pg.on("pageerror", lambda e: errors.append(str(e)))
+                pg.on("dialog", lambda d: (errors.append("dialog: " + d.message), d.dismiss()))
+                pg.goto(base + "/")
+                expect(pg.locator("body")).to_have_attribute("data-ready", "1")
+                assert pg.locator('#rerank option[value="preset:cotrr"]').is_enabled()
+                pg.goto(f"{base}/?index=gallery&q=a+dog+instead&item={item}&rerank=preset%3Acotrr&k=12")
+                expect(pg.locator("#col-0 .gen-info .described")).to_be_visible()
+                expect(pg.locator("#col-0 .gen-info .described")).to_have_text("searched for: " + evil)
+                expect(pg.locator("#col-0 .gen-info .costs")).to_contain_text("listwise (")
+                expect(pg.locator("#col-0 .gen-info .costs")).to_contain_text("describe: 1 prompt(s)")
+                box = pg.locator("#col-0 .gen-info details.reasoning")
+                expect(box).to_have_count(1)
+                assert box.get_attribute("open") is None  # collapsed
+                box.locator("summary").click()
+                expect(box.locator("li").first).to_contain_text("<img src=x")
+                assert pg.evaluate('() => document.querySelectorAll("img[src=\'x\']").length') == 0
+                assert pg.evaluate("() => document.body.dataset.pwned === undefined")
+                stages = pg.locator("#col-0 .hit .stages").first.inner_text()
+                assert re.fullmatch(r"#coarse \d+ → #listwise \d+", stages), stages
+                assert not errors, errors
+            finally:
+                browser.close()
+    finally:
+        svc.close()

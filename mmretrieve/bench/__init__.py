@@ -29,6 +29,8 @@ BENCHMARKS = {
     "mllm": "mllm",
     "threads": "threads",
     "serve": "serve",
+    "generate": "generate",
+    "rankagg": "rankagg",
 }
 
 

@@ -49,10 +49,14 @@ def cmd_benchmark(args) -> int:
     out = write_report(res, ds, Path(args.out) if args.out else
                        Path("eval-runs") / f"{args.eval_cmd}-{ds.split}-{time.strftime('%Y%m%d-%H%M%S')}")
     if args.json:
-        out_json(res.flat_metrics() if res.metrics else {"submission_files": str(out / "rankings")})
+        out_json({**(res.flat_metrics() if res.metrics else {"submission_files": str(out / "rankings")}),
+                  **({"cost": res.cost} if res.cost else {})})
         return EXIT_OK
     if res.metrics:
         _print_metrics(res, ds)
+        for s, c in res.cost.items():
+            print(f"cost {s}: {c['prompts']} prompt(s), {c['cache_hits']} cached, {c['prompt_tokens']} prompt + "
+                  f"{c['generated_tokens']} generated tokens, {c['seconds']:.1f} s, {c['unparsed']} unread")
     else:
         print(f"{ds.name} {ds.split} has no ground truth: official submission files written")
     print(f"report: {out.resolve()}")

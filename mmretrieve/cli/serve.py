@@ -21,7 +21,8 @@ def cmd_serve(args) -> int:
         cors_origins=list(args.cors_origin or []), batching=not args.no_batching,
         batch_searches=not args.no_search_batching, batch_window_ms=args.batch_window_ms,
         reload_interval_s=args.reload_interval, torch_threads=args.torch_threads,
-        mllm=args.mllm, header_timeout_s=args.header_timeout, body_min_rate=args.body_min_rate,
+        mllm=args.mllm, vlm=args.vlm, vlm_api=args.vlm_api, vlm_api_model=args.vlm_api_model,
+        vlm_api_key_env=args.vlm_api_key_env, max_generative_k=args.max_generative_k, header_timeout_s=args.header_timeout, body_min_rate=args.body_min_rate,
     )
     config.check()
     check_bind(config.host, config.token)  # refuse before anything loads
@@ -86,6 +87,20 @@ def register(sub, common) -> None:
                    help="seconds between checks for a new index version (0: never; default 1)")
     s.add_argument("--mllm", default=None, metavar="MODEL",
                    help="a vision-language model (local folder) that the mllm reranker may use (default: mllm off)")
+    g = s.add_argument_group("generative stages (describe, listwise, pairwise: the cotrr, describe-setr and "
+                             "egocvr-pairwise presets, and listwise / pairwise rerank specs)")
+    g.add_argument("--vlm", default=None, metavar="DIR",
+                   help="the vision-language model (a local folder) of every generative stage, in every preset instead "
+                        "of the model its YAML names, and of the mllm reranker when --mllm is not given (default: "
+                        "presets keep their own model, usable only when it is a local folder)")
+    g.add_argument("--vlm-api", default=None, metavar="URL",
+                   help="an OpenAI-compatible endpoint (http://host:port/v1) for the describe, listwise and pairwise "
+                        "stages instead")
+    g.add_argument("--vlm-api-model", default=None, metavar="NAME", help="the model name the endpoint serves")
+    g.add_argument("--vlm-api-key-env", default=None, metavar="VAR",
+                   help="the environment variable that holds the endpoint's API key (the key is never stored)")
+    g.add_argument("--max-generative-k", type=int, default=50,
+                   help="most candidates one generative stage may re-rank per request (default 50)")
     r = s.add_argument_group("sharded search on Ray Serve (--ray; needs mmretrieve[ray]; vectors only: POST "
                              '{"vectors": [[...]], "k": 10} to /)')
     r.add_argument("--ray", action="store_true",

@@ -58,6 +58,12 @@ def write_report(result: EvalResult, ds: CIRDataset, out_dir: str | Path, *, gal
         json.dump(report, fh, indent=2, default=str)
     with open(out / "config.json", "w", encoding="utf-8") as fh:
         json.dump({"dataset": result.dataset, **result.config}, fh, indent=2, default=str)
+    described = [q for q in result.per_query if "description" in q]
+    if described:  # what the describe stage wrote for each query, next to the report
+        with open(out / "descriptions.jsonl", "w", encoding="utf-8") as fh:
+            for q in described:
+                fh.write(json.dumps({k: q.get(k) for k in ("qid", "reference", "texts", "description", "target")},
+                                    ensure_ascii=False) + "\n")
     (out / "report.md").write_text(markdown(result, report), encoding="utf-8")
     if result.metrics:
         plot_recall(result, out / "recall_at_k.png")
@@ -79,6 +85,14 @@ def markdown(result: EvalResult, report: dict[str, Any]) -> str:
             lines.append(f"- stage `{st['name']}`: {opts}")
     lines.append(f"- time: {result.timings_s.get('total', 0):.1f} s (gallery {result.timings_s.get('gallery', 0):.1f} s)")
     lines.append("")
+    if result.cost:
+        lines += ["## Generation cost", "", "| stage | prompts | cached | prompt tokens | generated tokens | seconds | unread |",
+                  "|---|---|---|---|---|---|---|"]
+        for s, c in result.cost.items():
+            lines.append(f"| {s} | {c['prompts']} | {c['cache_hits']} | {c['prompt_tokens']} | {c['generated_tokens']} | "
+                         f"{c['seconds']:.2f} | {c['unparsed']} |")
+        lines += ["", "Descriptions written by the describe stage: `descriptions.jsonl` (one per query).", ""] \
+            if "describe" in result.cost else [""]
     if result.metrics:
         main = [k for k in result.metrics[result.stages[0]] if not k.startswith("aspect/")]
         lines.append("## Metrics (%)")

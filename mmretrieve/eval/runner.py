@@ -42,6 +42,9 @@ class EvalResult:
     rankings: dict[str, dict[str, list[str]]]
     per_query: list[dict[str, Any]]
     timings_s: dict[str, float] = field(default_factory=dict)
+    #: stage -> what its generations cost over the run (``generate.Cost``: prompts, cache hits, prompt and
+    #: generated tokens, seconds, unread answers); generative stages only
+    cost: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def to_dict(self, with_rankings: bool = False) -> dict[str, Any]:
         d = {
@@ -52,6 +55,8 @@ class EvalResult:
             "per_query": self.per_query,
             "timings_s": {k: round(v, 3) for k, v in self.timings_s.items()},
         }
+        if self.cost:
+            d["cost"] = self.cost
         if with_rankings:
             d["rankings"] = self.rankings
         return d
@@ -200,6 +205,8 @@ class CIREvaluator:
         uniq = sorted({t for q in queries for t in q.texts})
         text_vec = dict(zip(uniq, cached_text_embeddings(enc, uniq, self.cache))) if uniq else {}
         timings["text_encoding"] = time.perf_counter() - t0
+        costs: dict = {}
+        notes: dict[str, dict] = {}
         by_group: dict = {}
         for q in queries:
             by_group.setdefault(q.group, []).append(q)
@@ -213,17 +220,20 @@ class CIREvaluator:
                 dropped = {q.qid for q in qs} - {q.qid for q in kept}
                 queries, qs = [q for q in queries if q.qid not in dropped], kept
             t0 = time.perf_counter()
-            _rank_group(ds, self.benchmark, idx, qs, text_vec, strategy, pipe, rankings)
+            _rank_group(ds, self.benchmark, idx, qs, text_vec, strategy, pipe, rankings, costs, notes)
             timings["queries"] += time.perf_counter() - t0
             idx.close()
         config = {"encoder": enc.info.to_dict(), "fusion": fusion, "fusion_options": fusion_options,
                   "pipeline": pipe.config() if pipe is not None else None, "limit": self.limit}
-        return self._result(queries, stages, rankings, config, timings, t_start)
+        res = self._result(queries, stages, rankings, config, timings, t_start, notes)
+        res.cost = {s: c.to_dict() for s, c in costs.items()}
+        return res
 
-    def _result(self, queries, stages, rankings, config, timings, t_start) -> EvalResult:
+    def _result(self, queries, stages, rankings, config, timings, t_start, notes=None) -> EvalResult:
         sub = self.dataset.with_queries(queries)
         metrics = {s: self.benchmark.metrics(rankings[s], sub.queries) for s in stages} if sub.has_targets else None
-        per_query = [_diagnostics(sub, self.benchmark, q, rankings, stages) for q in queries]
+        per_query = [{**_diagnostics(sub, self.benchmark, q, rankings, stages), **(notes or {}).get(q.qid, {})}
+                     for q in queries]
         timings["total"] = time.perf_counter() - t_start
         summary = sub.summary()
         summary["queries_evaluated"] = len(queries)
@@ -265,17 +275,22 @@ def _query_sides(ds: CIRDataset, idx, group, qs, text_vec, strategy):
     return vecs, qobjs, ref_ids
 
 
-def _rank_group(ds: CIRDataset, bench, idx, qs, text_vec, strategy, pipe, rankings) -> None:
+def _rank_group(ds: CIRDataset, bench, idx, qs, text_vec, strategy, pipe, rankings, costs=None, notes=None) -> None:
     """Coarse rankings for one gallery's queries (one batched search for vector fusions), then every
-    stage of ``pipe`` over each of the benchmark's shortlists."""
+    stage of ``pipe`` over each of the benchmark's shortlists. A pipeline's ``describe`` stage first
+    writes each query's target description (cached: a re-run or a resumed run generates none again)."""
+    costs = {} if costs is None else costs
+    notes = {} if notes is None else notes
     group = qs[0].group if qs else None
     keys = {it.id: it.key for it in idx.meta.iter_items()}
     n = len(idx)
     need = n if bench.needs_full_ranking else min(n, TOP + 1)
     k1 = min(n, pipe.shortlist_size(need) if pipe is not None else need)
     vecs, qobjs, ref_ids = _query_sides(ds, idx, group, qs, text_vec, strategy)
+    if pipe is not None and pipe.describer is not None:
+        qobjs = _describe(pipe.describer, idx, qs, qobjs, costs, notes)
     excl = ref_ids if bench.remove_reference else None
-    coarse = _coarse_batch(idx, vecs, strategy, k1, exclude=excl)
+    coarse = _coarse_batch(idx, qobjs, k1, exclude=excl)
     bar = tqdm(total=len(qs), desc=f"{ds.name} {group or ''}".strip(), unit="q", disable=progress_disable(), leave=False)
     for q, qo, (ids, scores) in zip(qs, qobjs, coarse):
         rankings["coarse"][q.qid] = [keys[int(i)] for i in ids]
@@ -286,21 +301,60 @@ def _rank_group(ds: CIRDataset, bench, idx, qs, text_vec, strategy, pipe, rankin
                 m = np.asarray(mask, dtype=bool)
                 for r in pipe.rerank(idx.view, qo, ids[m], scores[m]):
                     per_list.setdefault(r.label, {})[proto] = [keys[int(i)] for i in r.ids]
+                    _note_stage(r, q.qid, costs, notes)
             for label, lists in per_list.items():
                 rankings[label][q.qid] = lists[None] if None in lists else lists
         bar.update(1)
     bar.close()
 
 
-def _coarse_batch(idx, vecs: list[dict], strategy, k: int, exclude: list[int | None] | None = None):
+#: queries described per generation call in an evaluation (each call's answers are cached as they come)
+DESCRIBE_CHUNK = 16
+
+
+def _describe(describer, idx, qs, qobjs, costs, notes) -> list[EncodedQuery]:
+    """Every query's description (``DESCRIBE_CHUNK`` at a time, with a progress bar), applied."""
+    from mmretrieve.rerank.generate import Cost
+
+    out = []
+    bar = tqdm(total=len(qs), desc="describe", unit="q", disable=progress_disable(), leave=False)
+    for s in range(0, len(qs), DESCRIBE_CHUNK):
+        chunk = qobjs[s : s + DESCRIBE_CHUNK]
+        texts, cost = describer.describe(chunk)
+        costs.setdefault("describe", Cost()).add(cost)
+        for q, qo, t in zip(qs[s : s + DESCRIBE_CHUNK], chunk, texts):
+            d = describer.apply(idx.encoder, qo, t)
+            out.append(d)
+            notes.setdefault(q.qid, {})["description"] = d.description
+            if t is None:
+                notes[q.qid]["description_unread"] = True
+        bar.update(len(chunk))
+    bar.close()
+    return out
+
+
+def _note_stage(r, qid: str, costs: dict, notes: dict) -> None:
+    """A generative stage's cost (summed per stage) and what it said about the query (per query)."""
+    from mmretrieve.rerank.generate import Cost
+
+    if not r.info:
+        return
+    if "cost" in r.info:
+        costs.setdefault(r.label, Cost()).add(Cost.from_dict(r.info["cost"]))
+    kept = {k: v for k, v in r.info.items() if k != "cost"}
+    if kept:
+        notes.setdefault(qid, {}).setdefault("stage_info", {}).setdefault(r.label, []).append(kept)
+
+
+def _coarse_batch(idx, qobjs: list[EncodedQuery], k: int, exclude: list[int | None] | None = None):
     """Coarse rankings for many queries: one batched FAISS search for vector fusions. ``exclude``: one
     id per query (or None) to leave out of that query's ranking (CIRR's reference image)."""
     from mmretrieve.index.search import coarse
 
-    if not vecs:
+    if not qobjs:
         return []
-    exclude = exclude or [None] * len(vecs)
-    plans = [strategy.plan(v, k) for v in vecs]
+    exclude = exclude or [None] * len(qobjs)
+    plans = [q.plan(k) for q in qobjs]
     if not all(p.single for p in plans):  # list-level strategies (intersection) search per query
         return [coarse(idx, p, exclude=None if x is None else [x]) for p, x in zip(plans, exclude)]
     Q = np.stack([p.queries[0] for p in plans]).astype(np.float32)

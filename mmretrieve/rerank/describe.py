@@ -48,7 +48,7 @@ def read_description(answer: str) -> str | None:
     lines = [ln.strip() for ln in answer.replace("\r", "\n").split("\n") if ln.strip()]
     labelled = [ln for ln in lines if _LABEL.match(ln)]
     line = labelled[-1] if labelled else (lines[0] if lines else "")
-    text = _LABEL.sub("", line, count=1).strip().strip("\"'`*").strip()
+    text = _LABEL.sub("", line, count=1).strip(" \t\"'`*")
     if not any(ch.isalnum() for ch in text):
         return None
     return text[:MAX_CHARS]

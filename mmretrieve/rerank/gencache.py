@@ -6,7 +6,8 @@ bytes, texts) and the generation options (greedy or sampled, ``max_new_tokens``,
 So an evaluation re-run, or a second fusion of the same descriptions, costs no generation at all, and a
 crashed run resumes from what it had generated.
 
-One SQLite file (WAL mode) under ``$MMRETRIEVE_CACHE`` shared by the CLI, evaluation and the server:
+One SQLite file (WAL mode; ``$MMRETRIEVE_GENERATION_CACHE``, default ``generations.sqlite`` under
+``$MMRETRIEVE_CACHE``) shared by the CLI, evaluation and the server:
 several processes may read and write it at once (each write is one short transaction; a busy database
 is waited for). It is bounded: past ``max_bytes`` of texts, the least recently used entries are dropped
 (down to 90%). A damaged file is moved aside (named in a warning) and a new one started: a cache never
@@ -72,7 +73,7 @@ class GenerationCache:
     def __init__(self, path: str | Path | None = None, *, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
         from mmretrieve import settings
 
-        self.path = Path(path) if path is not None else settings.cache_dir() / "generations.sqlite"
+        self.path = Path(path) if path is not None else settings.generation_cache_path()
         self.max_bytes = int(max_bytes)
         self._lock = threading.Lock()
         self.hits = self.misses = 0

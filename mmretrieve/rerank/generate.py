@@ -92,10 +92,10 @@ _CACHE_LOCK = threading.Lock()
 
 
 def shared_cache(path=None) -> GenerationCache:
-    """One ``GenerationCache`` per file per process (default ``$MMRETRIEVE_CACHE/generations.sqlite``)."""
+    """One ``GenerationCache`` per file per process (default ``settings.generation_cache_path()``)."""
     from mmretrieve import settings
 
-    p = str(path) if path is not None else str(settings.cache_dir() / "generations.sqlite")
+    p = str(path) if path is not None else str(settings.generation_cache_path())
     with _CACHE_LOCK:
         if p not in _CACHES:
             _CACHES[p] = GenerationCache(p)
@@ -136,9 +136,10 @@ class Generator(ABC):
                 cost.cache_hits += 1
             else:
                 todo.append(i)
-        if todo:
-            gens = self._generate([prompts[i] for i in todo])
-            for i, g in zip(todo, gens):
+        step = max(1, self.chunk_size())
+        for s in range(0, len(todo), step):  # each chunk's answers are cached as they come: a crash loses one chunk
+            chunk = todo[s : s + step]
+            for i, g in zip(chunk, self._generate([prompts[i] for i in chunk])):
                 answers[i] = g.text
                 cost.prompt_tokens += g.prompt_tokens
                 cost.generated_tokens += g.generated_tokens
@@ -146,6 +147,10 @@ class Generator(ABC):
                 if self.cache is not None and self.temperature == 0:
                     self.cache.put(keys[i], g)
         return [a or "" for a in answers], cost
+
+    def chunk_size(self) -> int:
+        """How many prompts one ``_generate`` call gets (a batch, or the requests in flight at once)."""
+        return int(getattr(self, "batch_size", 0) or getattr(self, "concurrency", 0) or 8)
 
     @abstractmethod
     def _generate(self, prompts: list[Prompt]) -> list[Generation]:
@@ -263,6 +268,10 @@ def make_generator(*, what: str, model: str | None = None, api: str | None = Non
 
         raise MLLMError(f"{how_to(what)}; or an OpenAI-compatible endpoint: {what}:api=http://host:port/v1,api_model=NAME")
     pk = _parse_kwargs(processor_kwargs)
+    if cache is True:  # the default file as it is now ($MMRETRIEVE_CACHE may change between runs of one process)
+        from mmretrieve import settings
+
+        cache = str(settings.generation_cache_path())
     key = (what, model, api, api_model, api_key_env, concurrency, timeout, retries, repr(sorted(pk.items())), str(cache),
            repr(sorted(kw.items())))
     with _CACHE_LOCK:

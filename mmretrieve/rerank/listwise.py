@@ -8,7 +8,7 @@ read leaves the window in its order and is counted (``unparsed``), never an exce
 
 Shortlists longer than ``window`` (``schedule``):
 
-- ``sliding``: RankGPT's window of ``window`` moved back to front by ``stride`` (each step waits for the
+- ``sliding``: RankGPT's window of ``window`` moved back to front by ``stride`` (default half a window) (each step waits for the
   one before it);
 - ``jointrank``: JointRank's overlapping blocks (a ``design`` of ``grid`` or ``random`` blocks, each
   candidate in ``r`` of them), all ranked in one batch, aggregated by ``aggregate`` (``winrate`` or
@@ -61,10 +61,11 @@ class ListwiseReranker(GenerativeReranker):
     name = "listwise"
     default_prompt = "listwise"
 
-    def __init__(self, *, window: int = 10, stride: int = 5, schedule: str = "auto", r: int = 2, design: str = "grid",
+    def __init__(self, *, window: int = 10, stride: int | None = None, schedule: str = "auto", r: int = 2, design: str = "grid",
                  aggregate: str = "winrate", shuffles: int = 0, seed: int = 0, max_new_tokens: int = 512,
                  **kw: Any) -> None:
         super().__init__(max_new_tokens=max_new_tokens, **kw)
+        stride = max(1, int(window) // 2) if stride is None else stride
         if schedule not in SCHEDULES:
             raise UsageError(f"listwise: schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
         if aggregate not in rankagg.AGGREGATORS:

@@ -75,6 +75,16 @@ class ServeConfig:
     reload_interval_s: float = 1.0
     #: the vision-language model the ``mllm`` reranker may use (none: mllm is not offered)
     mllm: str | None = None
+    #: the vision-language model of every generative stage (describe, listwise, pairwise, and mllm when
+    #: ``mllm`` is not given) in presets and requests: a local folder (``vlm``), or an OpenAI-compatible
+    #: endpoint (``vlm_api`` + ``vlm_api_model`` [+ ``vlm_api_key_env``, the variable holding its key]).
+    #: None: presets keep the model their YAML names (usable only when that is a local folder)
+    vlm: str | None = None
+    vlm_api: str | None = None
+    vlm_api_model: str | None = None
+    vlm_api_key_env: str | None = None
+    #: most candidates one generative stage (listwise, pairwise) may re-rank per request
+    max_generative_k: int = 50
     thumbnail_cache: int = 2048
 
     def to_json(self) -> str:
@@ -86,8 +96,25 @@ class ServeConfig:
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in names})
 
+    def vlm_options(self) -> dict | None:
+        """The server's model for generative stages as ``Pipeline.from_config(vlm=...)`` takes it (None: none)."""
+        if self.vlm:
+            return {"model": self.vlm}
+        if self.vlm_api:
+            return {k: v for k, v in (("api", self.vlm_api), ("api_model", self.vlm_api_model),
+                                      ("api_key_env", self.vlm_api_key_env)) if v}
+        return None
+
     def check(self) -> None:
         """Refuse settings that make no sense before anything is loaded."""
+        if self.vlm and self.vlm_api:
+            raise UsageError("serve: give --vlm (a local model) or --vlm-api (an endpoint), not both")
+        if self.vlm_api and not self.vlm_api_model:
+            raise UsageError("serve: --vlm-api needs --vlm-api-model (the model name the endpoint serves)")
+        if (self.vlm_api_model or self.vlm_api_key_env) and not self.vlm_api:
+            raise UsageError("serve: --vlm-api-model and --vlm-api-key-env go with --vlm-api URL")
+        if int(self.max_generative_k) < 1:
+            raise UsageError(f"serve: max-generative-k must be at least 1, got {self.max_generative_k}")
         for name in ("max_upload_bytes", "max_pixels", "max_k", "max_rerank_k", "max_text_chars", "max_embed_texts",
                      "heavy_workers", "max_in_flight", "max_batch", "workers"):
             if int(getattr(self, name)) < 1:

@@ -30,6 +30,15 @@ _HELP = {
     "mmretrieve_stage_duration_seconds": ("histogram", "time spent in one search stage (decode, encode, coarse, rerankers)"),
     "mmretrieve_batch_size": ("histogram", "requests served by one batch: query encodings in one encoder forward "
                                            "(batcher=encode), coarse searches in one scan (batcher=search)"),
+    "mmretrieve_generation_runs_total": ("counter", "searches a generative stage (describe, listwise, pairwise) ran in, "
+                                                    "by index and stage"),
+    "mmretrieve_generation_prompts_total": ("counter", "prompts a generative stage asked its model, by index and stage"),
+    "mmretrieve_generation_cache_hits_total": ("counter", "prompts answered from the generation cache, by index and stage"),
+    "mmretrieve_generation_prompt_tokens_total": ("counter", "prompt tokens of generated answers, by index and stage"),
+    "mmretrieve_generation_generated_tokens_total": ("counter", "tokens generated, by index and stage"),
+    "mmretrieve_generation_seconds_total": ("counter", "seconds spent generating, by index and stage"),
+    "mmretrieve_generation_unparsed_total": ("counter", "answers that could not be read (the stage fell back), by index "
+                                                        "and stage"),
     "mmretrieve_heavy_rejected_total": ("counter", "re-ranking requests refused with 503 because the queue was full"),
     "mmretrieve_timeouts_total": ("counter", "requests answered 504 after the per-request time limit"),
     "mmretrieve_index_reloads_total": ("counter", "newly published index versions picked up while serving"),
@@ -38,6 +47,15 @@ _HELP = {
     "mmretrieve_heavy_queue_depth": ("gauge", "re-ranking requests running or waiting"),
     "mmretrieve_index_items": ("gauge", "items in the served snapshot of each index"),
     "mmretrieve_index_info": ("gauge", "the served version of each index (value 1)"),
+}
+
+
+#: a generative stage's cost key (``rerank.generate.Cost``) -> its counter
+GENERATION_COUNTERS = {
+    "prompts": "mmretrieve_generation_prompts_total", "cache_hits": "mmretrieve_generation_cache_hits_total",
+    "prompt_tokens": "mmretrieve_generation_prompt_tokens_total",
+    "generated_tokens": "mmretrieve_generation_generated_tokens_total",
+    "seconds": "mmretrieve_generation_seconds_total", "unparsed": "mmretrieve_generation_unparsed_total",
 }
 
 
@@ -133,4 +151,4 @@ class Metrics:
         return encoder(self.registry), content_type
 
 
-__all__ = ["Metrics", "LATENCY_BUCKETS", "BATCH_BUCKETS"]
+__all__ = ["GENERATION_COUNTERS", "Metrics", "LATENCY_BUCKETS", "BATCH_BUCKETS"]

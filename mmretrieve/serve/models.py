@@ -25,8 +25,12 @@ class SearchRequest(BaseModel):
         None, description="options of the fusion, e.g. {\"k1\": 200, \"mode\": \"product\"} for intersection")
     k: int = Field(10, ge=1, description="results per page (the server caps it)")
     offset: int = Field(0, ge=0, description="results to skip (paging; the server caps it)")
-    rerank: list[str] | None = Field(None, description="reranker specs as on the command line, e.g. [\"emd:k=50\"]")
-    pipeline: str | None = Field(None, description="a pipeline preset by name (configs/pipelines), e.g. \"emd\"")
+    rerank: list[str] | None = Field(
+        None, description="reranker specs as on the command line, e.g. [\"emd:k=50\"] or [\"listwise:k=10,window=10\"]; "
+                          "a request sets scoring options only: the model of a generative stage is the server's (--vlm)")
+    pipeline: str | None = Field(
+        None, description="a pipeline preset by name (configs/pipelines), e.g. \"emd\" or \"cotrr\" (describe -> "
+                          "coarse -> listwise; needs a server started with --vlm)")
     keep_reference: bool = Field(False, description="composed queries: keep the reference item in the results")
 
 
@@ -56,6 +60,15 @@ class SearchResponse(BaseModel):
     next_offset: int | None
     timings_ms: dict[str, float]
     hits: list[HitModel]
+    description: str | None = Field(
+        None, description="what the coarse stage searched for when a describe stage wrote it (model output: show it "
+                          "as text, never as HTML); the same as stage_info.describe.description")
+    stage_info: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="stage -> what it reports about this query. describe: {description, cost}; a generative "
+                    "re-ranker (listwise, pairwise): {cost, reasoning, schedule / strategy, skipped}. A cost is "
+                    "{prompts, cache_hits, prompt_tokens, generated_tokens, seconds, unparsed}: cache_hits of the "
+                    "prompts were answered from the server's generation cache (no tokens generated for them)")
 
 
 class Capabilities(BaseModel):

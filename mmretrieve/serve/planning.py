@@ -39,7 +39,7 @@ class Plan:
     @property
     def heavy(self) -> bool:
         """Whether rerank stages run (the bounded heavy queue, not the search pool)."""
-        return self.pipeline is not None and bool(self.pipeline.stages)
+        return self.pipeline is not None and (bool(self.pipeline.stages) or self.pipeline.describer is not None)
 
     @property
     def composed(self) -> bool:
@@ -81,6 +81,9 @@ class Plan:
             d.update(self.options)
         if self.heavy:
             d["rerank"] = [{"name": st.name, "k": st.k, "alpha": st.alpha} for st in self.pipeline.stages]
+            if self.pipeline.describer is not None:
+                dsc = self.pipeline.describer
+                d["describe"] = {"prompt": dsc.prompt, "fuse": dsc.fuse, **({"weight": dsc.weight} if dsc.fuse != "none" else {})}
         return d
 
 

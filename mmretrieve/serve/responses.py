@@ -52,6 +52,7 @@ def search_response(index_name: str, plan, res, timings: dict) -> dict:
         "index": index_name, "version": plan.index.version, "query": plan.describe(), "stages": list(res.stages),
         "k": plan.k, "offset": plan.offset, "has_more": has_more, "next_offset": plan.window if has_more else None,
         "timings_ms": {k: round(v, 3) for k, v in timings.items()}, "hits": hits,
+        "description": getattr(res, "description", None), "stage_info": clean(getattr(res, "stage_info", None) or {}),
     }
 
 

@@ -6,7 +6,10 @@ The re-ranking policy: a request names rerankers with the command line's spec st
 scores (``k``, ``alpha``, weights, solver settings...). Options that would load another model, read a
 path or change threads (``patches=``, ``model=``, ``device=``, ``threads=``...) are refused, so no
 request can make the server download, read files or load models; the ``mllm`` model is the one the
-server was started with. Rerankers that hold models are created once and shared; each request gets a
+server was started with, and so is the model of the generative stages (``describe``, ``listwise``,
+``pairwise``: ``--vlm DIR`` or ``--vlm-api``), which replaces the model every preset's YAML names (without
+it, a preset whose model is a hub id is reported as needing one; a request never sets ``model``, ``api``,
+``api_key_env`` or ``cache``, and the options that multiply a request's prompts are bounded). Rerankers that hold models are created once and shared; each request gets a
 shallow copy carrying its own ``k`` / ``alpha`` / ``norm``.
 """
 
@@ -217,18 +220,46 @@ REQUEST_OPTIONS: dict[str, tuple[str, ...]] = {
     "emd": ("k", "alpha", "norm", "weights", "solver", "reg", "max_iter", "tol"),
     "frames": ("k", "alpha", "norm", "pooling", "m"),
     "mllm": ("k", "alpha", "norm", "collage"),
+    "listwise": ("k", "alpha", "norm", "window", "stride", "schedule", "r", "design", "aggregate", "shuffles", "seed"),
+    "pairwise": ("k", "alpha", "norm", "strategy", "both_orders", "aggregate", "allpairs_max"),
 }
+#: the generative stages' request options that multiply the prompts one request costs: (least, most)
+REQUEST_BOUNDS: dict[str, tuple[int, int]] = {"window": (2, 20), "stride": (1, 19), "r": (1, 4), "shuffles": (0, 2),
+                                              "allpairs_max": (2, 8), "seed": (0, 2**31 - 1)}
+#: the model options of a generative stage: the server's choice (``--vlm``), never a request's
+_MODEL_KEYS = ("model", "api", "api_model", "api_key_env")
+#: the generation options a preset may set for its generative stages (the model keys are replaced by the
+#: server's ``--vlm``; without it, a preset's own local folder or endpoint is used)
+_GEN_PRESET = ("prompt", "max_new_tokens", "temperature", "max_pixels", "frames", "collage", "batch_size",
+               "processor_kwargs", "dtype", "timeout", "retries", "concurrency", "cache", *_MODEL_KEYS)
 #: further options a server-side preset may set (presets are the operator's files, not the request's)
-PRESET_OPTIONS: dict[str, tuple[str, ...]] = {"mllm": ("model", "batch_size", "max_pixels", "processor_kwargs", "prompt")}
+PRESET_OPTIONS: dict[str, tuple[str, ...]] = {
+    "mllm": ("model", "batch_size", "max_pixels", "processor_kwargs", "prompt"),
+    "listwise": _GEN_PRESET,
+    "pairwise": _GEN_PRESET,
+}
+#: what a preset's ``describe:`` stage may set
+DESCRIBE_OPTIONS = ("fuse", "weight", *_GEN_PRESET)
+#: the keys of a pipeline preset
+PRESET_KEYS = ("coarse", "stages", "description", "describe", "source")
+#: the stages whose model is the server's vision-language model
+GENERATIVE = ("listwise", "pairwise")
+NEEDS_VLM = ("{what} needs a vision-language model: start the server with --vlm DIR (or --vlm-api URL "
+             "--vlm-api-model NAME)")
 #: options the server sets itself
 _PER_REQUEST = ("k", "alpha", "norm")
 MAX_STAGES = 4
 
 
 class RerankPolicy:
-    def __init__(self, *, max_rerank_k: int, mllm: str | None = None) -> None:
+    def __init__(self, *, max_rerank_k: int, mllm: str | None = None, vlm: dict | None = None,
+                 max_generative_k: int = 50) -> None:
         self.max_rerank_k = int(max_rerank_k)
-        self.mllm = mllm
+        #: the server's model of the generative stages ({"model": DIR} or {"api": URL, "api_model": NAME, ...})
+        self.vlm = {k: v for k, v in (vlm or {}).items() if v} or None
+        #: the mllm verifier's model (a local folder): --mllm, else a local --vlm
+        self.mllm = mllm or (self.vlm or {}).get("model")
+        self.max_generative_k = min(int(max_generative_k), self.max_rerank_k)
         self._bases: dict[tuple, Any] = {}
         self._locks: dict[int, threading.Lock] = {}
         self._checked: OrderedDict[tuple, Any] = OrderedDict()
@@ -246,19 +277,23 @@ class RerankPolicy:
         if name == "frames" and not (index.manifest.get("video") or index.manifest.get("counts", {}).get("videos")):
             return f"frames re-ranks videos by their frames; index {index.name!r} holds no videos"
         if name == "mllm" and not self.mllm:
-            return "mllm needs a vision-language model; start the server with --mllm MODEL to offer it"
+            return "mllm needs a vision-language model; start the server with --mllm MODEL (or --vlm DIR) to offer it"
+        if name in GENERATIVE and not self.vlm:
+            return NEEDS_VLM.format(what=name) + " to offer it"
         return None
 
     def rerankers(self, index) -> dict[str, str | None]:
         return {n: self.unavailable(n, index) for n in REQUEST_OPTIONS}
 
     def presets(self, index) -> dict[str, str | None]:
-        """Pipeline presets -> None when usable on ``index``, else why not."""
+        """Pipeline presets -> None when usable on ``index``, else why not. Cheap: builds the stages'
+        options, loads no model it does not already hold (a preset whose model is a hub id, on a server
+        started without --vlm, is reported as needing one)."""
         out = {}
         for p in list_presets("pipelines"):
             name = p.split("/", 1)[1]
             try:
-                self._preset_stages(name, index)
+                self._preset_stages(name, index, load=False)
                 out[name] = None
             except UsageError as e:
                 out[name] = str(e)
@@ -272,9 +307,9 @@ class RerankPolicy:
 
         if specs and preset:
             raise UsageError("give rerank specs or a pipeline preset, not both")
-        coarse_k = coarse_fusion = None
+        coarse_k = coarse_fusion = describer = None
         if preset:
-            stages, coarse_k, coarse_fusion = self._preset_stages(preset, index)
+            stages, coarse_k, coarse_fusion, describer = self._preset_stages(preset, index)
         else:
             if len(specs or []) > MAX_STAGES:
                 raise UsageError(f"at most {MAX_STAGES} rerank stages per request, got {len(specs)}")
@@ -286,53 +321,102 @@ class RerankPolicy:
                 stages.append(self._stage(name, opts, index, preset=False))
         if coarse_k is not None and int(coarse_k) > self.max_rerank_k:
             coarse_k = self.max_rerank_k
-        pipe = Pipeline([s for s, _ in stages], coarse_k=coarse_k, coarse_fusion=coarse_fusion)
-        return pipe, sorted({id(lock): lock for _, lock in stages}.items())
+        pipe = Pipeline([s for s, _ in stages], coarse_k=coarse_k, coarse_fusion=coarse_fusion,
+                        describe=describer[0] if describer else None)
+        locks = [lock for _, lock in stages] + ([describer[1]] if describer else [])
+        return pipe, sorted({id(lock): lock for lock in locks}.items())
 
-    def _preset_stages(self, preset: str, index):
+    def _preset_stages(self, preset: str, index, *, load: bool = True):
         if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", preset or ""):
             raise UsageError(f"pipeline presets are named by their name only (e.g. 'emd'), got {preset!r}")
         names = [p.split("/", 1)[1] for p in list_presets("pipelines")]
         if preset not in names:
             raise UsageError(f"no pipeline preset {preset!r}; presets: {', '.join(names) or 'none'}")
         cfg = load_config(f"pipelines/{preset}")
-        check_options(f"pipeline preset {preset!r}", cfg, ("coarse", "stages", "description"), noun="key")
+        check_options(f"pipeline preset {preset!r}", cfg, PRESET_KEYS, noun="key")
         coarse = cfg.get("coarse") or {}
         check_options(f"pipeline preset {preset!r}'s coarse stage", coarse, ("k", "fusion"))
+        where = f"preset {preset!r}: "
+        describer = None
+        if cfg.get("describe") not in (None, False):
+            describer = self._describer(cfg["describe"], where=where)
         stages = []
         for st in cfg.get("stages") or []:
             st = dict(st)
             name = st.pop("name", None)
             if not name:
                 raise UsageError(f"pipeline preset {preset!r}: a stage needs a 'name'")
-            stages.append(self._stage(name, st, index, preset=True, where=f"preset {preset!r}: "))
-        return stages, coarse.get("k"), coarse.get("fusion")
+            stages.append(self._stage(name, st, index, preset=True, where=where, load=load))
+        return stages, coarse.get("k"), coarse.get("fusion"), describer
 
-    def _stage(self, name: str, opts: dict, index, *, preset: bool, where: str = "", check: bool = True):
-        why = self.unavailable(name, index) if check else None
+    def _model(self, what: str, opts: dict, *, preset: bool, where: str) -> dict:
+        """The model keys a generative stage runs with: the server's ``--vlm``; without one, a preset's own
+        local folder or endpoint (a hub id would be downloaded: refused)."""
+        if self.vlm:
+            return dict(self.vlm)
+        own = {k: opts[k] for k in _MODEL_KEYS if opts.get(k)}
+        if preset and (own.get("api") or (own.get("model") and os.path.isdir(str(own["model"])))):
+            return own
+        named = f" (the preset names {own['model']!r}, which this server does not download)" if own.get("model") else ""
+        raise UsageError(where + NEEDS_VLM.format(what=what) + named)
+
+    def _describer(self, opts, *, where: str):
+        """A preset's ``describe`` stage (shared by the requests that use it) and its lock."""
+        from mmretrieve.rerank.describe import Describer
+
+        if not isinstance(opts, dict):
+            raise UsageError(f"{where}describe: takes a mapping of options, got {opts!r}")
+        check_options(f"{where}the describe stage", opts, DESCRIBE_OPTIONS)
+        full = {**{k: v for k, v in opts.items() if k not in _MODEL_KEYS},
+                **self._model("the describe stage", opts, preset=True, where=where)}
+        key = ("describe", tuple(sorted((k, repr(v)) for k, v in full.items())))
+        with self._lock:
+            base = self._bases.get(key)
+        if base is None:
+            base = Describer(**full)  # options checked by its constructor; no model is loaded
+        return self._base(key, base)
+
+    def _stage(self, name: str, opts: dict, index, *, preset: bool, where: str = "", check: bool = True,
+               load: bool = True):
+        why = self.unavailable(name, index) if check and not (preset and name in GENERATIVE) else None
         if why:
             raise UsageError(where + why)
         allowed = REQUEST_OPTIONS[name] + (PRESET_OPTIONS.get(name, ()) if preset else ())
         check_options(f"{where}reranker {name!r} over HTTP (options that load models, read files or set threads "
                       "are the server's)", opts, allowed)
-        if name == "mllm" and opts.get("model", self.mllm) != self.mllm:
+        if name == "mllm" and not preset and opts.get("model", self.mllm) != self.mllm:
             raise UsageError(f"{where}this server's mllm reranker uses {self.mllm!r}, not {opts['model']!r}")
         k = opts.get("k")
-        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= self.max_rerank_k):
-            raise UsageError(f"{where}{name}: k must be an integer in 1..{self.max_rerank_k} on this server, got {k!r}")
-        forced = {"on_the_fly": False} if name == "emd" else {"model": self.mllm} if name == "mllm" else {}
+        top = self.max_generative_k if name in GENERATIVE else self.max_rerank_k
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= top):
+            which = "a generative stage's k" if name in GENERATIVE else "k"
+            raise UsageError(f"{where}{name}: {which} must be an integer in 1..{top} on this server, got {k!r}")
+        if not preset:
+            for opt, (lo, hi) in REQUEST_BOUNDS.items():
+                v = opts.get(opt)
+                if v is not None and (isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi):
+                    raise UsageError(f"{where}{name}: {opt} must be an integer in {lo}..{hi} on this server, got {v!r}")
+        if name == "emd":
+            forced = {"on_the_fly": False}
+        elif name == "mllm":
+            forced = {"model": self.mllm}
+        elif name in GENERATIVE:  # the server's model (or a preset's own local one); never a request's
+            forced = self._model(name, opts, preset=preset, where=where)
+            opts = {k_: v for k_, v in opts.items() if k_ not in _MODEL_KEYS}
+        else:
+            forced = {}
         checked = self._validated(name, {**opts, **forced})
         base_key = (name, tuple(sorted((k_, repr(v)) for k_, v in {**opts, **forced}.items() if k_ not in _PER_REQUEST)))
         base, lock = self._base(base_key, checked)
-        if hasattr(base, "load") and id(base) not in self._loaded:  # a model-holding reranker: loaded once,
-            with self._load_lock:                                     # before the copies share it
+        if load and hasattr(base, "load") and id(base) not in self._loaded:  # a model-holding reranker: loaded
+            with self._load_lock:                                               # once, before the copies share it
                 base.load()
                 self._loaded.add(id(base))
         stage = copy.copy(base)
         for attr in _PER_REQUEST:
             setattr(stage, attr, getattr(checked, attr))
-        if "k" not in opts and stage.k > self.max_rerank_k:
-            stage.k = self.max_rerank_k
+        if "k" not in opts and stage.k > top:
+            stage.k = top
         return stage, lock
 
     def _validated(self, name: str, opts: dict):
@@ -362,9 +446,14 @@ class RerankPolicy:
             return base, self._locks[id(base)]
 
     def load_models(self) -> None:
-        """Load the mllm model now (start-up), so the first request does not pay for it."""
+        """Load the mllm model and a local --vlm now (start-up), so the first request does not pay for it."""
         if self.mllm:
             self._stage("mllm", {}, None, preset=False, check=False)
+        if self.vlm and self.vlm.get("model"):
+            from mmretrieve.rerank.generate import make_generator
+
+            make_generator(what="vlm", model=self.vlm["model"]).load()
 
 __all__ = ["parse_json", "check_json_depth", "check_text", "redact_paths", "MAX_JSON_DEPTH", "token_matches", "decode_base64", "decode_image", "HeavyQueue", "RerankPolicy", "REQUEST_OPTIONS",
+           "PRESET_OPTIONS", "DESCRIBE_OPTIONS", "PRESET_KEYS", "NEEDS_VLM",
            "TOKEN_COOKIE"]

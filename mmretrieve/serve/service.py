@@ -24,7 +24,7 @@ from mmretrieve.index import search as search_path
 from mmretrieve.serve import responses
 from mmretrieve.serve.config import ServeConfig
 from mmretrieve.serve.items import THUMB_SIZES, ItemFiles
-from mmretrieve.serve.metrics import Metrics
+from mmretrieve.serve.metrics import GENERATION_COUNTERS, Metrics
 from mmretrieve.serve.planning import Plan, plan_request
 from mmretrieve.serve.responses import API
 from mmretrieve.serve.safety import HeavyQueue, RerankPolicy, decode_base64, decode_image
@@ -39,7 +39,8 @@ class Service:
         self.config = config
         self.metrics = metrics or Metrics()
         self.manager = IndexManager(config, encoders=encoders, metrics=self.metrics)
-        self.policy = RerankPolicy(max_rerank_k=config.max_rerank_k, mllm=config.mllm)
+        self.policy = RerankPolicy(max_rerank_k=config.max_rerank_k, mllm=config.mllm, vlm=config.vlm_options(),
+                                   max_generative_k=config.max_generative_k)
         self.heavy = HeavyQueue(config.heavy_workers, config.heavy_queue)
         threads = int(config.search_threads or settings.available_cores())
         self.pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="search")
@@ -94,6 +95,19 @@ class Service:
     def _stage_time(self, index_name: str, stage: str, seconds: float) -> None:
         self.metrics.observe("mmretrieve_stage_duration_seconds", seconds, {"index": index_name, "stage": stage})
 
+    def _generation(self, index_name: str, res) -> None:
+        """The generation counters of a search's generative stages (describe, listwise, pairwise)."""
+        for stage, info in (getattr(res, "stage_info", None) or {}).items():
+            cost = info.get("cost") if isinstance(info, dict) else None
+            if not isinstance(cost, dict):
+                continue
+            labels = {"index": index_name, "stage": stage.split("#", 1)[0]}
+            for key, metric in GENERATION_COUNTERS.items():
+                v = cost.get(key)
+                if isinstance(v, (int, float)) and v:
+                    self.metrics.inc(metric, labels, float(v))
+            self.metrics.inc("mmretrieve_generation_runs_total", labels)
+
     # ---- search -------------------------------------------------------------------------------------
     async def search(self, name: str, req, upload: bytes | None = None) -> dict:
         """One search request (``models.SearchRequest``; ``upload``: the bytes of a multipart image)."""
@@ -128,6 +142,7 @@ class Service:
         timings.update(res.timings_ms)
         for stage, ms in timings.items():
             self._stage_time(name, stage, ms / 1000)
+        self._generation(name, res)
         timings["total"] = (time.perf_counter() - t_start) * 1000
         return responses.search_response(handle.name, plan, res, timings)
 

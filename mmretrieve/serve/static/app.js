@@ -86,7 +86,7 @@
 
   // ---- the form -----------------------------------------------------------------------------------------
   function setSelect(sel, value) {
-    if ([...sel.options].some((o) => o.value === value)) sel.value = value;
+    if ([...sel.options].some((o) => o.value === value && !o.disabled)) sel.value = value;
   }
   function writeForm() {
     $("q").value = state.q;
@@ -177,8 +177,10 @@
     for (const [name, why] of Object.entries(d.capabilities.rerankers)) {
       if (why === null) opts.push(el("option", { value: name, text: names[name] || name }));
     }
+    // a preset the server cannot run (e.g. a generative one without --vlm) is listed, greyed, with why
     for (const [name, why] of Object.entries(d.capabilities.pipelines)) {
-      if (why === null) opts.push(el("option", { value: "preset:" + name, text: "preset " + name }));
+      opts.push(el("option", { value: "preset:" + name, text: "preset " + name + (why === null ? "" : " (unavailable)"),
+                               disabled: why !== null, title: why === null ? null : why }));
     }
     sel.replaceChildren(...opts);
   }
@@ -249,6 +251,42 @@
     } catch (e) { status(e.message, true); }
   }
 
+  // ---- what generative stages report ---------------------------------------------------------------------
+  // The description and the reasoning are model output: they only ever go into the page as text (textContent).
+  function costLine(stage, c, d) {
+    const how = d.schedule || d.strategy;
+    const unread = c.unparsed ? `, ${c.unparsed} answer(s) unread` : "";
+    return `${stage}${how ? ` (${how})` : ""}: ${c.prompts} prompt(s), ${c.cache_hits} cached, ` +
+           `${c.prompt_tokens} prompt + ${c.generated_tokens} generated tokens, ${fmt(c.seconds, 2)} s${unread}`;
+  }
+  const asText = (x) => (typeof x === "string" ? x : JSON.stringify(x, null, 1));
+  function genInfo(res) {
+    const info = res.stage_info || {};
+    let desc = res.description;
+    if (desc === null || desc === undefined) desc = info.describe ? info.describe.description : null;
+    const out = [];
+    if (typeof desc === "string" && desc) {
+      out.push(el("p", { class: "described" }, el("span", { class: "label", text: "searched for: " }),
+                  el("span", { class: "description", text: desc })));
+    }
+    const costs = [], details = [];
+    for (const [stage, d] of Object.entries(info)) {
+      if (!d || typeof d !== "object") continue;
+      if (d.cost) costs.push(el("li", { class: "cost", text: costLine(stage, d.cost, d) }));
+      if (Array.isArray(d.skipped) && d.skipped.length) {
+        costs.push(el("li", { class: "cost", text: `${stage}: ${d.skipped.length} candidate(s) skipped (unreadable)` }));
+      }
+      if (Array.isArray(d.reasoning) && d.reasoning.length) {
+        const box = el("details", { class: "reasoning" }, el("summary", { text: `${stage}: the model's reasoning (${d.reasoning.length})` }));
+        box.append(el("ol", {}, ...d.reasoning.map((r) => el("li", { text: asText(r) }))));
+        details.push(box);
+      }
+    }
+    if (costs.length) out.push(el("ul", { class: "costs" }, ...costs));
+    out.push(...details);
+    return out;
+  }
+
   // ---- results ---------------------------------------------------------------------------------------------
   function stagesLine(h, stages) {
     if (stages.length < 2) return null;
@@ -292,6 +330,11 @@
     if (res.query.kind === "composed") title.push(`fusion: ${res.query.fusion}`);
     if (res.stages.length > 1) title.push(res.stages.join(" → "));
     col.querySelector(".col-title").textContent = title.join(" · ");
+    if (!append) {
+      const gi = col.querySelector(".gen-info");
+      gi.replaceChildren(...genInfo(res));
+      gi.hidden = !gi.childElementCount;
+    }
     const btn = col.querySelector(".more");
     btn.hidden = !res.has_more;
     if (!res.hits.length && !append) grid.append(el("li", { class: "muted", text: "No results." }));
