@@ -202,6 +202,15 @@ class MLLMError(RerankError):
     pass
 
 
+class EndpointError(MLLMError):
+    """An OpenAI-compatible endpoint could not answer (unreachable, refused, or failed past its retries);
+    ``status`` is the last HTTP status, or None when no answer came."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
 class OTConvergenceError(RerankError):
     pass
 
@@ -261,7 +270,7 @@ class RequestTimeoutError(ServeError, TimeoutError):
 
 
 __all__ = [
-    "MMRetrieveError", "UsageError", "UnknownNameError", "UnknownOptionError", "ConfigNotFoundError",
+    "MMRetrieveError", "EndpointError", "UsageError", "UnknownNameError", "UnknownOptionError", "ConfigNotFoundError",
     "InputError", "SourceNotFoundError", "ManifestError", "BadImageError", "BadVideoError", "BadVectorsError",
     "StoreError", "IndexNotFoundError", "IndexExistsError", "IndexCorruptedError", "IndexLockedError",
     "EncoderMismatchError", "DiskFullError", "VersionNotFoundError", "ItemNotFoundError", "ItemChangedError", "IngestError", "SkippedInputsError", "EncoderError", "EncoderUnavailableError",

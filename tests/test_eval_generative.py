@@ -85,3 +85,26 @@ def test_eval_killed_with_sigkill_resumes_from_the_generation_cache(tmp_path, sa
     asked = sum(c["prompts"] for c in got["cost"].values())
     assert hits == done < asked  # what was generated before the kill is not generated again, the rest is
     assert _rows(db) == asked
+
+
+def test_eval_egocvr_pairwise_shows_clips_as_frames_and_judges_each_gallery(tmp_path, sample_by_id, embedded, vlm,
+                                                                            monkeypatch):
+    from test_video import make_egocvr
+
+    from mmretrieve.eval import evaluate, load_dataset
+    from mmretrieve.rerank.pipeline import pipeline_from_options
+
+    monkeypatch.setenv("MMRETRIEVE_GENERATION_CACHE", str(tmp_path / "gen.sqlite"))
+    make_egocvr(tmp_path / "ego", sample_by_id)
+    ds = load_dataset("egocvr", tmp_path / "ego")
+    pipe = pipeline_from_options(pipeline="egocvr-pairwise", vlm={"model": vlm})
+    pipe.stages[0].gen.options["max_new_tokens"] = 4
+    res = evaluate(ds, encoder=embedded, pipeline=pipe, cache=tmp_path / "cache", video={"num_frames": 4})
+    assert res.stages == ["coarse", "pairwise"] and set(res.metrics["pairwise"]) == set(res.metrics["coarse"])
+    queries = {q.qid: q for q in ds.queries}
+    for qid, lists in res.rankings["pairwise"].items():  # per gallery: a permutation of the coarse list filtered to it
+        for proto, ranked in lists.items():
+            gallery = set(queries[qid].info[f"{proto}_gallery"])
+            assert sorted(ranked) == sorted(x for x in res.rankings["coarse"][qid] if x in gallery)
+    c = res.cost["pairwise"]
+    assert c["prompts"] >= 2 and c["prompts"] % 2 == 0 and c["generated_tokens"] > 0  # both orders of every pair

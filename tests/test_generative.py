@@ -283,3 +283,25 @@ def test_listwise_through_an_openai_compatible_endpoint(index, vlms):
         assert res.stage_info["describe"]["description"]
         assert pipe.config()["stages"][0]["api"] == server.url
         json.dumps(res.to_dict())  # no secret, nothing unserialisable
+
+
+# ---- the command line, one model shared --------------------------------------------------------------
+def test_cli_describe_and_vlm_flags(index, vlms, capsys):
+    from mmretrieve.cli import main
+
+    ref = _query(index).image
+    args = ["search", str(index.path), "--image", ref, "--text", "in colour", "-k", "4", "--json"]
+    assert main([*args, "--describe", f"mllm:model={vlms['qwen2_vl']},fuse=image,weight=0.3,max_new_tokens=16"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["query"]["description"] == out["stage_info"]["describe"]["description"]
+    assert out["query"]["fusion"] == "describe:image" and out["query"]["describe"]["weight"] == 0.3
+    assert main([*args, "--rerank", "pairwise:k=3,max_new_tokens=4", "--vlm", vlms["qwen2_vl"]]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["stage_info"]["pairwise"]["cost"]["prompts"] >= 4 and out["stages"] == ["coarse", "pairwise"]
+    assert main([*args, "--vlm", vlms["qwen2_vl"]]) == 1  # a model with nothing to run it: refused, nothing run
+    assert "needs a --pipeline, --rerank or --describe" in capsys.readouterr().err
+
+
+def test_stages_naming_one_model_share_one_loaded_copy(vlms):
+    pipe = pipeline_from_options(pipeline="cotrr", vlm={"model": vlms["qwen2_vl"]})
+    assert pipe.describer.gen.generator().load() is pipe.stages[0].gen.generator().load()

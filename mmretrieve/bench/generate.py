@@ -192,33 +192,10 @@ def _device_info(model_dir: str | None, dtype: str) -> dict[str, Any]:
 
 
 def write_2b(directory: Path, dtype: str = "auto") -> str:
-    """A Qwen2-VL-2B-sized model (``bench.mllm.QWEN2_VL_2B``, the published config) with random weights and
-    the tiny family's processor (its special token ids re-mapped), images at 448 x 448 (256 visual tokens)."""
-    import torch
-    from transformers import AutoProcessor, Qwen2VLConfig, Qwen2VLForConditionalGeneration
+    """A Qwen2-VL-2B-sized random model (``testing.write_qwen2_vl_2b_sized``)."""
+    from mmretrieve.testing.tiny_vlm import write_qwen2_vl_2b_sized
 
-    from mmretrieve.bench.mllm import QWEN2_VL_2B
-    from mmretrieve.rerank.vlm import torch_dtype
-    from mmretrieve.runtime import resolve_device
-    from mmretrieve.testing import write_tiny_vlm
-
-    d = Path(write_tiny_vlm(directory, "qwen2_vl"))
-    proc = AutoProcessor.from_pretrained(d)
-    tok = proc.tokenizer
-    ids = {s: tok.convert_tokens_to_ids(s) for s in ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")}
-    cfg = Qwen2VLConfig(text_config=QWEN2_VL_2B["text_config"], vision_config=QWEN2_VL_2B["vision_config"],
-                        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-                        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
-    dev = resolve_device(None)
-    with torch.device(dev.type):
-        model = Qwen2VLForConditionalGeneration(cfg).to(torch_dtype(dtype, dev))
-    model.save_pretrained(d)
-    del model
-    if dev.type == "cuda":
-        torch.cuda.empty_cache()
-    proc.image_processor.max_pixels = proc.image_processor.min_pixels = 448 * 448
-    proc.save_pretrained(d)
-    return str(d)
+    return write_qwen2_vl_2b_sized(directory, dtype)
 
 
 def _target(rows: list[dict], device: dict, model_kind: str, window: int) -> dict[str, Any]:

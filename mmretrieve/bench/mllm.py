@@ -15,14 +15,6 @@ from pathlib import Path
 
 HELP = "MLLM yes/no verifier: candidates/s one by one vs. batched (tiny models; real-size on request)"
 
-#: Qwen2-VL-2B-Instruct's published configuration (its config.json), for timing with random weights
-QWEN2_VL_2B = {
-    "text_config": dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
-                        num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=32768,
-                        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]}),
-    "vision_config": dict(depth=32, embed_dim=1280, hidden_size=1536, num_heads=16, mlp_ratio=4, patch_size=14,
-                          spatial_merge_size=2, temporal_patch_size=2),
-}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -98,30 +90,16 @@ def render(res: dict) -> list[str]:
 
 
 def _real_size(tmp: Path, n: int, bs: int) -> dict:
-    """Qwen2-VL-2B-sized random model with the tiny family's processor (token ids re-mapped)."""
+    """Qwen2-VL-2B-sized random model with the tiny family's processor (token ids re-mapped), 448 px images
+    (256 visual tokens each), as in the measured reference configuration."""
     import torch
-    from transformers import AutoProcessor, Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
-    from mmretrieve.testing import write_tiny_vlm
+    from mmretrieve.rerank.vlm import torch_dtype
+    from mmretrieve.testing.tiny_vlm import write_qwen2_vl_2b_sized
 
-    d = Path(write_tiny_vlm(tmp / "qwen2_vl_2b", "qwen2_vl"))
-    proc = AutoProcessor.from_pretrained(d)
-    tok = proc.tokenizer
-    ids = {s: tok.convert_tokens_to_ids(s) for s in ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")}
-    cfg = Qwen2VLConfig(text_config=QWEN2_VL_2B["text_config"], vision_config=QWEN2_VL_2B["vision_config"],
-                        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-                        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
-    from mmretrieve.rerank.mllm import MLLMReranker
-
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = MLLMReranker(model=str(d))._torch_dtype(torch.device(dev))
-    with torch.device(dev):
-        model = Qwen2VLForConditionalGeneration(cfg).to(dtype)
-    model.save_pretrained(d)
-    del model
-    # 448 px images (256 visual tokens each), as in the measured reference configuration
-    proc.image_processor.max_pixels = proc.image_processor.min_pixels = 448 * 448
-    proc.save_pretrained(d)
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch_dtype("auto", dev)
+    d = write_qwen2_vl_2b_sized(tmp / "qwen2_vl_2b", "auto", dev.type)
     label = f"Qwen2-VL-2B config (random, {str(dtype).replace('torch.', '')})"
     return _measure(str(d), n, bs, label, max_pixels=448 * 448)
 

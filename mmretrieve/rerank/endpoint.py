@@ -46,7 +46,7 @@ from typing import Any
 
 from PIL import Image
 
-from mmretrieve.errors import MLLMError, UsageError
+from mmretrieve.errors import EndpointError, UsageError
 from mmretrieve.rerank.gencache import Generation
 from mmretrieve.rerank.generate import Generator, Prompt
 
@@ -57,15 +57,6 @@ PROBE_TIMEOUT = 3.0
 #: the longest wait between two tries, whatever the backoff or Retry-After says
 MAX_WAIT = 10.0
 IMAGE_FORMATS = ("auto", "png", "jpeg")
-
-
-class EndpointError(MLLMError):
-    """An endpoint that cannot be reached or that refuses a request; ``status`` is the HTTP status of the
-    last answer (``None`` when there was none: unreachable, timed out, a dropped connection)."""
-
-    def __init__(self, message: str, status: int | None = None) -> None:
-        self.status = status
-        super().__init__(message)
 
 
 class _Retryable(Exception):

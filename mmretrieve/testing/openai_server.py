@@ -43,6 +43,17 @@ from mmretrieve.errors import MissingDependencyError, MMRetrieveError
 log = logging.getLogger(__name__)
 
 
+def completion(model_name: str, g, max_tokens: int) -> dict:
+    """An OpenAI chat-completion response for one ``Generation``."""
+    return {
+        "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()), "model": model_name,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": g.text},
+                     "finish_reason": "length" if g.generated_tokens >= max_tokens else "stop"}],
+        "usage": {"prompt_tokens": g.prompt_tokens, "completion_tokens": g.generated_tokens,
+                  "total_tokens": g.prompt_tokens + g.generated_tokens},
+    }
+
+
 class OpenAIServer:
     """The server ``serve_openai`` runs (see the module docstring); ``url`` once started."""
 
@@ -105,6 +116,20 @@ class OpenAIServer:
         with self._gen_lock:  # one generation at a time: requests overlap, the model does not
             return gen._generate([prompt])[0]
 
+    def _arrive(self) -> tuple[tuple[int, float | None] | None, float]:
+        """Count a request and take the faults set for it: (an injected failure or None, seconds to wait)."""
+        with self._lock:
+            self.requests += 1
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+            fail = self._fail.pop(0) if self._fail else None
+            wait = 0.0
+            if self._delay and (self._delay_left is None or self._delay_left > 0):
+                wait = self._delay
+                if self._delay_left is not None:
+                    self._delay_left -= 1
+        return fail, wait
+
     # ---- the app -------------------------------------------------------------------------------------
     def _app(self):
         try:
@@ -138,16 +163,7 @@ class OpenAIServer:
 
         @app.post("/v1/chat/completions")
         async def chat(request: Request):
-            with self._lock:
-                self.requests += 1
-                self.in_flight += 1
-                self.max_in_flight = max(self.max_in_flight, self.in_flight)
-                fail = self._fail.pop(0) if self._fail else None
-                wait = 0.0
-                if self._delay and (self._delay_left is None or self._delay_left > 0):
-                    wait = self._delay
-                    if self._delay_left is not None:
-                        self._delay_left -= 1
+            fail, wait = self._arrive()
             try:
                 if not authorized(request):
                     return error(401, "Incorrect API key provided", code="invalid_api_key")
@@ -177,14 +193,7 @@ class OpenAIServer:
                     return error(400, str(e))
                 with self._lock:
                     self.answered += 1
-                return {
-                    "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
-                    "model": self.model_name,
-                    "choices": [{"index": 0, "message": {"role": "assistant", "content": g.text},
-                                 "finish_reason": "length" if g.generated_tokens >= max_tokens else "stop"}],
-                    "usage": {"prompt_tokens": g.prompt_tokens, "completion_tokens": g.generated_tokens,
-                              "total_tokens": g.prompt_tokens + g.generated_tokens},
-                }
+                return completion(self.model_name, g, max_tokens)
             finally:
                 with self._lock:
                     self.in_flight -= 1

@@ -154,3 +154,41 @@ def _idefics3():
         image_token_id=image_token, scale_factor=scale,
     )
     return Idefics3ForConditionalGeneration(cfg).eval(), proc
+
+
+#: Qwen2-VL-2B-Instruct's published configuration (text and vision towers)
+QWEN2_VL_2B = {
+    "text_config": dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                        num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=32768,
+                        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]}),
+    "vision_config": dict(depth=32, embed_dim=1280, hidden_size=1536, num_heads=16, mlp_ratio=4, patch_size=14,
+                          spatial_merge_size=2, temporal_patch_size=2),
+}
+
+
+def write_qwen2_vl_2b_sized(directory: str | os.PathLike, dtype: str = "auto", device: str | None = None) -> str:
+    """A Qwen2-VL-2B-sized model (``QWEN2_VL_2B``) with random weights and the tiny family's processor (its
+    special token ids re-mapped), images at 448 x 448 (256 visual tokens): the real model's cost, not its
+    answers, for throughput benchmarks. Built on ``device`` (default: the GPU when there is one)."""
+    from transformers import AutoProcessor, Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    from mmretrieve.rerank.vlm import torch_dtype
+    from mmretrieve.runtime import resolve_device
+
+    d = Path(write_tiny_vlm(directory, "qwen2_vl"))
+    proc = AutoProcessor.from_pretrained(d)
+    tok = proc.tokenizer
+    ids = {s: tok.convert_tokens_to_ids(s) for s in ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")}
+    cfg = Qwen2VLConfig(text_config=QWEN2_VL_2B["text_config"], vision_config=QWEN2_VL_2B["vision_config"],
+                        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+                        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+    dev = resolve_device(device)
+    with torch.device(dev.type):
+        model = Qwen2VLForConditionalGeneration(cfg).to(torch_dtype(dtype, dev))
+    model.save_pretrained(d)
+    del model
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+    proc.image_processor.max_pixels = proc.image_processor.min_pixels = 448 * 448
+    proc.save_pretrained(d)
+    return str(d)
