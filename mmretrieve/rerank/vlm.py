@@ -100,7 +100,8 @@ def _load(model, adapter, merge_adapter, dtype, dev, trust_remote_code, what) ->
         raise MLLMError(f"{what}: model folder not found: {model}. {how_to(what)}")
     source = contextlib.nullcontext("local") if local else hub_source(  # entered first: fails before any import
         model, asked=f"could not load vision-language model {model!r} ({what}:model=)", error=MLLMError,
-        local_hint=f"{what}:model=/path/to/model (a folder with the processor and weights)")
+        local_hint=f"{what}:model=/path/to/model (a folder with the processor and weights), or --vlm DIR for every "
+                   "generative stage of a preset")
     with source as where:
         try:
             from transformers import AutoModelForImageTextToText, AutoProcessor
