@@ -31,6 +31,7 @@ BENCHMARKS = {
     "serve": "serve",
     "generate": "generate",
     "rankagg": "rankagg",
+    "locore": "locore",
 }
 
 

@@ -21,7 +21,7 @@ from mmretrieve.rerank.base import (
 )
 
 _BUILTIN = ("mmretrieve.rerank.emd", "mmretrieve.rerank.frames", "mmretrieve.rerank.mllm", "mmretrieve.rerank.listwise",
-            "mmretrieve.rerank.pairwise")
+            "mmretrieve.rerank.pairwise", "mmretrieve.rerank.locore")
 _loaded = False
 
 

@@ -9,6 +9,7 @@ as ordinary local model folders, so the code under test loads them exactly as it
 """
 
 from mmretrieve.testing.tiny_clip import tiny_open_clip_config, write_tiny_open_clip
+from mmretrieve.testing.tiny_locore import write_tiny_locore
 from mmretrieve.testing.tiny_vlm import FAMILIES, write_tiny_vlm
 
-__all__ = ["write_tiny_open_clip", "tiny_open_clip_config", "write_tiny_vlm", "FAMILIES"]
+__all__ = ["write_tiny_open_clip", "tiny_open_clip_config", "write_tiny_vlm", "FAMILIES", "write_tiny_locore"]
