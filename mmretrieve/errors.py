@@ -35,6 +35,7 @@ Catch ``MMRetrieveError`` to handle anything mmretrieve refuses, or a branch of 
     ├── DatasetError        a benchmark folder or file in the wrong layout (also a ValueError)
     │   └── SubmissionError       a ranking / submission file in the wrong format
     ├── MissingDependencyError    an optional package is not installed; says which extra (also an ImportError)
+    ├── TrainingError       a training run that cannot go on as asked (``mmretrieve train``; also a RuntimeError)
     └── ServeError          what the HTTP service refuses (``mmretrieve serve``), each with its status code
         ├── UnauthorizedError     a missing or wrong API token (401; also a PermissionError)
         ├── PayloadTooLargeError  an upload or request body over the cap (413)
@@ -228,6 +229,12 @@ class MissingDependencyError(MMRetrieveError, ImportError):
     """An optional package is missing; the message says what to install."""
 
 
+# ---- training -----------------------------------------------------------------------------------------
+class TrainingError(MMRetrieveError, RuntimeError):
+    """A training run that cannot go on as asked (no layer to adapt, too little data, a resumed run
+    whose settings differ)."""
+
+
 # ---- the HTTP service -------------------------------------------------------------------------------
 class ServeError(MMRetrieveError):
     """What the HTTP service refuses; ``status`` is the HTTP status code it answers with."""
@@ -275,5 +282,6 @@ __all__ = [
     "StoreError", "IndexNotFoundError", "IndexExistsError", "IndexCorruptedError", "IndexLockedError",
     "EncoderMismatchError", "DiskFullError", "VersionNotFoundError", "ItemNotFoundError", "ItemChangedError", "IngestError", "SkippedInputsError", "EncoderError", "EncoderUnavailableError",
     "RerankError", "NoPatchesError", "MLLMError", "DeviceError", "OTConvergenceError", "DatasetError", "SubmissionError", "MissingDependencyError",
+    "TrainingError",
     "ServeError", "UnauthorizedError", "PayloadTooLargeError", "SlowRequestError", "ServiceBusyError", "RequestTimeoutError",
 ]

@@ -21,7 +21,7 @@ PKG = Path(mmretrieve.__file__).resolve().parent
 #: each package's layer: a module may import from its own layer and the ones below, never above
 LAYERS = {
     "core": 0, "media": 1, "encoders": 2, "store": 3, "rerank": 4, "index": 5, "ingest": 6, "eval": 7,
-    "testing": 8, "bench": 9, "demo": 9, "serve": 9, "cli": 10, "__main__": 10,
+    "testing": 8, "bench": 9, "demo": 9, "serve": 9, "train": 9, "cli": 10, "__main__": 10,
 }
 CORE = {"__init__", "errors", "settings", "config", "registry", "runtime", "query", "results"}
 

@@ -23,7 +23,7 @@ from mmretrieve.cli.common import COMMON_DEFAULTS, EXIT_ERROR, EXIT_SKIPPED, com
 
 log = logging.getLogger("mmretrieve.cli")
 
-COMMAND_GROUPS = ("misc", "index", "search", "serve", "eval", "bench")
+COMMAND_GROUPS = ("misc", "index", "search", "serve", "eval", "bench", "train")
 #: commands that answer one query at a time: torch gets one thread by default (``runtime.default_threads``)
 QUERY_COMMANDS = frozenset({"search", "serve"})
 

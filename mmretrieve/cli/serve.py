@@ -21,7 +21,7 @@ def cmd_serve(args) -> int:
         cors_origins=list(args.cors_origin or []), batching=not args.no_batching,
         batch_searches=not args.no_search_batching, batch_window_ms=args.batch_window_ms,
         reload_interval_s=args.reload_interval, torch_threads=args.torch_threads,
-        mllm=args.mllm, vlm=args.vlm, vlm_api=args.vlm_api, vlm_api_model=args.vlm_api_model,
+        mllm=args.mllm, adapter=args.adapter, vlm=args.vlm, vlm_api=args.vlm_api, vlm_api_model=args.vlm_api_model,
         vlm_api_key_env=args.vlm_api_key_env, max_generative_k=args.max_generative_k, header_timeout_s=args.header_timeout, body_min_rate=args.body_min_rate,
     )
     config.check()
@@ -87,6 +87,8 @@ def register(sub, common) -> None:
                    help="seconds between checks for a new index version (0: never; default 1)")
     s.add_argument("--mllm", default=None, metavar="MODEL",
                    help="a vision-language model (local folder) that the mllm reranker may use (default: mllm off)")
+    s.add_argument("--adapter", default=None, metavar="DIR",
+                   help="a PEFT LoRA adapter (e.g. OUT/adapter of `mmretrieve train verifier`) the mllm reranker applies")
     g = s.add_argument_group("generative stages (describe, listwise, pairwise: the cotrr, describe-setr and "
                              "egocvr-pairwise presets, and listwise / pairwise rerank specs)")
     g.add_argument("--vlm", default=None, metavar="DIR",

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import os
 from dataclasses import asdict, dataclass, field, fields
 
 from mmretrieve.errors import UsageError
@@ -75,6 +76,8 @@ class ServeConfig:
     reload_interval_s: float = 1.0
     #: the vision-language model the ``mllm`` reranker may use (none: mllm is not offered)
     mllm: str | None = None
+    #: a PEFT LoRA adapter folder the ``mllm`` reranker applies (e.g. from ``mmretrieve train verifier``)
+    adapter: str | None = None
     #: the vision-language model of every generative stage (describe, listwise, pairwise, and mllm when
     #: ``mllm`` is not given) in presets and requests: a local folder (``vlm``), or an OpenAI-compatible
     #: endpoint (``vlm_api`` + ``vlm_api_model`` [+ ``vlm_api_key_env``, the variable holding its key]).
@@ -107,6 +110,11 @@ class ServeConfig:
 
     def check(self) -> None:
         """Refuse settings that make no sense before anything is loaded."""
+        if self.adapter and not (self.mllm or self.vlm):
+            raise UsageError("serve: --adapter applies to the mllm reranker's model: give --mllm DIR (or --vlm DIR) too")
+        if self.adapter and not os.path.isdir(self.adapter):
+            raise UsageError(f"serve: --adapter {self.adapter}: no such folder (a PEFT adapter, e.g. OUT/adapter of "
+                             "`mmretrieve train verifier`)")
         if self.vlm and self.vlm_api:
             raise UsageError("serve: give --vlm (a local model) or --vlm-api (an endpoint), not both")
         if self.vlm_api and not self.vlm_api_model:

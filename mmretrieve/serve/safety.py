@@ -253,12 +253,14 @@ MAX_STAGES = 4
 
 class RerankPolicy:
     def __init__(self, *, max_rerank_k: int, mllm: str | None = None, vlm: dict | None = None,
-                 max_generative_k: int = 50) -> None:
+                 max_generative_k: int = 50, adapter: str | None = None) -> None:
         self.max_rerank_k = int(max_rerank_k)
         #: the server's model of the generative stages ({"model": DIR} or {"api": URL, "api_model": NAME, ...})
         self.vlm = {k: v for k, v in (vlm or {}).items() if v} or None
         #: the mllm verifier's model (a local folder): --mllm, else a local --vlm
         self.mllm = mllm or (self.vlm or {}).get("model")
+        #: the verifier's LoRA adapter (``serve --adapter``), applied to every mllm stage
+        self.adapter = adapter
         self.max_generative_k = min(int(max_generative_k), self.max_rerank_k)
         self._bases: dict[tuple, Any] = {}
         self._locks: dict[int, threading.Lock] = {}
@@ -399,7 +401,7 @@ class RerankPolicy:
         if name == "emd":
             forced = {"on_the_fly": False}
         elif name == "mllm":
-            forced = {"model": self.mllm}
+            forced = {"model": self.mllm, **({"adapter": self.adapter} if self.adapter else {})}
         elif name in GENERATIVE:  # the server's model (or a preset's own local one); never a request's
             forced = self._model(name, opts, preset=preset, where=where)
             opts = {k_: v for k_, v in opts.items() if k_ not in _MODEL_KEYS}

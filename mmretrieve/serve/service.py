@@ -39,7 +39,8 @@ class Service:
         self.config = config
         self.metrics = metrics or Metrics()
         self.manager = IndexManager(config, encoders=encoders, metrics=self.metrics)
-        self.policy = RerankPolicy(max_rerank_k=config.max_rerank_k, mllm=config.mllm, vlm=config.vlm_options(),
+        self.policy = RerankPolicy(max_rerank_k=config.max_rerank_k, mllm=config.mllm, adapter=config.adapter,
+                                   vlm=config.vlm_options(),
                                    max_generative_k=config.max_generative_k)
         self.heavy = HeavyQueue(config.heavy_workers, config.heavy_queue)
         threads = int(config.search_threads or settings.available_cores())
