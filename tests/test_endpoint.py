@@ -257,3 +257,57 @@ def test_concurrency_bound_across_threads(server):
     assert len(results) == 3
     assert server.requests == 9
     assert server.max_in_flight <= 3
+
+
+def test_hostile_answers_are_endpoint_errors_or_read_safely(tmp_path):
+    """Answers a broken or hostile server may send (review of issue 20): deep JSON, bad usage counts,
+    content in parts, a body over the cap: an EndpointError or a safe reading, never another exception."""
+    import json as _json
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from mmretrieve.errors import EndpointError
+    from mmretrieve.rerank import endpoint as ep
+
+    body = {"v": b""}
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *a):
+            pass
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body["v"])))
+            self.end_headers()
+            try:
+                self.wfile.write(body["v"])
+            except OSError:
+                pass
+
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        g = ep.EndpointGenerator(f"http://127.0.0.1:{srv.server_address[1]}/v1", "m", cache=False, retries=0)
+
+        def ok(content, usage=None):
+            return _json.dumps({"choices": [{"message": {"content": content}}], **({"usage": usage} if usage else {})}).encode()
+
+        for raw, text, tokens in [(ok("A", {"prompt_tokens": "lots", "completion_tokens": -7}), "A", None),
+                                  (b'{"choices":[{"message":{"content":"A"}}],"usage":{"prompt_tokens":1e999}}', "A", None),
+                                  (ok([{"type": "text", "text": "B"}, {"type": "image_url"}], {"prompt_tokens": 9,
+                                      "completion_tokens": 2}), "B", (9, 2)),
+                                  (ok({"x": 1}), "", None)]:
+            body["v"] = raw
+            gen = g._generate([Prompt(["q"])])[0]
+            assert gen.text == text and gen.prompt_tokens >= 0 and gen.generated_tokens >= 0
+            if tokens:
+                assert (gen.prompt_tokens, gen.generated_tokens) == tokens
+        for raw, why in [(b"[" * 200_000 + b"]" * 200_000, "not JSON"), (b'{"choices": {"0": 1}}', "without choices"),
+                         (ok("A" * (ep.MAX_BODY_BYTES + 10)), "more than")]:
+            body["v"] = raw
+            with pytest.raises(EndpointError, match=why):
+                g._generate([Prompt(["q"])])
+    finally:
+        srv.shutdown()

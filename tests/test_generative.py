@@ -305,3 +305,31 @@ def test_cli_describe_and_vlm_flags(index, vlms, capsys):
 def test_stages_naming_one_model_share_one_loaded_copy(vlms):
     pipe = pipeline_from_options(pipeline="cotrr", vlm={"model": vlms["qwen2_vl"]})
     assert pipe.describer.gen.generator().load() is pipe.stages[0].gen.generator().load()
+
+
+def test_cache_keys_change_with_every_option_that_changes_the_answer(vlms, tmp_path):
+    """Review of issue 20: processor options and an adapter retrained in place were not in the key."""
+    import shutil
+    import time
+
+    from mmretrieve.rerank.gencache import cache_key
+    from mmretrieve.rerank.generate import LocalGenerator
+
+    p = Prompt(["describe this"])
+
+    def key(g):
+        return cache_key(g.identity, "t", p.fingerprints(), g.options())
+
+    base = LocalGenerator(vlms["qwen2_vl"], cache=False)
+    assert key(base) == key(LocalGenerator(vlms["qwen2_vl"], cache=False))
+    assert key(base) != key(LocalGenerator(vlms["qwen2_vl"], cache=False, processor_kwargs={"max_pixels": 50176}))
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_model.safetensors").write_bytes(b"one")
+    first = key(LocalGenerator(vlms["qwen2_vl"], adapter=str(adapter), cache=False))
+    time.sleep(0.01)
+    (adapter / "adapter_model.safetensors").write_bytes(b"two!")  # retrained into the same folder
+    assert key(LocalGenerator(vlms["qwen2_vl"], adapter=str(adapter), cache=False)) != first
+    copy = tmp_path / "copy"
+    shutil.copytree(vlms["qwen2_vl"], copy)  # another folder: another model as far as the cache knows
+    assert key(LocalGenerator(str(copy), cache=False)) != key(base)

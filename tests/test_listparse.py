@@ -69,3 +69,18 @@ def test_text_generated_by_a_tiny_random_vlm_is_read_without_error(family, tmp_p
         text = tok.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
         order, _, _ = rank_window(window, text)
         assert sorted(order) == sorted(window)
+
+
+def test_a_runaway_answer_is_read_in_linear_time():
+    """An unclosed fence followed by 100 KB of whitespace took 43 s with a lazy-body regex (review of issue
+    20); the fence search is linear and only the answer's last MAX_ANSWER_CHARS are read."""
+    import time
+
+    from mmretrieve.rerank.listparse import MAX_ANSWER_CHARS
+
+    for text in ["```json" + " " * 100_000, "```json" + "\n" * 100_000, "[" * 100_000, "{" * 50_000 + "}" * 50_000]:
+        t0 = time.perf_counter()
+        assert parse_ranking(text, 10)[0] is None
+        assert time.perf_counter() - t0 < 5  # a guard against the quadratic case, not a performance target
+    tail = '{"ranking": [2, 1]}'
+    assert parse_ranking("x" * (2 * MAX_ANSWER_CHARS) + tail, 2) == ([1, 0], "json")

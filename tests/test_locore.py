@@ -91,6 +91,11 @@ def test_window_starts_follow_the_reference_ranges():
                                                                     100, 50, 0]
     assert window_starts(80, 100, 50, "end-to-start") == [0]
     assert window_starts(130, 100, 50, "end-to-start") == [30, 0]  # clipped, always ends at the top
+    # every candidate is in some window, whatever the lengths (review: start-to-end left the tail unscored)
+    for n, w, st in [(9, 4, 3), (10, 4, 4), (210, 100, 100), (120, 100, 50), (401, 100, 50)]:
+        for sched in ("start-to-end", "end-to-start", "start-to-end-to-start", "end-to-start-to-end"):
+            starts = window_starts(n, w, st, sched)
+            assert {i for s in starts for i in range(s, min(n, s + w))} == set(range(n)), (n, w, st, sched)
 
 
 def test_sliding_windows_merge_as_specified():

@@ -133,3 +133,21 @@ def test_serve_command_line_takes_the_vlm(monkeypatch):
         ServeConfig(indexes=["g"], vlm_api="http://x/v1").check()
     with pytest.raises(UsageError, match="not both"):
         ServeConfig(indexes=["g"], vlm="/m", vlm_api="http://x/v1", vlm_api_model="m").check()
+
+
+def test_request_costs_and_the_servers_memory_are_bounded(tiny_vlm):
+    """Review of issue 20: strategy=allpairs skipped the pairwise bound (k*(k-1) prompts), and every
+    distinct option set (a seed) added a shared reranker that was never dropped."""
+    from mmretrieve.errors import UsageError
+    from mmretrieve.serve import safety
+    from mmretrieve.serve.safety import RerankPolicy
+
+    policy = RerankPolicy(max_rerank_k=100, vlm={"model": tiny_vlm})
+    with pytest.raises(UsageError, match="strategy=allpairs .* k <= 8"):
+        policy._stage("pairwise", {"k": 50, "strategy": "allpairs"}, None, preset=False, check=False)
+    with pytest.raises(UsageError, match="strategy=allpairs"):
+        policy._stage("pairwise", {"strategy": "allpairs"}, None, preset=False, check=False)  # the default k: 10
+    policy._stage("pairwise", {"k": 8, "strategy": "allpairs"}, None, preset=False, check=False)
+    for seed in range(safety.MAX_BASES + 50):
+        policy._stage("listwise", {"k": 10, "seed": seed}, None, preset=False, check=False)
+    assert len(policy._bases) <= safety.MAX_BASES

@@ -145,6 +145,15 @@ def test_resume_after_kill_gives_the_same_adapter(tiny_qwen, toy, tmp_path):
     assert len(list((out / "checkpoints").glob("step-*"))) == 2  # the last two kept
     rec = json.loads((out / "run.json").read_text())
     assert [m["step"] for m in rec["metrics"]] == [m["step"] for m in json.loads((tmp_path / "full" / "run.json").read_text())["metrics"]]
+    # a damaged last checkpoint (truncated weights): set aside, named, and the run resumes from the one before
+    last = out / "checkpoints" / "step-60" / "trainable.safetensors"
+    last.write_bytes(last.read_bytes()[:100])
+    fixed = _cli(_args(tiny_qwen, toy, out, cache, *extra))
+    assert fixed.wait(timeout=300) == 0
+    err = fixed.stderr.read().decode()
+    assert "step-60 is damaged" in err and (out / "checkpoints" / "step-60.damaged").is_dir()
+    c = _adapter_weights(out)
+    assert all(torch.equal(a[k], c[k]) for k in a)
 
 
 def test_cirr_train_split_mines_hard_negatives(tmp_path, samples, embedded):

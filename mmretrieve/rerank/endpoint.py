@@ -122,6 +122,32 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+#: the largest answer body read (bytes), and the longest answer text kept (characters)
+MAX_BODY_BYTES = 16 << 20
+MAX_TEXT_CHARS = 200_000
+
+
+def _count(x) -> int | None:
+    """A token count from ``usage``: a non-negative integer (an integral float too), else None."""
+    if isinstance(x, bool):
+        return None
+    if isinstance(x, float) and x.is_integer() and x >= 0:
+        return int(x)
+    return x if isinstance(x, int) and 0 <= x < 1 << 53 else None
+
+
+def _content_text(content) -> str:
+    """A message's content as text: a string, or the text parts of a list of parts (some servers answer
+    in parts); anything else is no text."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(p.get("text", "") for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
+    return ""
+
+
 def _estimate_tokens(text: str) -> int:
     return (len(text) + 3) // 4
 
@@ -183,6 +209,9 @@ class EndpointGenerator(Generator):
     @property
     def identity(self) -> str:
         return f"endpoint|{self.api}|{self.api_model}"
+
+    def options(self) -> dict[str, Any]:
+        return {**super().options(), **({"image_format": self.image_format} if self.image_format != "auto" else {})}
 
     # ---- the key, the probe --------------------------------------------------------------------------
     def _key(self) -> str | None:
@@ -249,7 +278,10 @@ class EndpointGenerator(Generator):
         req = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
         try:
             with self._slots, self._opener.open(req, timeout=self.timeout) as resp:
-                raw = resp.read()
+                raw = resp.read(MAX_BODY_BYTES + 1)
+            if len(raw) > MAX_BODY_BYTES:
+                raise EndpointError(f"{self.what}: endpoint {self.url} answered more than {MAX_BODY_BYTES >> 20} MB; "
+                                    "refused (lower max_new_tokens, or check the server)")
         except urllib.error.HTTPError as e:
             try:
                 msg = _server_message(e.read())
@@ -277,7 +309,7 @@ class EndpointGenerator(Generator):
             raise _Retryable(f"connection dropped: {type(e).__name__}: {e}") from None
         try:
             doc = json.loads(raw)
-        except ValueError:
+        except (ValueError, RecursionError):
             raise EndpointError(f"{self.what}: endpoint {self.url} answered something that is not JSON: "
                                 f"{raw[:200]!r}") from None
         if not isinstance(doc, dict):
@@ -317,14 +349,14 @@ class EndpointGenerator(Generator):
         except (KeyError, IndexError, TypeError):
             raise EndpointError(f"{self.what}: endpoint {self.url} answered without choices[0].message.content: "
                                 f"{json.dumps(doc)[:300]}") from None
-        text = "" if text is None else str(text)
+        text = _content_text(text)[:MAX_TEXT_CHARS]
         usage = doc.get("usage") if isinstance(doc.get("usage"), dict) else {}
-        prompt_tokens, generated = usage.get("prompt_tokens"), usage.get("completion_tokens")
-        if prompt_tokens is None:
+        prompt_tokens, generated = _count(usage.get("prompt_tokens")), _count(usage.get("completion_tokens"))
+        if prompt_tokens is None:  # missing or not a count: estimated from the text parts
             prompt_tokens = sum(_estimate_tokens(str(p)) for p in prompt.parts if not isinstance(p, Image.Image))
         if generated is None:
             generated = _estimate_tokens(text)
-        return Generation(text, int(prompt_tokens), int(generated), float(seconds))
+        return Generation(text, prompt_tokens, generated, float(seconds))
 
     def _generate(self, prompts: list[Prompt]) -> list[Generation]:
         if not prompts:

@@ -102,6 +102,19 @@ def shared_cache(path=None) -> GenerationCache:
         return _CACHES[p]
 
 
+def folder_identity(path: str) -> str:
+    """A model or adapter folder's identity for cache keys: its real path and its weight and config files'
+    sizes and times (weights replaced in place, e.g. an adapter retrained into the same folder: a new
+    key); a hub id or a file is itself."""
+    import os
+
+    if not os.path.isdir(path):
+        return path
+    files = sorted(f for f in os.listdir(path) if f.endswith((".safetensors", ".bin", ".json")))
+    stats = [(f, st.st_size, st.st_mtime_ns) for f in files for st in [os.stat(os.path.join(path, f))]]
+    return f"{os.path.realpath(path)}|{fingerprint(repr(stats))[:16]}"
+
+
 class Generator(ABC):
     """Answers prompts (through the shared cache). Subclasses implement ``_generate``."""
 
@@ -182,20 +195,17 @@ class LocalGenerator(Generator):
     @property
     def identity(self) -> str:
         if self._id is None:
-            import os
 
             from mmretrieve.rerank.vlm import torch_dtype
             from mmretrieve.runtime import resolve_device
 
-            ident = self.model
-            if os.path.isdir(self.model):  # a local folder: its weights' sizes and times (replaced weights: new key)
-                files = sorted(f for f in os.listdir(self.model) if f.endswith((".safetensors", ".bin", ".json")))
-                stats = [(f, os.stat(os.path.join(self.model, f)).st_size, os.stat(os.path.join(self.model, f)).st_mtime_ns)
-                         for f in files]
-                ident = f"{os.path.realpath(self.model)}|{fingerprint(repr(stats))[:16]}"
             dev = resolve_device(self.device)
-            self._id = f"local|{ident}|{self.adapter or ''}|{torch_dtype(self.dtype, dev)}|{dev.type}"
+            self._id = (f"local|{folder_identity(self.model)}|{folder_identity(self.adapter) if self.adapter else ''}|"
+                        f"{torch_dtype(self.dtype, dev)}|{dev.type}")
         return self._id
+
+    def options(self) -> dict[str, Any]:
+        return {**super().options(), **({"processor_kwargs": self.processor_kwargs} if self.processor_kwargs else {})}
 
     def chat_text(self, prompt: Prompt) -> str:
         vlm = self.load()

@@ -23,10 +23,30 @@ from collections.abc import Sequence
 
 from mmretrieve.rerank.rankagg import complete_ranking
 
-_FENCE = re.compile(r"```(?:json|JSON)?\s*(.*?)```", re.S)
+#: the longest answer read: its last MAX_ANSWER_CHARS characters (the ranking comes last); a runaway or
+#: hostile answer costs linear time, never more
+MAX_ANSWER_CHARS = 32_000
 _CHAIN = re.compile(r"\[\s*(\d{1,4})\s*\](?:\s*(?:>|,|>>|->)\s*\[\s*(\d{1,4})\s*\])+")
 _LABEL = re.compile(r"\[\s*(\d{1,4})\s*\]")
 KEYS = ("ranking", "order", "rank", "ranked")
+
+
+def _fenced(text: str) -> list[str]:
+    """The bodies of the ```-fenced blocks of ``text`` (an optional ``json`` tag dropped), found with
+    ``str.find`` (linear: a regex with a lazy body backtracks quadratically on an unclosed fence)."""
+    out, i = [], 0
+    while True:
+        start = text.find("```", i)
+        if start < 0:
+            return out
+        end = text.find("```", start + 3)
+        if end < 0:
+            return out
+        body = text[start + 3 : end]
+        if body[:4].lower() == "json":
+            body = body[4:]
+        out.append(body.strip())
+        i = end + 3
 
 
 def _labels(seq, n: int) -> list[int]:
@@ -70,7 +90,8 @@ def parse_ranking(text: str, n: int) -> tuple[list[int] | None, str]:
     """(0-based positions in the order the model ranked them, or None; how it was read / why not)."""
     if not isinstance(text, str) or not text.strip():
         return None, "empty answer"
-    fenced = [m.group(1) for m in _FENCE.finditer(text)]
+    text = text[-MAX_ANSWER_CHARS:]
+    fenced = _fenced(text)
     objects = [o for span in fenced + _balanced(text, "{", "}") if isinstance(o := _loads(span), dict)]
     for obj in reversed(objects):  # the last object with a ranking: models often restate an example first
         seq = next((obj[k] for k in KEYS if isinstance(obj.get(k), list)), None)

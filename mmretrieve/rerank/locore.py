@@ -201,7 +201,8 @@ def window_starts(n: int, window: int, stride: int, schedule: str) -> list[int]:
     """The window starts over a shortlist of ``n`` (the reference's ranges, clipped at 0)."""
     if n <= window:
         return [0]
-    forward = list(range(0, n - stride, stride))
+    forward = [s for s in range(0, n - window, stride)] + [n - window]  # the last window ends at n: every
+    forward = list(dict.fromkeys(forward))                               # candidate is scored at least once
     backward = [max(0, s) for s in range(n - window, -stride, -stride)]
     if backward[-1] != 0:
         backward.append(0)

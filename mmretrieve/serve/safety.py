@@ -249,6 +249,8 @@ NEEDS_VLM = ("{what} needs a vision-language model: start the server with --vlm 
 #: options the server sets itself
 _PER_REQUEST = ("k", "alpha", "norm")
 MAX_STAGES = 4
+#: shared rerankers kept per server (one per distinct option set; the least recently used dropped)
+MAX_BASES = 128
 
 
 class RerankPolicy:
@@ -262,8 +264,9 @@ class RerankPolicy:
         #: the verifier's LoRA adapter (``serve --adapter``), applied to every mllm stage
         self.adapter = adapter
         self.max_generative_k = min(int(max_generative_k), self.max_rerank_k)
-        self._bases: dict[tuple, Any] = {}
-        self._locks: dict[int, threading.Lock] = {}
+        #: option set -> (the shared reranker, its lock), least recently used dropped past MAX_BASES (a
+        #: request's option values, e.g. seeds, must not grow the server's memory without bound)
+        self._bases: OrderedDict[tuple, tuple[Any, threading.Lock]] = OrderedDict()
         self._checked: OrderedDict[tuple, Any] = OrderedDict()
         self._lock = threading.Lock()
         self._load_lock = threading.Lock()
@@ -373,10 +376,8 @@ class RerankPolicy:
                 **self._model("the describe stage", opts, preset=True, where=where)}
         key = ("describe", tuple(sorted((k, repr(v)) for k, v in full.items())))
         with self._lock:
-            base = self._bases.get(key)
-        if base is None:
-            base = Describer(**full)  # options checked by its constructor; no model is loaded
-        return self._base(key, base)
+            got = self._bases.get(key)
+        return got if got is not None else self._base(key, Describer(**full))  # checked there; loads no model
 
     def _stage(self, name: str, opts: dict, index, *, preset: bool, where: str = "", check: bool = True,
                load: bool = True):
@@ -398,6 +399,11 @@ class RerankPolicy:
                 v = opts.get(opt)
                 if v is not None and (isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi):
                     raise UsageError(f"{where}{name}: {opt} must be an integer in {lo}..{hi} on this server, got {v!r}")
+        if name == "pairwise" and not preset and opts.get("strategy") == "allpairs":
+            most = REQUEST_BOUNDS["allpairs_max"][1]
+            if int(opts.get("k", 10)) > most:
+                raise UsageError(f"{where}pairwise: strategy=allpairs asks k*(k-1) prompts; on this server it takes k <= "
+                                 f"{most} (give k, or strategy=sort: O(k log k))")
         if name == "emd":
             forced = {"on_the_fly": False}
         elif name == "mllm":
@@ -441,11 +447,14 @@ class RerankPolicy:
 
     def _base(self, key: tuple, checked):
         with self._lock:
-            base = self._bases.get(key)
-            if base is None:
-                base = self._bases[key] = checked
-                self._locks[id(base)] = threading.Lock()
-            return base, self._locks[id(base)]
+            got = self._bases.get(key)
+            if got is None:
+                got = self._bases[key] = (checked, threading.Lock())
+                while len(self._bases) > MAX_BASES:
+                    self._bases.popitem(last=False)
+            else:
+                self._bases.move_to_end(key)
+            return got
 
     def load_models(self) -> None:
         """Load the mllm model and a local --vlm now (start-up), so the first request does not pay for it."""

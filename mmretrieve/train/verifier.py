@@ -361,7 +361,7 @@ def _set_rng_state(s: dict[str, Any]) -> None:
 def checkpoints(out: Path) -> list[Path]:
     """Complete checkpoints of a run, oldest first."""
     ck = out / "checkpoints"
-    found = [p for p in ck.glob("step-*") if (p / "state.json").is_file()] if ck.is_dir() else []
+    found = [p for p in ck.glob("step-*") if p.name[5:].isdigit() and (p / "state.json").is_file()] if ck.is_dir() else []
     return sorted(found, key=lambda p: int(p.name.split("-", 1)[1]))
 
 
@@ -401,7 +401,9 @@ def load_checkpoint(run: Run, path: Path, config: dict) -> State:
     from safetensors.torch import load_file
 
     saved = json.loads((path / "state.json").read_text())
-    before = saved.pop("config", {})
+    before = saved.pop("config", None) if isinstance(saved, dict) else None
+    if not isinstance(before, dict) or not before or not isinstance(saved.get("step"), int):
+        raise ValueError("state.json holds no configuration or step")
     changed = sorted(k for k in set(before) | set(config) if k not in _RESUMABLE_CHANGES and before.get(k) != config.get(k))
     if changed:
         raise TrainingError(f"{path.parent.parent} holds a run with other settings ({', '.join(changed)}: "
@@ -422,6 +424,36 @@ def load_checkpoint(run: Run, path: Path, config: dict) -> State:
     _set_rng_state(torch.load(rng if rng.is_file() else path / "rng-0.pt", weights_only=True))
     log.info("resuming from %s (step %d)", path, saved["step"])
     return State(**saved)
+
+
+def resume(run: Run, found: list[Path], config: dict) -> State:
+    """The state of the newest readable checkpoint of ``found`` (a fresh one when there is none). A damaged
+    checkpoint (a truncated file, unreadable JSON) is named in a warning, moved aside (``step-N.damaged``)
+    and the one before it is used; a checkpoint of other settings is refused (``TrainingError``)."""
+    from safetensors import SafetensorError
+
+    damaged = []
+    for path in reversed(found):
+        try:
+            return load_checkpoint(run, path, config)
+        except (SafetensorError, ValueError, KeyError, OSError, RuntimeError, EOFError) as e:
+            if isinstance(e, TrainingError):
+                raise
+            log.warning("checkpoint %s is damaged (%s: %s); moved aside, trying the one before it", path,
+                        type(e).__name__, e)
+            damaged.append(f"{path.name}: {type(e).__name__}: {e}")
+            if run.dist.main:
+                aside = path.with_name(f"{path.name}.damaged")
+                n = 1
+                while aside.exists():
+                    n += 1
+                    aside = path.with_name(f"{path.name}.damaged-{n}")
+                os.replace(path, aside)
+            run.dist.wait()
+    if damaged:
+        raise TrainingError(f"{found[0].parent}: every checkpoint is damaged ({'; '.join(damaged)}); they were moved "
+                            "aside as step-N.damaged: run the command again to start over")
+    return State()
 
 
 def save_adapter(run: Run, out: Path) -> Path:
@@ -520,8 +552,7 @@ def train_verifier(cfg: TrainConfig) -> dict[str, Any]:
     total = cfg.max_steps or per_epoch * cfg.epochs
     run = setup(cfg, total, dist)
     config = {k: v for k, v in asdict(cfg).items()}
-    found = checkpoints(out)
-    state = load_checkpoint(run, found[-1], config) if found else State()
+    state = resume(run, checkpoints(out), config)
     record = {"status": "running", "config": config, "versions": versions(), "processes": run.dist.world,
               "data": {"counts": data.counts, "fingerprints": data.fingerprints, "skipped": data.skipped,
                        "balance": cfg.balance},
