@@ -282,3 +282,13 @@ def test_api_filter(indexes, data):
             assert r.status_code == 400 and "position" in r.json()["error"]["message"], r.text
     finally:
         svc.close()
+
+
+def test_csv_manifest_columns_keep_numbers_as_numbers(tmp_path):
+    from mmretrieve.media.scan import _read_csv
+
+    m = tmp_path / "m.csv"
+    m.write_text("path,id,caption,year,zip,ratio,license,big\na.jpg,007,2020,2020,02134,0.25,cc0,1e5\n")
+    (_, row), = _read_csv(m)
+    assert row == {"path": "a.jpg", "id": "007", "caption": "2020", "year": 2020, "zip": "02134", "ratio": 0.25,
+                   "license": "cc0", "big": "1e5"}
