@@ -7,7 +7,8 @@ Catch ``MMRetrieveError`` to handle anything mmretrieve refuses, or a branch of 
     │   ├── UnknownNameError      no encoder / reranker / fusion / dataset by that name (also a KeyError)
     │   ├── UnknownOptionError    an option a function, fusion or reranker does not take
     │   ├── ConfigNotFoundError   a preset or YAML file that does not exist (also a FileNotFoundError)
-    │   └── DeviceError           a device that is asked for but not there, e.g. cuda (also a RuntimeError)
+    │   ├── DeviceError           a device that is asked for but not there, e.g. cuda (also a RuntimeError)
+    │   └── FilterError           a search filter (``where=``) that does not parse, naming the token and its position
     ├── InputError          bad input data: a file, a manifest row, a vector (also a ValueError)
     │   ├── SourceNotFoundError   the folder / manifest to index is missing (also a FileNotFoundError)
     │   ├── ManifestError         a manifest that cannot be read, with file and line
@@ -80,6 +81,11 @@ class ConfigNotFoundError(UsageError, FileNotFoundError):
 
 class DeviceError(UsageError, RuntimeError):
     """A device that was asked for is not available here (e.g. ``cuda`` without a GPU)."""
+
+
+class FilterError(UsageError):
+    """A search filter (``where=``, ``--where``, the API's ``filter``) that does not parse or cannot be
+    applied; the message names the token or field and its position (1-based character)."""
 
 
 # ---- input -----------------------------------------------------------------------------------------
@@ -281,7 +287,7 @@ __all__ = [
     "InputError", "SourceNotFoundError", "ManifestError", "BadImageError", "BadVideoError", "BadVectorsError",
     "StoreError", "IndexNotFoundError", "IndexExistsError", "IndexCorruptedError", "IndexLockedError",
     "EncoderMismatchError", "DiskFullError", "VersionNotFoundError", "ItemNotFoundError", "ItemChangedError", "IngestError", "SkippedInputsError", "EncoderError", "EncoderUnavailableError",
-    "RerankError", "NoPatchesError", "MLLMError", "DeviceError", "OTConvergenceError", "DatasetError", "SubmissionError", "MissingDependencyError",
+    "RerankError", "NoPatchesError", "MLLMError", "DeviceError", "FilterError", "OTConvergenceError", "DatasetError", "SubmissionError", "MissingDependencyError",
     "TrainingError",
     "ServeError", "UnauthorizedError", "PayloadTooLargeError", "SlowRequestError", "ServiceBusyError", "RequestTimeoutError",
 ]

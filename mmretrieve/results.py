@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import unicodedata
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -34,6 +35,16 @@ def printable(s: Any) -> str:
     return "".join(out)
 
 
+def _cell(v: Any, width: int) -> str:
+    """A table cell: ``-`` for none, numbers as written, text escaped and cut to ``width``."""
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:g}"
+    s = printable(v if isinstance(v, str) else json.dumps(v) if isinstance(v, (dict, list, bool)) else v)
+    return s if len(s) <= width else s[: width - 3] + "..."
+
+
 @dataclass
 class Hit:
     id: int
@@ -49,6 +60,19 @@ class Hit:
     stage_scores: dict[str, float] = field(default_factory=dict)
     #: extra per-hit information from stages (e.g. best frame timestamp of a video)
     extra: dict[str, Any] = field(default_factory=dict)
+    #: the item's metadata: its stored extra fields (manifest / parquet / webdataset columns, shard, video
+    #: duration ...) and file facts (size, mtime, width, height, added_at, frames) where stored; typed as stored
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def get(self, name: str) -> Any:
+        """A hit's attribute (``id``, ``key``, ``uri``, ``kind``, ``caption``, ``score``, ``rank``) or a
+        metadata field (``a.b``: field ``b`` of the object ``a``); None when it has none."""
+        if name in ("id", "key", "uri", "kind", "caption", "score", "rank"):
+            return getattr(self, name)
+        v: Any = self.metadata
+        for part in [name] if name in self.metadata else name.split("."):
+            v = v.get(part) if isinstance(v, dict) else None
+        return v
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -106,10 +130,11 @@ class SearchResults:
             **({"stage_info": self.stage_info} if self.stage_info else {}),
         }
 
-    def table(self, *, max_width: int = 70) -> str:
-        """A readable text table (what the CLI prints)."""
+    def table(self, *, max_width: int = 70, show: Sequence[str] = ()) -> str:
+        """A readable text table (what the CLI prints); ``show``: fields to add as columns (``caption``, a
+        metadata field such as ``license``: ``Hit.get``)."""
         stage_cols = self.stages if len(self.stages) > 1 else []
-        head = ["rank", "score", *[f"#{s}" for s in stage_cols], "key"]
+        head = ["rank", "score", *[f"#{s}" for s in stage_cols], *[printable(c) for c in show], "key"]
         rows = []
         for h in self.hits:
             key = printable(h.key)
@@ -117,7 +142,8 @@ class SearchResults:
             extra = ""
             if "timestamp" in h.extra:
                 extra = f"  @ {h.extra['timestamp']:.2f}s"
-            rows.append([str(h.rank), f"{h.score:.4f}", *[str(h.stage_ranks.get(s, "-")) for s in stage_cols], key + extra])
+            rows.append([str(h.rank), f"{h.score:.4f}", *[str(h.stage_ranks.get(s, "-")) for s in stage_cols],
+                         *[_cell(h.get(c), max_width) for c in show], key + extra])
         widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
         fmt = lambda r: "  ".join(c.rjust(w) if i < len(r) - 1 else c for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
         table = "\n".join([fmt(head), *(fmt(r) for r in rows)]) if rows else "(no results)"

@@ -30,11 +30,11 @@ def cmd_search(args) -> int:
     default = "weighted" if args.weight is not None else "sum"
     fusion = args.fusion or (pipeline.coarse_fusion if pipeline is not None else None) or default
     query = Query(text=args.text, image=args.image, video=args.video, item=args.item, fusion=fusion, options=options)
-    res = idx.search(query, k=args.k, exclude_reference=not args.keep_reference, pipeline=pipeline)
+    res = idx.search(query, k=args.k, exclude_reference=not args.keep_reference, pipeline=pipeline, where=args.where)
     if args.json:
         out_json(res.to_dict())
     else:
-        print(res.table())
+        print(res.table(show=[c.strip() for c in (args.show or "").split(",") if c.strip()]))
     return EXIT_OK
 
 
@@ -61,5 +61,10 @@ def register(sub, common) -> None:
     s.add_argument("--ef-search", type=int, default=None, help="HNSW indexes: search breadth efSearch")
     s.add_argument("--search-device", choices=["auto", "cpu", "cuda"], default=None,
                    help="where the coarse search runs (default: $MMRETRIEVE_SEARCH_DEVICE or auto = GPU when usable)")
-    s.add_argument("--json", action="store_true", help="print the results as JSON")
+    s.add_argument("--where", default=None, metavar="FILTER",
+                   help="keep to items whose metadata match, e.g. \"year >= 2020 and license in ('cc-by', 'cc0')\" "
+                        "(grammar: docs/cli.md; k results whenever k items match)")
+    s.add_argument("--show", default=None, metavar="FIELDS",
+                   help="table columns to add: comma-separated fields, e.g. caption,license (JSON output has them all)")
+    s.add_argument("--json", action="store_true", help="print the results as JSON (every hit with its metadata)")
     s.set_defaults(func=cmd_search)

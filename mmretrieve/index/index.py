@@ -363,12 +363,31 @@ class Index:
 
     # ---- search (see mmretrieve.index.search) ----------------------------------------------------
     def search_vectors(self, queries: np.ndarray, k: int = 10, *, nprobe: int | None = None,
-                       ef_search: int | None = None, exclude: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """``queries`` (n, d) float32 -> (scores (n, k), ids (n, k)); missing slots have id -1."""
+                       ef_search: int | None = None, exclude: Sequence[int] | None = None,
+                       where=None) -> tuple[np.ndarray, np.ndarray]:
+        """``queries`` (n, d) float32 -> (scores (n, k), ids (n, k)); missing slots have id -1. ``where``:
+        a filter (see ``select``): only matching items come back, ``k`` of them whenever ``k`` match."""
         from mmretrieve.config import positive_int
 
         k = positive_int(k, "k", "Index.search_vectors")
-        return self.vector_index.search(queries, k, nprobe=nprobe, ef_search=ef_search, exclude=exclude)
+        allow = None if where is None else self.select(where)
+        return self.vector_index.search(queries, k, nprobe=nprobe, ef_search=ef_search, exclude=exclude, allow=allow)
+
+    def select(self, where):
+        """The live items of this snapshot that meet a filter (``mmretrieve.store.filters``: e.g. ``"year >=
+        2020 and license in ('cc-by', 'cc0')"``), as an ``index.filtered.Selection`` (``.ids``, ``.count``),
+        from one SQL query with bound values; the last few are cached per snapshot. A ``Selection`` is
+        returned as it is. Raises ``FilterError`` naming the token and its position."""
+        from mmretrieve.index.filtered import Selection, SelectionCache
+        from mmretrieve.store.filters import parse, to_sql
+
+        if isinstance(where, Selection):
+            return where
+        tree = parse(where)
+        if getattr(self, "_selections", None) is None:
+            self._selections = SelectionCache()
+        return self._selections.get(str(tree), lambda: Selection(str(tree), self.meta.matching(*to_sql(tree)),
+                                                                 self.segments))
 
     def gpu_searcher(self):
         return self.vector_index.gpu_searcher()
@@ -382,7 +401,7 @@ class Index:
     def search(self, query: Query | None = None, *, text=None, image=None, video=None, item=None, vector=None,
                fusion: str | None = None, k: int = 10, exclude: Sequence[int | str] | None = None,
                exclude_reference: bool = True, pipeline=None, nprobe: int | None = None, ef_search: int | None = None,
-               **options: Any) -> SearchResults:
+               where: str | None = None, **options: Any) -> SearchResults:
         """Search by text, image (or video), both (composed), a stored item, or a precomputed ``vector``.
         Returns ``SearchResults`` (best first; ``hit.score`` falls with rank).
 
@@ -396,11 +415,14 @@ class Index:
         it out of the results (what composed retrieval asks for). ``pipeline``: a ``Pipeline`` of
         rerankers (or a preset name / spec string / list, as ``--rerank`` / ``--pipeline`` take them);
         without one, only the coarse stage runs. ``nprobe`` / ``ef_search``: this search's IVF / HNSW
-        breadth. For ids and scores of many raw vectors at once, see ``search_vectors``.
+        breadth. ``where``: a metadata filter (``"year >= 2020 and license in ('cc-by', 'cc0')"``; see
+        docs/python-api.md): every stage sees matching items only, and ``k`` hits come back whenever ``k``
+        items match. Each hit carries its item's metadata (``hit.metadata``). For ids and scores of many
+        raw vectors at once, see ``search_vectors``.
         """
         return _search.search(self, query, text=text, image=image, video=video, item=item, vector=vector, fusion=fusion,
                               k=k, exclude=exclude, exclude_reference=exclude_reference, pipeline=pipeline,
-                              nprobe=nprobe, ef_search=ef_search, **options)
+                              nprobe=nprobe, ef_search=ef_search, where=where, **options)
 
     def encode_video(self, path) -> np.ndarray:
         """A video's vector, sampled and pooled as this index's videos were (in-process, no timeout)."""

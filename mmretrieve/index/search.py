@@ -51,12 +51,13 @@ def encode_query(index, query: Query, known: dict[str, np.ndarray] | None = None
 
 # ---- coarse stage ---------------------------------------------------------------------------------
 def coarse(index, plan: CoarsePlan, *, exclude: Sequence[int] | None = None, nprobe: int | None = None,
-           ef_search: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+           ef_search: int | None = None, where=None) -> tuple[np.ndarray, np.ndarray]:
     """Run a strategy's ``CoarsePlan`` on the index: (ids, scores) of the ranking, best first. Each row is
-    searched on its own (as a single query, so its list does not depend on what it is batched with)."""
+    searched on its own (as a single query, so its list does not depend on what it is batched with).
+    ``where``: a filter; every row's search keeps to it, so a list-level merge sees matching items only."""
     lists = []
     for q in plan.queries:
-        D, I = index.search_vectors(q[None], plan.k, exclude=exclude, nprobe=nprobe, ef_search=ef_search)
+        D, I = index.search_vectors(q[None], plan.k, exclude=exclude, nprobe=nprobe, ef_search=ef_search, where=where)
         m = I[0] >= 0
         lists.append((I[0][m], D[0][m]))
     if plan.merge is None:
@@ -69,8 +70,9 @@ def coarse(index, plan: CoarsePlan, *, exclude: Sequence[int] | None = None, npr
 
 # ---- the order of a search ------------------------------------------------------------------------
 def run(index, query: EncodedQuery, *, k: int, exclude: Sequence[int] = (), pipeline=None, nprobe: int | None = None,
-        ef_search: int | None = None) -> SearchResults:
-    """encoded query -> coarse -> every rerank stage -> the top ``k``, hydrated."""
+        ef_search: int | None = None, where=None) -> SearchResults:
+    """encoded query -> coarse -> every rerank stage -> the top ``k``, hydrated. ``where``: a filter (the
+    shortlist the stages rerank holds matching items only)."""
     shortlist = pipeline.shortlist_size(k) if pipeline is not None else k
     timings: dict[str, float] = {}
     stage_info: dict[str, dict] = {}
@@ -81,12 +83,15 @@ def run(index, query: EncodedQuery, *, k: int, exclude: Sequence[int] = (), pipe
         timings["describe"] = (time.perf_counter() - t0) * 1000
         stage_info["describe"] = {"description": query.description, "cost": cost.to_dict()}
     t0 = time.perf_counter()
-    ids, scores = coarse(index, query.plan(shortlist), exclude=list(exclude), nprobe=nprobe, ef_search=ef_search)
+    ids, scores = coarse(index, query.plan(shortlist), exclude=list(exclude), nprobe=nprobe, ef_search=ef_search,
+                         where=where)
     timings["coarse"] = (time.perf_counter() - t0) * 1000
     order_by_stage = {"coarse": ids.copy()}
     stage_scores = {"coarse": dict(zip(ids.tolist(), np.asarray(scores, np.float64).tolist()))}
     extra: dict[int, dict] = {}
     described = query.describe()
+    if where is not None:
+        described["where"] = where if isinstance(where, str) else where.where
     if pipeline is not None:
         described["pipeline"] = [st.config() for st in pipeline.stages]
         if pipeline.describer is not None:
@@ -107,20 +112,22 @@ def run(index, query: EncodedQuery, *, k: int, exclude: Sequence[int] = (), pipe
 
 
 # ---- search -----------------------------------------------------------------------------------------
-SEARCH_OPTIONS = ("text", "image", "video", "item", "fusion", "k", "exclude", "exclude_reference", "pipeline")
+SEARCH_OPTIONS = ("text", "image", "video", "item", "fusion", "k", "exclude", "exclude_reference", "pipeline", "where")
 
 
 def search(index, query: Query | None = None, *, text=None, image=None, video=None, item=None, vector=None,
            fusion: str | None = None, k: int = 10, exclude: Sequence[int | str] | None = None,
            exclude_reference: bool = True, pipeline=None, nprobe: int | None = None, ef_search: int | None = None,
-           **options: Any) -> SearchResults:
+           where: str | None = None, **options: Any) -> SearchResults:
     """See ``Index.search``. ``options`` are the fusion's (``weight``, ``k1``, ``mode``); anything else is
     refused with the list of valid options."""
     k = positive_int(k, "k", "Index.search")
     excl = [index.as_id(e) for e in ([] if exclude is None else exclude)]
+    if where is not None:
+        where = index.select(where)  # a bad filter is refused before any encoding
     if vector is not None:
         return _search_vector(index, vector, query, text, image, video, item, fusion, pipeline, options, k, excl,
-                              nprobe, ef_search)
+                              nprobe, ef_search, where)
     pipe = None
     if pipeline is not None:
         from mmretrieve.rerank.pipeline import as_pipeline
@@ -138,23 +145,25 @@ def search(index, query: Query | None = None, *, text=None, image=None, video=No
     resolve_visual(index, query)
     if exclude_reference and query.kind.startswith("composed") and query.image_id is not None:
         excl.append(query.image_id)
-    return run(index, encode_query(index, query), k=k, exclude=excl, pipeline=pipe, nprobe=nprobe, ef_search=ef_search)
+    return run(index, encode_query(index, query), k=k, exclude=excl, pipeline=pipe, nprobe=nprobe, ef_search=ef_search,
+               where=where)
 
 
 def _search_vector(index, vector, query, text, image, video, item, fusion, pipeline, options, k, excl, nprobe,
-                   ef_search) -> SearchResults:
+                   ef_search, where=None) -> SearchResults:
     """A precomputed embedding: no encoder, no fusion, no rerankers (they need a query to look at)."""
-    check_options("Index.search with a vector", options, ("k", "exclude", "nprobe", "ef_search"))
+    check_options("Index.search with a vector", options, ("k", "exclude", "nprobe", "ef_search", "where"))
     given = [n for n, v in (("query", query), ("text", text), ("image", image), ("video", video), ("item", item),
                             ("fusion", fusion), ("pipeline", pipeline)) if v is not None]
     if given:
-        raise UsageError(f"Index.search(vector=...) takes k, exclude, nprobe and ef_search only, not {', '.join(given)} "
+        raise UsageError(f"Index.search(vector=...) takes k, exclude, nprobe, ef_search and where only, not {', '.join(given)} "
                          "(a vector has no sides to fuse and no query for rerankers to look at)")
     v = query_row(index, vector)
     t0 = time.perf_counter()
-    ids, scores = coarse(index, CoarsePlan(v[None], k), exclude=excl, nprobe=nprobe, ef_search=ef_search)
+    ids, scores = coarse(index, CoarsePlan(v[None], k), exclude=excl, nprobe=nprobe, ef_search=ef_search, where=where)
     ms = (time.perf_counter() - t0) * 1000
-    return hydrate(index, {"kind": "vector"}, ids, scores, stages={"coarse": ids}, timings={"coarse": ms})
+    described = {"kind": "vector", **({"where": where.where} if where is not None else {})}
+    return hydrate(index, described, ids, scores, stages={"coarse": ids}, timings={"coarse": ms})
 
 
 def resolve_visual(index, query: Query) -> None:
@@ -238,9 +247,20 @@ def hydrate(index, query: dict, ids, scores, *, stages: dict[str, Sequence[int]]
             id=i, key=it.key, uri=it.uri, score=sc, rank=r, kind=it.kind, caption=it.caption,
             stage_ranks={s: m[i] for s, m in stage_rank.items() if i in m},
             stage_scores={s: float(v[i]) for s, v in stage_scores.items() if i in v},
-            extra=extra.get(i, {}),
+            extra=extra.get(i, {}), metadata=metadata_of(it),
         ))
     return SearchResults(hits=hits, query=query, stages=list(stages), timings_ms=timings or {})
 
 
-__all__ = ["search", "run", "coarse", "encode_query", "resolve_visual", "query_row", "hydrate"]
+def metadata_of(item) -> dict[str, Any]:
+    """An item's metadata as a hit carries it (``Hit.metadata``): its stored ``extra`` fields (manifest /
+    parquet / webdataset columns, shard, duration ...) and the stored file facts (``size``, ``mtime``,
+    ``width``, ``height``, ``added_at``, ``frames``) where known; values keep their JSON types."""
+    out = dict(item.extra or {})
+    facts = {"size": item.size, "mtime": item.mtime, "width": item.width, "height": item.height,
+             "added_at": item.added_at, "frames": item.frame_count}
+    out.update({n: v for n, v in facts.items() if v is not None})
+    return out
+
+
+__all__ = ["metadata_of", "search", "run", "coarse", "encode_query", "resolve_visual", "query_row", "hydrate"]

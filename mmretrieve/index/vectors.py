@@ -56,10 +56,12 @@ class SegmentSearch:
         self.live = seg.rows - len(seg.deleted)
         self._scan = None
 
-    def search(self, q: np.ndarray, k: int, *, exclude=()):
+    def search(self, q: np.ndarray, k: int, *, exclude=(), allow=None):
         if self._scan is None:
             self._scan = FlatScan(self.seg.array("vectors.npy"), self.seg.ids, metric_ip=self.metric_ip)
-        return self._scan.search(q, k, exclude=exclude, deleted_rows=self.seg.deleted)
+        # a filter's non-matching rows include the deleted ones (a selection holds live ids only)
+        masked = self.seg.deleted if allow is None else allow.masked_rows(self.seg.sid, self._scan.ids)
+        return self._scan.search(q, k, exclude=exclude, deleted_rows=masked)
 
 
 class FaissSearch:
@@ -117,27 +119,35 @@ class FaissSearch:
             self._ivf = LogicalIVF(self.prepare().ivf_segments)
         return self._ivf
 
-    def search(self, q: np.ndarray, k: int, *, exclude=(), nprobe=None, ef_search=None):
+    def search(self, q: np.ndarray, k: int, *, exclude=(), nprobe=None, ef_search=None, allow=None):
+        """``allow``: a ``filtered.Selection`` (matching live ids) to keep to, instead of the live rows."""
         self.prepare()
         exclude = np.unique(np.asarray(exclude, np.int64))
-        sel, keep = self.filter().selector(exclude)  # noqa: F841 (keep: what sel points into, alive till the end)
+        sel, keep = (self.filter() if allow is None else allow).selector(exclude)  # noqa: F841 (keep: alive till the end)
         parts = []
+
+        def rows(segs, live):  # rows a search can give (matching, if filtered) and their share of the live ones
+            n = live if allow is None else allow.count_in(segs)
+            return max(0, n - len(exclude)), (n / live if live else 1.0)
+
         if self.ivf_segments:
             ivf = self.logical_ivf()
-            parts.append(_breadth_search(ivf.search, q, k, min(k, max(0, self.ivf_live - len(exclude))), sel,
-                                         ivf=ivf.nlist, nprobe=nprobe))
+            n, share = rows(self.ivf_segments, self.ivf_live)
+            if n:
+                parts.append(_breadth_search(ivf.search, q, k, min(k, n), sel, ivf=ivf.nlist, nprobe=nprobe, share=share))
         if self._small is not None and self._small[2]:
             scan, dead, _ = self._small
-            parts.append(scan.search(q, k, exclude=exclude, deleted_rows=dead))
+            parts.append(scan.search(q, k, exclude=exclude,
+                                     deleted_rows=dead if allow is None else allow.masked_rows("small", scan.ids)))
         for s in self.others:
-            live = s.rows - len(s.deleted)
-            if not live:
+            n, share = rows([s], s.rows - len(s.deleted))
+            if not n:
                 continue
             index = s.faiss_index()
             hnsw = hasattr(inner_index(index), "hnsw")
             parts.append(_breadth_search(lambda q_, k_, p, index=index: index.search(q_, k_, params=p), q, k,
-                                         min(k, max(0, live - len(exclude))), sel, hnsw_rows=s.rows if hnsw else 0,
-                                         ef_search=ef_search))
+                                         min(k, n), sel, hnsw_rows=s.rows if hnsw else 0, ef_search=ef_search,
+                                         share=share))
         return merge_topk(parts, k, self.metric_ip) if parts else (
             np.full((len(q), k), -np.inf, np.float32), np.full((len(q), k), -1, np.int64))
 
@@ -157,12 +167,19 @@ def _storage(seg) -> np.ndarray | None:
     return storage.reconstruct_n(0, storage.ntotal) if storage.ntotal else np.zeros((0, inner.d), np.float32)
 
 
-def _breadth_search(search, q, k, want, sel, *, ivf: int = 0, nprobe=None, hnsw_rows: int = 0, ef_search=None):
+def _breadth_search(search, q, k, want, sel, *, ivf: int = 0, nprobe=None, hnsw_rows: int = 0, ef_search=None,
+                    share: float = 1.0):
     """``search(q, k, params)`` with the breadth doubled until every query has ``want`` results (or the
-    breadth is the whole index). ``ivf``: nlist of an IVF; ``hnsw_rows``: rows of an HNSW graph."""
+    breadth is the whole index). ``ivf``: nlist of an IVF; ``hnsw_rows``: rows of an HNSW graph;
+    ``share``: the share of the rows a filter lets through (the starting breadth is raised by it)."""
     import faiss
 
     ef, probe = ef_search or (max(16, 2 * k) if hnsw_rows else None), nprobe
+    if share < 1.0:
+        if hnsw_rows:
+            ef = int(min(max(4096, ef), ef / max(share, 1e-6)))
+        if ivf:
+            probe = int(min(ivf, np.ceil((probe or 1) / np.sqrt(max(share, 1e-6)))))
     for _ in range(12):
         p = faiss.SearchParametersHNSW() if hnsw_rows else faiss.SearchParametersIVF() if ivf else faiss.SearchParameters()
         if hnsw_rows:
@@ -210,8 +227,9 @@ class SegmentedVectors:
         return sum(s.live for s in self._searchers)
 
     def search(self, queries: np.ndarray, k: int = 10, *, nprobe: int | None = None, ef_search: int | None = None,
-               exclude: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """``queries`` (n, d) or (d,) float32 -> (scores (n, k), ids (n, k)); missing slots have id -1."""
+               exclude: Sequence[int] | None = None, allow=None) -> tuple[np.ndarray, np.ndarray]:
+        """``queries`` (n, d) or (d,) float32 -> (scores (n, k), ids (n, k)); missing slots have id -1.
+        ``allow``: a ``filtered.Selection``: only its ids come back (see ``index.filtered``)."""
         q = np.ascontiguousarray(np.asarray(queries, dtype=np.float32))
         if q.ndim == 1:
             q = q[None]
@@ -219,12 +237,16 @@ class SegmentedVectors:
             raise BadVectorsError(f"expected query vectors of dim {self.dim}, got shape {tuple(q.shape)}")
         k = max(1, min(int(k), max(1, self.live)))
         excl = [] if exclude is None else [int(i) for i in np.asarray(exclude, np.int64).ravel()]
-        if not self.live:
+        if not self.live or (allow is not None and not allow.count):
             return np.full((len(q), k), -np.inf, np.float32), np.full((len(q), k), -1, np.int64)
-        if self.search_device == "cuda":
+        if allow is not None and allow.exact(self.live, k):
+            from mmretrieve.index.filtered import exact_search
+
+            return exact_search(self.by_id, allow, q, k, excl, self.metric_ip)
+        if self.search_device == "cuda" and allow is None:  # a filtered search runs on the CPU searchers
             return self.gpu_searcher().search(q, k, exclude=excl)
         opts = {"nprobe": nprobe or self.nprobe, "ef_search": ef_search or self.ef_search}
-        parts = [s.search(q, k, exclude=excl, **({} if isinstance(s, SegmentSearch) else opts))
+        parts = [s.search(q, k, exclude=excl, allow=allow, **({} if isinstance(s, SegmentSearch) else opts))
                  for s in self._searchers if s.live]
         return merge_topk(parts, k, self.metric_ip)
 

@@ -7,6 +7,7 @@ import errno
 import io
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -191,6 +192,21 @@ def _read_text(path: Path) -> str:
                             "save the manifest as UTF-8") from None
 
 
+_CSV_INT = re.compile(r"-?(?:0|[1-9][0-9]{0,17})")
+_CSV_FLOAT = re.compile(r"-?(?:0|[1-9][0-9]*)\.[0-9]+(?:[eE][+-]?[0-9]+)?")
+
+
+def csv_value(v: str) -> Any:
+    """A CSV manifest's extra column value, typed: a number written as one (``2020``, ``-3``, ``0.25``)
+    becomes a number, so a filter compares it as one; anything else (``02134``, ``1e5``, ``+3``, ``1,5``,
+    ``true``) stays text."""
+    if _CSV_INT.fullmatch(v):
+        return int(v)
+    if _CSV_FLOAT.fullmatch(v):
+        return float(v)
+    return v
+
+
 def _read_csv(path: Path) -> list[tuple[int, dict[str, Any]]]:
     text = _read_text(path)
     delim = "\t" if path.suffix.lower() == ".tsv" else ","
@@ -205,7 +221,8 @@ def _read_csv(path: Path) -> list[tuple[int, dict[str, Any]]]:
         for values in reader:
             # reader.line_num: the physical line a row ends on (blank lines and quoted newlines counted)
             if values:
-                rows.append((reader.line_num, {k: v for k, v in zip(names, values) if k}))
+                rows.append((reader.line_num, {k: (v if k in ("path", "id", "caption") else csv_value(v))
+                                               for k, v in zip(names, values) if k}))
             start = reader.line_num + 1
     except csv.Error as e:
         hint = " (a quote that is never closed?)" if "end of data" in str(e) else ""

@@ -32,6 +32,10 @@ class SearchRequest(BaseModel):
         None, description="a pipeline preset by name (configs/pipelines), e.g. \"emd\" or \"cotrr\" (describe -> "
                           "coarse -> listwise; needs a server started with --vlm)")
     keep_reference: bool = Field(False, description="composed queries: keep the reference item in the results")
+    filter: str | None = Field(
+        None, description="a metadata filter, e.g. \"year >= 2020 and license in ('cc-by', 'cc0')\": only matching "
+                          "items come back (k of them whenever k match); a filter that does not parse is a 400 naming "
+                          "the token and its position")
 
 
 class HitModel(BaseModel):
@@ -45,6 +49,8 @@ class HitModel(BaseModel):
     stage_scores: dict[str, float | None] = Field(default_factory=dict, description="each stage's own score")
     moment: float | None = Field(None, description="a video hit's best moment (seconds), from the frames reranker")
     extra: dict[str, Any] = Field(default_factory=dict)
+    metadata: dict[str, Any] = Field(default_factory=dict, description="the item's stored metadata (manifest / parquet "
+                                     "columns, shard, duration, size, width, height, added_at ...), typed as stored")
     thumbnail: str = Field(description="URL of a JPEG thumbnail")
     media: str | None = Field(None, description="URL of the original file (range requests supported)")
 

@@ -31,6 +31,8 @@ class Plan:
     pipeline: Any = None
     locks: list = field(default_factory=list)
     keep_reference: bool = False
+    #: the request's filter, checked and evaluated on this snapshot (an ``index.filtered.Selection``)
+    where: Any = None
 
     @property
     def window(self) -> int:
@@ -76,6 +78,8 @@ class Plan:
             d["vector"] = f"{len(self.vector)} numbers"
         d["kind"] = ("composed" if self.composed else "text" if self.text is not None else "vector"
                      if self.vector is not None else "image")
+        if self.where is not None:
+            d["where"] = self.where.where
         if self.composed:
             d["fusion"] = self.fusion
             d.update(self.options)
@@ -119,6 +123,8 @@ def plan_request(config, policy, idx, req, upload: bytes | None = None) -> Plan:
         plan.item = idx.get(f"key:{req.item_key}")
     if req.vector is not None:
         _plan_vector(plan, req)
+    if req.filter is not None:
+        plan.where = idx.select(req.filter)  # FilterError (a 400) names the token and its position
     if req.rerank or req.pipeline:
         if plan.vector is not None:
             raise UsageError("rerankers need a text, image or item query, not a raw vector")

@@ -45,9 +45,11 @@ def search_response(index_name: str, plan, res, timings: dict) -> dict:
         hits.append({
             "id": h.id, "key": h.key, "kind": h.kind, "caption": h.caption, "score": finite(h.score),
             "rank": h.rank, "stage_ranks": dict(h.stage_ranks), "stage_scores": clean(h.stage_scores),
-            "moment": extra.get("timestamp"), "extra": extra, "thumbnail": thumb, "media": media,
+            "moment": extra.get("timestamp"), "extra": extra, "metadata": clean(h.metadata), "thumbnail": thumb,
+            "media": media,
         })
-    has_more = len(res.hits) >= plan.window and plan.window < len(plan.index)
+    total = len(plan.index) if getattr(plan, "where", None) is None else plan.where.count
+    has_more = len(res.hits) >= plan.window and plan.window < total
     return {
         "index": index_name, "version": plan.index.version, "query": plan.describe(), "stages": list(res.stages),
         "k": plan.k, "offset": plan.offset, "has_more": has_more, "next_offset": plan.window if has_more else None,

@@ -399,6 +399,17 @@ class MetaDB:
         leaves some of its own behind)."""
         return {k for (k,) in self._q("SELECT key FROM skipped WHERE at <= ?", (float(until),))}
 
+    def matching(self, condition: str, params: Sequence[Any]) -> list[tuple[int, str, int]]:
+        """(id, segment, row) of the visible items meeting an SQL ``condition`` over the items table (a
+        compiled search filter, ``store.filters.to_sql``: its values are bound ``params``)."""
+        from mmretrieve.store.filters import sql_contains
+
+        cond, segs = self._segs_sql()
+        with self._lock:
+            self.conn.create_function("mm_contains", 2, sql_contains, deterministic=True)
+        rows = self._q(f"SELECT id, segment, row FROM items WHERE {cond} AND {condition}", [*segs, *params])
+        return self._visible(rows, make=tuple)
+
     def frame_item_ids(self, video_keys: Sequence[str]) -> list[int]:
         """Ids of the visible per-frame entries (kind 'frame') of these videos: their keys are
         ``<video key>#t=<seconds>``, so a range of the key index finds them."""

@@ -1,0 +1,144 @@
+"""Filtered search: the live items of one snapshot that meet a filter (``Selection``), and how the coarse
+search keeps to them at any selectivity.
+
+A filter (``store.filters``) is evaluated by one SQL query over the items table (values bound, never
+written into the statement) to the matching *live* ids of the snapshot, with their segments and rows;
+``Index.select`` caches the last few per snapshot. The coarse search then pre-filters:
+
+- **few matches** (fewer than ``max(EXACT_PER_K * k, EXACT_SHARE * live rows)``): an exact search over the
+  matching rows' stored vectors alone (a brute force over at most 1% of the index, or 50 rows per result
+  asked for), whatever the index's factory: exact for Flat and HNSW-Flat, the stored codes for PQ / SQ;
+- **otherwise**: Flat segments mask every row that does not match in their scan (as deleted rows are
+  masked); FAISS segments (HNSW, IVF) search with an ``IDSelectorBitmap`` of the matching ids (live ones
+  only, so it is the deletion filter too), and-ed with a search's exclusions, their breadth raised by the
+  selectivity (``efSearch / s``, ``nprobe / sqrt(s)`` for a share ``s`` of matching rows) and doubled
+  while a search returns fewer results than it has matching rows to give.
+
+So a filtered search returns ``k`` hits whenever at least ``k`` live items match (and are not excluded).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+
+import numpy as np
+
+#: exact search over the matching rows below this many rows per requested result ...
+EXACT_PER_K = 50
+#: ... or below this share of the snapshot's live rows, whichever is larger
+EXACT_SHARE = 0.01
+#: selections kept per snapshot (least recently used dropped)
+CACHE_SIZE = 16
+
+
+class Selection:
+    """The live ids of a snapshot that meet a filter: sorted ids, rows per segment, a bitmap over ids."""
+
+    def __init__(self, where: str, matches: list[tuple[int, str, int]], segments) -> None:
+        self.where = where
+        self.count = len(matches)
+        top = max((int(np.max(s.ids)) + 1 for s in segments if s.rows), default=0)
+        ids = np.fromiter((m[0] for m in matches), np.int64, len(matches))
+        self.ids = np.unique(ids)
+        self.bits = np.zeros(max(top, int(self.ids[-1]) + 1 if len(self.ids) else 0), bool)
+        self.bits[self.ids] = True
+        by_seg: dict[str, list[int]] = {}
+        for _, sid, row in matches:
+            by_seg.setdefault(sid, []).append(row)
+        self.rows = {sid: np.sort(np.asarray(r, np.int64)) for sid, r in by_seg.items()}
+        self._masked: dict = {}
+        self._scans: dict = {}
+        self._lock = threading.Lock()
+        self._packed = None
+
+    def __len__(self) -> int:
+        return self.count
+
+    def count_in(self, segments) -> int:
+        return sum(len(self.rows.get(s.sid, ())) for s in segments)
+
+    def allowed(self, ids: np.ndarray) -> np.ndarray:
+        """Whether each id matches (ids outside the bitmap do not)."""
+        ids = np.asarray(ids, np.int64)
+        inside = (ids >= 0) & (ids < len(self.bits))
+        out = np.zeros(len(ids), bool)
+        out[inside] = self.bits[ids[inside]]
+        return out
+
+    def masked_rows(self, key, ids: np.ndarray) -> np.ndarray:
+        """Sorted rows of an array of ids (a segment's, or several stacked) that do not match (cached by ``key``)."""
+        with self._lock:
+            m = self._masked.get(key)
+            if m is None:
+                m = self._masked[key] = np.flatnonzero(~self.allowed(ids)).astype(np.int64)
+            return m
+
+    def selector(self, exclude: np.ndarray):
+        """(FAISS selector, what it points into): a matching id that is not in ``exclude``."""
+        import faiss
+
+        with self._lock:
+            if self._packed is None:
+                self._packed = np.packbits(self.bits.astype(np.uint8), bitorder="little")
+        bitmap = faiss.IDSelectorBitmap(len(self.bits), faiss.swig_ptr(self._packed))
+        if not len(exclude):
+            return bitmap, (bitmap, self._packed)
+        ex = np.ascontiguousarray(exclude, dtype=np.int64)
+        batch = faiss.IDSelectorBatch(ex)
+        not_ex = faiss.IDSelectorNot(batch)
+        return faiss.IDSelectorAnd(bitmap, not_ex), (bitmap, self._packed, ex, batch, not_ex)
+
+    def scan_of(self, sid: str, make):
+        """The exact scan of this selection's rows of segment ``sid`` (their vectors gathered once)."""
+        with self._lock:
+            scan = self._scans.get(sid)
+        if scan is None:
+            scan = make()
+            with self._lock:
+                self._scans[sid] = scan
+        return scan
+
+    def exact(self, live: int, k: int) -> bool:
+        """Whether the search goes exact over the matching rows (the rule in the module's docstring)."""
+        return self.count < max(EXACT_PER_K * k, EXACT_SHARE * live)
+
+
+def exact_search(segments_by_id: dict, sel: Selection, q: np.ndarray, k: int, exclude, metric_ip: bool):
+    """Top-k of ``q`` over the stored vectors of the matching rows alone (FAISS-style output)."""
+    from mmretrieve.index.flatscan import FlatScan
+    from mmretrieve.index.vectors import merge_topk
+
+    exclude = np.asarray(exclude, np.int64)
+    parts = []
+    for sid, rows in sel.rows.items():
+        scan = sel.scan_of(sid, lambda sid=sid, rows=rows: FlatScan(
+            np.ascontiguousarray(segments_by_id[sid].vectors(rows), dtype=np.float32),
+            np.asarray(segments_by_id[sid].ids[rows], np.int64), metric_ip=metric_ip))
+        parts.append(scan.search(q, k, exclude=exclude))
+    if not parts:
+        return (np.full((len(q), k), -np.inf if metric_ip else np.inf, np.float32), np.full((len(q), k), -1, np.int64))
+    return merge_topk(parts, k, metric_ip)
+
+
+class SelectionCache:
+    """The last ``CACHE_SIZE`` selections of one snapshot, by the filter's canonical form."""
+
+    def __init__(self) -> None:
+        self._lru: OrderedDict[str, Selection] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: str, make) -> Selection:
+        with self._lock:
+            if key in self._lru:
+                self._lru.move_to_end(key)
+                return self._lru[key]
+        sel = make()
+        with self._lock:
+            self._lru[key] = sel
+            while len(self._lru) > CACHE_SIZE:
+                self._lru.popitem(last=False)
+        return sel
+
+
+__all__ = ["Selection", "SelectionCache", "exact_search", "EXACT_PER_K", "EXACT_SHARE"]
