@@ -88,12 +88,16 @@ class CoarsePlan:
 
     queries: np.ndarray
     k: int
-    merge: Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]] | None = None
+    merge: Callable[..., tuple[np.ndarray, np.ndarray]] | None = None
+    #: a full-text query (plain words) whose BM25 top ``k`` is a list too (``hybrid``): the union then
+    #: includes its items and ``merge(union, vectors, lists)`` also gets ``lists = {"vector": [(ids,
+    #: scores) per row], "text": (ids, BM25 scores)}``
+    text: str | None = None
 
     @property
     def single(self) -> bool:
         """One vector, one top-k: what concurrent requests can share one scan for."""
-        return self.merge is None and len(self.queries) == 1
+        return self.merge is None and self.text is None and len(self.queries) == 1
 
 
 class CoarseStrategy(ABC):
@@ -173,6 +177,78 @@ class Intersection(CoarseStrategy):
         return CoarsePlan(np.stack([img, txt]), self.k1 or k1 or max(4 * k, 100), merge)
 
 
+HYBRID_MODES = ("rrf", "weighted")
+
+
+def hybrid_scores(vec_ids, txt_ids, txt_scores, union, sims, *, mode: str = "rrf", k_rrf: float = 60,
+                  weight: float = 0.5) -> np.ndarray:
+    """The hybrid score of every item of ``union`` (whose vector similarities are ``sims``) from the
+    vector ranking ``vec_ids`` and the BM25 ranking ``txt_ids`` / ``txt_scores`` (best first).
+
+    ``rrf``: ``sum over the lists an item is in of 1 / (k_rrf + rank)`` (ranks from 1); a list an item
+    is not in adds nothing (no penalty beyond lacking that term). ``weighted``: ``(1 - w) * minmax(sims)
+    + w * minmax(bm25)`` over the union, an item that no text matched having BM25 0 (what it scores)."""
+    union = np.asarray(union, np.int64)
+    if mode == "rrf":
+        out = np.zeros(len(union), np.float64)
+        for ids in (vec_ids, txt_ids):
+            rank = {int(i): r for r, i in enumerate(np.asarray(ids).tolist(), 1)}
+            out += np.array([1.0 / (k_rrf + rank[i]) if i in rank else 0.0 for i in union.tolist()])
+        return out
+    if mode == "weighted":
+        bm = dict(zip(np.asarray(txt_ids).tolist(), np.asarray(txt_scores, np.float64).tolist()))
+        t = np.array([bm.get(i, 0.0) for i in union.tolist()])
+        return (1 - weight) * minmax(sims) + weight * (minmax(t) if t.max() > t.min() else np.zeros_like(t))
+    raise UsageError(f"hybrid fusion: mode must be 'rrf' or 'weighted', got {mode!r}")
+
+
+class Hybrid(CoarseStrategy):
+    """Vector ranking + BM25 full-text ranking (over captions and string metadata), fused over the union
+    of both top ``k1`` lists by reciprocal-rank fusion (``mode="rrf"``, ``k_rrf`` 60) or min-max
+    normalised scores (``mode="weighted"``, text ``weight`` 0.5). A text query's text is both the vector
+    query and the BM25 query; a composed query searches the sum fusion's vector and the modification
+    text. Ties go to the higher vector similarity, so a visually perfect match without text is not
+    buried under text matches that are weak on the image side."""
+
+    name = "hybrid"
+    option_names = ("k1", "mode", "k_rrf", "weight")
+    #: plans with the query's text (``plan(..., text=)``), for text queries too
+    uses_text = True
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        self.mode = str(options.get("mode", "rrf"))
+        if self.mode not in HYBRID_MODES:
+            raise UsageError(f"hybrid fusion: mode must be 'rrf' or 'weighted', got {self.mode!r}")
+        self.k_rrf = float(options.get("k_rrf", 60))
+        self.weight = float(options.get("weight", 0.5))
+        if not self.k_rrf >= 0 or not 0.0 <= self.weight <= 1.0:
+            raise UsageError(f"hybrid fusion: k_rrf must be >= 0 and weight in [0, 1], got {self.k_rrf}, {self.weight}")
+        k1 = options.get("k1")
+        if k1 is not None and (isinstance(k1, bool) or not isinstance(k1, (int, np.integer)) or k1 < 1):
+            raise UsageError(f"hybrid fusion: k1 must be a positive integer, got {k1!r}")
+        self.k1 = None if k1 is None else int(k1)
+
+    def query_vector(self, vecs):
+        if "image" in vecs and "text" in vecs:
+            return fuse_sum(vecs["image"], vecs["text"])
+        return _norm(vecs["image"] if "image" in vecs else vecs["text"])
+
+    def plan(self, vecs, k, *, k1=None, text: str | None = None):
+        q = np.asarray(self.query_vector(vecs), np.float32)
+
+        def merge(union: np.ndarray, V: np.ndarray, lists: dict | None = None):
+            vec_ids = np.concatenate([ids for ids, _ in lists["vector"]]) if lists else np.zeros(0, np.int64)
+            txt_ids, txt_scores = lists["text"] if lists else (np.zeros(0, np.int64), np.zeros(0))
+            sims = V @ q
+            s = hybrid_scores(vec_ids, txt_ids, txt_scores, union, sims, mode=self.mode, k_rrf=self.k_rrf,
+                              weight=self.weight)
+            order = np.lexsort((-sims, -s))[:k]  # by score, ties by vector similarity
+            return union[order], s[order].astype(np.float32)
+
+        return CoarsePlan(q[None], self.k1 or k1 or max(4 * k, 100), merge, text=text)
+
+
 def _vector_fusion(name: str, fn, options: tuple[str, ...] = (), doc: str = ""):
     return type(f"{name.title()}Fusion", (VectorFusion,), {"name": name, "fn": staticmethod(fn),
                                                           "option_names": options, "__doc__": doc})
@@ -186,6 +262,8 @@ FUSIONS.register("text", doc="text side only (ablation)")(_vector_fusion("text",
 FUSIONS.register("image", doc="image side only (ablation)")(_vector_fusion("image", lambda img, txt: _norm(img)))
 FUSIONS.register("intersection", doc="soft AND of image and text similarity over the union of both top lists (SETR)")(
     Intersection)
+FUSIONS.register("hybrid", doc="vector ranking + BM25 full text over captions and metadata, reciprocal-rank fused "
+                 "(text queries too)")(Hybrid)
 
 
 def list_fusions() -> list[str]:
@@ -228,10 +306,14 @@ class Query:
             raise UsageError("a query has one of an image, a video or an item, not several")
         self.options = dict(self.options or {})
         strategy = coarse_strategy(self.fusion, self.options)  # unknown fusion or option: refused here
-        if self.options and not self.kind.startswith("composed"):
+        if self.options and not self.kind.startswith("composed") and not self._for_text(strategy):
             raise UsageError(f"fusion options {sorted(self.options)} apply to composed queries (an image or video "
                              f"plus a text) only; this is a {self.kind} query")
         self._strategy = strategy
+
+    def _for_text(self, strategy: CoarseStrategy) -> bool:
+        """Whether a text query uses this strategy (one that plans with the query's text: ``hybrid``)."""
+        return self.kind == "text" and getattr(strategy, "uses_text", False)
 
     @property
     def kind(self) -> str:
@@ -243,7 +325,9 @@ class Query:
     @property
     def strategy(self) -> CoarseStrategy:
         """The coarse strategy: the fusion for composed queries, the single side otherwise."""
-        return self._strategy if self.kind.startswith("composed") else SingleSide()
+        if self.kind.startswith("composed") or self._for_text(self._strategy):
+            return self._strategy
+        return SingleSide()
 
     @property
     def image_path(self) -> str | None:
@@ -259,7 +343,7 @@ class Query:
             d["video"] = str(self.video)
         if self.item is not None:
             d["item"] = self.item
-        if self.kind.startswith("composed"):
+        if self.kind.startswith("composed") or self._for_text(self._strategy):
             d.update(self._strategy.describe())
         return d
 
@@ -306,6 +390,9 @@ class EncodedQuery:
         return self.query.kind
 
     def plan(self, k: int, *, k1: int | None = None) -> CoarsePlan:
+        if getattr(self.strategy, "uses_text", False):  # hybrid: the query's text (a composed query's modification)
+            text = self.text if isinstance(self.text, str) or self.text is None else " ".join(self.text)
+            return self.strategy.plan(self.sides, k, k1=k1, text=text)
         return self.strategy.plan(self.sides, k, k1=k1)
 
     def describe(self) -> dict[str, Any]:
@@ -318,4 +405,5 @@ class EncodedQuery:
 
 
 __all__ = ["Query", "EncodedQuery", "CoarsePlan", "FUSIONS", "list_fusions", "coarse_strategy", "CoarseStrategy", "VectorFusion", "Intersection",
+           "Hybrid", "hybrid_scores",
            "SingleSide", "fuse_sum", "fuse_weighted", "intersection_scores", "minmax"]

@@ -12,7 +12,7 @@ from mmretrieve.store import IndexWriter, Item
 
 
 def test_fusions_registered():
-    assert set(list_fusions()) == {"sum", "weighted", "text", "image", "intersection"}
+    assert set(list_fusions()) == {"sum", "weighted", "text", "image", "intersection", "hybrid"}
 
 
 def test_vector_fusions_by_hand():

@@ -92,10 +92,10 @@ def test_coarse_strategies_plan_without_an_index(toy):
     for name in FUSIONS.names():
         strategy = coarse_strategy(name)
         params = list(inspect.signature(strategy.plan).parameters)
-        assert params == ["vecs", "k", "k1"], (name, params)
+        assert params == ["vecs", "k", "k1", *(["text"] if getattr(strategy, "uses_text", False) else [])], (name, params)
         plan = strategy.plan(vecs, 6)  # no index anywhere near it
         assert isinstance(plan, CoarsePlan) and plan.queries.shape[1] == D
-        assert plan.single == (name != "intersection")
+        assert plan.single == (name not in ("intersection", "hybrid"))
         ids, scores = coarse(idx, plan)
         assert len(ids) == 6 and np.all(np.diff(scores) <= 1e-7)
         q = Query(text="x", item=3, fusion=name)

@@ -389,6 +389,53 @@ class Index:
         return self._selections.get(str(tree), lambda: Selection(str(tree), self.meta.matching(*to_sql(tree)),
                                                                  self.segments))
 
+    def text_search(self, query: str | None = None, k: int = 10, *, where=None, fts: str | None = None,
+                    exclude: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Full-text search over the items' captions and string metadata (SQLite FTS5, BM25-ranked):
+        ``(ids, scores)`` of the best ``k`` items of this snapshot, best first; a score is ``-bm25()``
+        (higher is better). ``query`` is plain words (quoted: FTS5 operators in it are just text; any word
+        matches, items with more of the rarer words first); ``fts``: an FTS5 query in its own syntax
+        instead (``'"red dress" AND NOT blue'``). ``where``: a metadata filter (see ``select``);
+        ``exclude``: ids left out. An index made before full-text search gets its table on first use
+        (built under the writer's lock)."""
+        from mmretrieve.config import positive_int
+        from mmretrieve.store import fulltext
+
+        k = positive_int(k, "k", "Index.text_search")
+        if (query is None) == (fts is None):
+            raise UsageError("Index.text_search takes a query (plain words) or fts= (FTS5 syntax), one of them")
+        match = fulltext.plain_query(query) if fts is None else str(fts)
+        if not match:
+            return np.zeros(0, np.int64), np.zeros(0, np.float32)
+        fulltext.require_fts5()
+        if not self.meta.has_fulltext():
+            self._build_fulltext()
+        sel = None if where is None else self.select(where)
+        skip = set(int(i) for i in (exclude or ()))
+        limit = max(4 * k, 100)
+        while True:
+            found, complete = self.meta.text_matches(match, limit)
+            ids = np.asarray([i for i, _ in found], np.int64)
+            keep = np.asarray([i not in skip for i in ids.tolist()], bool)
+            if sel is not None and len(ids):
+                keep &= sel.allowed(ids)
+            if complete or int(keep.sum()) >= k:
+                scores = np.asarray([s for _, s in found], np.float32)
+                return ids[keep][:k], scores[keep][:k]
+            limit *= 4
+
+    def _build_fulltext(self) -> None:
+        """Give a database made before full-text search its table (a writer session that writes nothing)."""
+        from mmretrieve.errors import StoreError
+        from mmretrieve.store import IndexWriter
+
+        try:
+            IndexWriter(self.path, auto_compact=False).abort()
+        except (StoreError, OSError) as e:
+            raise StoreError(f"{self.path}: the index predates full-text search and its full-text table could not be "
+                             f"built now ({e}); any write builds it (e.g. `mmretrieve index compact {self.path}`)") from None
+        log.info("%s: built the full-text table", self.path)
+
     def gpu_searcher(self):
         return self.vector_index.gpu_searcher()
 

@@ -62,9 +62,14 @@ def coarse(index, plan: CoarsePlan, *, exclude: Sequence[int] | None = None, npr
         lists.append((I[0][m], D[0][m]))
     if plan.merge is None:
         return lists[0]
-    union = np.unique(np.concatenate([ids for ids, _ in lists]))
+    text = None
+    if plan.text is not None:  # a hybrid plan: the BM25 list joins the union
+        text = index.text_search(plan.text, plan.k, where=where, exclude=exclude)
+    union = np.unique(np.concatenate([ids for ids, _ in lists] + ([text[0]] if text is not None else [])))
     if not len(union):
         return union.astype(np.int64), np.zeros(0, np.float32)
+    if text is not None:
+        return plan.merge(union, index.vectors(union), {"vector": lists, "text": text})
     return plan.merge(union, index.vectors(union))
 
 

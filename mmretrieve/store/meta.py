@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from mmretrieve.errors import DiskFullError, IndexCorruptedError, ItemNotFoundError, StoreError
+from mmretrieve.store import fulltext
 
 SCHEMA_VERSION = "2"
 SCHEMA = """
@@ -199,6 +200,7 @@ class MetaDB:
             conn.executescript(SCHEMA)
             _add_missing_columns(conn)
             conn.execute("INSERT OR IGNORE INTO info(k, v) VALUES('schema', ?)", (SCHEMA_VERSION,))
+            fulltext.ensure(conn)  # the full-text table, built in its own transaction if the database lacks it
             conn.execute("BEGIN IMMEDIATE")
         except sqlite3.DatabaseError as e:
             raise IndexCorruptedError(f"{path}: unreadable metadata database ({e})") from None
@@ -409,6 +411,18 @@ class MetaDB:
             self.conn.create_function("mm_contains", 2, sql_contains, deterministic=True)
         rows = self._q(f"SELECT id, segment, row FROM items WHERE {cond} AND {condition}", [*segs, *params])
         return self._visible(rows, make=tuple)
+
+    def has_fulltext(self) -> bool:
+        """Whether the database has its full-text table (``store.fulltext``)."""
+        with self._lock:
+            return fulltext.present(self.conn)
+
+    def text_matches(self, match: str, limit: int) -> tuple[list[tuple[int, float]], bool]:
+        """(id, BM25 score) of the visible items among the best ``limit`` rows that match the FTS5 query
+        ``match``, best first, and whether those were all the rows that match."""
+        with self._lock:
+            rows = fulltext.matches(self.conn, match, limit)
+        return [(r[0], r[3]) for r in self._visible(rows, make=tuple)], len(rows) < limit
 
     def frame_item_ids(self, video_keys: Sequence[str]) -> list[int]:
         """Ids of the visible per-frame entries (kind 'frame') of these videos: their keys are
