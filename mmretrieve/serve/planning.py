@@ -49,8 +49,9 @@ class Plan:
 
     @property
     def exclude(self) -> tuple[int, ...]:
-        """A composed query's reference item is left out of its results (unless asked to keep it)."""
-        return (self.item.id,) if self.composed and self.item is not None and not self.keep_reference else ()
+        """The query's item (``item`` / ``item_key``: "more like this", or a composed query's reference) is left
+        out of its results, unless asked to keep it."""
+        return (self.item.id,) if self.item is not None and not self.keep_reference else ()
 
     def query(self, image=None) -> Query | None:
         """The ``Query`` (None for a raw vector); ``image``: the decoded upload, once there is one."""
