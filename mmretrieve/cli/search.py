@@ -30,7 +30,8 @@ def cmd_search(args) -> int:
     default = "weighted" if args.weight is not None else "sum"
     fusion = args.fusion or (pipeline.coarse_fusion if pipeline is not None else None) or default
     query = Query(text=args.text, image=args.image, video=args.video, item=args.item, fusion=fusion, options=options)
-    res = idx.search(query, k=args.k, exclude_reference=not args.keep_reference, pipeline=pipeline, where=args.where)
+    res = idx.search(query, k=args.k, exclude_reference=not args.keep_reference, pipeline=pipeline, where=args.where,
+                     exclude_dupes=args.exclude_dupes, dupe_threshold=args.dupe_threshold)
     if args.json:
         out_json(res.to_dict())
     else:
@@ -49,7 +50,8 @@ def register(sub, common) -> None:
     s.add_argument("--fusion", default=None, help="composed queries: sum (default), weighted, intersection, text, image")
     s.add_argument("--weight", type=float, default=None, help="text weight for --fusion weighted (0..1; implies weighted)")
     s.add_argument("--fusion-options", default=None, help="e.g. 'k1=200,mode=product' for intersection")
-    s.add_argument("--keep-reference", action="store_true", help="composed queries: keep the reference image in results")
+    s.add_argument("--keep-reference", action="store_true", help="keep the query's own item (--item, or a composed query's indexed reference) in the "
+                                                                    "results (default: left out)")
     s.add_argument("-k", type=int, default=10, help="number of results (default 10)")
     s.add_argument("--encoder", default=None, help="query encoder (default: the index's own)")
     s.add_argument("--rerank", action="append", default=None, help='reranker spec, e.g. "emd:k=100,alpha=0.7" (repeatable)')
@@ -64,6 +66,10 @@ def register(sub, common) -> None:
     s.add_argument("--where", default=None, metavar="FILTER",
                    help="keep to items whose metadata match, e.g. \"year >= 2020 and license in ('cc-by', 'cc0')\" "
                         "(grammar: docs/cli.md; k results whenever k items match)")
+    s.add_argument("--exclude-dupes", action="store_true",
+                   help="one result per near-duplicate group, the best-ranked (groups as `index dupes` finds them)")
+    s.add_argument("--dupe-threshold", type=float, default=0.95, metavar="SIM",
+                   help="--exclude-dupes: the similarity that makes two items duplicates (default 0.95)")
     s.add_argument("--show", default=None, metavar="FIELDS",
                    help="table columns to add: comma-separated fields, e.g. caption,license (JSON output has them all)")
     s.add_argument("--json", action="store_true", help="print the results as JSON (every hit with its metadata)")
