@@ -107,3 +107,31 @@ def test_exclude_dupes_keeps_the_best_ranked_of_each_group(idx, planted, index_p
     copies = {f"k{i}" for i in big[1:]}
     assert len(keys) == 6 and f"k{big[0]}" not in keys  # itself left out ...
     assert keys[0] in copies and len(copies & set(keys)) == 1  # ... and of its copies only the best-ranked kept
+
+
+@pytest.fixture(scope="module")
+def client(index_path):
+    pytest.importorskip("httpx", reason="FastAPI's test client needs httpx (the dev extra)")
+    from fastapi.testclient import TestClient
+
+    from mmretrieve.serve.app import create_app
+    from mmretrieve.serve.config import ServeConfig
+    from mmretrieve.serve.service import Service
+
+    svc = Service(ServeConfig(indexes=["planted"], index_dir=str(index_path.parent), reload_interval_s=0)).start()
+    try:
+        with TestClient(create_app(svc), base_url="http://127.0.0.1") as c:
+            yield c
+    finally:
+        svc.close()
+
+
+def test_api_exclude_dupes(client, planted, idx):
+    x, truth = planted
+    big = next(g for g in truth if len(g) == 4)
+    url = "/api/v1/indexes/planted/search"
+    r = client.post(url, json={"item": big[0], "k": 5, "exclude_dupes": True})
+    assert r.status_code == 200, r.text
+    ids = [h["id"] for h in r.json()["hits"]]
+    assert ids == idx.search(item=big[0], k=5, exclude_dupes=True).ids and len(set(big) & set(ids)) == 1
+    assert r.json()["query"]["exclude_dupes"] is True

@@ -33,6 +33,8 @@ class Plan:
     keep_reference: bool = False
     #: the request's filter, checked and evaluated on this snapshot (an ``index.filtered.Selection``)
     where: Any = None
+    #: one hit per near-duplicate group (``index.dupes``)
+    exclude_dupes: bool = False
 
     @property
     def window(self) -> int:
@@ -81,6 +83,8 @@ class Plan:
                      if self.vector is not None else "image")
         if self.where is not None:
             d["where"] = self.where.where
+        if self.exclude_dupes:
+            d["exclude_dupes"] = True
         if self.composed:
             d["fusion"] = self.fusion
             d.update(self.options)
@@ -111,7 +115,8 @@ def plan_request(config, policy, idx, req, upload: bytes | None = None) -> Plan:
         raise UsageError(f"give one of image, item, item_key and vector, not {' and '.join(sources)}")
     if not sources and text is None:
         raise UsageError("a search needs text, an image, an item or a vector (or an image / item plus text)")
-    plan = Plan(index=idx, text=text, k=req.k, offset=req.offset, keep_reference=req.keep_reference)
+    plan = Plan(index=idx, text=text, k=req.k, offset=req.offset, keep_reference=req.keep_reference,
+                exclude_dupes=bool(getattr(req, "exclude_dupes", False)))
     if upload is not None:
         plan.image_bytes = upload
     elif req.image is not None:
