@@ -135,3 +135,27 @@ def test_api_exclude_dupes(client, planted, idx):
     ids = [h["id"] for h in r.json()["hits"]]
     assert ids == idx.search(item=big[0], k=5, exclude_dupes=True).ids and len(set(big) & set(ids)) == 1
     assert r.json()["query"]["exclude_dupes"] is True
+
+
+# ---- batch queries -------------------------------------------------------------------------------------
+def test_batch_queries_equal_one_by_one_searches(idx, planted, index_path, tmp_path, capsys):
+    from mmretrieve.cli import main
+
+    x, _ = planted
+    queries = [{"item": "k3"}, {"vector": x[10].tolist()}, {"item": 77}, {"item": "k4", "keep_reference": True}]
+    got = idx.search_batch(queries, k=5)
+    want = [idx.search(item="k3", k=5), idx.search(vector=x[10], k=5), idx.search(item=77, k=5),
+            idx.search(item="k4", k=5, exclude_reference=False)]
+    assert [r.ids for r in got] == [r.ids for r in want]
+    assert all(np.allclose(a.scores, b.scores, atol=1e-5) for a, b in zip(got, want))
+    filt = idx.search_batch(queries[:2], k=5, where="odd = 1")
+    assert [r.ids for r in filt] == [idx.search(item="k3", k=5, where="odd = 1").ids,
+                                     idx.search(vector=x[10], k=5, where="odd = 1").ids]
+    f = tmp_path / "q.jsonl"
+    f.write_text("".join(json.dumps(q) + "\n" for q in queries))
+    capsys.readouterr()
+    assert main(["search", str(index_path), "--queries", str(f), "-k", "5", "--search-device", "cpu"]) == 0
+    lines = [json.loads(s) for s in capsys.readouterr().out.splitlines()]
+    assert [[h["id"] for h in r["hits"]] for r in lines] == [r.ids for r in want]
+    f.write_text('{"item": 1, "text": "x"}\n')
+    assert main(["search", str(index_path), "--queries", str(f), "--search-device", "cpu"]) != 0

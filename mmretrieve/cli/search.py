@@ -10,6 +10,8 @@ def cmd_search(args) -> int:
     from mmretrieve.index import open_index
     from mmretrieve.query import FUSIONS, Query
 
+    if args.queries is not None:
+        return _batch(args)
     if args.text is None and args.image is None and args.video is None and args.item is None:
         return usage_error("give --text, --image, --video or --item, or one of those plus --text (a composed query)")
     if sum(x is not None for x in (args.image, args.video, args.item)) > 1:
@@ -39,6 +41,31 @@ def cmd_search(args) -> int:
     return EXIT_OK
 
 
+def _batch(args) -> int:
+    """``--queries FILE``: JSONL queries in, JSONL results out (one line each, in order)."""
+    import json
+    import sys
+
+    from mmretrieve.index import open_index
+
+    if any(x is not None for x in (args.text, args.image, args.video, args.item)):
+        return usage_error("--queries takes its queries from the file: no --text, --image, --video or --item")
+    queries = []
+    with open(sys.stdin.fileno() if args.queries == "-" else args.queries, encoding="utf-8", closefd=args.queries != "-") as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    queries.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    return usage_error(f"{args.queries} line {n}: not JSON ({e.msg})")
+    idx = open_index(args.name, index_dir=args.index_dir, verify="none" if args.no_verify else "fast",
+                     encoder=args.encoder, version=args.version, search_device=args.search_device, nprobe=args.nprobe,
+                     ef_search=args.ef_search)
+    for res in idx.search_batch(queries, k=args.k, where=args.where, keep_reference=args.keep_reference):
+        print(json.dumps(res.to_dict(), ensure_ascii=False))
+    return EXIT_OK
+
+
 def register(sub, common) -> None:
     s = sub.add_parser("search", parents=[common], help="search by text, image or video, or image/video + text (composed)")
     s.add_argument("name", help="index name or path")
@@ -47,6 +74,9 @@ def register(sub, common) -> None:
     s.add_argument("--video", default=None, help="query video file (its frames are encoded and pooled)")
     s.add_argument("--item", default=None, metavar="ID|KEY",
                    help="query by an item of the index (id, key, id:N or key:K): its stored vector; --image is always a file")
+    s.add_argument("--queries", default=None, metavar="FILE",
+                   help='many queries at once: JSONL lines {"text": ..} / {"item": ..} / {"vector": [..]} ("-": stdin); '
+                        "one batched encode and scan; prints JSONL, one result line per query")
     s.add_argument("--fusion", default=None, help="composed queries: sum (default), weighted, intersection, text, image")
     s.add_argument("--weight", type=float, default=None, help="text weight for --fusion weighted (0..1; implies weighted)")
     s.add_argument("--fusion-options", default=None, help="e.g. 'k1=200,mode=product' for intersection")

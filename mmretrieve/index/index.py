@@ -434,6 +434,16 @@ class Index:
             return _search.search_deduped(self, positive_int(k, "k", "Index.search"), run, threshold=dupe_threshold)
         return run(k)
 
+    def search_batch(self, queries: Sequence[dict], *, k: int = 10, where=None, keep_reference: bool = False,
+                     nprobe: int | None = None, ef_search: int | None = None) -> list[SearchResults]:
+        """Many queries (``{"text": ...}`` / ``{"item": ...}`` / ``{"vector": [...]}``) in one call: one
+        batched text-encoder forward and one batched scan; ``SearchResults`` per query, equal to one-by-one
+        ``search`` calls (coarse stage only). An item query leaves the item out unless ``keep_reference``."""
+        from mmretrieve.index.batch import search_batch
+
+        return search_batch(self, queries, k=k, where=where, keep_reference=keep_reference, nprobe=nprobe,
+                            ef_search=ef_search)
+
     def near_duplicates(self, threshold: float = 0.95, k: int = 10) -> list:
         """Groups of near-duplicate items (``index.dupes.DupeGroup``: ``representative``, ``ids``, ``keys``):
         each live item's top-``k`` neighbours by its stored vector, joined where the similarity is at least
