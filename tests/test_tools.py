@@ -159,3 +159,18 @@ def test_batch_queries_equal_one_by_one_searches(idx, planted, index_path, tmp_p
     assert [[h["id"] for h in r["hits"]] for r in lines] == [r.ids for r in want]
     f.write_text('{"item": 1, "text": "x"}\n')
     assert main(["search", str(index_path), "--queries", str(f), "--search-device", "cpu"]) != 0
+
+
+def test_api_batch_equals_one_by_one(client, planted, idx):
+    x, _ = planted
+    url = "/api/v1/indexes/planted/search/batch"
+    body = {"queries": [{"item": 3}, {"item_key": "k9"}, {"vector": x[12].tolist()}], "k": 4, "filter": "odd = 0"}
+    r = client.post(url, json=body)
+    assert r.status_code == 200, r.text
+    got = [[h["id"] for h in res["hits"]] for res in r.json()["results"]]
+    assert got == [idx.search(item=3, k=4, where="odd = 0").ids, idx.search(item="k9", k=4, where="odd = 0").ids,
+                   idx.search(vector=x[12], k=4, where="odd = 0").ids]
+    assert "vec://" not in r.text  # no stored paths
+    assert client.post(url, json={"queries": [{"item": 1}] * 1000}).status_code == 400
+    assert client.post(url, json={"queries": [{"item": 1}], "k": 10**6}).status_code == 400
+    assert client.post(url, json={"queries": [{"item": 1}], "filter": "odd = = 1"}).status_code == 400

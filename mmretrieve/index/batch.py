@@ -32,7 +32,7 @@ def _kind(q, n: int) -> str:
     return given[0]
 
 
-def query_matrix(index, queries: Sequence[dict]) -> tuple[np.ndarray, list[int | None], list[dict]]:
+def query_matrix(index, queries: Sequence[dict], encoded=None) -> tuple[np.ndarray, list[int | None], list[dict]]:
     """(Q (n, d) float32, the item id of each item query (else None), each query as results describe it)."""
     if not 1 <= len(queries) <= MAX_BATCH:
         raise UsageError(f"a batch takes 1 to {MAX_BATCH} queries, got {len(queries)}")
@@ -43,7 +43,8 @@ def query_matrix(index, queries: Sequence[dict]) -> tuple[np.ndarray, list[int |
         for n in texts:
             if not isinstance(queries[n]["text"], str) or not queries[n]["text"].strip():
                 raise UsageError(f"query {n}: text must be a non-empty string")
-        T = np.asarray(index.encoder.encode_texts([queries[n]["text"] for n in texts]), np.float32)
+        T = (np.asarray(encoded, np.float32) if encoded is not None  # e.g. the service's batcher
+             else np.asarray(index.encoder.encode_texts([queries[n]["text"] for n in texts]), np.float32))
         Q[texts] = T / np.maximum(np.linalg.norm(T, axis=1, keepdims=True), 1e-12)
     item_ids: list[int | None] = [None] * len(queries)
     items = [n for n, k in enumerate(kinds) if k == "item"]
@@ -61,13 +62,14 @@ def query_matrix(index, queries: Sequence[dict]) -> tuple[np.ndarray, list[int |
 
 
 def search_batch(index, queries: Sequence[dict], *, k: int = 10, where=None, keep_reference: bool = False,
-                 nprobe: int | None = None, ef_search: int | None = None) -> list[SearchResults]:
-    """``SearchResults`` per query, in order (see the module)."""
+                 nprobe: int | None = None, ef_search: int | None = None, encoded=None) -> list[SearchResults]:
+    """``SearchResults`` per query, in order (see the module). ``encoded``: the text queries' vectors, in
+    order, when already encoded."""
     from mmretrieve.config import positive_int
 
     k = positive_int(k, "k", "Index.search_batch")
     sel = None if where is None else index.select(where)
-    Q, item_ids, described = query_matrix(index, queries)
+    Q, item_ids, described = query_matrix(index, queries, encoded)
     drops = [None if keep_reference or queries[n].get("keep_reference") else i for n, i in enumerate(item_ids)]
     extra = 1 if any(d is not None for d in drops) else 0
     t0 = time.perf_counter()
