@@ -54,7 +54,7 @@ def test_search_by_item_and_vector_without_the_encoder(imported, name, capsys, l
     import mmretrieve as mr
 
     capsys.readouterr()
-    assert main(["search", name, "--item", "k3", "-k", "3", "--json", "--index-dir", str(imported)]) == 0
+    assert main(["search", name, "--item", "k3", "-k", "3", "--keep-reference", "--json", "--index-dir", str(imported)]) == 0
     import json
 
     hits = json.loads(capsys.readouterr().out)["hits"]
@@ -75,7 +75,7 @@ def test_an_uncached_hub_encoder_fails_fast_in_process(imported, loads):
     with pytest.raises(EncoderUnavailableError, match="not in the local cache"):
         idx.search(text="a cat", k=2)
     assert time.monotonic() - t0 < 10 and loads == [HUB_NAME]
-    assert idx.search(item="k2", k=1).keys == ["k2"]  # the failed text query leaves the item searches working
+    assert idx.search(item="k2", k=1, exclude_reference=False).keys == ["k2"]  # the failed text query leaves the item searches working
 
 
 @pytest.mark.parametrize("name,why", [("mine", "unknown encoder 'my-model'"), ("hub", "not in the local cache")])
@@ -103,7 +103,7 @@ def test_served_without_its_encoder(imported, loads):
         with TestClient(create_app(svc), base_url="http://127.0.0.1") as c:
             assert c.get("/healthz").status_code == 200
             for name in ("mine", "hub"):
-                r = c.post(f"/api/v1/indexes/{name}/search", json={"item_key": "k5", "k": 2})
+                r = c.post(f"/api/v1/indexes/{name}/search", json={"item_key": "k5", "k": 2, "keep_reference": True})
                 assert r.status_code == 200, r.text
                 assert r.json()["hits"][0]["key"] == "k5"
                 r = c.post(f"/api/v1/indexes/{name}/search", json={"vector": [0.25] * 16, "k": 2})

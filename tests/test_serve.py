@@ -151,8 +151,12 @@ def test_batched_searches_match_the_index_and_leave_the_reference_out(client, se
 
 
 def test_more_like_this_and_a_preset_pipeline(client, ids):
-    r = client.post(S, json={"item": ids["coffee"], "k": 3, "pipeline": "emd"}).json()
+    r = client.post(S, json={"item": ids["coffee"], "k": 3, "pipeline": "emd", "keep_reference": True}).json()
     assert r["hits"][0]["key"] == "coffee" and r["stages"] == ["coarse", "emd"]
+    r = client.post(S, json={"item_key": "coffee", "k": 3}).json()  # more like this: the item itself left out
+    assert len(r["hits"]) == 3 and "coffee" not in [h["key"] for h in r["hits"]]
+    r = client.post(S, json={"item": ids["coffee"], "k": 3}).json()
+    assert "coffee" not in [h["key"] for h in r["hits"]]
 
 
 def test_video_hit_carries_its_best_moment(client):

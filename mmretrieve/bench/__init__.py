@@ -32,6 +32,7 @@ BENCHMARKS = {
     "generate": "generate",
     "rankagg": "rankagg",
     "locore": "locore",
+    "dupes": "dupes",
 }
 
 

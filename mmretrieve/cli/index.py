@@ -192,6 +192,27 @@ def cmd_info(args) -> int:
     return EXIT_OK
 
 
+def cmd_dupes(args) -> int:
+    from mmretrieve.cli.common import usage_error
+    from mmretrieve.index import open_index
+    from mmretrieve.results import printable
+
+    if args.k < 1 or not 0 < args.threshold <= 1:
+        return usage_error("--k must be at least 1 and --threshold in (0, 1]")
+    with open_index(args.name, index_dir=args.index_dir, search_device=args.search_device) as idx:
+        groups = idx.near_duplicates(args.threshold, args.k)
+    if args.json:
+        out_json({"threshold": args.threshold, "k": args.k, "groups": [g.to_dict() for g in groups]})
+        return EXIT_OK
+    print(f"{len(groups)} group(s) of near-duplicates (similarity >= {args.threshold:g}), "
+          f"{sum(len(g.ids) for g in groups)} items")
+    for g in groups:
+        rep = g.keys[0] if g.keys else str(g.representative)
+        others = ", ".join(printable(k) for k in g.keys[1:])
+        print(f"  {printable(rep)} (id {g.representative}, {len(g.ids)} items): {others}")
+    return EXIT_OK
+
+
 def cmd_list(args) -> int:
     from mmretrieve.store import default_index_dir, describe_manifest, read_manifest
 
@@ -303,6 +324,14 @@ def register(sub, common: argparse.ArgumentParser) -> None:
     i.add_argument("--version", default=None, help="a retained version (e.g. v0007, previous; default: live)")
     i.add_argument("--json", action="store_true", help="print as JSON")
     i.set_defaults(func=cmd_info)
+    du = isub.add_parser("dupes", parents=[common], help="groups of near-duplicate items, each with a representative")
+    du.add_argument("name", help="index name or path")
+    du.add_argument("--threshold", type=float, default=0.95, help="similarity at which two items are duplicates (default 0.95)")
+    du.add_argument("--k", type=int, default=10, help="neighbours searched per item (default 10)")
+    du.add_argument("--search-device", choices=["auto", "cpu", "cuda"], default=None, help="where the searches run")
+    du.add_argument("--json", action="store_true", help="print the groups as JSON")
+    du.set_defaults(func=cmd_dupes)
+
     ls = isub.add_parser("list", parents=[common], help="list the indexes under the indexes home")
     ls.add_argument("--json", action="store_true", help="print as JSON")
     ls.set_defaults(func=cmd_list)

@@ -10,6 +10,8 @@ def cmd_search(args) -> int:
     from mmretrieve.index import open_index
     from mmretrieve.query import FUSIONS, Query
 
+    if args.queries is not None:
+        return _batch(args)
     if args.text is None and args.image is None and args.video is None and args.item is None:
         return usage_error("give --text, --image, --video or --item, or one of those plus --text (a composed query)")
     if sum(x is not None for x in (args.image, args.video, args.item)) > 1:
@@ -30,11 +32,37 @@ def cmd_search(args) -> int:
     default = "weighted" if args.weight is not None else "sum"
     fusion = args.fusion or (pipeline.coarse_fusion if pipeline is not None else None) or default
     query = Query(text=args.text, image=args.image, video=args.video, item=args.item, fusion=fusion, options=options)
-    res = idx.search(query, k=args.k, exclude_reference=not args.keep_reference, pipeline=pipeline, where=args.where)
+    res = idx.search(query, k=args.k, exclude_reference=not args.keep_reference, pipeline=pipeline, where=args.where,
+                     exclude_dupes=args.exclude_dupes, dupe_threshold=args.dupe_threshold)
     if args.json:
         out_json(res.to_dict())
     else:
         print(res.table(show=[c.strip() for c in (args.show or "").split(",") if c.strip()]))
+    return EXIT_OK
+
+
+def _batch(args) -> int:
+    """``--queries FILE``: JSONL queries in, JSONL results out (one line each, in order)."""
+    import json
+    import sys
+
+    from mmretrieve.index import open_index
+
+    if any(x is not None for x in (args.text, args.image, args.video, args.item)):
+        return usage_error("--queries takes its queries from the file: no --text, --image, --video or --item")
+    queries = []
+    with open(sys.stdin.fileno() if args.queries == "-" else args.queries, encoding="utf-8", closefd=args.queries != "-") as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    queries.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    return usage_error(f"{args.queries} line {n}: not JSON ({e.msg})")
+    idx = open_index(args.name, index_dir=args.index_dir, verify="none" if args.no_verify else "fast",
+                     encoder=args.encoder, version=args.version, search_device=args.search_device, nprobe=args.nprobe,
+                     ef_search=args.ef_search)
+    for res in idx.search_batch(queries, k=args.k, where=args.where, keep_reference=args.keep_reference):
+        print(json.dumps(res.to_dict(), ensure_ascii=False))
     return EXIT_OK
 
 
@@ -46,10 +74,14 @@ def register(sub, common) -> None:
     s.add_argument("--video", default=None, help="query video file (its frames are encoded and pooled)")
     s.add_argument("--item", default=None, metavar="ID|KEY",
                    help="query by an item of the index (id, key, id:N or key:K): its stored vector; --image is always a file")
+    s.add_argument("--queries", default=None, metavar="FILE",
+                   help='many queries at once: JSONL lines {"text": ..} / {"item": ..} / {"vector": [..]} ("-": stdin); '
+                        "one batched encode and scan; prints JSONL, one result line per query")
     s.add_argument("--fusion", default=None, help="composed queries: sum (default), weighted, intersection, text, image")
     s.add_argument("--weight", type=float, default=None, help="text weight for --fusion weighted (0..1; implies weighted)")
     s.add_argument("--fusion-options", default=None, help="e.g. 'k1=200,mode=product' for intersection")
-    s.add_argument("--keep-reference", action="store_true", help="composed queries: keep the reference image in results")
+    s.add_argument("--keep-reference", action="store_true", help="keep the query's own item (--item, or a composed query's indexed reference) in the "
+                                                                    "results (default: left out)")
     s.add_argument("-k", type=int, default=10, help="number of results (default 10)")
     s.add_argument("--encoder", default=None, help="query encoder (default: the index's own)")
     s.add_argument("--rerank", action="append", default=None, help='reranker spec, e.g. "emd:k=100,alpha=0.7" (repeatable)')
@@ -64,6 +96,10 @@ def register(sub, common) -> None:
     s.add_argument("--where", default=None, metavar="FILTER",
                    help="keep to items whose metadata match, e.g. \"year >= 2020 and license in ('cc-by', 'cc0')\" "
                         "(grammar: docs/cli.md; k results whenever k items match)")
+    s.add_argument("--exclude-dupes", action="store_true",
+                   help="one result per near-duplicate group, the best-ranked (groups as `index dupes` finds them)")
+    s.add_argument("--dupe-threshold", type=float, default=0.95, metavar="SIM",
+                   help="--exclude-dupes: the similarity that makes two items duplicates (default 0.95)")
     s.add_argument("--show", default=None, metavar="FIELDS",
                    help="table columns to add: comma-separated fields, e.g. caption,license (JSON output has them all)")
     s.add_argument("--json", action="store_true", help="print the results as JSON (every hit with its metadata)")

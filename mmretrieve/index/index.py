@@ -448,7 +448,8 @@ class Index:
     def search(self, query: Query | None = None, *, text=None, image=None, video=None, item=None, vector=None,
                fusion: str | None = None, k: int = 10, exclude: Sequence[int | str] | None = None,
                exclude_reference: bool = True, pipeline=None, nprobe: int | None = None, ef_search: int | None = None,
-               where: str | None = None, **options: Any) -> SearchResults:
+               where: str | None = None, exclude_dupes: bool = False, dupe_threshold: float = 0.95,
+               **options: Any) -> SearchResults:
         """Search by text, image (or video), both (composed), a stored item, or a precomputed ``vector``.
         Returns ``SearchResults`` (best first; ``hit.score`` falls with rank).
 
@@ -458,18 +459,49 @@ class Index:
 
         ``fusion`` and its ``options`` (``weight``; ``k1``, ``mode``) say how a composed query is searched
         (default: the pipeline's coarse fusion, else ``sum``); unknown options are refused.
-        ``exclude_reference``: for composed queries whose reference image is itself in the index, leave
-        it out of the results (what composed retrieval asks for). ``pipeline``: a ``Pipeline`` of
+        ``exclude_reference``: leave the query's own item out of the results: for ``item=`` queries ("more
+        like this") and for composed queries whose reference image is itself in the index (what composed
+        retrieval asks for); ``False`` keeps it. ``pipeline``: a ``Pipeline`` of
         rerankers (or a preset name / spec string / list, as ``--rerank`` / ``--pipeline`` take them);
         without one, only the coarse stage runs. ``nprobe`` / ``ef_search``: this search's IVF / HNSW
         breadth. ``where``: a metadata filter (``"year >= 2020 and license in ('cc-by', 'cc0')"``; see
         docs/python-api.md): every stage sees matching items only, and ``k`` hits come back whenever ``k``
         items match. Each hit carries its item's metadata (``hit.metadata``). For ids and scores of many
-        raw vectors at once, see ``search_vectors``.
+        raw vectors at once, see ``search_vectors``. ``exclude_dupes``: one hit per near-duplicate group
+        (the best-ranked; groups of ``near_duplicates(dupe_threshold)``, found once per snapshot).
         """
-        return _search.search(self, query, text=text, image=image, video=video, item=item, vector=vector, fusion=fusion,
-                              k=k, exclude=exclude, exclude_reference=exclude_reference, pipeline=pipeline,
-                              nprobe=nprobe, ef_search=ef_search, where=where, **options)
+        def run(n: int) -> SearchResults:
+            return _search.search(self, query, text=text, image=image, video=video, item=item, vector=vector,
+                                  fusion=fusion, k=n, exclude=exclude, exclude_reference=exclude_reference,
+                                  pipeline=pipeline, nprobe=nprobe, ef_search=ef_search, where=where, **options)
+
+        if exclude_dupes:
+            from mmretrieve.config import positive_int
+
+            return _search.search_deduped(self, positive_int(k, "k", "Index.search"), run, threshold=dupe_threshold)
+        return run(k)
+
+    def search_batch(self, queries: Sequence[dict], *, k: int = 10, where=None, keep_reference: bool = False,
+                     nprobe: int | None = None, ef_search: int | None = None) -> list[SearchResults]:
+        """Many queries (``{"text": ...}`` / ``{"item": ...}`` / ``{"vector": [...]}``) in one call: one
+        batched text-encoder forward and one batched scan; ``SearchResults`` per query, equal to one-by-one
+        ``search`` calls (coarse stage only). An item query leaves the item out unless ``keep_reference``."""
+        from mmretrieve.index.batch import search_batch
+
+        return search_batch(self, queries, k=k, where=where, keep_reference=keep_reference, nprobe=nprobe,
+                            ef_search=ef_search)
+
+    def near_duplicates(self, threshold: float = 0.95, k: int = 10) -> list:
+        """Groups of near-duplicate items (``index.dupes.DupeGroup``: ``representative``, ``ids``, ``keys``):
+        each live item's top-``k`` neighbours by its stored vector, joined where the similarity is at least
+        ``threshold`` (union-find; O(N·k), never pairwise). Cached per snapshot and (threshold, k)."""
+        from mmretrieve.index.dupes import near_duplicates
+
+        key = (float(threshold), int(k))
+        cache = self.__dict__.setdefault("_dupes", {})
+        if key not in cache:
+            cache[key] = near_duplicates(self, threshold, k)
+        return cache[key]
 
     def encode_video(self, path) -> np.ndarray:
         """A video's vector, sampled and pooled as this index's videos were (in-process, no timeout)."""

@@ -148,8 +148,8 @@ def search(index, query: Query | None = None, *, text=None, image=None, video=No
         check_options("Index.search with a Query (options belong in the Query)", options, ())
         raise UsageError("give either a Query or text= / image= / video= / item= / fusion=, not both")
     resolve_visual(index, query)
-    if exclude_reference and query.kind.startswith("composed") and query.image_id is not None:
-        excl.append(query.image_id)
+    if exclude_reference and query.image_id is not None and (query.kind.startswith("composed") or query.item is not None):
+        excl.append(query.image_id)  # "more like this" (item=) and composed retrieval leave the reference out
     return run(index, encode_query(index, query), k=k, exclude=excl, pipeline=pipe, nprobe=nprobe, ef_search=ef_search,
                where=where)
 
@@ -268,4 +268,26 @@ def metadata_of(item) -> dict[str, Any]:
     return out
 
 
-__all__ = ["metadata_of", "search", "run", "coarse", "encode_query", "resolve_visual", "query_row", "hydrate"]
+def search_deduped(index, k: int, fetch, *, threshold: float = 0.95, dupe_k: int = 10) -> SearchResults:
+    """``exclude_dupes``: the top ``k`` of ``fetch(n)`` (a search for ``n`` hits) with one hit per
+    near-duplicate group (the best-ranked; groups of ``Index.near_duplicates(threshold, dupe_k)``, found
+    once per snapshot). Asks for more hits while duplicates leave fewer than ``k`` (doubling, bounded)."""
+    from dataclasses import replace
+
+    from mmretrieve.index.dupes import dedupe_hits, group_of
+
+    groups = group_of(index.near_duplicates(threshold, dupe_k))
+    live = max(1, len(index))
+    n = min(2 * k, live)
+    for _ in range(32):  # doubling: at most log2(N) rounds are ever needed
+        res = fetch(n)
+        kept = dedupe_hits(res.hits, groups)
+        if len(kept) >= k or len(res.hits) < n or n >= live:
+            break
+        n = min(2 * n, live)
+    res.hits = [replace(h, rank=r) for r, h in enumerate(kept[:k], 1)]
+    res.query["exclude_dupes"] = {"threshold": threshold, "k": dupe_k}
+    return res
+
+
+__all__ = ["metadata_of", "search", "search_deduped", "run", "coarse", "encode_query", "resolve_visual", "query_row", "hydrate"]

@@ -330,6 +330,9 @@ def api_router(service: Service) -> APIRouter:
         req, upload = await read_body(request, M.EmbedRequest, service)
         return JSONResponse(await service.embed(req, upload))
 
+    from mmretrieve.serve import batch_api
+
+    batch_api.register(r, service, read_body)
     return r
 
 

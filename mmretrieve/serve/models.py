@@ -31,7 +31,10 @@ class SearchRequest(BaseModel):
     pipeline: str | None = Field(
         None, description="a pipeline preset by name (configs/pipelines), e.g. \"emd\" or \"cotrr\" (describe -> "
                           "coarse -> listwise; needs a server started with --vlm)")
-    keep_reference: bool = Field(False, description="composed queries: keep the reference item in the results")
+    keep_reference: bool = Field(False, description="keep the query's own item (item / item_key) in the results; by "
+                                "default it is left out (more like this, composed reference)")
+    exclude_dupes: bool = Field(False, description="one hit per near-duplicate group (similarity >= 0.95), the "
+                                "best-ranked; the groups are found once per served version (`mmretrieve index dupes`)")
     filter: str | None = Field(
         None, description="a metadata filter, e.g. \"year >= 2020 and license in ('cc-by', 'cc0')\": only matching "
                           "items come back (k of them whenever k match); a filter that does not parse is a 400 naming "

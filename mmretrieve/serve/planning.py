@@ -33,6 +33,8 @@ class Plan:
     keep_reference: bool = False
     #: the request's filter, checked and evaluated on this snapshot (an ``index.filtered.Selection``)
     where: Any = None
+    #: one hit per near-duplicate group (``index.dupes``)
+    exclude_dupes: bool = False
 
     @property
     def window(self) -> int:
@@ -49,8 +51,9 @@ class Plan:
 
     @property
     def exclude(self) -> tuple[int, ...]:
-        """A composed query's reference item is left out of its results (unless asked to keep it)."""
-        return (self.item.id,) if self.composed and self.item is not None and not self.keep_reference else ()
+        """The query's item (``item`` / ``item_key``: "more like this", or a composed query's reference) is left
+        out of its results, unless asked to keep it."""
+        return (self.item.id,) if self.item is not None and not self.keep_reference else ()
 
     def query(self, image=None) -> Query | None:
         """The ``Query`` (None for a raw vector); ``image``: the decoded upload, once there is one."""
@@ -80,6 +83,8 @@ class Plan:
                      if self.vector is not None else "image")
         if self.where is not None:
             d["where"] = self.where.where
+        if self.exclude_dupes:
+            d["exclude_dupes"] = True
         if self.composed:
             d["fusion"] = self.fusion
             d.update(self.options)
@@ -110,7 +115,8 @@ def plan_request(config, policy, idx, req, upload: bytes | None = None) -> Plan:
         raise UsageError(f"give one of image, item, item_key and vector, not {' and '.join(sources)}")
     if not sources and text is None:
         raise UsageError("a search needs text, an image, an item or a vector (or an image / item plus text)")
-    plan = Plan(index=idx, text=text, k=req.k, offset=req.offset, keep_reference=req.keep_reference)
+    plan = Plan(index=idx, text=text, k=req.k, offset=req.offset, keep_reference=req.keep_reference,
+                exclude_dupes=bool(getattr(req, "exclude_dupes", False)))
     if upload is not None:
         plan.image_bytes = upload
     elif req.image is not None:

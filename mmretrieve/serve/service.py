@@ -177,7 +177,7 @@ class Service:
     def _batchable(self, plan: Plan, prepared):
         """The one query vector when the request is one top-k of it (no rerankers, a strategy that plans
         one search): such searches of concurrent requests share one scan. None otherwise."""
-        if plan.heavy or plan.where is not None or len(plan.index) * plan.index.dim * 4 < self.config.batch_scan_min_bytes:
+        if plan.heavy or plan.where is not None or plan.exclude_dupes or len(plan.index) * plan.index.dim * 4 < self.config.batch_scan_min_bytes:
             return None
         if plan.vector is not None:
             return plan.vector
@@ -195,16 +195,22 @@ class Service:
                                                                timings={"coarse": ms}), deadline)
 
     def _execute(self, plan: Plan, prepared):
-        """The search path on a worker thread (rerankers under their model locks)."""
+        """The search path on a worker thread (rerankers under their model locks); ``exclude_dupes``: one hit
+        per near-duplicate group (more hits are searched while duplicates leave the page short)."""
+        if plan.exclude_dupes:
+            return search_path.search_deduped(plan.index, plan.window, lambda n: self._execute_k(plan, prepared, n))
+        return self._execute_k(plan, prepared, plan.window)
+
+    def _execute_k(self, plan: Plan, prepared, k: int):
         idx = plan.index
         if plan.vector is not None:
-            return idx.search(vector=plan.vector, k=plan.window, where=plan.where)
+            return idx.search(vector=plan.vector, k=k, where=plan.where)
         query, sides = prepared
         encoded = search_path.encode_query(idx, query, sides)
         for _, lock in plan.locks:
             lock.acquire()
         try:
-            return search_path.run(idx, encoded, k=plan.window, exclude=plan.exclude,
+            return search_path.run(idx, encoded, k=k, exclude=plan.exclude,
                                    pipeline=plan.pipeline if plan.heavy else None, where=plan.where)
         finally:
             for _, lock in reversed(plan.locks):
