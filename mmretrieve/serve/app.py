@@ -42,6 +42,7 @@ from mmretrieve.errors import (
     UnauthorizedError,
     UsageError,
 )
+from mmretrieve.serve import collection
 from mmretrieve.serve import models as M
 from mmretrieve.serve.media_response import ITEM_BYTES_HEADERS, media_response
 from mmretrieve.serve.protection import rate_limited
@@ -330,6 +331,7 @@ def api_router(service: Service) -> APIRouter:
         req, upload = await read_body(request, M.EmbedRequest, service)
         return JSONResponse(await service.embed(req, upload))
 
+    collection.register(r, service)  # facets and the embeddings map (serve/collection.py)
     return r
 
 
