@@ -45,14 +45,15 @@ def site(tmp_path_factory, embedded, samples):
         for i, s in enumerate(samples):
             w.writerow([s.path, s.id, s.caption, 2010 + i % 5, LICENSES[i % 3], EVIL if i == 0 else f"note {i}"])
     build_index("photos", manifest, encoder=embedded, index_dir=root / "indexes")
-    os.environ.setdefault("MMRETRIEVE_CACHE", str(root / "cache"))
-    svc = Service(ServeConfig(indexes=["photos"], index_dir=str(root / "indexes"), reload_interval_s=0),
-                  encoders={"embedded": embedded}).start()
-    try:
-        with running_server(create_app(svc)) as base:
-            yield base, svc
-    finally:
-        svc.close()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MMRETRIEVE_CACHE", str(root / "cache"))  # the map's cache file
+        svc = Service(ServeConfig(indexes=["photos"], index_dir=str(root / "indexes"), reload_interval_s=0),
+                      encoders={"embedded": embedded}).start()
+        try:
+            with running_server(create_app(svc)) as base:
+                yield base, svc
+        finally:
+            svc.close()
 
 
 @pytest.fixture(scope="module")
