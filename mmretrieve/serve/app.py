@@ -42,6 +42,7 @@ from mmretrieve.errors import (
     UnauthorizedError,
     UsageError,
 )
+from mmretrieve.serve import collection
 from mmretrieve.serve import models as M
 from mmretrieve.serve.media_response import ITEM_BYTES_HEADERS, media_response
 from mmretrieve.serve.protection import rate_limited
@@ -333,6 +334,7 @@ def api_router(service: Service) -> APIRouter:
     from mmretrieve.serve import batch_api
 
     batch_api.register(r, service, read_body)
+    collection.register(r, service)  # facets and the embeddings map (serve/collection.py)
     return r
 
 

@@ -9,10 +9,13 @@
   const state = {
     index: null, detail: null, q: "", item: null, upload: null, uploadUrl: null,
     fusion: "sum", weight: 0.5, rerank: "", k: DEFAULT_K, compare: false, fusion2: "intersection",
+    filter: "", show: [],
   };
   const columns = [{ fusion: "sum", next: null, stages: [] }, { fusion: "intersection", next: null, stages: [] }];
   let seq = 0;
   let opener = null;
+  const hitsShown = [];  // the hits of the first column, in grid order (selection ranges, export)
+  const selected = new Map();  // id -> hit
 
   // ---- helpers ------------------------------------------------------------------------------------------
   function el(tag, attrs, ...children) {
@@ -61,6 +64,8 @@
     if (state.rerank) p.set("rerank", state.rerank);
     if (state.k !== DEFAULT_K) p.set("k", String(state.k));
     if (state.compare) p.set("compare", state.fusion2);
+    if (state.filter) p.set("filter", state.filter);
+    if (state.show.length) p.set("show", state.show.join(","));
     return "?" + p.toString();
   }
   async function fromURL() {
@@ -72,6 +77,8 @@
     state.k = parseInt(p.get("k") || String(DEFAULT_K), 10) || DEFAULT_K;
     state.compare = p.has("compare");
     state.fusion2 = p.get("compare") || "intersection";
+    state.filter = p.get("filter") || "";
+    state.show = (p.get("show") || "").split(",").filter(Boolean);
     clearUpload();
     state.item = null;
     const item = p.get("item");
@@ -98,6 +105,7 @@
     $("k").value = String(state.k);
     $("compare").checked = state.compare;
     setSelect($("fusion2"), state.fusion2);
+    $("filter").value = state.filter;
     showReference();
     updateControls();
   }
@@ -109,6 +117,7 @@
     state.k = parseInt($("k").value, 10) || DEFAULT_K;
     state.compare = $("compare").checked;
     state.fusion2 = $("fusion2").value;
+    state.filter = $("filter").value.trim();
   }
   function updateControls() {
     const c = composed() || !!(state.item || state.upload);
@@ -196,6 +205,7 @@
     }
     if (state.rerank.startsWith("preset:")) b.pipeline = state.rerank.slice(7);
     else if (state.rerank) b.rerank = [state.rerank];
+    if (state.filter) b.filter = state.filter;
     return b;
   }
   function runSearch(fusion, offset) {
@@ -214,13 +224,14 @@
   async function search(push) {
     readForm();
     updateControls();
+    const url = toURL();
+    if (push !== false && url !== location.search) history.pushState(null, "", url);
+    loadFacets();
     if (!state.q && !state.item && !state.upload) {
       status("Type a text, or drop, paste or choose an image.");
       $("q").focus();
       return;
     }
-    const url = toURL();
-    if (push !== false && url !== location.search) history.pushState(null, "", url);
     const mine = ++seq;
     const both = state.compare && composed();
     columns[0].fusion = state.fusion;
@@ -232,6 +243,7 @@
       const results = await Promise.all(runs.map((f) => runSearch(f, 0)));
       if (mine !== seq) return;
       results.forEach((res, i) => render(i, res, false));
+      drawMap();
       if (!both) $("col-1").hidden = true;
       const r = results[0];
       const what = r.query.kind + (r.query.fusion ? ` (${runs.join(" vs ")})` : "");
@@ -248,6 +260,7 @@
     try {
       const res = await runSearch(col.fusion, col.next);
       render(i, res, true);
+      drawMap();
     } catch (e) { status(e.message, true); }
   }
 
@@ -315,8 +328,18 @@
     if (h.caption) b.append(el("span", { class: "caption", text: h.caption, title: h.caption }));
     b.append(el("span", { class: "score", text: `score ${fmt(h.score)}` }));
     if (stagesEl) b.append(el("span", { class: "stages" }, stagesEl));
-    b.addEventListener("click", () => openDetail(h, stages, b));
-    return el("li", {}, b);
+    const shown = hitMeta(h);
+    if (shown) b.append(shown);
+    const li = el("li", {}, b);
+    const box = el("input", { type: "checkbox", class: "sel", "aria-label": `select ${shortKey(h.key)}`, tabindex: "-1" });
+    box.addEventListener("click", (e) => { e.stopPropagation(); toggleSelect(h, e.shiftKey, box.checked); });
+    li.prepend(box);
+    if (selected.has(h.id)) { box.checked = true; li.classList.add("selected"); }
+    b.addEventListener("click", (e) => {
+      if (e.shiftKey || e.ctrlKey || e.metaKey) { e.preventDefault(); toggleSelect(h, e.shiftKey, !selected.has(h.id)); return; }
+      openDetail(h, stages, b);
+    });
+    return li;
   }
   function render(i, res, append) {
     const col = $(`col-${i}`);
@@ -324,6 +347,8 @@
     const c = columns[i];
     c.stages = res.stages;
     c.next = res.next_offset;
+    if (!append && i === 0) hitsShown.length = 0;
+    if (i === 0) hitsShown.push(...res.hits);
     const cards = res.hits.map((h) => hitCard(h, res.stages));
     if (append) grid.append(...cards); else grid.replaceChildren(...cards);
     const title = [];
@@ -367,6 +392,7 @@
     for (const [s, v] of Object.entries(h.stage_scores || {})) meta.push([`${s} score`, fmt(v, 4)]);
     if (moment) meta.push(["best moment", `${fmt(h.moment, 2)} s`]);
     meta.push(["id", String(h.id)]);
+    for (const [k, v] of Object.entries(h.metadata || {})) meta.push([k, asText(v)]);
     $("d-meta").replaceChildren(...meta.flatMap(([k, v]) => [el("dt", { text: k }), el("dd", { text: v })]));
     const open = $("d-open");
     open.hidden = !h.media;
@@ -396,6 +422,304 @@
     status(`Reference: ${shortKey(h.key)}. Type a modification text and press Enter.`);
   }
 
+  // ---- browsing: filters from facets, shown fields ---------------------------------------------------------
+  // Metadata values are data: they reach the page as text only (textContent), and reach a filter quoted.
+  const KEYWORDS = new Set(["and", "or", "not", "in", "is", "null", "true", "false", "contains"]);
+  const BUILTINS = new Set(["id", "key", "uri", "kind", "caption", "size", "mtime", "width", "height", "added_at"]);
+  function quoteField(name, builtin) {
+    if (builtin) return name;
+    if (/^[A-Za-z_][A-Za-z0-9_]*$/.test(name) && !KEYWORDS.has(name.toLowerCase()) && !BUILTINS.has(name)) return name;
+    return "`" + name.replace(/`/g, "``") + "`";
+  }
+  function literal(v) {
+    if (typeof v === "boolean") return v ? "true" : "false";
+    if (typeof v === "number") return String(v);
+    return "'" + String(v).replace(/'/g, "''") + "'";
+  }
+  function addClause(clause) {
+    const f = state.filter.trim();
+    state.filter = f ? `(${f}) and ${clause}` : clause;
+    $("filter").value = state.filter;
+    search();
+  }
+  const valueText = (v) => (v === null || v === undefined ? "–" : typeof v === "object" ? JSON.stringify(v) : String(v));
+  function hitMeta(h) {
+    const md = h.metadata || {};
+    const rows = state.show.filter((f) => f in md).flatMap((f) => [el("dt", { text: f }), el("dd", { text: valueText(md[f]), title: valueText(md[f]) })]);
+    return rows.length ? el("dl", { class: "hit-meta" }, ...rows) : null;
+  }
+  let facetSeq = 0;
+  let facetFields = [];
+  async function loadFacets() {
+    if (!state.index) return;
+    const mine = ++facetSeq;
+    const q = state.filter ? `?filter=${encodeURIComponent(state.filter)}` : "";
+    try {
+      const f = await api(`/indexes/${encodeURIComponent(state.index)}/facets${q}`);
+      if (mine !== facetSeq) return;
+      facetFields = f.fields;
+      $("facets-info").textContent = `${f.matching} matching`;
+      $("facets").replaceChildren(...f.fields.map(facetBox));
+      renderShowFields();
+    } catch (e) {
+      if (mine === facetSeq) { $("facets-info").textContent = ""; $("facets").replaceChildren(el("p", { class: "muted", text: e.message })); }
+    }
+  }
+  function facetBox(f) {
+    const box = el("details", { class: "facet", open: f.values.length <= 12 ? true : null });
+    box.dataset.field = f.name;
+    box.append(el("summary", { text: `${f.name} (${f.distinct}${f.truncated ? ", top " + f.values.length : ""})`, title: f.name }));
+    const name = quoteField(f.name, !!f.builtin);
+    if (f.histogram) box.append(histogram(f.histogram), rangeForm(f, name));
+    const list = el("ul", { class: "facet-values" });
+    for (const v of f.values) {
+      const b = el("button", { type: "button", class: "facet-value" }, el("span", { class: "v", text: valueText(v.value) }),
+                   el("span", { class: "n", text: String(v.count) }));
+      b.dataset.value = valueText(v.value);
+      b.addEventListener("click", () => addClause(`${name} = ${literal(v.value)}`));
+      list.append(el("li", {}, b));
+    }
+    box.append(list);
+    return box;
+  }
+  function histogram(h) {
+    const top = Math.max(1, ...h.counts);
+    const bars = h.counts.map((n, i) => {
+      const s = el("span", { title: `${fmt(h.edges[i], 2)} – ${fmt(h.edges[i + 1], 2)}: ${n}` });
+      s.style.height = `${Math.round((100 * n) / top)}%`;
+      return s;
+    });
+    return el("div", { class: "hist", "aria-hidden": "true" }, ...bars);
+  }
+  function rangeForm(f, name) {
+    const lo = el("input", { type: "number", step: "any", value: String(f.min), "aria-label": `${f.name} from` });
+    const hi = el("input", { type: "number", step: "any", value: String(f.max), "aria-label": `${f.name} to` });
+    const go = el("button", { type: "button", class: "secondary", text: "Apply" });
+    go.addEventListener("click", () => {
+      const a = parseFloat(lo.value), b = parseFloat(hi.value);
+      const parts = [];
+      if (Number.isFinite(a)) parts.push(`${name} >= ${a}`);
+      if (Number.isFinite(b)) parts.push(`${name} <= ${b}`);
+      if (parts.length) addClause(parts.join(" and "));
+    });
+    return el("div", { class: "range" }, lo, el("span", { text: "–" }), hi, go);
+  }
+  function renderShowFields() {
+    const names = facetFields.filter((f) => !f.builtin).map((f) => f.name);
+    for (const n of state.show) if (!names.includes(n)) names.push(n);
+    $("show-fields").replaceChildren(...names.map((n) => {
+      const cb = el("input", { type: "checkbox", checked: state.show.includes(n) });
+      cb.dataset.field = n;
+      cb.addEventListener("change", () => {
+        state.show = [...$("show-fields").querySelectorAll("input:checked")].map((x) => x.dataset.field);
+        history.replaceState(null, "", toURL());
+        rerenderCards();
+      });
+      return el("label", {}, cb, " ", el("span", { text: n }));
+    }));
+  }
+  function rerenderCards() {
+    document.querySelectorAll(".grid .hit").forEach((b) => {
+      const h = hitsShown.find((x) => String(x.id) === b.dataset.id);
+      const old = b.querySelector(".hit-meta");
+      if (old) old.remove();
+      const m = h ? hitMeta(h) : null;
+      if (m) b.append(m);
+    });
+  }
+
+  // ---- the map: every item on two dimensions, drawn into one ImageData (no per-point DOM) -------------------
+  const MAX_MAP_IDS = 300;  // a box becomes "id in (...)": a filter is at most 4096 characters
+  const map = { ids: null, xy: null, base: null, index: null, drag: null };
+  function b64bytes(b64) {
+    const bin = atob(b64), out = new Uint8Array(bin.length);
+    for (let i = 0; i < bin.length; i++) out[i] = bin.charCodeAt(i);
+    return out.buffer;
+  }
+  function half(h) {  // float16 -> number
+    const s = h & 0x8000 ? -1 : 1, e = (h >> 10) & 0x1f, f = h & 0x3ff;
+    if (e === 0) return s * f * 2 ** -24;
+    if (e === 31) return f ? NaN : s * Infinity;
+    return s * (1 + f / 1024) * 2 ** (e - 15);
+  }
+  async function loadMap() {
+    const index = state.index;
+    map.ids = null;
+    $("map-info").textContent = "loading…";
+    try {
+      const m = await api(`/indexes/${encodeURIComponent(index)}/map`);
+      if (index !== state.index) return;
+      const ids = m.ids_dtype === "int32" ? new Int32Array(b64bytes(m.ids)) : new Float64Array(b64bytes(m.ids));
+      const raw = new Uint16Array(b64bytes(m.xy));
+      const xy = new Float32Array(raw.length);
+      for (let i = 0; i < raw.length; i++) xy[i] = half(raw[i]);
+      Object.assign(map, { ids, xy, index, pos: new Map() });
+      for (let i = 0; i < ids.length; i++) map.pos.set(ids[i], i);
+      $("map-info").textContent = `${m.count} items · ${m.method}`;
+      map.base = null;
+      drawMap();
+    } catch (e) { $("map-info").textContent = e.message; }
+  }
+  function toCanvas(c, x, y) {
+    const pad = 6;
+    return [pad + ((x + 1) / 2) * (c.width - 2 * pad), pad + ((1 - y) / 2) * (c.height - 2 * pad)];
+  }
+  function drawBase(c, ctx) {
+    const img = ctx.createImageData(c.width, c.height);
+    const px = new Uint32Array(img.data.buffer);
+    px.fill(0xffffffff);
+    const dot = 0xffb08a5f;  // ABGR, little-endian: a muted blue
+    const { xy } = map, w = c.width, h = c.height;
+    for (let i = 0; i < xy.length / 2; i++) {
+      const [x, y] = toCanvas(c, xy[2 * i], xy[2 * i + 1]);
+      const xi = x | 0, yi = y | 0;
+      if (xi >= 0 && yi >= 0 && xi < w - 1 && yi < h - 1) {
+        const o = yi * w + xi;
+        px[o] = dot; px[o + 1] = dot; px[o + w] = dot; px[o + w + 1] = dot;
+      }
+    }
+    map.base = img;
+  }
+  function drawMap() {
+    const c = $("map");
+    if (!map.ids || !c) return;
+    const ctx = c.getContext("2d");
+    if (!map.base) drawBase(c, ctx);
+    ctx.putImageData(map.base, 0, 0);
+    ctx.fillStyle = "#e8590c";
+    for (const h of hitsShown) {
+      const i = map.pos.get(h.id);
+      if (i === undefined) continue;
+      const [x, y] = toCanvas(c, map.xy[2 * i], map.xy[2 * i + 1]);
+      ctx.fillRect(x - 3, y - 3, 7, 7);
+    }
+    const d = map.drag;
+    if (d) {
+      ctx.strokeStyle = "#0b5cad";
+      ctx.lineWidth = 1.5;
+      ctx.strokeRect(Math.min(d.x0, d.x1), Math.min(d.y0, d.y1), Math.abs(d.x1 - d.x0), Math.abs(d.y1 - d.y0));
+    }
+  }
+  function canvasPoint(c, e) {
+    const r = c.getBoundingClientRect();
+    return [((e.clientX - r.left) * c.width) / r.width, ((e.clientY - r.top) * c.height) / r.height];
+  }
+  function boxSelect(d) {
+    const c = $("map");
+    const x0 = Math.min(d.x0, d.x1), x1 = Math.max(d.x0, d.x1), y0 = Math.min(d.y0, d.y1), y1 = Math.max(d.y0, d.y1);
+    if (x1 - x0 < 3 || y1 - y0 < 3) return;
+    const inside = [];
+    for (let i = 0; i < map.ids.length; i++) {
+      const [x, y] = toCanvas(c, map.xy[2 * i], map.xy[2 * i + 1]);
+      if (x >= x0 && x <= x1 && y >= y0 && y <= y1) inside.push(map.ids[i]);
+    }
+    if (!inside.length) { status("No items in that box.", true); return; }
+    const kept = inside.slice(0, MAX_MAP_IDS);
+    addClause(`id in (${kept.join(",")})`);
+    if (kept.length < inside.length) {
+      status(`The box holds ${inside.length} items; the filter keeps the first ${kept.length} (draw a smaller box).`);
+    }
+  }
+  function wireMap() {
+    const c = $("map");
+    c.addEventListener("pointerdown", (e) => {
+      if (!map.ids) return;
+      const [x, y] = canvasPoint(c, e);
+      map.drag = { x0: x, y0: y, x1: x, y1: y };
+      c.setPointerCapture(e.pointerId);
+    });
+    c.addEventListener("pointermove", (e) => {
+      if (!map.drag) return;
+      [map.drag.x1, map.drag.y1] = canvasPoint(c, e);
+      drawMap();
+    });
+    c.addEventListener("pointerup", (e) => {
+      if (!map.drag) return;
+      [map.drag.x1, map.drag.y1] = canvasPoint(c, e);
+      const d = map.drag;
+      map.drag = null;
+      drawMap();
+      boxSelect(d);
+    });
+  }
+
+  // ---- selection, export, arrow keys ----------------------------------------------------------------------
+  let lastPicked = null;
+  function toggleSelect(h, range, on) {
+    const ids = hitsShown.map((x) => x.id);
+    let pick = [h];
+    if (range && lastPicked !== null && ids.includes(lastPicked)) {
+      const a = ids.indexOf(lastPicked), b = ids.indexOf(h.id);
+      pick = hitsShown.slice(Math.min(a, b), Math.max(a, b) + 1);
+      on = true;
+    }
+    for (const x of pick) if (on) selected.set(x.id, x); else selected.delete(x.id);
+    lastPicked = h.id;
+    showSelection();
+  }
+  function showSelection() {
+    document.querySelectorAll("#col-0 .grid li").forEach((li) => {
+      const b = li.querySelector(".hit");
+      if (!b) return;
+      const on = selected.has(Number(b.dataset.id));
+      li.classList.toggle("selected", on);
+      li.querySelector(".sel").checked = on;
+    });
+    $("selection-bar").hidden = !selected.size;
+    $("sel-count").textContent = `${selected.size} selected`;
+  }
+  function exportRows() {
+    const rows = [...selected.values()];
+    const fields = [...new Set(rows.flatMap((h) => Object.keys(h.metadata || {})))];
+    return { rows, fields };
+  }
+  function csvCell(v) {
+    let s = v === null || v === undefined ? "" : typeof v === "object" ? JSON.stringify(v) : String(v);
+    if (/^[=+\-@\t\r]/.test(s)) s = "'" + s;  // a spreadsheet must not run a value as a formula
+    return /[",\n\r]/.test(s) ? '"' + s.replace(/"/g, '""') + '"' : s;
+  }
+  function download(text, name, type) {
+    const url = URL.createObjectURL(new Blob([text], { type }));
+    const a = el("a", { href: url, download: name });
+    document.body.append(a);
+    a.click();
+    a.remove();
+    setTimeout(() => URL.revokeObjectURL(url), 10_000);
+  }
+  function exportSelection(format) {
+    const { rows, fields } = exportRows();
+    const base = ["id", "key", "kind", "caption", "score", "rank"];
+    if (format === "csv") {
+      const lines = [[...base, ...fields].map(csvCell).join(",")];
+      for (const h of rows) lines.push([...base.map((k) => h[k]), ...fields.map((f) => (h.metadata || {})[f])].map(csvCell).join(","));
+      download(lines.join("\r\n") + "\r\n", `${state.index}-selection.csv`, "text/csv");
+    } else {
+      const lines = rows.map((h) => JSON.stringify(Object.assign(Object.fromEntries(base.map((k) => [k, h[k]])), { metadata: h.metadata || {} })));
+      download(lines.join("\n") + "\n", `${state.index}-selection.jsonl`, "application/x-ndjson");
+    }
+  }
+  function gridKeys(e) {
+    const b = e.target.closest(".hit");
+    if (!b || !["ArrowLeft", "ArrowRight", "ArrowUp", "ArrowDown"].includes(e.key)) return;
+    const cards = [...b.closest(".grid").querySelectorAll(".hit")];
+    const i = cards.indexOf(b);
+    const top = cards[0].getBoundingClientRect().top;  // cards of the first row share it
+    let perRow = cards.findIndex((x) => Math.abs(x.getBoundingClientRect().top - top) > 2);
+    if (perRow < 1) perRow = cards.length;
+    const step = { ArrowLeft: -1, ArrowRight: 1, ArrowUp: -perRow, ArrowDown: perRow }[e.key];
+    const next = cards[i + step];
+    if (next) { e.preventDefault(); next.focus(); }
+  }
+  function wireBrowsing() {
+    $("filter-form").addEventListener("submit", (e) => { e.preventDefault(); search(); });
+    $("filter-clear").addEventListener("click", () => { $("filter").value = ""; search(); });
+    $("export-csv").addEventListener("click", () => exportSelection("csv"));
+    $("export-jsonl").addEventListener("click", () => exportSelection("jsonl"));
+    $("sel-clear").addEventListener("click", () => { selected.clear(); showSelection(); });
+    $("results").addEventListener("keydown", gridKeys);
+    wireMap();
+  }
+
   // ---- wiring ---------------------------------------------------------------------------------------------
   function wire() {
     $("search-form").addEventListener("submit", (e) => { e.preventDefault(); search(); });
@@ -408,6 +732,10 @@
       clearUpload();
       showReference();
       try { await loadDetail(); } catch (e) { status(e.message, true); }
+      state.filter = "";
+      $("filter").value = "";
+      loadMap();
+      loadFacets();
       if (state.q) search();
     });
     $("ref-clear").addEventListener("click", () => { clearUpload(); state.item = null; showReference(); $("q").focus(); });
@@ -440,7 +768,8 @@
       if (opener) opener.focus();
     });
     document.querySelectorAll(".more").forEach((b, i) => b.addEventListener("click", () => more(i)));
-    window.addEventListener("popstate", async () => { await fromURL(); if (state.q || state.item) search(false); });
+    window.addEventListener("popstate", async () => { await fromURL(); renderShowFields(); search(false); });
+    wireBrowsing();
     $("token-form").addEventListener("submit", async (e) => {
       e.preventDefault();
       const r = await fetch("/session", { method: "POST", credentials: "same-origin",
@@ -457,6 +786,8 @@
     try {
       await loadIndexes();
       await fromURL();
+      loadMap();
+      loadFacets();
       if (state.q || state.item) await search(false);
       else status("Type what you look for and press Enter; drop or paste an image to search by it.");
     } catch (e) {

@@ -1,0 +1,292 @@
+"""Browsing a collection: facets of the items' metadata and a 2-D map of their embeddings.
+
+Facets (``GET /api/v1/indexes/{name}/facets?filter=...``): for every top-level metadata field (and the
+built-in ``kind``), over the live items that meet the filter: the count per value where a field has at
+most ``MAX_VALUES`` distinct values (the ``TOP_VALUES`` most frequent otherwise), and for numbers their
+min, max and a histogram. Computed by SQL over the items table (the matching rows of the snapshot in a
+temporary table, every value a bound parameter), cached per index version and filter (least recently used
+dropped).
+
+The map (``GET /api/v1/indexes/{name}/map``): every live item projected to 2-D (PCA by default, from the
+SVD of the embeddings' covariance, read a block at a time; ``umap`` or ``tsne`` where ``umap-learn`` /
+``scikit-learn`` are installed), computed once per index version and kept in memory and on disk under
+``$MMRETRIEVE_CACHE/maps`` (keyed by the index and its version). Sent compactly: ids and float16
+coordinates as base64 of little-endian arrays.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import logging
+import threading
+from collections import OrderedDict
+from pathlib import Path
+from typing import Annotated, Any
+
+import numpy as np
+from fastapi import Query
+from fastapi.responses import JSONResponse
+
+from mmretrieve.errors import UsageError
+
+log = logging.getLogger(__name__)
+
+#: a field with at most this many distinct values lists them all; more: the most frequent ``TOP_VALUES``
+MAX_VALUES = 50
+TOP_VALUES = 20
+#: bins of a numeric field's histogram
+BINS = 20
+#: facet answers kept (per server), maps kept in memory
+FACET_CACHE = 128
+MAP_CACHE = 4
+#: the most points a map holds (a larger index is sampled, evenly by id)
+MAX_MAP_POINTS = 500_000
+#: rows read at a time to build the projection
+BLOCK = 8192
+METHODS = ("pca", "umap", "tsne")
+_NUMERIC = ("integer", "real")
+
+
+# ---- facets ---------------------------------------------------------------------------------------------
+def _matching(index, where: str | None) -> list[tuple[int, str, int]]:
+    """(id, segment, row) of the live items meeting ``where`` (all of them without one)."""
+    if where is None or not where.strip():
+        return index.meta.matching("1", [])
+    from mmretrieve.store.filters import parse, to_sql
+
+    return index.meta.matching(*to_sql(parse(where)))
+
+
+_FIELDS_SQL = """
+SELECT j.key, COUNT(*), COUNT(DISTINCT j.type || ':' || j.value),
+       SUM(j.type IN ('integer', 'real')), MIN(CASE WHEN j.type IN ('integer', 'real') THEN j.value END),
+       MAX(CASE WHEN j.type IN ('integer', 'real') THEN j.value END), GROUP_CONCAT(DISTINCT j.type)
+FROM mm_facet_rows f JOIN items i ON i.segment = f.segment AND i.row = f.row, json_each(i.extra) j
+WHERE j.type NOT IN ('object', 'array', 'null') GROUP BY j.key ORDER BY j.key LIMIT ?
+"""
+_VALUES_SQL = """
+SELECT j.type, j.value, COUNT(*) AS n
+FROM mm_facet_rows f JOIN items i ON i.segment = f.segment AND i.row = f.row, json_each(i.extra) j
+WHERE j.key = ? AND j.type NOT IN ('object', 'array', 'null') GROUP BY j.type, j.value ORDER BY n DESC, j.value LIMIT ?
+"""
+_HIST_SQL = """
+SELECT MIN(CAST((j.value - ?) / ? AS INTEGER), ?), COUNT(*)
+FROM mm_facet_rows f JOIN items i ON i.segment = f.segment AND i.row = f.row, json_each(i.extra) j
+WHERE j.key = ? AND j.type IN ('integer', 'real') GROUP BY 1
+"""
+_KIND_SQL = """
+SELECT i.kind, COUNT(*) AS n FROM mm_facet_rows f JOIN items i ON i.segment = f.segment AND i.row = f.row
+GROUP BY i.kind ORDER BY n DESC LIMIT ?
+"""
+#: the most metadata fields listed
+MAX_FIELDS = 64
+
+
+def _value(typ: str, v: Any) -> Any:
+    if typ in ("true", "false"):
+        return typ == "true"
+    return v
+
+
+def _histogram(conn, key: str, lo: float, hi: float) -> dict:
+    if hi <= lo:
+        return {"edges": [lo, hi], "counts": [0]}
+    width = (hi - lo) / BINS
+    counts = [0] * BINS
+    for b, n in conn.execute(_HIST_SQL, (lo, width, BINS - 1, key)).fetchall():
+        counts[max(0, min(BINS - 1, int(b)))] += n
+    return {"edges": [lo + width * i for i in range(BINS)] + [hi], "counts": counts}
+
+
+def _field(conn, key: str, count: int, distinct: int, numbers: int, lo, hi, types: str) -> dict:
+    kinds = {"integer": "number", "real": "number", "text": "string", "true": "bool", "false": "bool"}
+    seen = sorted({kinds.get(t, t) for t in (types or "").split(",") if t})
+    out: dict[str, Any] = {"name": key, "type": seen[0] if len(seen) == 1 else "mixed", "count": count,
+                           "distinct": distinct, "truncated": distinct > MAX_VALUES}
+    rows = conn.execute(_VALUES_SQL, (key, MAX_VALUES if distinct <= MAX_VALUES else TOP_VALUES)).fetchall()
+    out["values"] = [{"value": _value(t, v), "count": n} for t, v, n in rows]
+    if numbers:
+        lo, hi = float(lo), float(hi)
+        out.update(min=lo, max=hi, numbers=numbers, histogram=_histogram(conn, key, lo, hi))
+    return out
+
+
+def compute_facets(index, where: str | None) -> dict:
+    """The facets of the live items of ``index`` meeting ``where`` (see the module's doc)."""
+    matches = _matching(index, where)
+    meta = index.meta
+    with meta._lock:  # one connection, shared by the server's threads: the temporary table is this call's
+        conn = meta.conn
+        try:
+            conn.execute("CREATE TEMP TABLE IF NOT EXISTS mm_facet_rows(segment TEXT NOT NULL, row INTEGER NOT NULL)")
+            conn.execute("DELETE FROM mm_facet_rows")
+            conn.executemany("INSERT INTO mm_facet_rows VALUES(?, ?)", ((s, r) for _, s, r in matches))
+            kinds = conn.execute(_KIND_SQL, (MAX_VALUES,)).fetchall()
+            fields = [_field(conn, *row) for row in conn.execute(_FIELDS_SQL, (MAX_FIELDS,)).fetchall()]
+        finally:
+            conn.execute("DELETE FROM mm_facet_rows")
+    builtin = {"name": "kind", "builtin": True, "type": "string", "count": len(matches), "distinct": len(kinds),
+               "truncated": False, "values": [{"value": k, "count": n} for k, n in kinds]}
+    return {"version": index.version, "filter": where or None, "matching": len(matches), "fields": [builtin, *fields]}
+
+
+# ---- the map --------------------------------------------------------------------------------------------
+def live_ids(index) -> np.ndarray:
+    ids = np.unique(np.fromiter((m[0] for m in index.meta.matching("1", [])), np.int64))
+    if len(ids) > MAX_MAP_POINTS:
+        ids = ids[np.linspace(0, len(ids) - 1, MAX_MAP_POINTS).astype(np.int64)]
+    return ids
+
+
+def _pca(index, ids: np.ndarray) -> np.ndarray:
+    """(n, 2) float32: the ids' embeddings on their two principal axes (SVD of the covariance, by blocks)."""
+    d = index.dim
+    total, cov = np.zeros(d, np.float64), np.zeros((d, d), np.float64)
+    for s in range(0, len(ids), BLOCK):
+        x = index.vectors(ids[s:s + BLOCK]).astype(np.float64)
+        total += x.sum(0)
+        cov += x.T @ x
+    n = max(len(ids), 1)
+    mean = total / n
+    cov = cov / n - np.outer(mean, mean)
+    u, _, _ = np.linalg.svd(cov)
+    axes = u[:, :2] if d >= 2 else np.pad(u, ((0, 0), (0, 2 - d)))
+    out = np.zeros((len(ids), 2), np.float32)
+    for s in range(0, len(ids), BLOCK):
+        out[s:s + BLOCK] = (index.vectors(ids[s:s + BLOCK]) - mean) @ axes
+    return out
+
+
+def _nonlinear(index, ids: np.ndarray, method: str) -> np.ndarray:
+    x = index.vectors(ids)
+    if method == "umap":
+        try:
+            import umap
+        except ImportError:
+            raise UsageError("map method 'umap' needs umap-learn (pip install umap-learn); method 'pca' needs nothing") from None
+        return umap.UMAP(n_components=2, random_state=0).fit_transform(x).astype(np.float32)
+    try:
+        from sklearn.manifold import TSNE
+    except ImportError:
+        raise UsageError("map method 'tsne' needs scikit-learn; method 'pca' needs nothing") from None
+    perplexity = float(min(30, max(2, len(ids) // 4)))
+    return TSNE(n_components=2, init="pca", random_state=0, perplexity=perplexity).fit_transform(x).astype(np.float32)
+
+
+def project(index, ids: np.ndarray, method: str = "pca") -> np.ndarray:
+    """(n, 2) float32 coordinates of ``ids``, scaled into [-1, 1] on both axes."""
+    if len(ids) < 3:
+        xy = np.zeros((len(ids), 2), np.float32)
+    elif method == "pca":
+        xy = _pca(index, ids)
+    else:
+        xy = _nonlinear(index, ids, method)
+    span = np.abs(xy).max(0) if len(xy) else np.ones(2, np.float32)
+    return (xy / np.where(span > 0, span, 1)).astype(np.float32)
+
+
+def map_path(index, method: str) -> Path:
+    from mmretrieve import settings
+
+    where = hashlib.sha256(str(Path(index.path).resolve()).encode()).hexdigest()[:16]
+    version = "".join(c if c.isalnum() or c in "-_." else "_" for c in str(index.version))
+    return settings.cache_dir() / "maps" / f"{where}-{version}-{method}.npz"
+
+
+def load_or_compute_map(index, method: str) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, xy float16) of ``index``'s map, read from its cache file or computed and written there."""
+    path = map_path(index, method)
+    if path.is_file():
+        try:
+            with np.load(path) as z:
+                return z["ids"], z["xy"]
+        except Exception as e:  # a damaged cache file: computed again
+            log.warning("map cache %s unreadable (%s); computing it again", path.name, e)
+    ids = live_ids(index)
+    xy = project(index, ids, method).astype(np.float16)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp.npz")
+        np.savez(tmp, ids=ids, xy=xy)
+        tmp.replace(path)
+    except OSError as e:
+        log.warning("map cache %s not written (%s)", path.name, e)
+    return ids, xy
+
+
+def map_response(index, ids: np.ndarray, xy: np.ndarray, method: str) -> dict:
+    small = not len(ids) or int(ids.max()) < 2**31
+    id_bytes = ids.astype("<i4" if small else "<f8").tobytes()
+    return {"version": index.version, "method": method, "count": int(len(ids)),
+            "ids_dtype": "int32" if small else "float64", "ids": base64.b64encode(id_bytes).decode(),
+            "xy_dtype": "float16", "xy": base64.b64encode(xy.astype("<f2").tobytes()).decode()}
+
+
+# ---- the service side -------------------------------------------------------------------------------------
+class Collection:
+    """Facets and maps of a ``Service``'s indexes, cached by index version."""
+
+    def __init__(self, service) -> None:
+        self.service = service
+        self._facets: OrderedDict = OrderedDict()
+        self._maps: OrderedDict = OrderedDict()
+        self._lock = threading.Lock()
+        self._map_locks: dict = {}
+
+    def _cached(self, cache: OrderedDict, key, limit: int, make):
+        with self._lock:
+            if key in cache:
+                cache.move_to_end(key)
+                return cache[key]
+        value = make()
+        with self._lock:
+            cache[key] = value
+            while len(cache) > limit:
+                cache.popitem(last=False)
+        return value
+
+    def facets(self, name: str, where: str | None) -> dict:
+        index = self.service.manager.get(name).index
+        canonical = None
+        if where is not None and where.strip():
+            from mmretrieve.store.filters import parse
+
+            canonical = str(parse(where))  # a FilterError (400) before anything runs
+        key = (name, index.version, canonical)
+        return self._cached(self._facets, key, FACET_CACHE, lambda: compute_facets(index, where))
+
+    def map(self, name: str, method: str) -> dict:
+        if method not in METHODS:
+            raise UsageError(f"map method must be one of {', '.join(METHODS)}, got {method!r}")
+        index = self.service.manager.get(name).index
+        key = (name, index.version, method)
+        with self._lock:
+            lock = self._map_locks.setdefault(key, threading.Lock())
+        with lock:  # concurrent first requests compute it once
+            ids, xy = self._cached(self._maps, key, MAP_CACHE, lambda: load_or_compute_map(index, method))
+        return map_response(index, ids, xy, method)
+
+
+def register(router, service) -> None:
+    """Add the facets and map routes to the API router (its token check and error answers apply)."""
+    coll = Collection(service)
+    service.collection = coll
+
+    @router.get("/indexes/{name}/facets", summary="counts per metadata value (and numeric ranges) over the items "
+                "that meet a filter")
+    async def facets(name: str, filter: Annotated[str | None, Query(max_length=4096, description="a metadata filter, "
+                     "as in search")] = None):
+        service.manager.get(name)
+        return JSONResponse(await service.run_blocking(lambda: coll.facets(name, filter)))
+
+    @router.get("/indexes/{name}/map", summary="every item projected to 2-D (ids int32 and xy float16, base64 "
+                "little-endian); computed once per index version")
+    async def embedding_map(name: str, method: Annotated[str, Query(description="pca (default), umap or tsne "
+                            "(where installed)")] = "pca"):
+        service.manager.get(name)
+        return JSONResponse(await service.run_blocking(lambda: coll.map(name, method)))
+
+
+__all__ = ["Collection", "register", "compute_facets", "project", "load_or_compute_map", "map_path", "live_ids",
+           "MAX_VALUES", "METHODS"]

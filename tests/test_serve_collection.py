@@ -1,0 +1,154 @@
+"""Browsing a collection over the API: facets (counts against a Python reference, the filter respected, a bad
+filter a 400, cached per version) and the embeddings map (shape, computed once per version, on disk)."""
+
+from __future__ import annotations
+
+import base64
+from collections import Counter
+
+import numpy as np
+import pytest
+
+pytest.importorskip("fastapi", reason="the serve extra is not installed (pip install 'mmretrieve[serve]')")
+pytest.importorskip("httpx", reason="FastAPI's test client needs httpx (the dev extra)")
+
+from mmretrieve.serve import collection  # noqa: E402
+from mmretrieve.store import IndexWriter, Item  # noqa: E402
+from mmretrieve.store.filters import evaluate, parse, record_of  # noqa: E402
+
+DIM, N = 16, 300
+INFO = {"name": "test-vectors", "dim": DIM, "modalities": ["image"]}
+LICENSES = ["cc0", "cc-by", "cc-by-sa", None]
+
+
+def _meta(i: int) -> dict:
+    d = {"year": 2000 + i % 12, "bucket": i, "score": i / 7, "shard": f"s{i % 5}", "flag": bool(i % 2)}
+    if LICENSES[i % 4]:
+        d["license"] = LICENSES[i % 4]
+    if i % 10 == 0:
+        d["year"] = str(d["year"])  # a string among numbers: a mixed field
+    d["exif"] = {"iso": 100}  # objects are not facets
+    return d
+
+
+def _add(path, start: int, n: int, create: bool) -> None:
+    rng = np.random.default_rng(start)
+    x = rng.standard_normal((n, DIM)).astype(np.float32)
+    x[:, 0] += np.arange(n) % 3 * 4  # three clusters along one axis
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    with IndexWriter(path, encoder_info=INFO, create=create, auto_compact=False) as w:
+        w.add([Item(id=-1, key=f"k{i}", uri=f"vec://{i}", caption=f"thing {i}", extra=_meta(i))
+               for i in range(start, start + n)], x)
+
+
+@pytest.fixture()
+def served(tmp_path, monkeypatch):
+    from fastapi.testclient import TestClient
+
+    from mmretrieve.serve import ServeConfig, Service, create_app
+
+    monkeypatch.setenv("MMRETRIEVE_CACHE", str(tmp_path / "cache"))
+    home = tmp_path / "home"
+    _add(home / "coll", 0, N, True)
+    with IndexWriter(home / "coll", auto_compact=False) as w:
+        w.remove(list(range(0, N, 9)))
+    svc = Service(ServeConfig(indexes=["coll"], index_dir=str(home), reload_interval_s=0)).start()
+    try:
+        with TestClient(create_app(svc), base_url="http://127.0.0.1") as c:
+            yield c, svc, home / "coll"
+    finally:
+        svc.close()
+
+
+def _reference(svc, where: str | None) -> tuple[int, dict[str, Counter]]:
+    idx = svc.manager.get("coll").index
+    tree = parse(where) if where else None
+    items = [it for it in idx.meta.iter_items() if tree is None or evaluate(tree, record_of(it))]
+    out: dict[str, Counter] = {}
+    for it in items:
+        for k, v in (it.extra or {}).items():
+            if v is not None and not isinstance(v, (dict, list)):
+                out.setdefault(k, Counter())[(type(v).__name__ if not isinstance(v, (int, float)) or isinstance(v, bool)
+                                              else "num", v)] += 1
+    return len(items), out
+
+
+def _key(v):
+    return (type(v).__name__ if not isinstance(v, (int, float)) or isinstance(v, bool) else "num", v)
+
+
+@pytest.mark.parametrize("where", [None, "license in ('cc0', 'cc-by') and year >= 2004", "flag = true"])
+def test_facets_count_like_the_python_reference(served, where):
+    c, svc, _ = served
+    r = c.get("/api/v1/indexes/coll/facets", params={"filter": where} if where else {})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    n, ref = _reference(svc, where)
+    assert body["matching"] == n and n > 0
+    fields = {f["name"]: f for f in body["fields"] if not f.get("builtin")}
+    assert "exif" not in fields and set(fields) == set(ref)
+    for name, f in fields.items():
+        assert f["count"] == sum(ref[name].values()), name
+        assert f["distinct"] == len(ref[name]), name
+        got = Counter({_key(v["value"]): v["count"] for v in f["values"]})
+        if f["truncated"]:  # bucket: one value per item, the top values listed
+            assert len(f["values"]) == collection.TOP_VALUES and all(ref[name][k] == m for k, m in got.items())
+        else:
+            assert got == ref[name], name
+    assert fields["year"]["type"] == ("mixed" if len({k for k, _ in ref["year"]}) > 1 else "number")
+    assert fields["flag"]["type"] == "bool"
+    nums = [v for k, v in ref["score"] if k == "num"]
+    assert fields["score"]["min"] == pytest.approx(min(nums)) and fields["score"]["max"] == pytest.approx(max(nums))
+    assert sum(fields["score"]["histogram"]["counts"]) == len(nums)
+    kind = next(f for f in body["fields"] if f["name"] == "kind")
+    assert kind["builtin"] and sum(v["count"] for v in kind["values"]) == n
+    if where and "license" in where:
+        assert {v["value"] for v in fields["license"]["values"]} == {"cc0", "cc-by"}
+
+
+def test_facets_bad_filter_is_a_400_and_answers_are_cached_per_version(served, monkeypatch):
+    c, svc, path = served
+    r = c.get("/api/v1/indexes/coll/facets", params={"filter": "license in ('cc0'"})
+    assert r.status_code == 400 and "position" in r.json()["error"]["message"], r.text
+    assert c.get("/api/v1/indexes/nope/facets").status_code == 404
+    calls = []
+    real = collection.compute_facets
+    monkeypatch.setattr(collection, "compute_facets", lambda *a: calls.append(a) or real(*a))
+    first = c.get("/api/v1/indexes/coll/facets", params={"filter": "year > 2003"}).json()
+    again = c.get("/api/v1/indexes/coll/facets", params={"filter": "year  >  2003"}).json()  # same canonical form
+    assert first == again and len(calls) == 1
+    _add(path, N, 30, False)
+    svc.manager.refresh()
+    newer = c.get("/api/v1/indexes/coll/facets", params={"filter": "year > 2003"}).json()
+    assert len(calls) == 2 and newer["version"] != first["version"] and newer["matching"] > first["matching"]
+
+
+def _decode(body):
+    ids = np.frombuffer(base64.b64decode(body["ids"]), "<i4" if body["ids_dtype"] == "int32" else "<f8")
+    xy = np.frombuffer(base64.b64decode(body["xy"]), "<f2").reshape(-1, 2)
+    return ids, xy
+
+
+def test_map_shape_cache_and_recompute_on_a_new_version(served, monkeypatch):
+    c, svc, path = served
+    calls = []
+    real = collection.project
+    monkeypatch.setattr(collection, "project", lambda *a: calls.append(a) or real(*a))
+    r = c.get("/api/v1/indexes/coll/map")
+    assert r.status_code == 200, r.text
+    body = r.json()
+    ids, xy = _decode(body)
+    live = sorted(svc.manager.get("coll").index.meta.all_ids())
+    assert body["method"] == "pca" and body["count"] == len(live) and ids.tolist() == live
+    assert xy.shape == (len(live), 2) and np.isfinite(xy).all() and np.abs(xy).max() <= 1.001
+    assert np.ptp(xy[:, 0]) > 0.5  # the clusters spread out on the first axis
+    assert len(calls) == 1
+    assert c.get("/api/v1/indexes/coll/map").json() == body and len(calls) == 1  # memory
+    svc.collection._maps.clear()
+    assert c.get("/api/v1/indexes/coll/map").json() == body and len(calls) == 1  # disk
+    assert collection.map_path(svc.manager.get("coll").index, "pca").is_file()
+    _add(path, N, 30, False)
+    svc.manager.refresh()
+    newer = c.get("/api/v1/indexes/coll/map").json()
+    assert len(calls) == 2 and newer["count"] == len(live) + 30 and newer["version"] != body["version"]
+    assert c.get("/api/v1/indexes/coll/map", params={"method": "magic"}).status_code == 400

@@ -1,0 +1,195 @@
+"""The page as a place to browse a collection, in Debian's Chromium (Playwright's Python API, no browser
+download): a facet click filters the results and lands in the URL (back/forward keep it), the map canvas
+draws and a box on it filters, a selection exports as CSV and JSONL, arrow keys move through the grid, and
+metadata is shown as text only."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import shutil
+from urllib.parse import parse_qs, urlencode, urlparse
+
+import pytest
+
+pytest.importorskip("fastapi", reason="the serve extra is not installed (pip install 'mmretrieve[serve]')")
+sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (the dev extra)")
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+if not os.path.exists(CHROMIUM):
+    pytest.skip("Debian's chromium is not installed (apt-get install chromium; .ci/run installs it)",
+                allow_module_level=True)
+
+from serve_helpers import running_server  # noqa: E402
+
+from mmretrieve.serve import ServeConfig, Service, create_app  # noqa: E402
+
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+        "--disable-sync", "--no-first-run"]
+T = 20_000
+sync_api.expect.set_options(timeout=T)
+EVIL = '<img src=x onerror="document.body.dataset.pwned=1">'
+LICENSES = ["cc0", "cc-by", "it's mine"]
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory, embedded, samples):
+    from mmretrieve.ingest import build_index
+
+    root = tmp_path_factory.mktemp("collection")
+    manifest = root / "photos.csv"
+    with open(manifest, "w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        w.writerow(["path", "id", "caption", "year", "license", "note"])
+        for i, s in enumerate(samples):
+            w.writerow([s.path, s.id, s.caption, 2010 + i % 5, LICENSES[i % 3], EVIL if i == 0 else f"note {i}"])
+    build_index("photos", manifest, encoder=embedded, index_dir=root / "indexes")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MMRETRIEVE_CACHE", str(root / "cache"))  # the map's cache file
+        svc = Service(ServeConfig(indexes=["photos"], index_dir=str(root / "indexes"), reload_interval_s=0),
+                      encoders={"embedded": embedded}).start()
+        try:
+            with running_server(create_app(svc)) as base:
+                yield base, svc
+        finally:
+            svc.close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, timeout=60_000)
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+@pytest.fixture()
+def page(browser):
+    ctx = browser.new_context(viewport={"width": 1280, "height": 900}, accept_downloads=True)
+    pg = ctx.new_page()
+    pg.errors = []
+    pg.on("pageerror", lambda e: pg.errors.append(str(e)))
+    pg.on("dialog", lambda d: (pg.errors.append("dialog: " + d.message), d.dismiss()))
+    pg.set_default_timeout(T)
+    yield pg
+    ctx.close()
+
+
+def _filter(pg) -> str:
+    return parse_qs(urlparse(pg.url).query).get("filter", [""])[0]
+
+
+def test_a_facet_click_filters_and_the_filter_lives_in_the_url(site, page):
+    expect = sync_api.expect
+    base, _ = site
+    pg = page
+    pg.goto(base + "/?index=photos&q=a+photo&k=48&show=license,note")
+    expect(pg.locator("body")).to_have_attribute("data-ready", "1")
+    expect(pg.locator("#col-0 .hit").first).to_be_visible()
+    everything = pg.locator("#col-0 .hit").count()
+    lic = pg.locator('#facets details[data-field="license"] .facet-value[data-value="it\'s mine"]')
+    expect(lic).to_be_visible()
+    expected = int(lic.locator(".n").inner_text())
+    lic.click()
+    expect(pg.locator("#col-0 .hit")).to_have_count(expected)
+    assert expected < everything
+    assert _filter(pg) == "license = 'it''s mine'"
+    expect(pg.locator("#filter")).to_have_value("license = 'it''s mine'")
+    for dd in pg.locator("#col-0 .hit-meta dd").all_inner_texts()[::2]:
+        assert dd == "it's mine"
+    # the facets now count within the filter; a range from a numeric field narrows further
+    expect(pg.locator("#facets-info")).to_have_text(f"{expected} matching")
+    year = pg.locator('#facets details[data-field="year"]')
+    year.locator('input[aria-label="year from"]').fill("2012")
+    year.locator("button", has_text="Apply").click()
+    expect(pg.locator("#filter")).to_have_value("(license = 'it''s mine') and year >= 2012 and year <= 2014")
+    expect(pg.locator("#facets-info")).not_to_have_text(f"{expected} matching")
+    narrowed = int(pg.locator("#facets-info").inner_text().split()[0])
+    assert 0 < narrowed < expected
+    expect(pg.locator("#col-0 .hit")).to_have_count(narrowed)  # k=48: every match is shown
+    # back and forward keep the filter; a reload too
+    pg.go_back()
+    expect(pg.locator("#filter")).to_have_value("license = 'it''s mine'")
+    expect(pg.locator("#col-0 .hit")).to_have_count(expected)
+    pg.go_forward()
+    expect(pg.locator("#filter")).to_have_value("(license = 'it''s mine') and year >= 2012 and year <= 2014")
+    pg.reload()
+    expect(pg.locator("body")).to_have_attribute("data-ready", "1")
+    expect(pg.locator("#col-0 .hit")).to_have_count(narrowed)
+    assert not pg.errors, pg.errors
+
+
+def test_the_map_draws_and_a_box_filters(site, page):
+    expect = sync_api.expect
+    base, svc = site
+    pg = page
+    pg.goto(base + "/?index=photos&q=a+photo&k=48")
+    expect(pg.locator("body")).to_have_attribute("data-ready", "1")
+    expect(pg.locator("#map-info")).to_contain_text("items · pca")
+    expect(pg.locator("#col-0 .hit").first).to_be_visible()
+    inked = pg.evaluate("""() => { const c = document.getElementById('map'), d = c.getContext('2d')
+        .getImageData(0, 0, c.width, c.height).data; let n = 0;
+        for (let i = 0; i < d.length; i += 4) if (d[i] < 250 || d[i + 1] < 250 || d[i + 2] < 250) n++; return n; }""")
+    assert inked > 50, inked
+    box = pg.locator("#map").bounding_box()
+    pg.mouse.move(box["x"] + 2, box["y"] + 2)
+    pg.mouse.down()
+    pg.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2, steps=4)
+    pg.mouse.move(box["x"] + box["width"] - 2, box["y"] + box["height"] / 2, steps=4)
+    pg.mouse.up()
+    expect(pg.locator("#filter")).to_have_value(re.compile(r"^id in \([\d,]+\)$"))
+    ids = {int(x) for x in re.findall(r"\d+", _filter(pg))}
+    live = len(svc.manager.get("photos").index)
+    assert 0 < len(ids) < live
+    expect(pg.locator("#col-0 .hit")).to_have_count(len(ids))
+    shown = {int(b.get_attribute("data-id")) for b in pg.locator("#col-0 .hit").all()}
+    assert shown == ids
+    assert not pg.errors, pg.errors
+
+
+def test_selection_exports_and_arrow_keys_and_metadata_as_text(site, page):
+    expect = sync_api.expect
+    base, _ = site
+    pg = page
+    pg.goto(base + "/?index=photos&q=a+photo&k=12&show=note")
+    expect(pg.locator("body")).to_have_attribute("data-ready", "1")
+    hits = pg.locator("#col-0 .hit")
+    expect(hits.first).to_be_visible()
+    # arrow keys move through the grid
+    hits.nth(0).focus()
+    pg.keyboard.press("ArrowRight")
+    expect(hits.nth(1)).to_be_focused()
+    pg.keyboard.press("ArrowLeft")
+    expect(hits.nth(0)).to_be_focused()
+    pg.keyboard.press("ArrowDown")
+    top = "b => b.getBoundingClientRect().top"
+    assert pg.evaluate(f"() => ({top})(document.activeElement)") > hits.nth(0).evaluate(top) + 20
+    pg.keyboard.press("ArrowUp")
+    expect(hits.nth(0)).to_be_focused()
+    # click selects one, shift-click a range
+    pg.locator("#col-0 .sel").nth(1).click()
+    hits.nth(3).click(modifiers=["Shift"])
+    expect(pg.locator("#sel-count")).to_have_text("3 selected")
+    expect(pg.locator("#detail")).to_be_hidden()
+    keys = [hits.nth(i).get_attribute("data-key") for i in (1, 2, 3)]
+    with pg.expect_download() as d:
+        pg.locator("#export-csv").click()
+    rows = list(csv.DictReader(open(d.value.path(), encoding="utf-8")))
+    assert [r["key"] for r in rows] == keys and {"year", "license", "note"} <= set(rows[0])
+    with pg.expect_download() as d:
+        pg.locator("#export-jsonl").click()
+    lines = [json.loads(x) for x in open(d.value.path(), encoding="utf-8").read().splitlines()]
+    assert [x["key"] for x in lines] == keys and all("license" in x["metadata"] for x in lines)
+    # the value with markup is text, on the card and in the detail view
+    evil_filter = "note = '" + EVIL.replace("'", "''") + "'"
+    pg.goto(base + "/?" + urlencode({"index": "photos", "q": "a photo", "k": 48, "show": "note", "filter": evil_filter}))
+    expect(pg.locator("#col-0 .hit")).to_have_count(1)
+    expect(pg.locator("#col-0 .hit-meta dd")).to_have_text(EVIL)
+    hits.first.click()
+    expect(pg.locator("#d-meta")).to_contain_text(EVIL)
+    assert pg.evaluate("() => document.querySelectorAll(\"img[src='x']\").length") == 0
+    assert pg.evaluate("() => document.body.dataset.pwned === undefined")
+    assert not pg.errors, pg.errors
