@@ -30,9 +30,10 @@ def test_an_image_named_like_an_id_is_the_file_not_the_item(index, tmp_path, mon
     assert top.id == 5 and top.score == pytest.approx(1.0, abs=1e-5)  # not item 3's stored vector
     composed = index.search(image="3", text="a photo", k=len(index))
     assert 3 in composed.ids and 5 in composed.ids  # nothing excluded: the file "3" is not in the index
-    by_item = index.search(item=3, k=1)[0]
+    by_item = index.search(item=3, k=1, exclude_reference=False)[0]  # more like this, the item itself kept
     assert by_item.id == 3 and by_item.score == pytest.approx(1.0, abs=1e-5)
-    assert index.search(item=f"key:{items[3].key}", k=1)[0].id == 3
+    assert index.search(item=f"key:{items[3].key}", k=1, exclude_reference=False)[0].id == 3
+    assert 3 not in index.search(item=3, k=len(index)).ids  # by default more like this leaves the item out
     assert 3 not in index.search(item=3, text="a photo", k=len(index)).ids  # the composed reference is left out
     os.remove(tmp_path / "3")
     with pytest.raises(InputError, match=r"query image 3: no such file .*give item='3' \(--item 3\)"):
@@ -53,8 +54,10 @@ def test_an_indexed_file_changed_since_is_encoded_again(index, samples):
 
 def test_cli_item_and_image(index, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    assert main(["search", str(index.path), "--item", "3", "-k", "1", "--json"]) == 0
+    assert main(["search", str(index.path), "--item", "3", "-k", "1", "--json", "--keep-reference"]) == 0
     assert '"id": 3' in capsys.readouterr().out
+    assert main(["search", str(index.path), "--item", "3", "-k", "1", "--json"]) == 0
+    assert '"id": 3,' not in capsys.readouterr().out  # more like this leaves the item itself out
     assert main(["search", str(index.path), "--image", "3", "-k", "1"]) == 1
     assert "a query image is always a file); to query the indexed item '3', give item='3' (--item 3)" in capsys.readouterr().err
     assert main(["search", str(index.path), "--image", "x.jpg", "--item", "3"]) == 2
