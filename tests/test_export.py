@@ -259,3 +259,5 @@ def test_indices_list_and_metadata(client, idx, built):
     assert got[2]["metadata"]["key"] == "../x" and isinstance(got[2]["metadata"]["url"], str)
     assert str(built[0].parent) not in r.text
     assert client.post("/metadata", json={"ids": list(range(51)), "indice_name": "idx"}, headers=AUTH).status_code == 400
+    spec = client.get("/openapi.json").json()["paths"]
+    assert {"/knn-service", "/indices-list", "/metadata", "/api/v1/indexes/{name}/export"} <= set(spec)
