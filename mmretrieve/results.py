@@ -130,6 +130,14 @@ class SearchResults:
             **({"stage_info": self.stage_info} if self.stage_info else {}),
         }
 
+    def export(self, path, format: str | None = None) -> int:
+        """Write the hits to ``path`` as CSV or JSONL (``format``, else from the suffix): id, key, uri, kind,
+        caption, score, rank and the metadata fields (CSV: their union; formula-like cells prefixed with
+        ``'``), atomically. Returns the number of rows."""
+        from mmretrieve.export import hit_rows, write_rows
+
+        return write_rows(path, hit_rows(self), format)
+
     def table(self, *, max_width: int = 70, show: Sequence[str] = ()) -> str:
         """A readable text table (what the CLI prints); ``show``: fields to add as columns (``caption``, a
         metadata field such as ``license``: ``Hit.get``)."""

@@ -1,4 +1,4 @@
-"""``mmretrieve index build|add|rm|info|list``."""
+"""``mmretrieve index build|add|rm|info|dupes|export|list|...``."""
 
 from __future__ import annotations
 
@@ -213,6 +213,27 @@ def cmd_dupes(args) -> int:
     return EXIT_OK
 
 
+def cmd_export(args) -> int:
+    from mmretrieve.cli.common import usage_error
+    from mmretrieve.index import open_index
+    from mmretrieve.results import printable
+
+    if args.limit is not None and args.limit < 1:
+        return usage_error(f"--limit must be at least 1 (got {args.limit})")
+    with open_index(args.name, index_dir=args.index_dir, verify="fast") as idx:
+        report = idx.export(args.out, where=args.where, format=args.format, limit=args.limit)
+    if args.json:
+        out_json(report.to_dict())
+        return EXIT_OK
+    print(f"exported {report.written} item(s) to {printable(args.out)} ({report.format})"
+          + (f"; skipped {len(report.skipped)}" if report.skipped else ""))
+    for key, why in report.skipped[: args.show_skipped]:
+        print(f"  skipped {printable(key)}: {printable(why)}")
+    if len(report.skipped) > args.show_skipped:
+        print(f"  ... and {len(report.skipped) - args.show_skipped} more (--json lists them all)")
+    return EXIT_OK
+
+
 def cmd_list(args) -> int:
     from mmretrieve.store import default_index_dir, describe_manifest, read_manifest
 
@@ -300,7 +321,7 @@ def _build_parser(isub, common, ingest) -> None:
 def register(sub, common: argparse.ArgumentParser) -> None:
     ix = sub.add_parser("index", parents=[common], help="build, grow, shrink and inspect indexes")
     isub = ix.add_subparsers(dest="index_cmd", required=True,
-                             metavar="{build,add,rm,info,list,import,compact,verify,versions,rollback}")
+                             metavar="{build,add,rm,info,dupes,export,list,import,compact,verify,versions,rollback}")
     ingest = _ingest_options()
     _build_parser(isub, common, ingest)
     a = isub.add_parser("add", parents=[common, ingest],
@@ -332,6 +353,17 @@ def register(sub, common: argparse.ArgumentParser) -> None:
     du.add_argument("--json", action="store_true", help="print the groups as JSON")
     du.set_defaults(func=cmd_dupes)
 
+    ex = isub.add_parser("export", parents=[common], help="write the index, or the items that meet a filter, as CSV, "
+                         "JSONL, a webdataset tar or a folder of symlinks")
+    ex.add_argument("name", help="index name or path")
+    ex.add_argument("out", help="the file (.csv, .jsonl, .tar) or new folder (links) to write")
+    ex.add_argument("--where", default=None, metavar="FILTER", help="only the items whose metadata match (as search --where)")
+    ex.add_argument("--format", choices=["csv", "jsonl", "wds", "links"], default=None,
+                    help="default: from OUT's suffix (.csv, .jsonl, .tar = wds; none = links)")
+    ex.add_argument("--limit", type=int, default=None, metavar="N", help="at most N items (by id)")
+    ex.add_argument("--show-skipped", type=int, default=20, metavar="N", help="list up to N skipped items (default 20)")
+    ex.add_argument("--json", action="store_true", help="print the report as JSON")
+    ex.set_defaults(func=cmd_export)
     ls = isub.add_parser("list", parents=[common], help="list the indexes under the indexes home")
     ls.add_argument("--json", action="store_true", help="print as JSON")
     ls.set_defaults(func=cmd_list)

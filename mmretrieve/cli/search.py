@@ -34,6 +34,13 @@ def cmd_search(args) -> int:
     query = Query(text=args.text, image=args.image, video=args.video, item=args.item, fusion=fusion, options=options)
     res = idx.search(query, k=args.k, exclude_reference=not args.keep_reference, pipeline=pipeline, where=args.where,
                      exclude_dupes=args.exclude_dupes, dupe_threshold=args.dupe_threshold)
+    if args.export is not None:
+        import sys
+
+        from mmretrieve.results import printable
+
+        n = res.export(args.export)
+        print(f"exported {n} hit(s) to {printable(args.export)}", file=sys.stderr)
     if args.json:
         out_json(res.to_dict())
     else:
@@ -50,6 +57,8 @@ def _batch(args) -> int:
 
     if any(x is not None for x in (args.text, args.image, args.video, args.item)):
         return usage_error("--queries takes its queries from the file: no --text, --image, --video or --item")
+    if args.export is not None:
+        return usage_error("--export writes one query's results; with --queries the results are the JSONL printed")
     queries = []
     with open(sys.stdin.fileno() if args.queries == "-" else args.queries, encoding="utf-8", closefd=args.queries != "-") as f:
         for n, line in enumerate(f, 1):
@@ -103,4 +112,6 @@ def register(sub, common) -> None:
     s.add_argument("--show", default=None, metavar="FIELDS",
                    help="table columns to add: comma-separated fields, e.g. caption,license (JSON output has them all)")
     s.add_argument("--json", action="store_true", help="print the results as JSON (every hit with its metadata)")
+    s.add_argument("--export", default=None, metavar="OUT",
+                   help="also write the hits to OUT.csv or OUT.jsonl (id, key, uri, kind, caption, score, rank, metadata)")
     s.set_defaults(func=cmd_search)

@@ -491,6 +491,16 @@ class Index:
         return search_batch(self, queries, k=k, where=where, keep_reference=keep_reference, nprobe=nprobe,
                             ef_search=ef_search)
 
+    def export(self, path: str | os.PathLike, *, where=None, format: str | None = None, limit: int | None = None):
+        """Write the items (those meeting the filter ``where``; the first ``limit`` by id) to ``path``:
+        ``format`` ``csv`` / ``jsonl`` (rows of id, key, uri, kind, caption and the metadata), ``wds`` (a
+        webdataset tar of the files and their JSON) or ``links`` (a new folder of symlinks); default from
+        the suffix (no suffix: links). Written atomically; items whose file is missing are skipped and
+        listed in the returned ``index.export.ExportReport``."""
+        from mmretrieve.index.export import export_index
+
+        return export_index(self, path, where=where, format=format, limit=limit)
+
     def near_duplicates(self, threshold: float = 0.95, k: int = 10) -> list:
         """Groups of near-duplicate items (``index.dupes.DupeGroup``: ``representative``, ``ids``, ``keys``):
         each live item's top-``k`` neighbours by its stored vector, joined where the similarity is at least

@@ -335,6 +335,9 @@ def api_router(service: Service) -> APIRouter:
 
     batch_api.register(r, service, read_body)
     collection.register(r, service)  # facets and the embeddings map (serve/collection.py)
+    from mmretrieve.serve import export_api
+
+    export_api.register(r, service)  # GET .../export (serve/export_api.py)
     return r
 
 
@@ -366,6 +369,9 @@ def create_app(service: Service, *, allowed_hosts: frozenset[str] | None | str =
                               "modification text) and video search over served indexes.")
     install_error_handlers(app)
     app.include_router(api_router(service))
+    from mmretrieve.serve import clip_compat
+
+    clip_compat.register(app, service)  # /knn-service, /indices-list, /metadata (serve/clip_compat.py)
     _page_routes(app, service, offline_docs)
     if cfg.cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
