@@ -346,3 +346,45 @@ def test_fiq_caption_styles():
     with pytest.raises(DatasetError):
         fashioniq_texts("a", "b", "other")
     assert FIQ  # fixture data is importable
+
+
+# ---- a gallery restricted by a filter ----------------------------------------------------------------------
+def test_a_filtered_gallery(tmp_path, samples, embedded, capsys):
+    """A filter that keeps everything changes nothing; one that drops a target's image removes it from every
+    ranking (the queries that ranked it above their target move up one), and its query is a counted miss."""
+    from mmretrieve.cli import main
+
+    make_cirr(tmp_path / "cirr", samples)
+    ds = load_dataset("cirr", tmp_path / "cirr", "val")
+    cache = tmp_path / "cache"
+    base = evaluate(ds, encoder=embedded, cache=cache)
+    everything = evaluate(ds, encoder=embedded, cache=cache, where="key is not null")
+    assert everything.metrics == base.metrics and everything.rankings == base.rankings
+    assert everything.dataset["queries_target_filtered"] == 0 and "where" not in base.config
+    # leave out query 0's target, and the image ranked just above another query's target (which moves up one)
+    q1, b1 = next((q, b) for q, b in zip(ds.queries[1:], base.per_query[1:])
+                  if (b["ranks"]["coarse"] or 0) > 1 and q.target != ds.queries[0].target)
+    above_q1 = base.rankings["coarse"][q1.qid][b1["ranks"]["coarse"] - 2]
+    gone = {ds.queries[0].target, above_q1}
+    where = "key not in (" + ", ".join(f"'{g}'" for g in sorted(gone)) + ")"
+    res = evaluate(ds, encoder=embedded, cache=cache, where=where)
+    misses = sum(q.target in gone for q in ds.queries)
+    assert res.config["where"] == where and res.dataset["queries_target_filtered"] == misses >= 1
+    assert res.dataset["queries_evaluated"] == base.dataset["queries_evaluated"]  # kept in the metric, as a miss
+    for q, b, d in zip(ds.queries, base.per_query, res.per_query):
+        want = [x for x in base.rankings["coarse"][q.qid] if x not in gone]
+        assert res.rankings["coarse"][q.qid] == want[: len(res.rankings["coarse"][q.qid])]
+        if q.target in gone:
+            assert d["ranks"]["coarse"] is None and d["target_filtered"] is True
+            continue
+        r = b["ranks"]["coarse"]
+        above = 0 if r is None else sum(g in base.rankings["coarse"][q.qid][: r - 1] for g in gone)
+        assert d["ranks"]["coarse"] == (None if r is None else r - above) and "target_filtered" not in d
+    assert res.per_query[ds.queries.index(q1)]["ranks"]["coarse"] < b1["ranks"]["coarse"]
+    assert res.metrics["coarse"] == pytest.approx(M.cirr_metrics(res.rankings["coarse"], ds.queries))
+    args = ["eval", "cirr", "--root", str(tmp_path / "cirr"), "--cache", str(cache), "--out", str(tmp_path / "o"), "--json"]
+    capsys.readouterr()
+    assert main([*args, "--where", where]) == 0
+    out = capsys.readouterr()
+    assert json.loads(out.out) == pytest.approx(res.metrics["coarse"]) and f"{misses} quer(ies)" in out.err
+    assert main([*args, "--where", "key = = 'x'"]) != 0

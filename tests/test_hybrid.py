@@ -248,3 +248,27 @@ def test_cli_fusion_hybrid(tmp_path, capsys, monkeypatch):
                  "mode=weighted,weight=0.9", "-k", "2", "--json", "--search-device", "cpu"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["query"]["mode"] == "weighted" and out["hits"][0]["caption"] is not None
+
+
+def test_verify_runs_fts5_integrity_check_and_reports_damage(tmp_path, capsys):
+    from mmretrieve.cli import main
+    from mmretrieve.errors import IndexCorruptedError
+    from mmretrieve.store import verify_index
+
+    path = tmp_path / "idx"
+    _build(path)
+    assert verify_index(path)["fulltext"] == "ok"
+    open_index(path, verify="full").close()
+    conn = sqlite3.connect(path / META)
+    leaf = conn.execute("SELECT id FROM items_fts_data ORDER BY length(block) DESC LIMIT 1").fetchone()[0]
+    conn.execute("UPDATE items_fts_data SET block = substr(block, 1, length(block) / 2) WHERE id = ?", (leaf,))
+    conn.commit()
+    conn.close()
+    assert len(open_index(path, verify="fast").search(vector=_vectors()[0], k=2)) == 2  # vectors still fine
+    with pytest.raises(IndexCorruptedError, match="items_fts"):
+        verify_index(path)
+    with pytest.raises(IndexCorruptedError, match="items_fts"):
+        open_index(path, verify="full")
+    capsys.readouterr()
+    assert main(["index", "verify", str(path)]) != 0
+    assert "items_fts" in capsys.readouterr().err

@@ -193,3 +193,22 @@ def test_selection_exports_and_arrow_keys_and_metadata_as_text(site, page):
     assert pg.evaluate("() => document.querySelectorAll(\"img[src='x']\").length") == 0
     assert pg.evaluate("() => document.body.dataset.pwned === undefined")
     assert not pg.errors, pg.errors
+
+
+def test_a_facet_click_without_a_query_browses_the_matching_items(site, page):
+    expect = sync_api.expect
+    base, svc = site
+    pg = page
+    pg.goto(base + "/?index=photos&k=48")
+    expect(pg.locator("body")).to_have_attribute("data-ready", "1")
+    lic = pg.locator('#facets details[data-field="license"] .facet-value[data-value="cc0"]')
+    expect(lic).to_be_visible()
+    expect(pg.locator("#col-0 .hit")).to_have_count(0)
+    lic.click()
+    want = svc.manager.get("photos").index.select("license = 'cc0'").ids.tolist()
+    expect(pg.locator("#col-0 .hit")).to_have_count(len(want))
+    assert [int(x) for x in pg.locator("#col-0 .hit").evaluate_all("bs => bs.map((b) => b.dataset.id)")] == want
+    assert _filter(pg) == "license = 'cc0'" and "q" not in parse_qs(urlparse(pg.url).query)
+    expect(pg.locator("#status")).to_contain_text(f"browsing {len(want)} matching")
+    expect(pg.locator("#col-0 .hit .score")).to_have_count(0)  # no query: no scores
+    assert not pg.errors, pg.errors

@@ -44,8 +44,11 @@ def cmd_benchmark(args) -> int:
     res = evaluate_fusions(
         ds, fusions, encoder=args.encoder, pipeline=pipeline,
         fusion_options=parse_kv(args.fusion_options) if args.fusion_options else None,
-        batch_size=args.batch_size, workers=args.workers, cache=args.cache, limit=args.limit, **run_kw,
+        batch_size=args.batch_size, workers=args.workers, cache=args.cache, limit=args.limit, where=args.where, **run_kw,
     )
+    if args.where is not None:
+        print(f"note: gallery filtered by {args.where!r}; {res.dataset.get('queries_target_filtered', 0)} "
+              "quer(ies) with their target filtered out count as misses", file=sys.stderr)
     out = write_report(res, ds, Path(args.out) if args.out else
                        Path("eval-runs") / f"{args.eval_cmd}-{ds.split}-{time.strftime('%Y%m%d-%H%M%S')}")
     if args.json:
@@ -131,6 +134,9 @@ def _run_options() -> argparse.ArgumentParser:
     p.add_argument("--pipeline", default=None, help="a pipeline preset or YAML file")
     add_generation_args(p)
     p.add_argument("--allow-missing", action="store_true", help="evaluate on the images that exist")
+    p.add_argument("--where", default=None, metavar="FILTER",
+                   help="search a gallery restricted to the items that match (e.g. \"key != 'dev-3-img0'\", "
+                        "\"width >= 256\"); a query whose target is filtered out counts as a miss")
     p.add_argument("--limit", type=int, default=None, help="evaluate the first N queries only")
     p.add_argument("--out", default=None, help="report folder (default eval-runs/<dataset>-<split>-<time>)")
     p.add_argument("--cache", default=None, help="gallery feature cache (default $MMRETRIEVE_CACHE/eval)")

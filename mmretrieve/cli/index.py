@@ -111,7 +111,7 @@ def cmd_verify(args) -> int:
     else:
         for r in rows:
             print(f"{r['version']}: ok ({r['segments']} segment(s), {r['files']} files, {r['bytes'] / 1e6:.2f} MB, "
-                  f"{r['rows']} metadata rows checked)")
+                  f"{r['rows']} metadata rows checked, full-text index {r.get('fulltext', '-')})")
         unsealed = rows[-1].get("unsealed") if rows else None
         if unsealed:
             print(f"note: the manifests of {', '.join(unsealed)} carry no checksum (written before mmretrieve kept "

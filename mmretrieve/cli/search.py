@@ -13,7 +13,12 @@ def cmd_search(args) -> int:
     if args.queries is not None:
         return _batch(args)
     if args.text is None and args.image is None and args.video is None and args.item is None:
-        return usage_error("give --text, --image, --video or --item, or one of those plus --text (a composed query)")
+        if args.where is not None:
+            return _browse(args)
+        return usage_error("give --text, --image, --video or --item, or one of those plus --text (a composed query), "
+                           "or --where alone to browse the items that meet a filter")
+    if args.order is not None or args.offset:
+        return usage_error("--order and --offset apply to browsing (--where and no query)")
     if sum(x is not None for x in (args.image, args.video, args.item)) > 1:
         return usage_error("give one of --image, --video or --item, not several")
     if args.k < 1:
@@ -41,6 +46,26 @@ def cmd_search(args) -> int:
 
         n = res.export(args.export)
         print(f"exported {n} hit(s) to {printable(args.export)}", file=sys.stderr)
+    if args.json:
+        out_json(res.to_dict())
+    else:
+        print(res.table(show=[c.strip() for c in (args.show or "").split(",") if c.strip()]))
+    return EXIT_OK
+
+
+def _browse(args) -> int:
+    """``--where FILTER`` and no query: the matching items in ``--order``, ``-k`` of them after ``--offset``."""
+    from mmretrieve.index import open_index
+
+    extra = [n for n, v in (("--rerank", args.rerank), ("--pipeline", args.pipeline), ("--fusion", args.fusion),
+                            ("--weight", args.weight), ("--exclude-dupes", args.exclude_dupes)) if v]
+    if extra:
+        return usage_error(f"browsing (--where and no query) takes -k, --offset and --order, not {', '.join(extra)}")
+    if args.k < 1 or args.offset < 0:
+        return usage_error(f"-k must be at least 1 and --offset at least 0 (got {args.k}, {args.offset})")
+    idx = open_index(args.name, index_dir=args.index_dir, verify="none" if args.no_verify else "fast",
+                     encoder=args.encoder, version=args.version, search_device=args.search_device)
+    res = idx.browse(args.where, k=args.k, offset=args.offset, order=args.order or "id")
     if args.json:
         out_json(res.to_dict())
     else:
@@ -105,6 +130,10 @@ def register(sub, common) -> None:
     s.add_argument("--where", default=None, metavar="FILTER",
                    help="keep to items whose metadata match, e.g. \"year >= 2020 and license in ('cc-by', 'cc0')\" "
                         "(grammar: docs/cli.md; k results whenever k items match)")
+    s.add_argument("--order", default=None, metavar="ORDER",
+                   help='browsing (--where and no query): "id" (default), "added" or a numeric field, optionally '
+                        'followed by " desc", e.g. "year desc"')
+    s.add_argument("--offset", type=int, default=0, help="browsing: items to skip (paging; default 0)")
     s.add_argument("--exclude-dupes", action="store_true",
                    help="one result per near-duplicate group, the best-ranked (groups as `index dupes` finds them)")
     s.add_argument("--dupe-threshold", type=float, default=0.95, metavar="SIM",

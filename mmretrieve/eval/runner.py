@@ -176,6 +176,14 @@ class CIREvaluator:
     shortlists (EgoCVR: the coarse ranking filtered to the query's global and to its local gallery, as
     EgoCVR's two-stage baseline does). ``video``: how gallery videos are sampled (default: the
     benchmark's, e.g. EgoCVR's 15 uniform frames). ``limit``: the first N queries only.
+
+    ``where=`` (a call's): a metadata filter over the gallery index (``"key != 'dev-3-img0'"``,
+    ``"width >= 256"``; the grammar of ``Index.search``'s ``where``): the coarse search, and so every
+    reranker's shortlist, keeps to the gallery items that match. A query whose target (every one of its
+    ground truths, for CIRCO) is filtered out stays in the metrics as a miss, so the metric is over the
+    same queries as without the filter; such queries are counted (``dataset["queries_target_filtered"]``)
+    and marked in ``per_query`` (``target_filtered``; ``gts_filtered`` lists a CIRCO query's filtered
+    ground truths). Without a filter nothing changes: the official metrics over the full gallery.
     """
 
     def __init__(self, ds: CIRDataset, *, batch_size: int | None = None, workers: int | None = None,
@@ -186,9 +194,13 @@ class CIREvaluator:
         self.batch_size, self.workers, self.cache, self.limit = batch_size, workers, cache, limit
 
     def __call__(self, encoder: Encoder | str = "embedded", *, pipeline=None, fusion: str | None = None,
-                 fusion_options: dict | None = None) -> EvalResult:
+                 fusion_options: dict | None = None, where: str | None = None) -> EvalResult:
         from mmretrieve.query import coarse_strategy
         from mmretrieve.rerank.pipeline import as_pipeline
+        from mmretrieve.store.filters import parse
+
+        if where is not None:
+            parse(where)  # a filter that does not parse is refused before any work
 
         t_start = time.perf_counter()
         ds = self.dataset
@@ -220,12 +232,16 @@ class CIREvaluator:
                 dropped = {q.qid for q in qs} - {q.qid for q in kept}
                 queries, qs = [q for q in queries if q.qid not in dropped], kept
             t0 = time.perf_counter()
-            _rank_group(ds, self.benchmark, idx, qs, text_vec, strategy, pipe, rankings, costs, notes)
+            _rank_group(ds, self.benchmark, idx, qs, text_vec, strategy, pipe, rankings, costs, notes, where=where)
             timings["queries"] += time.perf_counter() - t0
             idx.close()
         config = {"encoder": enc.info.to_dict(), "fusion": fusion, "fusion_options": fusion_options,
                   "pipeline": pipe.config() if pipe is not None else None, "limit": self.limit}
+        if where is not None:
+            config["where"] = where
         res = self._result(queries, stages, rankings, config, timings, t_start, notes)
+        if where is not None:
+            res.dataset["queries_target_filtered"] = sum(bool(notes.get(q.qid, {}).get("target_filtered")) for q in queries)
         res.cost = {s: c.to_dict() for s, c in costs.items()}
         return res
 
@@ -242,10 +258,11 @@ class CIREvaluator:
 
 def evaluate(ds: CIRDataset, *, encoder: Encoder | str = "embedded", pipeline=None, fusion: str | None = None,
              fusion_options: dict | None = None, batch_size: int | None = None, workers: int | None = None,
-             cache: str | Path | None = None, limit: int | None = None, video: dict | None = None) -> EvalResult:
-    """One run of ``CIREvaluator(ds, ...)(encoder, pipeline=..., fusion=...)`` (see there)."""
+             cache: str | Path | None = None, limit: int | None = None, video: dict | None = None,
+             where: str | None = None) -> EvalResult:
+    """One run of ``CIREvaluator(ds, ...)(encoder, pipeline=..., fusion=..., where=...)`` (see there)."""
     return CIREvaluator(ds, batch_size=batch_size, workers=workers, cache=cache, limit=limit, video=video)(
-        encoder, pipeline=pipeline, fusion=fusion, fusion_options=fusion_options)
+        encoder, pipeline=pipeline, fusion=fusion, fusion_options=fusion_options, where=where)
 
 
 def _query_sides(ds: CIRDataset, idx, group, qs, text_vec, strategy):
@@ -275,22 +292,28 @@ def _query_sides(ds: CIRDataset, idx, group, qs, text_vec, strategy):
     return vecs, qobjs, ref_ids
 
 
-def _rank_group(ds: CIRDataset, bench, idx, qs, text_vec, strategy, pipe, rankings, costs=None, notes=None) -> None:
+def _rank_group(ds: CIRDataset, bench, idx, qs, text_vec, strategy, pipe, rankings, costs=None, notes=None,
+                where=None) -> None:
     """Coarse rankings for one gallery's queries (one batched search for vector fusions), then every
     stage of ``pipe`` over each of the benchmark's shortlists. A pipeline's ``describe`` stage first
-    writes each query's target description (cached: a re-run or a resumed run generates none again)."""
+    writes each query's target description (cached: a re-run or a resumed run generates none again).
+    ``where``: a filter; the coarse search keeps to the matching gallery items (see ``CIREvaluator``)."""
     costs = {} if costs is None else costs
     notes = {} if notes is None else notes
     group = qs[0].group if qs else None
     keys = {it.id: it.key for it in idx.meta.iter_items()}
     n = len(idx)
+    if where is not None:
+        where = idx.select(where)
+        n = where.count
+        _note_filtered_targets(where, keys, qs, notes)
     need = n if bench.needs_full_ranking else min(n, TOP + 1)
-    k1 = min(n, pipe.shortlist_size(need) if pipe is not None else need)
+    k1 = max(1, min(n, pipe.shortlist_size(need) if pipe is not None else need))
     vecs, qobjs, ref_ids = _query_sides(ds, idx, group, qs, text_vec, strategy)
     if pipe is not None and pipe.describer is not None:
         qobjs = _describe(pipe.describer, idx, qs, qobjs, costs, notes)
     excl = ref_ids if bench.remove_reference else None
-    coarse = _coarse_batch(idx, qobjs, k1, exclude=excl)
+    coarse = _coarse_batch(idx, qobjs, k1, exclude=excl, where=where)
     bar = tqdm(total=len(qs), desc=f"{ds.name} {group or ''}".strip(), unit="q", disable=progress_disable(), leave=False)
     for q, qo, (ids, scores) in zip(qs, qobjs, coarse):
         rankings["coarse"][q.qid] = [keys[int(i)] for i in ids]
@@ -306,6 +329,22 @@ def _rank_group(ds: CIRDataset, bench, idx, qs, text_vec, strategy, pipe, rankin
                 rankings[label][q.qid] = lists[None] if None in lists else lists
         bar.update(1)
     bar.close()
+
+
+def _note_filtered_targets(sel, keys: dict[int, str], qs, notes: dict) -> None:
+    """Mark the queries whose target (every ground truth) the filter leaves out of the gallery."""
+    ids = np.fromiter(keys, np.int64, len(keys))
+    out = {keys[int(i)] for i in ids[~sel.allowed(ids)]}
+    for q in qs:
+        targets = [q.target] if q.target is not None else list(q.gts)
+        gone = [t for t in targets if t in out]
+        if not gone:
+            continue
+        note = notes.setdefault(q.qid, {})
+        if len(gone) == len(targets):
+            note["target_filtered"] = True
+        if q.target is None:
+            note["gts_filtered"] = gone
 
 
 #: queries described per generation call in an evaluation (each call's answers are cached as they come)
@@ -346,9 +385,10 @@ def _note_stage(r, qid: str, costs: dict, notes: dict) -> None:
         notes.setdefault(qid, {}).setdefault("stage_info", {}).setdefault(r.label, []).append(kept)
 
 
-def _coarse_batch(idx, qobjs: list[EncodedQuery], k: int, exclude: list[int | None] | None = None):
+def _coarse_batch(idx, qobjs: list[EncodedQuery], k: int, exclude: list[int | None] | None = None, where=None):
     """Coarse rankings for many queries: one batched FAISS search for vector fusions. ``exclude``: one
-    id per query (or None) to leave out of that query's ranking (CIRR's reference image)."""
+    id per query (or None) to leave out of that query's ranking (CIRR's reference image). ``where``: a
+    filter (a ``Selection``): only matching gallery items are ranked."""
     from mmretrieve.index.search import coarse
 
     if not qobjs:
@@ -356,12 +396,12 @@ def _coarse_batch(idx, qobjs: list[EncodedQuery], k: int, exclude: list[int | No
     exclude = exclude or [None] * len(qobjs)
     plans = [q.plan(k) for q in qobjs]
     if not all(p.single for p in plans):  # list-level strategies (intersection) search per query
-        return [coarse(idx, p, exclude=None if x is None else [x]) for p, x in zip(plans, exclude)]
+        return [coarse(idx, p, exclude=None if x is None else [x], where=where) for p, x in zip(plans, exclude)]
     Q = np.stack([p.queries[0] for p in plans]).astype(np.float32)
     extra = int(any(x is not None for x in exclude))  # one more, since a query's excluded id may be among them
     out = []
     for s in range(0, len(Q), 1024):
-        D, I = idx.search_vectors(Q[s : s + 1024], k + extra)
+        D, I = idx.search_vectors(Q[s : s + 1024], k + extra, where=where)
         for d, i, x in zip(D, I, exclude[s : s + 1024]):
             m = (i >= 0) & (i != (-2 if x is None else x))
             out.append((i[m][:k], d[m][:k]))
@@ -384,7 +424,7 @@ def _diagnostics(ds: CIRDataset, bench, q: CIRQuery, rankings, stages) -> dict[s
 def evaluate_fusions(ds: CIRDataset, fusions: list[str], **kw) -> EvalResult:
     """``evaluate`` once per composed fusion (e.g. ``["sum", "intersection"]``) and put the runs side by
     side: stage names become ``<fusion>/<stage>``. Gallery and text features are shared (cached)."""
-    run_kw = {k: kw.pop(k) for k in ("encoder", "pipeline", "fusion_options") if k in kw}
+    run_kw = {k: kw.pop(k) for k in ("encoder", "pipeline", "fusion_options", "where") if k in kw}
     evaluator = CIREvaluator(ds, **kw)  # built once, called once per fusion
     if len(fusions) == 1:
         return evaluator(fusion=fusions[0], **run_kw)

@@ -377,15 +377,18 @@ class Index:
         """The live items of this snapshot that meet a filter (``mmretrieve.store.filters``: e.g. ``"year >=
         2020 and license in ('cc-by', 'cc0')"``), as an ``index.filtered.Selection`` (``.ids``, ``.count``),
         from one SQL query with bound values; the last few are cached per snapshot. A ``Selection`` is
-        returned as it is. Raises ``FilterError`` naming the token and its position."""
+        returned as it is; ``None`` selects every live item. Raises ``FilterError`` naming the token and its
+        position."""
         from mmretrieve.index.filtered import Selection, SelectionCache
         from mmretrieve.store.filters import parse, to_sql
 
         if isinstance(where, Selection):
             return where
-        tree = parse(where)
         if getattr(self, "_selections", None) is None:
             self._selections = SelectionCache()
+        if where is None:  # every live item (a browse without a filter)
+            return self._selections.get("", lambda: Selection("", self.meta.matching("1", []), self.segments))
+        tree = parse(where)
         return self._selections.get(str(tree), lambda: Selection(str(tree), self.meta.matching(*to_sql(tree)),
                                                                  self.segments))
 
@@ -480,6 +483,17 @@ class Index:
 
             return _search.search_deduped(self, positive_int(k, "k", "Index.search"), run, threshold=dupe_threshold)
         return run(k)
+
+    def browse(self, where: str | None = None, *, k: int = 10, offset: int = 0, order: str = "id") -> SearchResults:
+        """The items that meet a filter (all live items without one), with no query: ``SearchResults`` of
+        the ``k`` items after the first ``offset`` in ``order``: ``"id"`` (default), ``"added"`` (when
+        added), or a numeric field (``"year"``, ``"size"``, ``"exif.iso"``), each optionally ``" desc"``.
+        Items without a number in the field come last; ties go by id. A hit's ``score`` is 0 and its
+        ``rank`` its place in the order over all pages; ``res.query["matching"]`` is how many items match.
+        With ``order="id"`` the ids are ``select(where).ids`` in order."""
+        from mmretrieve.index.browse import browse
+
+        return browse(self, where, k=k, offset=offset, order=order)
 
     def search_batch(self, queries: Sequence[dict], *, k: int = 10, where=None, keep_reference: bool = False,
                      nprobe: int | None = None, ef_search: int | None = None) -> list[SearchResults]:

@@ -10,7 +10,8 @@ from pydantic import BaseModel, ConfigDict, Field
 class SearchRequest(BaseModel):
     """One search. Give ``text``; or an image (``image``: base64 / data URI in JSON, a file part named
     ``image`` in multipart), or ``item`` / ``item_key`` (an indexed item: "more like this"); or both an
-    image / item and a ``text`` (a composed query: reference + modification text); or a raw ``vector``."""
+    image / item and a ``text`` (a composed query: reference + modification text); or a raw ``vector``;
+    or only a ``filter``: browse the items that meet it, in ``order``."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -38,7 +39,11 @@ class SearchRequest(BaseModel):
     filter: str | None = Field(
         None, description="a metadata filter, e.g. \"year >= 2020 and license in ('cc-by', 'cc0')\": only matching "
                           "items come back (k of them whenever k match); a filter that does not parse is a 400 naming "
-                          "the token and its position")
+                          "the token and its position; a filter alone, with no text, image, item or vector, browses "
+                          "the matching items (score 0, ranked by `order`)")
+    order: str | None = Field(
+        None, description="browsing only (a filter and no query): \"id\" (default), \"added\" or a numeric metadata "
+                          "field, each optionally followed by \" desc\", e.g. \"year desc\"")
 
 
 class HitModel(BaseModel):

@@ -35,6 +35,9 @@ class Plan:
     where: Any = None
     #: one hit per near-duplicate group (``index.dupes``)
     exclude_dupes: bool = False
+    #: a filter and no query: browse the matching items in ``order`` (``Index.browse``)
+    browse: bool = False
+    order: str = "id"
 
     @property
     def window(self) -> int:
@@ -57,7 +60,7 @@ class Plan:
 
     def query(self, image=None) -> Query | None:
         """The ``Query`` (None for a raw vector); ``image``: the decoded upload, once there is one."""
-        if self.vector is not None:
+        if self.vector is not None or self.browse:
             return None
         it = self.item
         visual: dict[str, Any] = {}
@@ -79,8 +82,10 @@ class Plan:
             d["image"] = f"upload ({len(self.image_bytes)} bytes)"
         if self.vector is not None:
             d["vector"] = f"{len(self.vector)} numbers"
-        d["kind"] = ("composed" if self.composed else "text" if self.text is not None else "vector"
+        d["kind"] = "browse" if self.browse else ("composed" if self.composed else "text" if self.text is not None else "vector"
                      if self.vector is not None else "image")
+        if self.browse:
+            d["order"], d["matching"] = self.order, self.where.count
         if self.where is not None:
             d["where"] = self.where.where
         if self.exclude_dupes:
@@ -114,7 +119,12 @@ def plan_request(config, policy, idx, req, upload: bytes | None = None) -> Plan:
     if len(sources) > 1:
         raise UsageError(f"give one of image, item, item_key and vector, not {' and '.join(sources)}")
     if not sources and text is None:
-        raise UsageError("a search needs text, an image, an item or a vector (or an image / item plus text)")
+        if req.filter is None:
+            raise UsageError("a search needs text, an image, an item or a vector (or an image / item plus text), "
+                             "or a filter alone to browse the items that meet it")
+        return _plan_browse(idx, req)
+    if req.order is not None:
+        raise UsageError("order applies to browsing (a filter and no query); a search is ranked by its scores")
     plan = Plan(index=idx, text=text, k=req.k, offset=req.offset, keep_reference=req.keep_reference,
                 exclude_dupes=bool(getattr(req, "exclude_dupes", False)))
     if upload is not None:
@@ -137,6 +147,20 @@ def plan_request(config, policy, idx, req, upload: bytes | None = None) -> Plan:
         plan.pipeline, plan.locks = policy.pipeline(idx, req.rerank, req.pipeline)
     _plan_fusion(plan, req)
     return plan
+
+
+def _plan_browse(idx, req) -> Plan:
+    """A filter and no query: browse the matching items (``Index.browse``) in ``req.order``."""
+    from mmretrieve.store.filters import parse_order
+
+    extra = [n for n, v in (("rerank", req.rerank), ("pipeline", req.pipeline), ("fusion", req.fusion),
+                            ("weight", req.weight), ("fusion_options", req.fusion_options)) if v]
+    if extra:
+        raise UsageError(f"browsing (a filter and no query) takes k, offset and order, not {', '.join(extra)}")
+    order = req.order or "id"
+    parse_order(order)  # a bad order is a 400 naming its token
+    return Plan(index=idx, k=req.k, offset=req.offset, where=idx.select(req.filter), browse=True, order=order,
+                exclude_dupes=bool(getattr(req, "exclude_dupes", False)))
 
 
 def _plan_vector(plan: Plan, req) -> None:

@@ -203,6 +203,8 @@ class Service:
 
     def _execute_k(self, plan: Plan, prepared, k: int):
         idx = plan.index
+        if plan.browse:
+            return idx.browse(plan.where, k=k, order=plan.order)
         if plan.vector is not None:
             return idx.search(vector=plan.vector, k=k, where=plan.where)
         query, sides = prepared

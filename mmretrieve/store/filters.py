@@ -298,6 +298,30 @@ def parse(text: str):
     return _Parser(text).parse()
 
 
+def parse_order(text: str) -> tuple[Field, bool]:
+    """A browse order (``Index.browse``): ``id``, ``added`` (the built-in ``added_at``) or a field as a filter
+    names it (a bare name, ``a.b``, `` `any text` ``), then optionally ``asc`` or ``desc``: (field, descending)."""
+    p = _Parser(str(text))
+    if p.tok.kind == "name" and p.tok.value == "added":
+        p.i += 1
+        f = Field(("added_at",), True, 0)
+    else:
+        f = p.field()
+    desc = False
+    if p.tok.kind == "name" and p.tok.value.lower() in ("asc", "desc"):
+        desc = p.take("name").value.lower() == "desc"
+    if p.tok.kind != "end":
+        raise p.fail("'asc', 'desc' or the end of the order")
+    return f, desc
+
+
+def order_sql(f: Field) -> tuple[str, list]:
+    """(SQL, parameters) of a field's value as a browse orders by it: its number, else NULL (a missing
+    field, a string, a boolean: such items come last in either direction)."""
+    val, typ, fp = _operand(f)
+    return f"(CASE WHEN {typ} IN ('integer','real') THEN {val} END)", [*fp, *fp]
+
+
 # ---- SQL ---------------------------------------------------------------------------------------------
 _SQL_TYPES = {"number": "('integer','real')", "string": "('text')", "bool": "('true','false')"}
 
@@ -393,5 +417,5 @@ def evaluate(e, rec: dict) -> bool | None:
     return bool(_CMP[e.op](x, e.value))
 
 
-__all__ = ["parse", "tokenize", "to_sql", "evaluate", "record_of", "sql_contains", "BUILTINS", "Field", "Compare",
+__all__ = ["parse", "parse_order", "order_sql", "tokenize", "to_sql", "evaluate", "record_of", "sql_contains", "BUILTINS", "Field", "Compare",
            "Contains", "IsNull", "Not", "BoolOp"]

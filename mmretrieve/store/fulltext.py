@@ -117,6 +117,42 @@ def ensure(conn: sqlite3.Connection) -> None:
     log.info("full-text table built over %d item rows", n)
 
 
+def integrity_check(db_path) -> str:
+    """FTS5's own ``integrity-check`` of the full-text table of the database at ``db_path``: ``"ok"``,
+    ``"absent"`` (a database made before full-text search), or ``"skipped: ..."`` (no FTS5 in this SQLite,
+    or the file cannot be opened for writing: FTS5 runs the check as an ``INSERT`` command, which a
+    read-only connection refuses; it changes nothing). Raises ``IndexCorruptedError`` when the check finds
+    the table damaged."""
+    from mmretrieve.errors import IndexCorruptedError
+
+    if not fts5_available():
+        return f"skipped: this Python's SQLite {sqlite3.sqlite_version} has no FTS5"
+    try:
+        conn = sqlite3.connect(str(db_path), isolation_level=None, timeout=30)
+    except sqlite3.Error as e:
+        return f"skipped: cannot open the database for the check ({e})"
+    try:
+        if not present(conn):
+            return "absent"
+        conn.execute(f"INSERT INTO {TABLE}({TABLE}) VALUES('integrity-check')")
+        return "ok"
+    except sqlite3.OperationalError as e:
+        if "readonly" in str(e) or "read-only" in str(e) or "locked" in str(e) or "busy" in str(e):
+            log.warning("%s: full-text integrity check skipped (%s)", db_path, e)
+            return f"skipped: {e}"
+        raise IndexCorruptedError(f"{db_path}: the full-text index ({TABLE}) is damaged: FTS5 integrity-check "
+                                  f"failed ({e}); text and hybrid search over it are unreliable (the vectors and the "
+                                  "item rows are checked separately)") from None
+    except sqlite3.DatabaseError as e:
+        raise IndexCorruptedError(f"{db_path}: the full-text index ({TABLE}) is damaged: FTS5 integrity-check "
+                                  f"failed ({e}); text and hybrid search over it are unreliable (the vectors and the "
+                                  "item rows are checked separately)") from None
+    finally:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        conn.close()
+
+
 def plain_query(text: str) -> str | None:
     """An FTS5 query for user text as plain words (each quoted, OR-ed); None when it has no words."""
     words = re.findall(r"\w+", str(text))[:MAX_WORDS]
@@ -136,4 +172,4 @@ def matches(conn: sqlite3.Connection, match: str, limit: int) -> list[tuple[int,
         raise
 
 
-__all__ = ["fts5_available", "require_fts5", "present", "ensure", "plain_query", "matches", "TABLE", "VIEW"]
+__all__ = ["fts5_available", "require_fts5", "present", "ensure", "integrity_check", "plain_query", "matches", "TABLE", "VIEW"]

@@ -412,6 +412,13 @@ class MetaDB:
         rows = self._q(f"SELECT id, segment, row FROM items WHERE {cond} AND {condition}", [*segs, *params])
         return self._visible(rows, make=tuple)
 
+    def values(self, expr: str, params: Sequence[Any]) -> list[tuple[int, str, int, Any]]:
+        """(id, segment, row, value) of every visible item, ``value`` an SQL expression over the items table
+        with bound ``params`` (``store.filters.order_sql``: what a browse orders by)."""
+        cond, segs = self._segs_sql()
+        rows = self._q(f"SELECT id, segment, row, {expr} FROM items WHERE {cond}", [*params, *segs])
+        return self._visible(rows, make=tuple)
+
     def has_fulltext(self) -> bool:
         """Whether the database has its full-text table (``store.fulltext``)."""
         with self._lock:

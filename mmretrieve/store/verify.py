@@ -1,7 +1,7 @@
 """Full verification (``mmretrieve index verify NAME``, ``open_index(..., verify="full")``): every byte of
 every file of a version against the sha256 recorded when it was written, the database's own integrity
-check, every metadata row of the version's segments against the checksum it was stored with, and the
-manifest of every retained version against its own checksum (a forged retained manifest would
+check, FTS5's integrity-check of the full-text index (``store.fulltext``), every metadata row of the
+version's segments against the checksum it was stored with, and the manifest of every retained version against its own checksum (a forged retained manifest would
 otherwise be published by a rollback)."""
 
 from __future__ import annotations
@@ -10,14 +10,16 @@ import sqlite3
 from pathlib import Path
 
 from mmretrieve.errors import IndexCorruptedError
+from mmretrieve.store import fulltext
 from mmretrieve.store.io import sha256_file
 from mmretrieve.store.layout import META, list_versions, read_manifest, read_version
 from mmretrieve.store.meta import MetaDB, Visibility, row_crc
 from mmretrieve.store.segments import SegmentFiles
 
 
-def verify_metadata(path: Path, meta, segments) -> int:
-    """Integrity of the database and the checksum of each of the snapshot's rows; returns rows checked."""
+def verify_metadata(path: Path, meta, segments, report: dict | None = None) -> int:
+    """Integrity of the database, of its full-text index (FTS5's integrity-check) and the checksum of each
+    of the snapshot's rows; returns rows checked (``report["fulltext"]``: the full-text check's status)."""
     try:
         res = meta._q("PRAGMA integrity_check")
     except IndexCorruptedError:
@@ -26,6 +28,9 @@ def verify_metadata(path: Path, meta, segments) -> int:
         raise IndexCorruptedError(f"{path / META}: integrity check failed ({e})") from None
     if res and res[0][0] != "ok":
         raise IndexCorruptedError(f"{path / META}: integrity check failed ({'; '.join(r[0] for r in res[:3])})")
+    fts = fulltext.integrity_check(path / META)  # IndexCorruptedError when it is damaged
+    if report is not None:
+        report["fulltext"] = fts
     n = 0
     for seg in segments:
         rows = meta.rows_of(seg.sid)
@@ -68,14 +73,15 @@ def verify_version(path: Path, m: dict) -> dict:
     check_shared_files(path, m, full=True)
     meta = MetaDB.open_reader(path / META, Visibility({s.sid: s.deleted for s in segments}))
     try:
-        rows = verify_metadata(path, meta, segments)
+        checked: dict = {}
+        rows = verify_metadata(path, meta, segments, checked)
     finally:
         meta.close()
     files = sum(len(s.files()) for s in segments) + len(m.get("files") or {})
     size = sum(f["bytes"] for s in segments for f in s.files().values()) + sum(
         f["bytes"] for f in (m.get("files") or {}).values())
     return {"index": str(path), "version": m["version"], "segments": len(segments), "files": files, "bytes": size,
-            "rows": rows, "manifest_checksum": "ok" if "checksum" in m else "none", "ok": True}
+            "rows": rows, "fulltext": checked.get("fulltext"), "manifest_checksum": "ok" if "checksum" in m else "none", "ok": True}
 
 
 def verify_index(path: Path, *, version: str | None = None) -> dict:

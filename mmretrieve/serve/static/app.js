@@ -195,8 +195,11 @@
   }
 
   // ---- searching -------------------------------------------------------------------------------------------
+  // a filter and no query browses the items that meet it (the API's filter-only search: no scores, no stages)
+  const browsing = () => !state.q && !state.item && !state.upload && !!state.filter;
   function requestBody(fusion, offset) {
     const b = { k: state.k, offset };
+    if (browsing()) return { ...b, filter: state.filter };
     if (state.q) b.text = state.q;
     if (state.item) b.item = state.item.id;
     if (composed()) {
@@ -227,13 +230,13 @@
     const url = toURL();
     if (push !== false && url !== location.search) history.pushState(null, "", url);
     loadFacets();
-    if (!state.q && !state.item && !state.upload) {
-      status("Type a text, or drop, paste or choose an image.");
+    if (!state.q && !state.item && !state.upload && !state.filter) {
+      status("Type a text, or drop, paste or choose an image (or pick a field value to browse).");
       $("q").focus();
       return;
     }
     const mine = ++seq;
-    const both = state.compare && composed();
+    const both = state.compare && composed() && !browsing();
     columns[0].fusion = state.fusion;
     columns[1].fusion = state.fusion2;
     $("col-1").hidden = !both;
@@ -246,7 +249,8 @@
       drawMap();
       if (!both) $("col-1").hidden = true;
       const r = results[0];
-      const what = r.query.kind + (r.query.fusion ? ` (${runs.join(" vs ")})` : "");
+      const what = r.query.kind === "browse" ? `browsing ${r.query.matching} matching, in order of ${r.query.order}`
+        : r.query.kind + (r.query.fusion ? ` (${runs.join(" vs ")})` : "");
       const note = state.compare && !composed() ? " · comparing two fusions needs a reference image plus a text" : "";
       status(`${r.hits.length}${r.has_more ? "+" : ""} results · ${what} · ${r.stages.join(" → ")} · ` +
              `${Math.round(r.timings_ms.total)} ms${note}`);
@@ -316,7 +320,7 @@
   function hitCard(h, stages) {
     const stagesEl = stagesLine(h, stages);
     const moment = h.moment !== null && h.moment !== undefined;
-    const label = [`${h.rank}. ${shortKey(h.key)}`, h.caption, `score ${fmt(h.score)}`, stagesEl ? stagesEl.textContent : null,
+    const label = [`${h.rank}. ${shortKey(h.key)}`, h.caption, stages.includes("browse") ? null : `score ${fmt(h.score)}`, stagesEl ? stagesEl.textContent : null,
                    h.kind === "video" ? (moment ? `video, best moment ${fmt(h.moment, 1)} s` : "video") : null];
     const b = el("button", { type: "button", class: "hit", "aria-label": label.filter(Boolean).join(", ") });
     b.dataset.id = String(h.id);
@@ -326,7 +330,7 @@
     if (h.kind === "video") thumb.append(el("span", { class: "badge", text: moment ? `▶ ${fmt(h.moment, 1)} s` : "▶ video" }));
     b.append(thumb, el("span", { class: "key", text: shortKey(h.key), title: h.key }));
     if (h.caption) b.append(el("span", { class: "caption", text: h.caption, title: h.caption }));
-    b.append(el("span", { class: "score", text: `score ${fmt(h.score)}` }));
+    if (!stages.includes("browse")) b.append(el("span", { class: "score", text: `score ${fmt(h.score)}` }));
     if (stagesEl) b.append(el("span", { class: "stages" }, stagesEl));
     const shown = hitMeta(h);
     if (shown) b.append(shown);
