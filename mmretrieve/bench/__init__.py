@@ -33,6 +33,7 @@ BENCHMARKS = {
     "rankagg": "rankagg",
     "locore": "locore",
     "dupes": "dupes",
+    "filter": "filter",
 }
 
 

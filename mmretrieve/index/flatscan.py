@@ -96,8 +96,8 @@ class FlatScan:
         q = np.ascontiguousarray(q, dtype=np.float32)
         nq = len(q)
         masked = self.id_rows.rows_of(exclude)
-        if deleted_rows is not None and len(deleted_rows):
-            masked = np.union1d(masked, deleted_rows)
+        if deleted_rows is not None and len(deleted_rows):  # sorted already: a union (a sort) only with exclusions
+            masked = np.union1d(masked, deleted_rows) if len(masked) else np.asarray(deleted_rows, np.int64)
         if self.n and nq >= FAISS_BATCH and not len(masked) and self.xb.dtype == np.float32 and self.xb.flags.c_contiguous:
             D, I = self._empty(nq, k)
             return self._faiss_knn(q, k, D, I)
