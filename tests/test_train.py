@@ -156,7 +156,7 @@ def test_resume_after_kill_gives_the_same_adapter(tiny_qwen, toy, tmp_path):
     assert all(torch.equal(a[k], c[k]) for k in a)
 
 
-def test_cirr_train_split_mines_hard_negatives(tmp_path, samples, embedded):
+def test_cirr_train_split_mines_hard_negatives(tmp_path, samples, embedded, tiny_qwen, capsys):
     from cir_fixtures import make_cirr
 
     from mmretrieve.train.data import build_data
@@ -175,6 +175,17 @@ def test_cirr_train_split_mines_hard_negatives(tmp_path, samples, embedded):
         assert e.candidate != e.reference  # the reference is never a negative, nor the target
     assert len(data.val_queries) == 2 and all(len(v.shortlist) == 4 for v in data.val_queries)
     assert data.fingerprints["annotations"]["captions/cap.rc2.train.json"]
+    # the command end to end on the CIR fixture: a few steps, an adapter the verifier loads
+    from mmretrieve.cli import main
+
+    out = tmp_path / "run"
+    assert main(["train", "verifier", "--model", tiny_qwen, "--data", "cirr", "--root", str(root), "--out", str(out),
+                 "--cache", str(tmp_path / "c"), "--negatives", "2", "--val-queries", "2", "--val-k", "4",
+                 "--dtype", "fp32", "--device", "cpu", "--batch-size", "4", "--rank", "2", "--max-steps", "4",
+                 "--save-every", "2", "--json"]) == 0
+    rec = json.loads((out / "run.json").read_text())
+    assert rec["status"] == "finished" and rec["data"]["counts"]["triplets_used"] == 8
+    assert (out / "adapter" / "adapter_config.json").is_file()
 
 
 def test_help_and_refusals(tiny_qwen, tmp_path, capsys):
