@@ -112,7 +112,11 @@ def _build(path, data, factory):
         w.remove([int(i) for i in dead])
 
 
-FACTORIES = {"flat": {}, "HNSW16": {"ef_search": 32}, "HNSW16-small": {"ef_search": 32}, "IVF16,Flat": {"nprobe": 4}}
+FACTORIES = {"flat": {}, "HNSW16": {"ef_search": 32}, "HNSW16-small": {"ef_search": 32}, "IVF16,Flat": {"nprobe": 4},
+             "IVF16,PQ16": {"nprobe": 4}}
+#: recall@10 against the exact brute force a factory must reach under every filter: PQ16 codes are approximate (measured
+#: 0.70 unfiltered at nprobe 4, 0.72-1.0 filtered, the exact fallback ranking by reconstructions)
+MIN_RECALL = {"IVF16,PQ16": 0.6}
 
 
 @pytest.fixture(scope="module")
@@ -188,10 +192,11 @@ def test_filtered_search_matches_a_brute_force_at_every_selectivity(indexes, dat
         found = [row[row >= 0] for row in ids]
         assert all(len(f) == min(K, len(keep)) for f in found), (where, len(keep))  # k whenever k match
         assert all(np.isin(f, keep).all() for f in found), where  # nothing that does not match
-        if factory == "flat" or len(keep) < filtered.EXACT_PER_K * K:
+        # the exact fallback scores the stored vectors: exact, except PQ's, which are its codes' reconstructions
+        if factory == "flat" or (len(keep) < filtered.EXACT_PER_K * K and factory not in MIN_RECALL):
             assert [f.tolist() for f in found] == truth.tolist(), where
         else:
-            assert _recall(found, truth) >= 0.97, (where, _recall(found, truth))
+            assert _recall(found, truth) >= MIN_RECALL.get(factory, 0.97), (where, _recall(found, truth))
 
 
 @pytest.mark.parametrize("factory", ["HNSW16", "IVF16,Flat"])
