@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import statistics
+import subprocess
 import time
 from collections.abc import Callable
 from typing import Any
@@ -41,6 +43,16 @@ def machine_info() -> dict[str, Any]:
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "python": platform.python_version(),
     }
+
+
+def child_json(argv: list[str], *, timeout: float, env: dict | None = None) -> dict[str, Any]:
+    """Run a benchmark's child process (this Python on a script, or another one: LanceDB's) and read the JSON
+    object on the last line of its output; a failure is ``{"error": its last line of stderr, "stderr": the
+    tail}`` (the caller reports it or raises)."""
+    p = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=timeout)
+    if p.returncode != 0:
+        return {"error": (p.stderr.strip().splitlines() or ["failed"])[-1], "stderr": p.stderr[-3000:]}
+    return json.loads(p.stdout.strip().splitlines()[-1])
 
 
 def times(fn: Callable[[], Any], repeat: int, warmup: int) -> list[float]:

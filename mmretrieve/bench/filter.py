@@ -24,12 +24,13 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+
+from mmretrieve.bench.common import child_json
 
 log = logging.getLogger(__name__)
 
@@ -183,13 +184,11 @@ def _lancedb(tmp: Path, data: dict, sels: list[float], python: str) -> dict:
         np.save(tmp / f"{name}.npy", data[name])
     wheres = [_where(s) for s in sels]
     try:
-        p = subprocess.run([python, "-c", _LANCEDB_CHILD, str(tmp), json.dumps(wheres)], capture_output=True, text=True,
-                           timeout=7200)
+        res = child_json([python, "-c", _LANCEDB_CHILD, str(tmp), json.dumps(wheres)], timeout=7200)
     finally:
         shutil.rmtree(tmp / "lancedb", ignore_errors=True)
-    if p.returncode != 0:
-        return {"error": (p.stderr.strip().splitlines() or ["failed"])[-1]}
-    res = json.loads(p.stdout.strip().splitlines()[-1])
+    if "error" in res:
+        return {"error": res["error"]}
     for s, r in zip(sels, res["rows"]):
         match = np.flatnonzero(data["bucket"] < int(round(s * BUCKETS)))
         r["selectivity"] = s

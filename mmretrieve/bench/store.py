@@ -18,16 +18,16 @@ segments within 1.2x of one; disk after 5 small adds within 1.1x of the data.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+
+from mmretrieve.bench.common import child_json
 
 HELP = "store costs (add, rm, open, search, bytes written, RSS, disk) at 10k/100k/1M vs a FAISS+SQLite script"
 OPS = ("add10", "rm3", "open", "add10x5")
@@ -61,11 +61,11 @@ def _source(tmp: Path, n: int, d: int) -> Path:
 
 def _op(op: str, path: Path, seed: int = 1) -> dict:
     env = {**os.environ, "MMRETRIEVE_SEARCH_DEVICE": "cpu"}
-    p = subprocess.run([sys.executable, "-m", "mmretrieve.bench.store_ops", op, str(path), str(seed)],
-                       capture_output=True, text=True, env=env, timeout=3600)
-    if p.returncode != 0:
-        raise RuntimeError(f"bench store: {op} on {path} failed:\n{p.stderr[-3000:]}")
-    return json.loads(p.stdout.strip().splitlines()[-1])
+    out = child_json([sys.executable, "-m", "mmretrieve.bench.store_ops", op, str(path), str(seed)], env=env,
+                     timeout=3600)
+    if "error" in out:
+        raise RuntimeError(f"bench store: {op} on {path} failed:\n{out['stderr']}")
+    return out
 
 
 def _measure(path: Path, prefix: str) -> dict:
@@ -147,11 +147,10 @@ def _import_vs_faiss(tmp: Path, n: int, factory: str, threads: int) -> dict:
         raise RuntimeError(f"bench store: {factory} needs more rows to train than N={n:,}; give --import-factory ''")
     for which in ("faiss", "mmretrieve"):
         dest = tmp / f"import-{which}"
-        p = subprocess.run([sys.executable, "-c", _IMPORT_CHILD, which, str(src), factory, str(threads), str(dest)],
-                           capture_output=True, text=True, timeout=7200)
-        if p.returncode != 0:
-            raise RuntimeError(f"bench store: the {which} import failed:\n{p.stderr[-3000:]}")
-        out[which] = json.loads(p.stdout.strip().splitlines()[-1])
+        out[which] = child_json([sys.executable, "-c", _IMPORT_CHILD, which, str(src), factory, str(threads), str(dest)],
+                                timeout=7200)
+        if "error" in out[which]:
+            raise RuntimeError(f"bench store: the {which} import failed:\n{out[which]['stderr']}")
         shutil.rmtree(dest, ignore_errors=True) if dest.is_dir() else dest.unlink(missing_ok=True)
     out["rate_vs_faiss"] = round(out["faiss"]["seconds"] / out["mmretrieve"]["seconds"], 3)
     return out
@@ -184,12 +183,12 @@ def _lancedb_small_write(tmp: Path, n: int, python: str) -> dict:
     """LanceDB's add of 10 rows to a table of the same ``n`` vectors (the median of 7), run by
     ``python``: an environment of its own with ``lancedb`` (not a dependency of mmretrieve)."""
     dest = tmp / "lancedb"
-    p = subprocess.run([python, "-c", _LANCEDB_CHILD, str(tmp / f"vec{n}.npy"), str(dest)], capture_output=True,
-                       text=True, timeout=3600)
-    shutil.rmtree(dest, ignore_errors=True)
-    if p.returncode != 0:
-        return {"n": n, "error": (p.stderr.strip().splitlines() or ["failed"])[-1]}
-    return {"n": n, **json.loads(p.stdout.strip().splitlines()[-1])}
+    try:
+        out = child_json([python, "-c", _LANCEDB_CHILD, str(tmp / f"vec{n}.npy"), str(dest)], timeout=3600)
+    finally:
+        shutil.rmtree(dest, ignore_errors=True)
+    out.pop("stderr", None)
+    return {"n": n, **out}
 
 
 def _amplification(tmp: Path, d: int, writes: int = 400, batch: int = 50) -> dict:

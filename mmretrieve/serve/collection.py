@@ -199,7 +199,7 @@ def load_or_compute_map(index, method: str) -> tuple[np.ndarray, np.ndarray]:
     path = map_path(index, method)
     if path.is_file():
         try:
-            with np.load(path) as z:
+            with np.load(path, allow_pickle=False) as z:  # a cache file: arrays, never objects
                 return z["ids"], z["xy"]
         except Exception as e:  # a damaged cache file: computed again
             log.warning("map cache %s unreadable (%s); computing it again", path.name, e)
