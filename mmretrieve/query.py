@@ -147,6 +147,14 @@ class VectorFusion(CoarseStrategy):
         return type(self).fn(vecs["image"], vecs["text"], **self.options)
 
 
+def k1_option(fusion: str, options: dict[str, Any]) -> int | None:
+    """A list-level strategy's ``k1`` (the breadth of each list): a positive integer, or None (the default)."""
+    k1 = options.get("k1")
+    if k1 is not None and (isinstance(k1, bool) or not isinstance(k1, (int, np.integer)) or k1 < 1):
+        raise UsageError(f"{fusion} fusion: k1 must be a positive integer, got {k1!r}")
+    return None if k1 is None else int(k1)
+
+
 class Intersection(CoarseStrategy):
     """SETR-style soft AND over the union of the image's and the text's top ``k1`` lists."""
 
@@ -158,10 +166,7 @@ class Intersection(CoarseStrategy):
         self.mode = str(options.get("mode", "min"))
         if self.mode not in INTERSECTION_MODES:
             raise UsageError(f"intersection fusion: mode must be 'min' or 'product', got {self.mode!r}")
-        k1 = options.get("k1")
-        if k1 is not None and (isinstance(k1, bool) or not isinstance(k1, (int, np.integer)) or k1 < 1):
-            raise UsageError(f"intersection fusion: k1 must be a positive integer, got {k1!r}")
-        self.k1 = None if k1 is None else int(k1)
+        self.k1 = k1_option("intersection", options)
 
     def query_vector(self, vecs):  # rerankers that need one vector get the sum's
         return fuse_sum(vecs["image"], vecs["text"])
@@ -224,10 +229,7 @@ class Hybrid(CoarseStrategy):
         self.weight = float(options.get("weight", 0.5))
         if not self.k_rrf >= 0 or not 0.0 <= self.weight <= 1.0:
             raise UsageError(f"hybrid fusion: k_rrf must be >= 0 and weight in [0, 1], got {self.k_rrf}, {self.weight}")
-        k1 = options.get("k1")
-        if k1 is not None and (isinstance(k1, bool) or not isinstance(k1, (int, np.integer)) or k1 < 1):
-            raise UsageError(f"hybrid fusion: k1 must be a positive integer, got {k1!r}")
-        self.k1 = None if k1 is None else int(k1)
+        self.k1 = k1_option("hybrid", options)
 
     def query_vector(self, vecs):
         if "image" in vecs and "text" in vecs:

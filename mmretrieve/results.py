@@ -162,8 +162,11 @@ class SearchResults:
         out = []
         if self.description is not None:
             out.append(f"searched for: {printable(self.description)}")
-        for s, c in self.cost().items():
-            unread = f", {c['unparsed']} answer(s) unread" if c.get("unparsed") else ""
-            out.append(f"{s}: {c['prompts']} prompt(s), {c['cache_hits']} cached, {c['prompt_tokens']} prompt + "
-                       f"{c['generated_tokens']} generated tokens, {c['seconds']:.2f} s{unread}")
-        return out
+        return out + [cost_line(s, c) for s, c in self.cost().items()]
+
+
+def cost_line(stage: str, c: dict[str, Any]) -> str:
+    """One stage's generation cost (``generate.Cost.to_dict()``) as the CLI prints it, for a search or a run."""
+    unread = f", {c['unparsed']} answer(s) unread" if c.get("unparsed") else ""
+    return (f"{stage}: {c['prompts']} prompt(s), {c['cache_hits']} cached, {c['prompt_tokens']} prompt + "
+            f"{c['generated_tokens']} generated tokens, {c['seconds']:.2f} s{unread}")

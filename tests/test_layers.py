@@ -23,7 +23,7 @@ LAYERS = {
     "core": 0, "media": 1, "encoders": 2, "store": 3, "rerank": 4, "index": 5, "ingest": 6, "eval": 7,
     "testing": 8, "bench": 9, "demo": 9, "serve": 9, "train": 9, "cli": 10, "__main__": 10,
 }
-CORE = {"__init__", "errors", "settings", "config", "registry", "runtime", "query", "results", "export"}
+CORE = {"__init__", "errors", "settings", "config", "registry", "runtime", "query", "results", "export", "lru"}
 
 
 def _modules() -> list[str]:

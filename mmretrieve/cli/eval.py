@@ -57,9 +57,10 @@ def cmd_benchmark(args) -> int:
         return EXIT_OK
     if res.metrics:
         _print_metrics(res, ds)
+        from mmretrieve.results import cost_line
+
         for s, c in res.cost.items():
-            print(f"cost {s}: {c['prompts']} prompt(s), {c['cache_hits']} cached, {c['prompt_tokens']} prompt + "
-                  f"{c['generated_tokens']} generated tokens, {c['seconds']:.1f} s, {c['unparsed']} unread")
+            print("cost " + cost_line(s, c))
     else:
         print(f"{ds.name} {ds.split} has no ground truth: official submission files written")
     print(f"report: {out.resolve()}")

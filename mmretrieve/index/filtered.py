@@ -20,7 +20,6 @@ So a filtered search returns ``k`` hits whenever at least ``k`` live items match
 from __future__ import annotations
 
 import threading
-from collections import OrderedDict
 
 import numpy as np
 
@@ -28,7 +27,7 @@ import numpy as np
 EXACT_PER_K = 50
 #: ... or below this share of the snapshot's live rows, whichever is larger
 EXACT_SHARE = 0.01
-#: selections kept per snapshot (least recently used dropped)
+#: selections kept per snapshot (``Index.select``; least recently used dropped)
 CACHE_SIZE = 16
 
 
@@ -121,24 +120,4 @@ def exact_search(segments_by_id: dict, sel: Selection, q: np.ndarray, k: int, ex
     return merge_topk(parts, k, metric_ip)
 
 
-class SelectionCache:
-    """The last ``CACHE_SIZE`` selections of one snapshot, by the filter's canonical form."""
-
-    def __init__(self) -> None:
-        self._lru: OrderedDict[str, Selection] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, key: str, make) -> Selection:
-        with self._lock:
-            if key in self._lru:
-                self._lru.move_to_end(key)
-                return self._lru[key]
-        sel = make()
-        with self._lock:
-            self._lru[key] = sel
-            while len(self._lru) > CACHE_SIZE:
-                self._lru.popitem(last=False)
-        return sel
-
-
-__all__ = ["Selection", "SelectionCache", "exact_search", "EXACT_PER_K", "EXACT_SHARE"]
+__all__ = ["Selection", "exact_search", "EXACT_PER_K", "EXACT_SHARE"]

@@ -379,18 +379,19 @@ class Index:
         from one SQL query with bound values; the last few are cached per snapshot. A ``Selection`` is
         returned as it is; ``None`` selects every live item. Raises ``FilterError`` naming the token and its
         position."""
-        from mmretrieve.index.filtered import Selection, SelectionCache
+        from mmretrieve.index.filtered import CACHE_SIZE, Selection
+        from mmretrieve.lru import LRU
         from mmretrieve.store.filters import parse, to_sql
 
         if isinstance(where, Selection):
             return where
         if getattr(self, "_selections", None) is None:
-            self._selections = SelectionCache()
+            self._selections = LRU(CACHE_SIZE)
         if where is None:  # every live item (a browse without a filter)
-            return self._selections.get("", lambda: Selection("", self.meta.matching("1", []), self.segments))
+            return self._selections.get_or_make("", lambda: Selection("", self.meta.matching("1", []), self.segments))
         tree = parse(where)
-        return self._selections.get(str(tree), lambda: Selection(str(tree), self.meta.matching(*to_sql(tree)),
-                                                                 self.segments))
+        return self._selections.get_or_make(str(tree), lambda: Selection(str(tree), self.meta.matching(*to_sql(tree)),
+                                                                         self.segments))
 
     def text_search(self, query: str | None = None, k: int = 10, *, where=None, fts: str | None = None,
                     exclude: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:

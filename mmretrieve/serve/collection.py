@@ -20,7 +20,6 @@ import base64
 import hashlib
 import logging
 import threading
-from collections import OrderedDict
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -29,6 +28,7 @@ from fastapi import Query
 from fastapi.responses import JSONResponse
 
 from mmretrieve.errors import UsageError
+from mmretrieve.lru import LRU
 
 log = logging.getLogger(__name__)
 
@@ -229,22 +229,10 @@ class Collection:
 
     def __init__(self, service) -> None:
         self.service = service
-        self._facets: OrderedDict = OrderedDict()
-        self._maps: OrderedDict = OrderedDict()
+        self._facets: LRU[dict] = LRU(FACET_CACHE)
+        self._maps: LRU[tuple] = LRU(MAP_CACHE)
         self._lock = threading.Lock()
         self._map_locks: dict = {}
-
-    def _cached(self, cache: OrderedDict, key, limit: int, make):
-        with self._lock:
-            if key in cache:
-                cache.move_to_end(key)
-                return cache[key]
-        value = make()
-        with self._lock:
-            cache[key] = value
-            while len(cache) > limit:
-                cache.popitem(last=False)
-        return value
 
     def facets(self, name: str, where: str | None) -> dict:
         index = self.service.manager.get(name).index
@@ -254,7 +242,7 @@ class Collection:
 
             canonical = str(parse(where))  # a FilterError (400) before anything runs
         key = (name, index.version, canonical)
-        return self._cached(self._facets, key, FACET_CACHE, lambda: compute_facets(index, where))
+        return self._facets.get_or_make(key, lambda: compute_facets(index, where))
 
     def map(self, name: str, method: str) -> dict:
         if method not in METHODS:
@@ -264,7 +252,7 @@ class Collection:
         with self._lock:
             lock = self._map_locks.setdefault(key, threading.Lock())
         with lock:  # concurrent first requests compute it once
-            ids, xy = self._cached(self._maps, key, MAP_CACHE, lambda: load_or_compute_map(index, method))
+            ids, xy = self._maps.get_or_make(key, lambda: load_or_compute_map(index, method))
         return map_response(index, ids, xy, method)
 
 

@@ -5,11 +5,10 @@ mtime fingerprint checked)."""
 from __future__ import annotations
 
 import hashlib
-import threading
-from collections import OrderedDict
 from pathlib import Path
 
 from mmretrieve.errors import ItemNotFoundError, UsageError
+from mmretrieve.lru import LRU
 
 THUMB_SIZES = (64, 128, 160, 256, 384, 512)
 
@@ -34,8 +33,7 @@ class ItemFiles:
     def __init__(self, manager, cache_size: int) -> None:
         self.manager = manager
         self.cache_size = int(cache_size)
-        self._thumbs: OrderedDict[tuple, bytes] = OrderedDict()
-        self._lock = threading.Lock()
+        self._thumbs: LRU[bytes] = LRU(self.cache_size)
 
     def item(self, name: str, item_id: int):
         """(snapshot, item) for this id in the served snapshot (ids only: no keys, no paths)."""
@@ -58,21 +56,15 @@ class ItemFiles:
         media = open_indexed(it)  # checked on every call: a cached thumbnail of a file changed since is not shown
         key = (name, it.id, it.uri, it.size, it.mtime, size)
         etag = '"t' + hashlib.sha1(repr(key).encode()).hexdigest()[:16] + '"'
-        with self._lock:
-            data = self._thumbs.get(key)
-            if data is not None:
-                self._thumbs.move_to_end(key)
-                media.close()
-                return data, etag
+        data = self._thumbs.get(key)
+        if data is not None:
+            media.close()
+            return data, etag
         try:
             data = indexed_thumbnail_jpeg(media, size)
         except Exception as e:  # an indexed file that went bad since: not found, not a 500
             raise ItemNotFoundError(f"item {item_id} of index {name!r}: its file cannot be shown ({type(e).__name__})") from None
-        with self._lock:
-            self._thumbs[key] = data
-            while len(self._thumbs) > self.cache_size:
-                self._thumbs.popitem(last=False)
-        return data, etag
+        return self._thumbs.put(key, data), etag
 
     def media(self, name: str, item_id: int):
         """An indexed item's bytes as indexed (``media.readback.IndexedMedia``: the sniffed type, the bytes

@@ -23,13 +23,13 @@ import math
 import os
 import re
 import threading
-from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from mmretrieve.config import check_options, list_presets, load_config, parse_spec
 from mmretrieve.errors import PayloadTooLargeError, ServiceBusyError, UsageError
+from mmretrieve.lru import LRU
 
 # ---- tokens -----------------------------------------------------------------------------------------
 TOKEN_COOKIE = "mmretrieve_token"
@@ -266,9 +266,9 @@ class RerankPolicy:
         self.max_generative_k = min(int(max_generative_k), self.max_rerank_k)
         #: option set -> (the shared reranker, its lock), least recently used dropped past MAX_BASES (a
         #: request's option values, e.g. seeds, must not grow the server's memory without bound)
-        self._bases: OrderedDict[tuple, tuple[Any, threading.Lock]] = OrderedDict()
-        self._checked: OrderedDict[tuple, Any] = OrderedDict()
-        self._lock = threading.Lock()
+        self._bases: LRU[tuple[Any, threading.Lock]] = LRU(MAX_BASES)
+        #: validated rerankers by request options (building one may read a prompt file)
+        self._checked: LRU[Any] = LRU(256)
         self._load_lock = threading.Lock()
         self._loaded: set[int] = set()
 
@@ -375,8 +375,7 @@ class RerankPolicy:
         full = {**{k: v for k, v in opts.items() if k not in _MODEL_KEYS},
                 **self._model("the describe stage", opts, preset=True, where=where)}
         key = ("describe", tuple(sorted((k, repr(v)) for k, v in full.items())))
-        with self._lock:
-            got = self._bases.get(key)
+        got = self._bases.get(key)
         return got if got is not None else self._base(key, Describer(**full))  # checked there; loads no model
 
     def _stage(self, name: str, opts: dict, index, *, preset: bool, where: str = "", check: bool = True,
@@ -433,28 +432,10 @@ class RerankPolicy:
         from mmretrieve.rerank import create_reranker
 
         key = (name, tuple(sorted((k, repr(v)) for k, v in opts.items())))
-        with self._lock:
-            hit = self._checked.get(key)
-            if hit is not None:
-                self._checked.move_to_end(key)
-                return hit
-        r = create_reranker(name, **opts)
-        with self._lock:
-            self._checked[key] = r
-            while len(self._checked) > 256:
-                self._checked.popitem(last=False)
-        return r
+        return self._checked.get_or_make(key, lambda: create_reranker(name, **opts))
 
     def _base(self, key: tuple, checked):
-        with self._lock:
-            got = self._bases.get(key)
-            if got is None:
-                got = self._bases[key] = (checked, threading.Lock())
-                while len(self._bases) > MAX_BASES:
-                    self._bases.popitem(last=False)
-            else:
-                self._bases.move_to_end(key)
-            return got
+        return self._bases.setdefault(key, (checked, threading.Lock()))
 
     def load_models(self) -> None:
         """Load the mllm model and a local --vlm now (start-up), so the first request does not pay for it."""
