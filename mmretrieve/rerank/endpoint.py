@@ -213,6 +213,9 @@ class EndpointGenerator(Generator):
     def options(self) -> dict[str, Any]:
         return {**super().options(), **({"image_format": self.image_format} if self.image_format != "auto" else {})}
 
+    def chunk_size(self) -> int:
+        return self.concurrency
+
     # ---- the key, the probe --------------------------------------------------------------------------
     def _key(self) -> str | None:
         if not self.api_key_env:

@@ -108,10 +108,12 @@ def folder_identity(path: str) -> str:
     key); a hub id or a file is itself."""
     import os
 
+    from mmretrieve.encoders.base import stat_files
+
     if not os.path.isdir(path):
         return path
     files = sorted(f for f in os.listdir(path) if f.endswith((".safetensors", ".bin", ".json")))
-    stats = [(f, st.st_size, st.st_mtime_ns) for f in files for st in [os.stat(os.path.join(path, f))]]
+    stats = [(os.path.basename(p), size, mtime) for p, size, mtime in stat_files(os.path.join(path, f) for f in files)]
     return f"{os.path.realpath(path)}|{fingerprint(repr(stats))[:16]}"
 
 
@@ -139,11 +141,13 @@ class Generator(ABC):
         """The answers to ``prompts`` (cached ones from the cache, the rest generated in one go) and
         what they cost. ``template``: the stage's prompt template (part of the cache key)."""
         cost = Cost(prompts=len(prompts))
-        keys = [cache_key(self.identity, template, p.fingerprints(), self.options()) for p in prompts]
+        cache = self.cache if self.temperature == 0 else None  # sampled answers are neither read nor kept
+        options = self.options()
+        keys = [cache_key(self.identity, template, p.fingerprints(), options) for p in prompts]
         answers: list[str | None] = [None] * len(prompts)
         todo = []
         for i, key in enumerate(keys):
-            got = self.cache.get(key) if self.cache is not None and self.temperature == 0 else None
+            got = cache.get(key) if cache is not None else None
             if got is not None:
                 answers[i] = got.text
                 cost.cache_hits += 1
@@ -157,13 +161,14 @@ class Generator(ABC):
                 cost.prompt_tokens += g.prompt_tokens
                 cost.generated_tokens += g.generated_tokens
                 cost.seconds += g.seconds
-                if self.cache is not None and self.temperature == 0:
-                    self.cache.put(keys[i], g)
+                if cache is not None:
+                    cache.put(keys[i], g)
         return [a or "" for a in answers], cost
 
     def chunk_size(self) -> int:
-        """How many prompts one ``_generate`` call gets (a batch, or the requests in flight at once)."""
-        return int(getattr(self, "batch_size", 0) or getattr(self, "concurrency", 0) or 8)
+        """How many prompts one ``_generate`` call gets (a local model's batch, an endpoint's requests in
+        flight at once)."""
+        return 8
 
     @abstractmethod
     def _generate(self, prompts: list[Prompt]) -> list[Generation]:
@@ -206,6 +211,9 @@ class LocalGenerator(Generator):
 
     def options(self) -> dict[str, Any]:
         return {**super().options(), **({"processor_kwargs": self.processor_kwargs} if self.processor_kwargs else {})}
+
+    def chunk_size(self) -> int:
+        return self.batch_size
 
     def chat_text(self, prompt: Prompt) -> str:
         vlm = self.load()

@@ -21,7 +21,7 @@ from PIL import Image
 from mmretrieve.config import load_config
 from mmretrieve.errors import BadImageError, BadVideoError, MLLMError
 from mmretrieve.rerank.base import Reranker, RerankOutput
-from mmretrieve.rerank.generate import Cost, GenStage
+from mmretrieve.rerank.generate import Cost, GenStage, Prompt
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +114,13 @@ class GenerativeReranker(Reranker):
         fine = np.array([1.0 - pos[i] / n for i in ids])
         info.update({"cost": cost.to_dict(), **({"skipped": skipped} if skipped else {})})
         return RerankOutput(fine, {i: {f"{self.name}_rank": pos[i] + 1} for i in ids}, info)
+
+    def ask(self, built: list[tuple[str, Prompt]], cost: Cost) -> list[str]:
+        """The model's answers to ``(template, prompt)`` pairs of one template, in one batch (through the
+        generation cache); their cost is added to ``cost``."""
+        answers, c = self.gen.generator().generate([p for _, p in built], template=built[0][0])
+        cost.add(c)
+        return answers
 
     def order(self, query, qimg, ids: list[int], pictures: dict[int, Image.Image], cost: Cost,
               info: dict[str, Any]) -> list[int]:

@@ -110,9 +110,7 @@ class ListwiseReranker(GenerativeReranker):
             orders = [list(blk)] + [rnd.sample(blk, len(blk)) for _ in range(self.shuffles)]
             shown += orders
             owner += [b] * len(orders)
-        built = [self.build_prompt(query, qimg, s, pictures) for s in shown]
-        answers, c = self.gen.generator().generate([p for _, p in built], template=built[0][0])
-        cost.add(c)
+        answers = self.ask([self.build_prompt(query, qimg, s, pictures) for s in shown], cost)
         per_block: list[list[list[int]]] = [[] for _ in blocks]
         for s, a, b in zip(shown, answers, owner):
             got, how = parse_ranking(a, len(s))

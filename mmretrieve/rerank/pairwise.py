@@ -85,9 +85,7 @@ class PairwiseReranker(GenerativeReranker):
     def judge(self, query, qimg, pairs: list[tuple[int, int]], pictures, cost, info) -> list[float]:
         """How much the first of each pair beats the second, in [0, 1] (0.5: a tie or unread answers)."""
         asks = [(a, b) for a, b in pairs] + ([(b, a) for a, b in pairs] if self.both_orders else [])
-        built = [self.build_prompt(query, qimg, pictures[a], pictures[b]) for a, b in asks]
-        answers, c = self.gen.generator().generate([p for _, p in built], template=built[0][0])
-        cost.add(c)
+        answers = self.ask([self.build_prompt(query, qimg, pictures[a], pictures[b]) for a, b in asks], cost)
         verdicts = [read_verdict(a) for a in answers]
         cost.unparsed += sum(v is None for v in verdicts)
         info["comparisons"] = info.get("comparisons", 0) + len(asks)
