@@ -361,8 +361,7 @@ def _describe(describer, idx, qs, qobjs, costs, notes) -> list[EncodedQuery]:
         chunk = qobjs[s : s + DESCRIBE_CHUNK]
         texts, cost = describer.describe(chunk)
         costs.setdefault("describe", Cost()).add(cost)
-        for q, qo, t in zip(qs[s : s + DESCRIBE_CHUNK], chunk, texts):
-            d = describer.apply(idx.encoder, qo, t)
+        for q, d, t in zip(qs[s : s + DESCRIBE_CHUNK], describer.apply_many(idx.encoder, chunk, texts), texts):
             out.append(d)
             notes.setdefault(q.qid, {})["description"] = d.description
             if t is None:

@@ -126,7 +126,7 @@ class Describer:
         from mmretrieve.rerank.vlm import item_image
 
         name, tpl = self.template(query.kind)
-        text = query.text if isinstance(query.text, str) or query.text is None else query.text[0]
+        text = self.query_text(query)
         parts: list = []
         src = query.image if query.image is not None else query.video
         for role in tpl.get("images", []):
@@ -159,13 +159,21 @@ class Describer:
 
     def apply(self, encoder, query: EncodedQuery, description: str | None) -> EncodedQuery:
         """``query`` with its coarse stage searching for ``description`` (the query's text when None)."""
-        text = description
-        if text is None:
-            text = query.text if isinstance(query.text, str) else (query.text[0] if query.text else None)
-            if text is None:  # an image query whose caption failed: search as the image alone
-                return query
-        v = encoder.encode_texts([text])[0]
-        v = (v / max(float(np.linalg.norm(v)), 1e-12)).astype(np.float32)
+        return self.apply_many(encoder, [query], [description])[0]
+
+    def apply_many(self, encoder, queries: list[EncodedQuery], descriptions: list[str | None]) -> list[EncodedQuery]:
+        """``apply`` for many queries, their texts encoded in one batch."""
+        texts = [d if d is not None else self.query_text(q) for q, d in zip(queries, descriptions)]
+        todo = [i for i, t in enumerate(texts) if t is not None]  # none: an image query whose caption failed
+        V = encoder.encode_texts([texts[i] for i in todo]) if todo else np.zeros((0, 0), np.float32)
+        vec = {i: (v / max(float(np.linalg.norm(v)), 1e-12)).astype(np.float32) for i, v in zip(todo, V)}
+        return [self._described(q, texts[i], vec[i]) if i in vec else q for i, q in enumerate(queries)]
+
+    @staticmethod
+    def query_text(query) -> str | None:
+        return query.text if isinstance(query.text, str) else (query.text[0] if query.text else None)
+
+    def _described(self, query: EncodedQuery, text: str, v: np.ndarray) -> EncodedQuery:
         if self.fuse == "query" and query.kind.startswith("composed"):
             return EncodedQuery(query.query, {**query.sides, "text": v}, description=text)
         fuse = self.fuse
