@@ -7,7 +7,6 @@ from mmretrieve.cli.common import EXIT_OK, add_generation_args, out_json, usage_
 
 def cmd_search(args) -> int:
     from mmretrieve.config import parse_kv
-    from mmretrieve.index import open_index
     from mmretrieve.query import FUSIONS, Query
 
     if args.queries is not None:
@@ -28,9 +27,7 @@ def cmd_search(args) -> int:
     options = parse_kv(args.fusion_options) if args.fusion_options else {}
     if args.weight is not None:
         options["weight"] = args.weight
-    idx = open_index(args.name, index_dir=args.index_dir, verify="none" if args.no_verify else "fast",
-                     encoder=args.encoder, version=args.version, search_device=args.search_device, nprobe=args.nprobe,
-                     ef_search=args.ef_search)
+    idx = _open(args)
     from mmretrieve.cli.common import pipeline_from_args
 
     pipeline = pipeline_from_args(args)
@@ -46,6 +43,19 @@ def cmd_search(args) -> int:
 
         n = res.export(args.export)
         print(f"exported {n} hit(s) to {printable(args.export)}", file=sys.stderr)
+    return _show(res, args)
+
+
+def _open(args):
+    from mmretrieve.index import open_index
+
+    return open_index(args.name, index_dir=args.index_dir, verify="none" if args.no_verify else "fast",
+                      encoder=args.encoder, version=args.version, search_device=args.search_device, nprobe=args.nprobe,
+                      ef_search=args.ef_search)
+
+
+def _show(res, args) -> int:
+    """The results as JSON (``--json``) or as a table with the ``--show`` columns."""
     if args.json:
         out_json(res.to_dict())
     else:
@@ -55,7 +65,6 @@ def cmd_search(args) -> int:
 
 def _browse(args) -> int:
     """``--where FILTER`` and no query: the matching items in ``--order``, ``-k`` of them after ``--offset``."""
-    from mmretrieve.index import open_index
 
     extra = [n for n, v in (("--rerank", args.rerank), ("--pipeline", args.pipeline), ("--fusion", args.fusion),
                             ("--weight", args.weight), ("--exclude-dupes", args.exclude_dupes)) if v]
@@ -63,14 +72,9 @@ def _browse(args) -> int:
         return usage_error(f"browsing (--where and no query) takes -k, --offset and --order, not {', '.join(extra)}")
     if args.k < 1 or args.offset < 0:
         return usage_error(f"-k must be at least 1 and --offset at least 0 (got {args.k}, {args.offset})")
-    idx = open_index(args.name, index_dir=args.index_dir, verify="none" if args.no_verify else "fast",
-                     encoder=args.encoder, version=args.version, search_device=args.search_device)
+    idx = _open(args)
     res = idx.browse(args.where, k=args.k, offset=args.offset, order=args.order or "id")
-    if args.json:
-        out_json(res.to_dict())
-    else:
-        print(res.table(show=[c.strip() for c in (args.show or "").split(",") if c.strip()]))
-    return EXIT_OK
+    return _show(res, args)
 
 
 def _batch(args) -> int:
@@ -78,7 +82,6 @@ def _batch(args) -> int:
     import json
     import sys
 
-    from mmretrieve.index import open_index
 
     if any(x is not None for x in (args.text, args.image, args.video, args.item)):
         return usage_error("--queries takes its queries from the file: no --text, --image, --video or --item")
@@ -92,9 +95,7 @@ def _batch(args) -> int:
                     queries.append(json.loads(line))
                 except json.JSONDecodeError as e:
                     return usage_error(f"{args.queries} line {n}: not JSON ({e.msg})")
-    idx = open_index(args.name, index_dir=args.index_dir, verify="none" if args.no_verify else "fast",
-                     encoder=args.encoder, version=args.version, search_device=args.search_device, nprobe=args.nprobe,
-                     ef_search=args.ef_search)
+    idx = _open(args)
     for res in idx.search_batch(queries, k=args.k, where=args.where, keep_reference=args.keep_reference):
         print(json.dumps(res.to_dict(), ensure_ascii=False))
     return EXIT_OK
