@@ -68,14 +68,7 @@ async def batch_search(service, name: str, req: BatchRequest) -> dict:
         encoded = [await asyncio.wrap_future(f) for f in futures]
     results = await service._in_pool(lambda: search_batch(idx, queries, k=req.k, where=where, encoded=encoded),
                                      time.monotonic() + service.config.request_timeout_s)
-    out = []
-    for res in results:
-        hits = []
-        for h in res.hits:  # as the search response's hits: no server paths
-            thumb, media = responses.urls(handle.name, h)
-            hits.append({"id": h.id, "key": h.key, "kind": h.kind, "caption": h.caption, "score": responses.finite(h.score),
-                         "rank": h.rank, "metadata": responses.clean(h.metadata), "thumbnail": thumb, "media": media})
-        out.append({"query": res.query, "hits": hits})
+    out = [{"query": res.query, "hits": [responses.hit_record(handle.name, h) for h in res.hits]} for res in results]
     return {"index": handle.name, "version": idx.version, "k": req.k, "results": out,
             "timings_ms": {"total": (time.perf_counter() - t0) * 1000}}
 

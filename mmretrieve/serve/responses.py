@@ -36,18 +36,21 @@ def urls(index_name: str, item) -> tuple[str, str | None]:
     return f"{base}/thumbnail", (f"{base}/media" if "://" not in str(item.uri) else None)
 
 
+def hit_record(index_name: str, h) -> dict:
+    """A ``Hit`` as the API shows it (every search endpoint alike): no server paths, finite numbers."""
+    thumb, media = urls(index_name, h)
+    extra = clean(h.extra)
+    return {
+        "id": h.id, "key": h.key, "kind": h.kind, "caption": h.caption, "score": finite(h.score),
+        "rank": h.rank, "stage_ranks": dict(h.stage_ranks), "stage_scores": clean(h.stage_scores),
+        "moment": extra.get("timestamp"), "extra": extra, "metadata": clean(h.metadata), "thumbnail": thumb,
+        "media": media,
+    }
+
+
 def search_response(index_name: str, plan, res, timings: dict) -> dict:
     """The requested page of ``res`` (``SearchResults``) for a ``planning.Plan``."""
-    hits = []
-    for h in res.hits[plan.offset : plan.window]:
-        thumb, media = urls(index_name, h)
-        extra = clean(h.extra)
-        hits.append({
-            "id": h.id, "key": h.key, "kind": h.kind, "caption": h.caption, "score": finite(h.score),
-            "rank": h.rank, "stage_ranks": dict(h.stage_ranks), "stage_scores": clean(h.stage_scores),
-            "moment": extra.get("timestamp"), "extra": extra, "metadata": clean(h.metadata), "thumbnail": thumb,
-            "media": media,
-        })
+    hits = [hit_record(index_name, h) for h in res.hits[plan.offset : plan.window]]
     total = len(plan.index) if getattr(plan, "where", None) is None else plan.where.count
     has_more = len(res.hits) >= plan.window and plan.window < total
     return {
