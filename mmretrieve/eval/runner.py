@@ -388,6 +388,7 @@ def _coarse_batch(idx, qobjs: list[EncodedQuery], k: int, exclude: list[int | No
     """Coarse rankings for many queries: one batched FAISS search for vector fusions. ``exclude``: one
     id per query (or None) to leave out of that query's ranking (CIRR's reference image). ``where``: a
     filter (a ``Selection``): only matching gallery items are ranked."""
+    from mmretrieve.index.batch import search_rows_excluding
     from mmretrieve.index.search import coarse
 
     if not qobjs:
@@ -397,13 +398,9 @@ def _coarse_batch(idx, qobjs: list[EncodedQuery], k: int, exclude: list[int | No
     if not all(p.single for p in plans):  # list-level strategies (intersection) search per query
         return [coarse(idx, p, exclude=None if x is None else [x], where=where) for p, x in zip(plans, exclude)]
     Q = np.stack([p.queries[0] for p in plans]).astype(np.float32)
-    extra = int(any(x is not None for x in exclude))  # one more, since a query's excluded id may be among them
     out = []
     for s in range(0, len(Q), 1024):
-        D, I = idx.search_vectors(Q[s : s + 1024], k + extra, where=where)
-        for d, i, x in zip(D, I, exclude[s : s + 1024]):
-            m = (i >= 0) & (i != (-2 if x is None else x))
-            out.append((i[m][:k], d[m][:k]))
+        out += search_rows_excluding(idx, Q[s : s + 1024], k, exclude[s : s + 1024], where=where)
     return out
 
 

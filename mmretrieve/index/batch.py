@@ -61,6 +61,19 @@ def query_matrix(index, queries: Sequence[dict], encoded=None) -> tuple[np.ndarr
     return Q, item_ids, described
 
 
+def search_rows_excluding(index, Q: np.ndarray, k: int, drops: Sequence[int | None], **kw) -> list[tuple]:
+    """(ids, scores) of the top ``k`` of each row of ``Q`` without that row's own id in ``drops`` (one per
+    row, or None): one batched search, one result more when any row has an id to drop. ``kw``: the search's
+    (``where``, ``nprobe``, ``ef_search``)."""
+    extra = int(any(d is not None for d in drops))
+    D, I = index.search_vectors(Q, k + extra, **kw)
+    out = []
+    for d, i, x in zip(D, I, drops):
+        m = (i >= 0) & (i != (-2 if x is None else x))
+        out.append((i[m][:k], d[m][:k]))
+    return out
+
+
 def search_batch(index, queries: Sequence[dict], *, k: int = 10, where=None, keep_reference: bool = False,
                  nprobe: int | None = None, ef_search: int | None = None, encoded=None) -> list[SearchResults]:
     """``SearchResults`` per query, in order (see the module). ``encoded``: the text queries' vectors, in
@@ -71,18 +84,15 @@ def search_batch(index, queries: Sequence[dict], *, k: int = 10, where=None, kee
     sel = None if where is None else index.select(where)
     Q, item_ids, described = query_matrix(index, queries, encoded)
     drops = [None if keep_reference or queries[n].get("keep_reference") else i for n, i in enumerate(item_ids)]
-    extra = 1 if any(d is not None for d in drops) else 0
     t0 = time.perf_counter()
-    D, I = index.search_vectors(Q, k + extra, nprobe=nprobe, ef_search=ef_search, where=sel)
+    rows = search_rows_excluding(index, Q, k, drops, nprobe=nprobe, ef_search=ef_search, where=sel)
     ms = (time.perf_counter() - t0) * 1000 / len(Q)
     out = []
-    for n in range(len(Q)):
-        m = (I[n] >= 0) & (I[n] != (-2 if drops[n] is None else drops[n]))
-        ids, scores = I[n][m][:k], D[n][m][:k]
+    for n, (ids, scores) in enumerate(rows):
         if sel is not None:
             described[n]["where"] = sel.where
         out.append(hydrate(index, described[n], ids, scores, stages={"coarse": ids}, timings={"coarse": ms}))
     return out
 
 
-__all__ = ["search_batch", "query_matrix", "MAX_BATCH"]
+__all__ = ["search_batch", "search_rows_excluding", "query_matrix", "MAX_BATCH"]
