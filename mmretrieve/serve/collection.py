@@ -133,7 +133,7 @@ def compute_facets(index, where: str | None) -> dict:
 
 # ---- the map --------------------------------------------------------------------------------------------
 def live_ids(index) -> np.ndarray:
-    ids = np.unique(np.fromiter((m[0] for m in index.meta.matching("1", [])), np.int64))
+    ids = index.select(None).ids  # every live item of the snapshot, sorted (the selection's cache)
     if len(ids) > MAX_MAP_POINTS:
         ids = ids[np.linspace(0, len(ids) - 1, MAX_MAP_POINTS).astype(np.int64)]
     return ids
