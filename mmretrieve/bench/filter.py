@@ -10,7 +10,8 @@ does not carry metadata columns), once as ``Flat`` and once as ``--factory`` (an
 Per factory and selectivity (``--selectivities``, default 0.0001 ... 1.0): the median latency of
 ``Index.search_vectors(q, 10)`` and of ``search_vectors(q, 10, where="bucket < X")`` over ``--queries``
 single-query searches, timed interleaved (one unfiltered, one filtered per query, so drift on a shared
-machine hits both), their ratio, the first (uncached) ``Index.select`` of the filter, and recall@10 of
+machine hits both), their ratio, the first (uncached) ``Index.select`` of the filter, the first filtered
+search after it (where an IVF view of the selection is built), and recall@10 of
 the filtered search against a brute force over the matching rows. Target: at 10% selectivity the
 filtered search within 1.2x of the unfiltered one; recall@10 >= 0.99 on Flat.
 
@@ -47,8 +48,9 @@ def add_arguments(p) -> None:
     p.add_argument("--queries", type=int, default=200, help="single-query searches timed per cell (default 200)")
     p.add_argument("--selectivities", default=SELECTIVITIES,
                    help=f"shares of rows matching the filter (default {SELECTIVITIES}; 0.1 = 10%%)")
-    p.add_argument("--factory", default="IVF1024,Flat",
-                   help="the ANN factory timed beside Flat (default IVF1024,Flat; e.g. HNSW32; '' for Flat only)")
+    p.add_argument("--factory", action="append", default=None,
+                   help="an ANN factory timed beside Flat; repeat for several (default IVF1024,Flat; e.g. --factory "
+                        "IVF1024,Flat --factory HNSW32; '' for Flat only)")
     p.add_argument("--breadth", type=int, default=16,
                    help="nprobe (IVF) or efSearch (HNSW) of the unfiltered search and the filtered one's base (default 16)")
     p.add_argument("--dir", default=None, help="where the indexes are written (default: a temp folder, removed)")
@@ -128,10 +130,14 @@ def _measure_factory(path: Path, factory: str, data: dict, sels: list[float], br
             if not np.array_equal(np.asarray(sel.ids), match):
                 raise RuntimeError(f"bench filter: {where!r} selected {sel.count} ids, expected {len(match)}")
             filtered = lambda qq, where=where: idx.search_vectors(qq, 10, where=where, **kw)  # noqa: E731
+            t = time.perf_counter()
+            filtered(q[:1])  # the first search of a selection (an IVF view is built here)
+            first_ms = (time.perf_counter() - t) * 1e3
             plain_ms, filt_ms = _interleaved_ms(plain, filtered, q)
             truth = _truth(x, q, match)
             rows.append({"factory": factory, "breadth": kw, "selectivity": s, "where": where, "matches": int(len(match)),
-                         "exact_path": bool(sel.exact(len(x), 10)), "select_ms": select_ms,
+                         "exact_path": bool(sel.exact(len(x), 10, graph_ef=kw.get("ef_search", 0) if "HNSW" in factory.upper() else 0)), "view": sel.has_ivf_view, "select_ms": select_ms,
+                         "first_ms": first_ms,
                          "unfiltered_ms": plain_ms, "filtered_ms": filt_ms, "ratio": filt_ms / plain_ms,
                          "recall": _recall(filtered(q)[1], truth), "unfiltered_recall": recall_plain})
             log.info("%s", _row_line(rows[-1], None))
@@ -206,7 +212,7 @@ def _one_size(root: Path, n: int, args, sels: list[float]) -> dict:
     data = {"x": x, "q": q, "bucket": bucket, "truth_all": _truth(x, q, np.arange(n))}
     log.info("data %d x %d in %.1f s", n, x.shape[1], time.perf_counter() - t0)
     out = {"n": n, "rows": [], "build_s": {}}
-    factories = ["Flat"] + ([args.factory] if args.factory and args.factory.upper() != "FLAT" else [])
+    factories = ["Flat"] + [f for f in (args.factory or ["IVF1024,Flat"]) if f and f.upper() != "FLAT"]
     for factory in factories:
         path = root / f"{n}-{factory.replace(',', '_')}"
         shutil.rmtree(path, ignore_errors=True)
@@ -252,14 +258,15 @@ def _f(v, spec: str) -> str:
 
 def _path(r: dict) -> str:
     """How the filtered search ran: an exact scan of the matching rows, a masked Flat scan, a FAISS selector."""
-    return "exact" if r["exact_path"] else "mask" if r["factory"].upper() == "FLAT" else "bitmap"
+    return ("exact" if r["exact_path"] else "mask" if r["factory"].upper() == "FLAT" else "view" if r.get("view")
+            else "bitmap")
 
 
 def _row_line(r: dict, lance: dict | None) -> str:
     b = ",".join(f"{k}={v}" for k, v in r["breadth"].items()) or "-"
     line = (f"  {r['factory']:<13} {b:<10} {r['selectivity']:>7g} {r['matches']:>9,} {_path(r):>6} "
             f"{r['unfiltered_ms']:9.3f} {r['filtered_ms']:9.3f} {r['ratio']:6.2f}x {_f(r['recall'], '.3f'):>6} "
-            f"{_f(r['unfiltered_recall'], '.3f'):>6} {r['select_ms']:8.1f}")
+            f"{_f(r['unfiltered_recall'], '.3f'):>6} {r['select_ms']:8.1f} {r.get('first_ms', 0):8.1f}")
     if lance is not None:
         line += f"   | LanceDB {lance['unfiltered_ms']:8.3f} {lance['filtered_ms']:8.3f} {lance['ratio']:6.2f}x {_f(lance['recall'], '.3f')}"
     return line
@@ -273,7 +280,7 @@ def render(res: dict) -> list[str]:
         by_sel = {r["selectivity"]: r for r in (lance or {}).get("rows", [])}
         out.append(f" N={s['n']:,} (built in " + ", ".join(f"{f} {t:.1f} s" for f, t in s["build_s"].items()) + ")")
         head = (f"  {'factory':<13} {'breadth':<10} {'select.':>7} {'matches':>9} {'path':>6} {'unfilt ms':>9} "
-                f"{'filt ms':>9} {'ratio':>7} {'rec@10':>6} {'unf.rc':>6} {'sel. ms':>8}")
+                f"{'filt ms':>9} {'ratio':>7} {'rec@10':>6} {'unf.rc':>6} {'sel. ms':>8} {'1st ms':>8}")
         if by_sel:
             head += "   | LanceDB  unfilt ms filt ms  ratio  rec@10"
         out.append(head)

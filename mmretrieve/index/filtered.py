@@ -5,30 +5,52 @@ A filter (``store.filters``) is evaluated by one SQL query over the items table 
 written into the statement) to the matching *live* ids of the snapshot, with their segments and rows;
 ``Index.select`` caches the last few per snapshot. The coarse search then pre-filters:
 
-- **few matches** (fewer than ``max(EXACT_PER_K * k, EXACT_SHARE * live rows)``): an exact search over the
-  matching rows' stored vectors alone (a brute force over at most 1% of the index, or 50 rows per result
-  asked for), whatever the index's factory: exact for Flat and HNSW-Flat, the stored codes for PQ / SQ;
+- **few matches** (fewer than ``max(EXACT_PER_K * k, EXACT_SHARE * live rows)``, and with HNSW graphs
+  fewer than ``sqrt(EXACT_ROWS_PER_VISIT * efSearch * live)``: a graph search raised to ``efSearch / s``
+  costs more than a scan of the ``s * live`` matching rows below that): an exact search over the matching
+  rows' stored vectors alone (a brute force over at most 1% of the index, or 50 rows per result asked for,
+  or the rows a graph search would cost), whatever the index's factory: exact for Flat and HNSW-Flat, the
+  stored codes for PQ / SQ;
 - **otherwise**: Flat segments mask every row that does not match in their scan (as deleted rows are
-  masked); FAISS segments (HNSW, IVF) search with an ``IDSelectorBitmap`` of the matching ids (live ones
-  only, so it is the deletion filter too), and-ed with a search's exclusions, their breadth raised by the
-  selectivity (``efSearch / s``, ``nprobe / sqrt(s)`` for a share ``s`` of matching rows) and doubled
-  while a search returns fewer results than it has matching rows to give.
+  masked); IVF segments, where at most ``VIEW_MAX_SHARE`` of their live rows match and the copy fits in
+  ``VIEW_MAX_BYTES``, are searched through an IVF *view* of the selection: the matching entries of every
+  list, copied once per selection into one in-memory IVF on the same quantizer (``LogicalIVF.subset``),
+  with ``nprobe / s`` lists probed for a share ``s`` of matching rows: as many entries scanned as the
+  unfiltered search, all of them matching (the last ``VIEW_CACHE`` views are kept, per process). Other FAISS segments (HNSW, IVF above the share) search with an
+  ``IDSelectorBitmap`` of the matching ids (live ones only, so it is the deletion filter too), and-ed with
+  a search's exclusions, their breadth raised by the selectivity (``efSearch / s``, ``nprobe / sqrt(s)``).
+  Either way the breadth is doubled while a search returns fewer results than it has matching rows to
+  give.
 
 So a filtered search returns ``k`` hits whenever at least ``k`` live items match (and are not excluded).
 """
 
 from __future__ import annotations
 
+import itertools
 import threading
 
 import numpy as np
+
+from mmretrieve.lru import LRU
 
 #: exact search over the matching rows below this many rows per requested result ...
 EXACT_PER_K = 50
 #: ... or below this share of the snapshot's live rows, whichever is larger
 EXACT_SHARE = 0.01
+#: ... or, where the snapshot has HNSW graphs, below ``sqrt(EXACT_ROWS_PER_VISIT * efSearch * live rows)``
+#: (a graph search raised to ``efSearch / s`` visits about that many nodes, each costing a few rows' scan)
+EXACT_ROWS_PER_VISIT = 8
 #: selections kept per snapshot (``Index.select``; least recently used dropped)
 CACHE_SIZE = 16
+#: IVF segments keep to a selection through a copy of its entries (``ivf_view``) when it holds at most this
+#: share of their live rows and the copy (codes and ids) takes at most ``VIEW_MAX_BYTES``
+VIEW_MAX_SHARE = 0.5
+VIEW_MAX_BYTES = 256 << 20
+#: IVF views kept (per process, least recently used dropped): at most ``VIEW_CACHE * VIEW_MAX_BYTES`` held
+VIEW_CACHE = 4
+_VIEWS = LRU(VIEW_CACHE)
+_tokens = itertools.count()
 
 
 class Selection:
@@ -48,6 +70,7 @@ class Selection:
         self.rows = {sid: np.sort(np.asarray(r, np.int64)) for sid, r in by_seg.items()}
         self._masked: dict = {}
         self._scans: dict = {}
+        self._token = next(_tokens)  # this selection's key in ``_VIEWS`` (ids of dropped objects are reused)
         self._lock = threading.Lock()
         self._packed = None
 
@@ -98,9 +121,28 @@ class Selection:
                 self._scans[sid] = scan
         return scan
 
-    def exact(self, live: int, k: int) -> bool:
-        """Whether the search goes exact over the matching rows (the rule in the module's docstring)."""
-        return self.count < max(EXACT_PER_K * k, EXACT_SHARE * live)
+    @property
+    def has_ivf_view(self) -> bool:
+        """Whether an IVF view of this selection has been built (a search used one)."""
+        return _VIEWS.get(self._token) is not None
+
+    def ivf_view(self, logical, rows: int, share: float):
+        """The IVF of this selection's entries alone (``LogicalIVF.subset``: built on first use, then kept
+        with the selection), or None where the rule in the module's docstring says no: ``rows`` matching
+        rows, a ``share`` of the IVF's live ones."""
+        if share > VIEW_MAX_SHARE or rows * (logical.code_size + 8) > VIEW_MAX_BYTES:
+            return None
+        with self._lock:
+            held = _VIEWS.get(self._token)
+            if held is None or held[0] is not logical:
+                held = _VIEWS.put(self._token, (logical, *logical.subset(self.bits)))
+            return held[1]
+
+    def exact(self, live: int, k: int, graph_ef: int = 0) -> bool:
+        """Whether the search goes exact over the matching rows (the rule in the module's docstring);
+        ``graph_ef``: the efSearch of the snapshot's HNSW graphs (0: none)."""
+        graph = np.sqrt(EXACT_ROWS_PER_VISIT * graph_ef * live) if graph_ef else 0.0
+        return self.count < max(EXACT_PER_K * k, EXACT_SHARE * live, graph)
 
 
 def exact_search(segments_by_id: dict, sel: Selection, q: np.ndarray, k: int, exclude, metric_ip: bool):
@@ -120,4 +162,4 @@ def exact_search(segments_by_id: dict, sel: Selection, q: np.ndarray, k: int, ex
     return merge_topk(parts, k, metric_ip)
 
 
-__all__ = ["Selection", "exact_search", "EXACT_PER_K", "EXACT_SHARE"]
+__all__ = ["Selection", "exact_search", "EXACT_PER_K", "EXACT_SHARE", "EXACT_ROWS_PER_VISIT", "VIEW_MAX_SHARE", "VIEW_MAX_BYTES"]

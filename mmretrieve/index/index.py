@@ -389,9 +389,13 @@ class Index:
             self._selections = LRU(CACHE_SIZE)
         if where is None:  # every live item (a browse without a filter)
             return self._selections.get_or_make("", lambda: Selection("", self.meta.matching("1", []), self.segments))
+        hit = self._selections.get(("text", where))  # the same text again: no parse (it costs more than the search)
+        if hit is not None:
+            return hit
         tree = parse(where)
-        return self._selections.get_or_make(str(tree), lambda: Selection(str(tree), self.meta.matching(*to_sql(tree)),
-                                                                         self.segments))
+        sel = self._selections.get_or_make(str(tree), lambda: Selection(str(tree), self.meta.matching(*to_sql(tree)),
+                                                                        self.segments))
+        return self._selections.put(("text", where), sel)
 
     def text_search(self, query: str | None = None, k: int = 10, *, where=None, fts: str | None = None,
                     exclude: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:

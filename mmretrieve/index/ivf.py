@@ -121,6 +121,38 @@ class LogicalIVF:
         self._keep += [ils, hstack, owner]
         return out
 
+    def subset(self, bits: np.ndarray):
+        """One in-memory IVF of the entries whose id has its bit set in ``bits`` (a filter's matching live
+        ids), gathered from every segment's lists: the same quantizer and list numbers, so its codes stay
+        valid and a search of it scans the matching entries alone. Returns (index, what it points into)."""
+        faiss = _faiss()
+        cs, top = self.code_size, len(bits)
+        lists = faiss.ArrayInvertedLists(self.nlist, cs)
+        total = 0
+        for lno in range(self.nlist):
+            ids_parts, code_parts = [], []
+            for ivf in self.ivfs:
+                inv = ivf.invlists
+                n = int(inv.list_size(lno))
+                if not n:
+                    continue
+                ids = faiss.rev_swig_ptr(inv.get_ids(lno), n)
+                keep = bits[np.minimum(ids, top - 1)] & (ids < top) & (ids >= 0)
+                if keep.any():
+                    codes = faiss.rev_swig_ptr(inv.get_codes(lno), n * cs).reshape(n, cs)
+                    ids_parts.append(ids[keep])
+                    code_parts.append(codes[keep])
+            if ids_parts:
+                ids = np.ascontiguousarray(np.concatenate(ids_parts), dtype=np.int64)
+                codes = np.ascontiguousarray(np.concatenate(code_parts), dtype=np.uint8)
+                lists.add_entries(lno, len(ids), faiss.swig_ptr(ids), faiss.swig_ptr(codes))
+                total += len(ids)
+        owner = self.segments[0].faiss_index(fresh=True)  # owns the C++ index the returned object points to
+        out = faiss.extract_index_ivf(owner)
+        out.replace_invlists(lists, False)
+        out.ntotal = total
+        return out, (lists, owner)
+
     def search(self, q: np.ndarray, k: int, params) -> tuple[np.ndarray, np.ndarray]:
         if len(self.parts) == 1:
             return self.parts[0].search(q, k, params=params)

@@ -133,8 +133,16 @@ class FaissSearch:
         if self.ivf_segments:
             ivf = self.logical_ivf()
             n, share = rows(self.ivf_segments, self.ivf_live)
-            if n:
-                parts.append(_breadth_search(ivf.search, q, k, min(k, n), sel, ivf=ivf.nlist, nprobe=nprobe, share=share))
+            base = nprobe or int(ivf.ivfs[0].nprobe)  # the template's nprobe, where a search names none
+            view = None if allow is None or not n else allow.ivf_view(ivf, n + len(exclude), share)
+            if view is not None:  # the selection's entries alone: only the exclusions to filter
+                from mmretrieve.index.ivf import DeletionFilter
+
+                vsel, vkeep = DeletionFilter([]).selector(exclude)  # noqa: F841 (vkeep: alive till the end)
+                parts.append(_breadth_search(lambda q_, k_, p: view.search(q_, k_, params=p), q, k, min(k, n), vsel,
+                                             ivf=ivf.nlist, nprobe=nprobe or base, share=share, view=True))
+            elif n:
+                parts.append(_breadth_search(ivf.search, q, k, min(k, n), sel, ivf=ivf.nlist, nprobe=base, share=share))
         if self._small is not None and self._small[2]:
             scan, dead, _ = self._small
             parts.append(scan.search(q, k, exclude=exclude,
@@ -168,10 +176,11 @@ def _storage(seg) -> np.ndarray | None:
 
 
 def _breadth_search(search, q, k, want, sel, *, ivf: int = 0, nprobe=None, hnsw_rows: int = 0, ef_search=None,
-                    share: float = 1.0):
+                    share: float = 1.0, view: bool = False):
     """``search(q, k, params)`` with the breadth doubled until every query has ``want`` results (or the
     breadth is the whole index). ``ivf``: nlist of an IVF; ``hnsw_rows``: rows of an HNSW graph;
-    ``share``: the share of the rows a filter lets through (the starting breadth is raised by it)."""
+    ``share``: the share of the rows a filter lets through (the starting breadth is raised by it: ``nprobe
+    / share`` on an IVF ``view`` of the matching entries alone, ``nprobe / sqrt(share)`` on the whole IVF)."""
     import faiss
 
     ef, probe = ef_search or (max(16, 2 * k) if hnsw_rows else None), nprobe
@@ -179,7 +188,8 @@ def _breadth_search(search, q, k, want, sel, *, ivf: int = 0, nprobe=None, hnsw_
         if hnsw_rows:
             ef = int(min(max(4096, ef), ef / max(share, 1e-6)))
         if ivf:
-            probe = int(min(ivf, np.ceil((probe or 1) / np.sqrt(max(share, 1e-6)))))
+            raise_by = max(share, 1e-6) if view else np.sqrt(max(share, 1e-6))
+            probe = int(min(ivf, np.ceil((probe or 1) / raise_by)))
     for _ in range(12):
         p = faiss.SearchParametersHNSW() if hnsw_rows else faiss.SearchParametersIVF() if ivf else faiss.SearchParameters()
         if hnsw_rows:
@@ -239,7 +249,7 @@ class SegmentedVectors:
         excl = [] if exclude is None else [int(i) for i in np.asarray(exclude, np.int64).ravel()]
         if not self.live or (allow is not None and not allow.count):
             return np.full((len(q), k), -np.inf, np.float32), np.full((len(q), k), -1, np.int64)
-        if allow is not None and allow.exact(self.live, k):
+        if allow is not None and allow.exact(self.live, k, graph_ef=self._graph_ef(ef_search, k)):
             from mmretrieve.index.filtered import exact_search
 
             return exact_search(self.by_id, allow, q, k, excl, self.metric_ip)
@@ -249,6 +259,12 @@ class SegmentedVectors:
         parts = [s.search(q, k, exclude=excl, allow=allow, **({} if isinstance(s, SegmentSearch) else opts))
                  for s in self._searchers if s.live]
         return merge_topk(parts, k, self.metric_ip)
+
+    def _graph_ef(self, ef_search, k: int) -> int:
+        """The efSearch an HNSW graph of this snapshot is searched with (0 without a graph searched as one)."""
+        graphs = [s for f in self._searchers if isinstance(f, FaissSearch) for s in f.prepare().others
+                  if hasattr(inner_index(s.faiss_index()), "hnsw")]
+        return int(ef_search or self.ef_search or max(16, 2 * k)) if graphs else 0
 
     def gpu_searcher(self):
         """The GPU searcher of this snapshot: its live Flat rows as one matrix (copied once, on first use)."""
