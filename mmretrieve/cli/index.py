@@ -67,8 +67,11 @@ def cmd_build(args) -> int:
 
 def cmd_import(args) -> int:
     from mmretrieve.ingest import import_embeddings
+    from mmretrieve.ingest.columns import split_names
 
     report = import_embeddings(args.name, args.source, encoder=args.encoder, index_dir=args.index_dir, keys=args.keys,
+                               metadata=args.metadata, columns=split_names(args.columns),
+                               exclude_columns=split_names(args.exclude_columns),
                                normalize=args.normalize, on_bad_vectors=args.on_bad_vectors, factory=args.factory,
                                vector_dtype=args.vector_dtype)
     return _report_out(report, args)
@@ -376,6 +379,11 @@ def _maintenance_parsers(isub, common) -> None:
     im.add_argument("source", help="clip-retrieval output folder (img_emb/ + metadata/), a .npy (+ --keys) or a .parquet")
     im.add_argument("--encoder", default=None, help="the model that computed the vectors (needed for a new index)")
     im.add_argument("--keys", default=None, help="for a .npy: a text file with one key per row (default <stem>.keys.txt)")
+    im.add_argument("--metadata", default=None, metavar="FILE.parquet",
+                    help="for a .npy: its metadata, one row per vector in the same order (columns become item metadata)")
+    im.add_argument("--columns", default=None, metavar="A,B",
+                    help="carry only these metadata columns (default: every column but the key, vector, uri and caption)")
+    im.add_argument("--exclude-columns", default=None, metavar="A,B", help="carry every metadata column but these")
     im.add_argument("--normalize", action="store_true", help="L2-normalise vectors that are not (default: refuse them)")
     im.add_argument("--on-bad-vectors", choices=["error", "drop"], default="error",
                     help="NaN / inf / zero vectors: fail (default) or drop them and report them")

@@ -106,7 +106,7 @@ class Item:
     def to_row(self) -> tuple:
         return (self.id, self.segment, self.row, self.key, self.uri, self.kind, self.size, self.mtime, self.caption,
                 self.width, self.height, self.added_at, self.frame_start, self.frame_count,
-                json.dumps(self.extra, sort_keys=True) if self.extra else None)
+                extra_json(self.extra) if self.extra else None)
 
 
 def _disk_full(path: Path) -> bool:
@@ -123,6 +123,18 @@ def _add_missing_columns(conn: sqlite3.Connection) -> None:
     cols = {r[1] for r in conn.execute("PRAGMA table_info(skipped)")}
     if "transient" not in cols:
         conn.execute("ALTER TABLE skipped ADD COLUMN transient INTEGER NOT NULL DEFAULT 0")
+
+
+def extra_json(extra: dict[str, Any]) -> str:
+    """An item's metadata as stored: non-ASCII text as itself, not ``\\uXXXX`` escapes, since SQLite's JSON
+    paths match a field name against its text as written (``$."année"`` finds no escaped ``ann\\u00e9e``);
+    escaped only when it holds text that is not valid Unicode (a lone surrogate), which SQLite cannot take."""
+    text = json.dumps(extra, sort_keys=True, ensure_ascii=False)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(extra, sort_keys=True)
+    return text
 
 
 def row_crc(row: tuple) -> int:
