@@ -496,6 +496,11 @@ def test_ivf_training_and_clear_error(tmp_path):
         _vector_index(tmp_path / "ivf2", 5, factory="IVF64,Flat")
     with pytest.raises(ValueError, match="invalid FAISS factory string"):
         _vector_index(tmp_path / "bad", 5, factory="NotAnIndex")
+    # a transform in front would make the segments' lists, graphs and codes another space than the queries'
+    for factory in ("PCA16,IVF8,Flat", "OPQ4,IVF8,PQ4", "RR32,HNSW8"):
+        with pytest.raises(ValueError, match="starts with a vector transform"):
+            _vector_index(tmp_path / "pre", 400, factory=factory)
+        assert not (tmp_path / "pre").exists() or not any((tmp_path / "pre").rglob("index.faiss"))
 
 
 def test_bad_vectors_policy(tmp_path):

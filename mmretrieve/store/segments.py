@@ -51,9 +51,16 @@ def new_template(dim: int, factory: str, metric: str = "ip"):
     if factory.upper().startswith("IDMAP"):
         raise UsageError("give the factory without IDMap: mmretrieve keeps the ids itself")
     try:
-        return faiss.index_factory(int(dim), factory, metric_type(metric))
+        index = faiss.index_factory(int(dim), factory, metric_type(metric))
     except RuntimeError as e:
         raise UsageError(f"invalid FAISS factory string {factory!r}: {str(e).splitlines()[-1]}") from None
+    if isinstance(index, faiss.IndexPreTransform):
+        # the segments' IVF lists, graphs' storage and stored codes are searched and read back directly, in
+        # the input space: a transform in front (PCA, OPQ, random rotation) would give them other vectors
+        raise UsageError(f"FAISS factory {factory!r} starts with a vector transform ({factory.split(',')[0]}), "
+                         "which mmretrieve's segments do not support; give the index part alone (e.g. "
+                         f"{','.join(factory.split(',')[1:]) or 'IVF1024,PQ32'!r})")
+    return index
 
 
 def is_ivf(index) -> bool:
