@@ -24,10 +24,17 @@ os.environ.setdefault("MMRETRIEVE_DECODER_START", "fork")
 from mmretrieve.media.samples import sample_images  # noqa: E402
 
 
+#: under pytest-xdist (``make test`` runs two workers on a 2-core machine) each worker keeps to one thread:
+#: two workers of two threads each would oversubscribe the cores
+XDIST = bool(os.environ.get("PYTEST_XDIST_WORKER"))
+if XDIST:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # the subprocesses a test starts
+
+
 @pytest.fixture(autouse=True)
 def _isolated_index_home(tmp_path, monkeypatch):
     monkeypatch.setenv("MMRETRIEVE_INDEX_DIR", str(tmp_path / "indexes"))
-    torch.set_num_threads(2)
+    torch.set_num_threads(1 if XDIST else 2)
 
 
 @pytest.fixture(scope="session")

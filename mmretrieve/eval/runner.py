@@ -265,7 +265,7 @@ def evaluate(ds: CIRDataset, *, encoder: Encoder | str = "embedded", pipeline=No
         encoder, pipeline=pipeline, fusion=fusion, fusion_options=fusion_options, where=where)
 
 
-def _query_sides(ds: CIRDataset, idx, group, qs, text_vec, strategy):
+def query_sides(ds: CIRDataset, idx, group, qs, text_vec, strategy):
     """Per query: its encoded sides, its ``EncodedQuery`` and its reference's id."""
     from mmretrieve.media.scan import media_kind
 
@@ -309,11 +309,11 @@ def _rank_group(ds: CIRDataset, bench, idx, qs, text_vec, strategy, pipe, rankin
         _note_filtered_targets(where, keys, qs, notes)
     need = n if bench.needs_full_ranking else min(n, TOP + 1)
     k1 = max(1, min(n, pipe.shortlist_size(need) if pipe is not None else need))
-    vecs, qobjs, ref_ids = _query_sides(ds, idx, group, qs, text_vec, strategy)
+    vecs, qobjs, ref_ids = query_sides(ds, idx, group, qs, text_vec, strategy)
     if pipe is not None and pipe.describer is not None:
         qobjs = _describe(pipe.describer, idx, qs, qobjs, costs, notes)
     excl = ref_ids if bench.remove_reference else None
-    coarse = _coarse_batch(idx, qobjs, k1, exclude=excl, where=where)
+    coarse = coarse_batch(idx, qobjs, k1, exclude=excl, where=where)
     bar = tqdm(total=len(qs), desc=f"{ds.name} {group or ''}".strip(), unit="q", disable=progress_disable(), leave=False)
     for q, qo, (ids, scores) in zip(qs, qobjs, coarse):
         rankings["coarse"][q.qid] = [keys[int(i)] for i in ids]
@@ -384,7 +384,7 @@ def _note_stage(r, qid: str, costs: dict, notes: dict) -> None:
         notes.setdefault(qid, {}).setdefault("stage_info", {}).setdefault(r.label, []).append(kept)
 
 
-def _coarse_batch(idx, qobjs: list[EncodedQuery], k: int, exclude: list[int | None] | None = None, where=None):
+def coarse_batch(idx, qobjs: list[EncodedQuery], k: int, exclude: list[int | None] | None = None, where=None):
     """Coarse rankings for many queries: one batched FAISS search for vector fusions. ``exclude``: one
     id per query (or None) to leave out of that query's ranking (CIRR's reference image). ``where``: a
     filter (a ``Selection``): only matching gallery items are ranked."""

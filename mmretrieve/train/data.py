@@ -197,16 +197,16 @@ def check_triplets(ds: CIRDataset, group, queries: list[CIRQuery], in_index: set
 def mine(ds: CIRDataset, group, idx, queries: list[CIRQuery], k: int, cache=None) -> dict[str, list[str]]:
     """Each query's coarse ranking (top ``k`` keys, the reference excluded) from the index's own coarse
     stage: the evaluation's, with the sum fusion of the reference image and the text."""
-    from mmretrieve.eval.runner import _coarse_batch, _query_sides, cached_text_embeddings
+    from mmretrieve.eval.runner import coarse_batch, query_sides, cached_text_embeddings
     from mmretrieve.query import coarse_strategy
 
     if not queries:
         return {}
     uniq = sorted({t for q in queries for t in q.texts})
     text_vec = dict(zip(uniq, cached_text_embeddings(idx.encoder, uniq, cache)))
-    _, qobjs, ref_ids = _query_sides(ds, idx, group, queries, text_vec, coarse_strategy("sum"))
+    _, qobjs, ref_ids = query_sides(ds, idx, group, queries, text_vec, coarse_strategy("sum"))
     keys = {it.id: str(it.key) for it in idx.meta.iter_items()}
-    ranked = _coarse_batch(idx, qobjs, min(k, len(idx)), exclude=ref_ids)
+    ranked = coarse_batch(idx, qobjs, min(k, len(idx)), exclude=ref_ids)
     return {q.qid: [keys[int(i)] for i in ids] for q, (ids, _) in zip(queries, ranked)}
 
 
