@@ -614,7 +614,7 @@
       ctx.fillRect(x - 3, y - 3, 7, 7);
     }
     drawSelection(ctx);
-    $("map").dataset.drawn = String(Number($("map").dataset.drawn || 0) + 1);
+    c.dataset.drawn = String(Number(c.dataset.drawn || 0) + 1);  // a count of redraws (bench map waits on it)
   }
   function canvasPoint(c, e) {
     const r = c.getBoundingClientRect();
