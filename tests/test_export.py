@@ -182,12 +182,13 @@ def test_api_export_streams_rows_without_server_paths(client, idx, built):
     url = "/api/v1/indexes/idx/export"
     assert client.get(url).status_code == 401
     r = client.get(url, params={"format": "jsonl", "filter": "odd = 1"}, headers=AUTH)
-    assert r.status_code == 200 and r.headers["x-total-count"] == "10"
+    assert r.status_code == 200 and r.headers["x-total-count"] == "10" and r.headers["x-row-limit"] == "55"
     rows = [json.loads(line) for line in r.text.splitlines()]
     assert [x["id"] for x in rows] == idx.select("odd = 1").ids.tolist()
     assert str(built[0].parent) not in r.text and "uri" not in rows[0]
     assert rows[0]["thumbnail"].endswith(f"/items/{rows[0]['id']}/thumbnail")
     r = client.get(url, params={"limit": 4}, headers=AUTH)
+    assert r.headers["x-row-limit"] == "4"  # the page says "the first 4 of N" when fewer than X-Total-Count
     rows = list(csv.DictReader(io.StringIO(r.text)))
     assert len(rows) == 4 and rows[0]["key"] == "'../x"[1:] and rows[2]["key"] == "'=cmd"
     assert str(built[0].parent) not in r.text

@@ -36,6 +36,9 @@ LICENSES = ["cc0", "cc-by", "cc-by-sa", "All rights reserved", None]
     ("`kind` = 'x' and kind = 'video'", "(and (= `kind` 'x') (= kind 'video'))"),
     ("`my col` <= 3", "(<= `my col` 3)"),
     ("uri contains 'a' and size > 10 and width >= 2 and added_at < 1e12", None),
+    ("map within (0 0, 1 0, 0.5 -1) and not MAP.UMAP WITHIN (-1 -1,1 -1,0 1)",
+     "(and (map pca ((0.0 0.0) (1.0 0.0) (0.5 -1.0))) (not (map umap ((-1.0 -1.0) (1.0 -1.0) (0.0 1.0)))))"),
+    ("map = 3 and map.x < 2", "(and (= map 3) (< map.x 2))"),
 ])
 def test_golden_parses_and_canonical_forms_reparse(text, tree):
     t = str(parse(text))
@@ -62,6 +65,12 @@ def test_golden_parses_and_canonical_forms_reparse(text, tree):
     ("year ~ 3", "'~' at position 6"),
     ("x is 3", "'null' after 'is'"),
     ("`` = 1", "field name at position 1"),
+    ("map within (0 0, 1 1)", "needs at least 3 vertices, got 2"),
+    ("map within (0 0, 1 'a', 1 1)", "a number (the y of a vertex"),
+    ("map within (0 0, 1 0, 1)", "a number (the y of a vertex"),
+    ("map within (0 0, 1 0, 1 1", "',' or ')' in the polygon"),
+    ("map within 0 0, 1 0, 1 1", "'(' after map within"),
+    ("map within (" + ", ".join(["0 0"] * 65) + ")", "more than 64 vertices"),
 ])
 def test_every_error_names_its_token_and_position(text, names):
     with pytest.raises(FilterError, match="filter") as e:
@@ -355,3 +364,74 @@ def test_csv_manifest_columns_keep_numbers_as_numbers(tmp_path):
     (_, row), = _read_csv(m)
     assert row == {"path": "a.jpg", "id": "007", "caption": "2020", "year": 2020, "zip": "02134", "ratio": 0.25,
                    "license": "cc0", "big": "1e5"}
+
+
+# ---- map within: point in polygon against an exact reference -----------------------------------------
+def _inside_exact(p, poly) -> bool:
+    """Brute force in exact rationals: on an edge is inside, else the winding number is odd-even tested by
+    counting crossings of a ray to +x one edge at a time."""
+    from fractions import Fraction as F
+
+    x, y = F(p[0]), F(p[1])
+    pts = [(F(a), F(b)) for a, b in poly]
+    crossings = 0
+    for (x1, y1), (x2, y2) in zip(pts, pts[1:] + pts[:1]):
+        if (x2 - x1) * (y - y1) == (y2 - y1) * (x - x1) and min(x1, x2) <= x <= max(x1, x2) \
+                and min(y1, y2) <= y <= max(y1, y2):
+            return True
+        if (y1 > y) != (y2 > y) and x < x1 + (y - y1) * (x2 - x1) / (y2 - y1):
+            crossings += 1
+    return crossings % 2 == 1
+
+
+@pytest.mark.parametrize("poly", [
+    [(0, 0), (4, 0), (4, 4), (0, 4)],  # a box
+    [(0, 0), (4, 0), (4, 4), (2, 1), (0, 4)],  # concave: a notch
+    [(0, 0), (6, 0), (6, 6), (4, 6), (4, 2), (2, 2), (2, 6), (0, 6)],  # a U
+    [(0, 0), (4, 4), (4, 0), (0, 4)],  # a bow tie: it crosses itself
+    [(-1.5, 0.25), (0.75, -2), (3, 0.5), (0.5, 0.5), (0.25, 3)],
+])
+def test_points_in_polygon_matches_an_exact_brute_force(poly):
+    from mmretrieve.store.filters import points_in_polygon
+
+    grid = np.arange(-2, 7.01, 0.25)  # every vertex, many points on edges, many outside
+    pts = np.array([(a, b) for a in grid for b in grid])
+    rng = np.random.default_rng(0)
+    pts = np.concatenate([pts, rng.uniform(-2, 7, (2000, 2))])
+    got = points_in_polygon(pts, poly)
+    want = np.array([_inside_exact(p, poly) for p in pts])
+    assert (got == want).all(), pts[got != want][:10]
+    assert got.any() and not got.all()
+    on_edges = [p for p in pts[:len(grid) ** 2] if any(_inside_exact(p, [a, b, a]) for a, b in zip(poly, poly[1:] + poly[:1]))]
+    assert on_edges and points_in_polygon(np.array(on_edges), poly).all()
+
+
+def test_map_within_unresolved_is_an_error_and_evaluates_from_a_record():
+    from mmretrieve.store.filters import to_sql
+
+    tree = parse("map within (0 0, 1 0, 1 1, 0 1) or id = 7")
+    with pytest.raises(FilterError, match="bind_maps"):
+        to_sql(tree)
+    assert evaluate(tree, {"id": 1, "map": {"pca": (0.5, 0.5)}}) is True
+    assert evaluate(tree, {"id": 1, "map": {"pca": (1.5, 0.5)}}) is False
+    assert evaluate(tree, {"id": 7}) is True
+
+
+def test_cli_where_map_within(indexes, capsys, monkeypatch, tmp_path):
+    from mmretrieve.cli import main
+    from mmretrieve.index import embmap
+
+    monkeypatch.setenv("MMRETRIEVE_CACHE", str(tmp_path / "cache"))
+    idx = open_index(indexes["flat"], search_device="cpu")
+    ids, xy = embmap.get_map(idx, "pca")
+    poly = [(-1, -1), (0, -1), (0, 1), (-1, 1)]
+    inside = set(embmap.ids_within(idx, poly).tolist())
+    assert 0 < len(inside) < len(ids)
+    where = "map within (-1 -1, 0 -1, 0 1, -1 1)"
+    assert idx.select(where).ids.tolist() == sorted(inside)
+    assert idx.select("not " + where).count == len(ids) - len(inside)
+    capsys.readouterr()
+    assert main(["search", str(indexes["flat"]), "--item", f"k{ids[0]}", "-k", "5", "--search-device", "cpu",
+                 "--where", where, "--json"]) == 0
+    hits = json.loads(capsys.readouterr().out)["hits"]
+    assert len(hits) == 5 and all(h["id"] in inside for h in hits)

@@ -12,6 +12,7 @@ import pytest
 pytest.importorskip("fastapi", reason="the serve extra is not installed (pip install 'mmretrieve[serve]')")
 pytest.importorskip("httpx", reason="FastAPI's test client needs httpx (the dev extra)")
 
+from mmretrieve.index import embmap  # noqa: E402
 from mmretrieve.serve import collection  # noqa: E402
 from mmretrieve.store import IndexWriter, Item  # noqa: E402
 from mmretrieve.store.filters import evaluate, parse, record_of  # noqa: E402
@@ -132,8 +133,8 @@ def _decode(body):
 def test_map_shape_cache_and_recompute_on_a_new_version(served, monkeypatch):
     c, svc, path = served
     calls = []
-    real = collection.project
-    monkeypatch.setattr(collection, "project", lambda *a: calls.append(a) or real(*a))
+    real = embmap.project
+    monkeypatch.setattr(embmap, "project", lambda *a: calls.append(a) or real(*a))
     r = c.get("/api/v1/indexes/coll/map")
     assert r.status_code == 200, r.text
     body = r.json()
@@ -144,7 +145,7 @@ def test_map_shape_cache_and_recompute_on_a_new_version(served, monkeypatch):
     assert np.ptp(xy[:, 0]) > 0.5  # the clusters spread out on the first axis
     assert len(calls) == 1
     assert c.get("/api/v1/indexes/coll/map").json() == body and len(calls) == 1  # memory
-    svc.collection._maps.clear()
+    embmap.clear_cache()
     assert c.get("/api/v1/indexes/coll/map").json() == body and len(calls) == 1  # disk
     assert collection.map_path(svc.manager.get("coll").index, "pca").is_file()
     _add(path, N, 30, False)
@@ -152,3 +153,55 @@ def test_map_shape_cache_and_recompute_on_a_new_version(served, monkeypatch):
     newer = c.get("/api/v1/indexes/coll/map").json()
     assert len(calls) == 2 and newer["count"] == len(live) + 30 and newer["version"] != body["version"]
     assert c.get("/api/v1/indexes/coll/map", params={"method": "magic"}).status_code == 400
+
+
+def test_map_within_filters_search_facets_and_export_by_the_cached_map(served):
+    c, svc, _ = served
+    ids, xy = _decode(c.get("/api/v1/indexes/coll/map").json())
+    poly = [(-1, -1), (0.2, -1), (0.2, 1), (-0.3, 0), (-1, 1)]  # concave: a notch at (-0.3, 0)
+    where = "map within (" + ", ".join(f"{x} {y}" for x, y in poly) + ")"
+    inside = set(ids[embmap_points(xy, poly)].tolist())
+    assert 0 < len(inside) < len(ids)
+    f = c.get("/api/v1/indexes/coll/facets", params={"filter": where}).json()
+    assert f["matching"] == len(inside)
+    r = c.post("/api/v1/indexes/coll/search", json={"filter": where + " and year >= 2005", "k": 1000})
+    assert r.status_code == 200, r.text
+    got = {h["id"] for h in r.json()["hits"]}
+    idx = svc.manager.get("coll").index
+    year = {it.id: it.extra.get("year") for it in idx.meta.iter_items()}
+    assert got == {i for i in inside if isinstance(year[i], int) and year[i] >= 2005}
+    out = c.get("/api/v1/indexes/coll/export", params={"filter": "not " + where, "format": "jsonl"})
+    assert out.status_code == 200 and int(out.headers["x-total-count"]) == len(ids) - len(inside)
+    for bad, word in [("map within (0 0, 1 1)", "at least 3"), ("map within (0 0, 1 x, 1 1)", "'x'"),
+                      ("map within (" + ", ".join(["0 0"] * 65) + ")", "more than 64")]:
+        r = c.get("/api/v1/indexes/coll/facets", params={"filter": bad})
+        assert r.status_code == 400 and word in r.json()["error"]["message"], r.text
+
+
+def embmap_points(xy, poly):
+    from mmretrieve.store.filters import points_in_polygon
+
+    return points_in_polygon(xy.astype(np.float64), poly)
+
+
+def test_map_methods_not_installed_are_a_400_naming_the_package(served, monkeypatch):
+    import importlib.util
+
+    c, _, _ = served
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n in ("umap", "sklearn") else real(n, *a))
+    for method, package in [("umap", "umap-learn"), ("tsne", "scikit-learn")]:
+        r = c.get("/api/v1/indexes/coll/map", params={"method": method})
+        assert r.status_code == 400 and package in r.json()["error"]["message"], r.text
+        r = c.get("/api/v1/indexes/coll/facets", params={"filter": f"map.{method} within (0 0, 1 0, 0 1)"})
+        assert r.status_code == 400 and package in r.json()["error"]["message"], r.text
+
+
+def test_nonlinear_maps_are_sampled_with_a_log_line(served, monkeypatch, caplog):
+    _, svc, _ = served
+    monkeypatch.setattr(embmap, "MAX_NONLINEAR_POINTS", 50)
+    idx = svc.manager.get("coll").index
+    with caplog.at_level("INFO", logger="mmretrieve.index.embmap"):
+        ids = embmap.live_ids(idx, "tsne")
+    assert len(ids) == 50 and "even sample of 50" in caplog.text
+    assert len(embmap.live_ids(idx, "pca")) == len(idx.select(None).ids)

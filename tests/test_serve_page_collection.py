@@ -1,6 +1,7 @@
 """The page as a place to browse a collection, in Debian's Chromium (Playwright's Python API, no browser
 download): a facet click filters the results and lands in the URL (back/forward keep it), the map canvas
-draws and a box on it filters, a selection exports as CSV and JSONL, arrow keys move through the grid, and
+draws and a box or a lasso on it becomes a ``map within`` filter (no cap on the items it holds), a selection
+and the whole filtered view export as CSV and JSONL, arrow keys move through the grid, and
 metadata is shown as text only."""
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ T = 20_000
 sync_api.expect.set_options(timeout=T)
 EVIL = '<img src=x onerror="document.body.dataset.pwned=1">'
 LICENSES = ["cc0", "cc-by", "it's mine"]
+MAP_WITHIN = re.compile(r"^map within \((-?[\d.]+ -?[\d.]+, ){2,63}-?[\d.]+ -?[\d.]+\)$")
+BIG, DIM = 1500, 16
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +57,84 @@ def site(tmp_path_factory, embedded, samples):
                 yield base, svc
         finally:
             svc.close()
+
+
+@pytest.fixture(scope="module")
+def big(tmp_path_factory):
+    """An index of BIG items written as vectors (no encoder): four clusters, a metadata field."""
+    import numpy as np
+
+    from mmretrieve.store import IndexWriter, Item
+
+    root = tmp_path_factory.mktemp("big")
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((BIG, DIM)).astype(np.float32) * 0.3
+    x[:, 0] += np.arange(BIG) % 4 * 3
+    x[:, 1] += np.arange(BIG) % 2 * 2
+    info = {"name": "test-vectors", "dim": DIM, "modalities": ["image"]}
+    with IndexWriter(root / "indexes" / "big", encoder_info=info, create=True, auto_compact=False) as w:
+        w.add([Item(id=-1, key=f"k{i}", uri=f"vec://{i}", caption=f"thing {i}", extra={"group": f"g{i % 4}"})
+               for i in range(BIG)], x)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MMRETRIEVE_CACHE", str(root / "cache"))
+        svc = Service(ServeConfig(indexes=["big"], index_dir=str(root / "indexes"), reload_interval_s=0)).start()
+        try:
+            with running_server(create_app(svc)) as base:
+                yield base, svc
+        finally:
+            svc.close()
+
+
+def _drag(pg, points, lasso=False):
+    """Drag through ``points`` (fractions of the map canvas), in box or lasso mode."""
+    mode = pg.locator("#map-mode")
+    if (mode.get_attribute("aria-pressed") == "true") != lasso:
+        mode.click()
+    box = pg.locator("#map").bounding_box()
+    at = [(box["x"] + fx * box["width"], box["y"] + fy * box["height"]) for fx, fy in points]
+    pg.mouse.move(*at[0])
+    pg.mouse.down()
+    for p in at[1:]:
+        pg.mouse.move(*p, steps=8)
+    pg.mouse.up()
+
+
+def test_a_box_of_more_than_300_and_a_lasso_filter_without_a_cap(big, page):
+    expect = sync_api.expect
+    base, svc = big
+    pg = page
+    idx = svc.manager.get("big").index
+    pg.goto(base + "/?index=big&k=24")
+    expect(pg.locator("body")).to_have_attribute("data-ready", "1")
+    expect(pg.locator("#map-info")).to_contain_text(f"{BIG} items · pca")
+    _drag(pg, [(0.01, 0.01), (0.5, 0.6), (0.99, 0.99)])  # a box around (nearly) everything
+    expect(pg.locator("#filter")).to_have_value(MAP_WITHIN)
+    boxed = idx.select(_filter(pg)).count
+    assert boxed > 300
+    expect(pg.locator("#facets-info")).to_have_text(f"{boxed} matching")
+    expect(pg.locator("#status")).to_contain_text(f"browsing {boxed} matching")
+    pg.locator("#filter-clear").click()
+    expect(pg.locator("#filter")).to_have_value("")
+    # a freehand lasso: a concave path around part of the map
+    _drag(pg, [(0.05, 0.05), (0.6, 0.1), (0.3, 0.4), (0.6, 0.9), (0.05, 0.95)], lasso=True)
+    expect(pg.locator("#filter")).to_have_value(MAP_WITHIN)
+    lassoed = idx.select(_filter(pg))
+    assert len(_filter(pg).split(",")) > 4 and 0 < lassoed.count < BIG
+    expect(pg.locator("#facets-info")).to_have_text(f"{lassoed.count} matching")
+    expect(pg.locator("#col-0 .hit")).to_have_count(min(24, lassoed.count))
+    shown = [int(x) for x in pg.locator("#col-0 .hit").evaluate_all("bs => bs.map((b) => b.dataset.id)")]
+    assert set(shown) <= set(lassoed.ids.tolist())
+    # the whole filtered view downloads, not only the hits shown
+    with pg.expect_download() as d:
+        pg.locator("#export-view-jsonl").click()
+    rows = [json.loads(x) for x in open(d.value.path(), encoding="utf-8").read().splitlines()]
+    assert sorted(r["id"] for r in rows) == lassoed.ids.tolist() and all("group" in r for r in rows)
+    with pg.expect_download() as d:
+        pg.locator("#export-view-csv").click()
+    got = list(csv.DictReader(open(d.value.path(), encoding="utf-8")))
+    assert sorted(int(r["id"]) for r in got) == lassoed.ids.tolist()
+    expect(pg.locator("#status")).to_have_text(f"Exported {lassoed.count} items.")
+    assert not pg.errors, pg.errors
 
 
 @pytest.fixture(scope="module")
@@ -140,13 +221,14 @@ def test_the_map_draws_and_a_box_filters(site, page):
     pg.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2, steps=4)
     pg.mouse.move(box["x"] + box["width"] - 2, box["y"] + box["height"] / 2, steps=4)
     pg.mouse.up()
-    expect(pg.locator("#filter")).to_have_value(re.compile(r"^id in \([\d,]+\)$"))
-    ids = {int(x) for x in re.findall(r"\d+", _filter(pg))}
+    expect(pg.locator("#filter")).to_have_value(MAP_WITHIN)
+    assert len(_filter(pg).split(",")) == 4  # a box: four vertices
+    want = svc.manager.get("photos").index.select(_filter(pg)).ids.tolist()
     live = len(svc.manager.get("photos").index)
-    assert 0 < len(ids) < live
-    expect(pg.locator("#col-0 .hit")).to_have_count(len(ids))
+    assert 0 < len(want) < live
+    expect(pg.locator("#col-0 .hit")).to_have_count(len(want))
     shown = {int(b.get_attribute("data-id")) for b in pg.locator("#col-0 .hit").all()}
-    assert shown == ids
+    assert shown == set(want)
     assert not pg.errors, pg.errors
 
 

@@ -34,6 +34,7 @@ BENCHMARKS = {
     "locore": "locore",
     "dupes": "dupes",
     "filter": "filter",
+    "map": "embmap",
 }
 
 

@@ -381,7 +381,7 @@ class Index:
         position."""
         from mmretrieve.index.filtered import CACHE_SIZE, Selection
         from mmretrieve.lru import LRU
-        from mmretrieve.store.filters import parse, to_sql
+        from mmretrieve.store.filters import parse
 
         if isinstance(where, Selection):
             return where
@@ -393,9 +393,21 @@ class Index:
         if hit is not None:
             return hit
         tree = parse(where)
-        sel = self._selections.get_or_make(str(tree), lambda: Selection(str(tree), self.meta.matching(*to_sql(tree)),
+        sel = self._selections.get_or_make(str(tree), lambda: Selection(str(tree), self.meta.matching(*self.filter_sql(tree)),
                                                                         self.segments))
         return self._selections.put(("text", where), sel)
+
+    def filter_sql(self, where) -> tuple[str, list]:
+        """(SQL condition, parameters) of a filter (its text or its parsed tree) over this snapshot's items
+        table: ``map within (...)`` predicates first resolved to the ids inside their polygon on this
+        version's cached map (``index.embmap``), bound as one JSON parameter each."""
+        from mmretrieve.index import embmap
+        from mmretrieve.store.filters import bind_maps, has_map, parse, to_sql
+
+        tree = parse(where) if isinstance(where, str) else where
+        if has_map(tree):
+            tree = bind_maps(tree, lambda m: embmap.ids_within(self, m.polygon, m.method))
+        return to_sql(tree)
 
     def text_search(self, query: str | None = None, k: int = 10, *, where=None, fts: str | None = None,
                     exclude: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:

@@ -7,27 +7,24 @@ min, max and a histogram. Computed by SQL over the items table (the matching row
 temporary table, every value a bound parameter), cached per index version and filter (least recently used
 dropped).
 
-The map (``GET /api/v1/indexes/{name}/map``): every live item projected to 2-D (PCA by default, from the
-SVD of the embeddings' covariance, read a block at a time; ``umap`` or ``tsne`` where ``umap-learn`` /
-``scikit-learn`` are installed), computed once per index version and kept in memory and on disk under
-``$MMRETRIEVE_CACHE/maps`` (keyed by the index and its version). Sent compactly: ids and float16
-coordinates as base64 of little-endian arrays.
+The map (``GET /api/v1/indexes/{name}/map``): every live item projected to 2-D (PCA by default; ``umap``
+or ``tsne`` where installed), computed once per index version and cached in memory and on disk by
+``mmretrieve.index.embmap`` (the same map a ``map within (...)`` filter reads). Sent compactly: ids and
+float16 coordinates as base64 of little-endian arrays.
 """
 
 from __future__ import annotations
 
 import base64
-import hashlib
 import logging
-import threading
-from pathlib import Path
 from typing import Annotated, Any
 
 import numpy as np
 from fastapi import Query
 from fastapi.responses import JSONResponse
 
-from mmretrieve.errors import UsageError
+from mmretrieve.index import embmap
+from mmretrieve.index.embmap import METHODS, load_or_compute_map, map_path, project
 from mmretrieve.lru import LRU
 
 log = logging.getLogger(__name__)
@@ -37,14 +34,8 @@ MAX_VALUES = 50
 TOP_VALUES = 20
 #: bins of a numeric field's histogram
 BINS = 20
-#: facet answers kept (per server), maps kept in memory
+#: facet answers kept (per server)
 FACET_CACHE = 128
-MAP_CACHE = 4
-#: the most points a map holds (a larger index is sampled, evenly by id)
-MAX_MAP_POINTS = 500_000
-#: rows read at a time to build the projection
-BLOCK = 8192
-METHODS = ("pca", "umap", "tsne")
 _NUMERIC = ("integer", "real")
 
 
@@ -53,9 +44,7 @@ def _matching(index, where: str | None) -> list[tuple[int, str, int]]:
     """(id, segment, row) of the live items meeting ``where`` (all of them without one)."""
     if where is None or not where.strip():
         return index.meta.matching("1", [])
-    from mmretrieve.store.filters import parse, to_sql
-
-    return index.meta.matching(*to_sql(parse(where)))
+    return index.meta.matching(*index.filter_sql(where))
 
 
 _FIELDS_SQL = """
@@ -131,90 +120,7 @@ def compute_facets(index, where: str | None) -> dict:
     return {"version": index.version, "filter": where or None, "matching": len(matches), "fields": [builtin, *fields]}
 
 
-# ---- the map --------------------------------------------------------------------------------------------
-def live_ids(index) -> np.ndarray:
-    ids = index.select(None).ids  # every live item of the snapshot, sorted (the selection's cache)
-    if len(ids) > MAX_MAP_POINTS:
-        ids = ids[np.linspace(0, len(ids) - 1, MAX_MAP_POINTS).astype(np.int64)]
-    return ids
-
-
-def _pca(index, ids: np.ndarray) -> np.ndarray:
-    """(n, 2) float32: the ids' embeddings on their two principal axes (SVD of the covariance, by blocks)."""
-    d = index.dim
-    total, cov = np.zeros(d, np.float64), np.zeros((d, d), np.float64)
-    for s in range(0, len(ids), BLOCK):
-        x = index.vectors(ids[s:s + BLOCK]).astype(np.float64)
-        total += x.sum(0)
-        cov += x.T @ x
-    n = max(len(ids), 1)
-    mean = total / n
-    cov = cov / n - np.outer(mean, mean)
-    u, _, _ = np.linalg.svd(cov)
-    axes = u[:, :2] if d >= 2 else np.pad(u, ((0, 0), (0, 2 - d)))
-    out = np.zeros((len(ids), 2), np.float32)
-    for s in range(0, len(ids), BLOCK):
-        out[s:s + BLOCK] = (index.vectors(ids[s:s + BLOCK]) - mean) @ axes
-    return out
-
-
-def _nonlinear(index, ids: np.ndarray, method: str) -> np.ndarray:
-    x = index.vectors(ids)
-    if method == "umap":
-        try:
-            import umap
-        except ImportError:
-            raise UsageError("map method 'umap' needs umap-learn (pip install umap-learn); method 'pca' needs nothing") from None
-        return umap.UMAP(n_components=2, random_state=0).fit_transform(x).astype(np.float32)
-    try:
-        from sklearn.manifold import TSNE
-    except ImportError:
-        raise UsageError("map method 'tsne' needs scikit-learn; method 'pca' needs nothing") from None
-    perplexity = float(min(30, max(2, len(ids) // 4)))
-    return TSNE(n_components=2, init="pca", random_state=0, perplexity=perplexity).fit_transform(x).astype(np.float32)
-
-
-def project(index, ids: np.ndarray, method: str = "pca") -> np.ndarray:
-    """(n, 2) float32 coordinates of ``ids``, scaled into [-1, 1] on both axes."""
-    if len(ids) < 3:
-        xy = np.zeros((len(ids), 2), np.float32)
-    elif method == "pca":
-        xy = _pca(index, ids)
-    else:
-        xy = _nonlinear(index, ids, method)
-    span = np.abs(xy).max(0) if len(xy) else np.ones(2, np.float32)
-    return (xy / np.where(span > 0, span, 1)).astype(np.float32)
-
-
-def map_path(index, method: str) -> Path:
-    from mmretrieve import settings
-
-    where = hashlib.sha256(str(Path(index.path).resolve()).encode()).hexdigest()[:16]
-    version = "".join(c if c.isalnum() or c in "-_." else "_" for c in str(index.version))
-    return settings.cache_dir() / "maps" / f"{where}-{version}-{method}.npz"
-
-
-def load_or_compute_map(index, method: str) -> tuple[np.ndarray, np.ndarray]:
-    """(ids, xy float16) of ``index``'s map, read from its cache file or computed and written there."""
-    path = map_path(index, method)
-    if path.is_file():
-        try:
-            with np.load(path, allow_pickle=False) as z:  # a cache file: arrays, never objects
-                return z["ids"], z["xy"]
-        except Exception as e:  # a damaged cache file: computed again
-            log.warning("map cache %s unreadable (%s); computing it again", path.name, e)
-    ids = live_ids(index)
-    xy = project(index, ids, method).astype(np.float16)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp.npz")
-        np.savez(tmp, ids=ids, xy=xy)
-        tmp.replace(path)
-    except OSError as e:
-        log.warning("map cache %s not written (%s)", path.name, e)
-    return ids, xy
-
-
+# ---- the map (computed and cached by mmretrieve.index.embmap) ----------------------------------------
 def map_response(index, ids: np.ndarray, xy: np.ndarray, method: str) -> dict:
     small = not len(ids) or int(ids.max()) < 2**31
     id_bytes = ids.astype("<i4" if small else "<f8").tobytes()
@@ -230,9 +136,6 @@ class Collection:
     def __init__(self, service) -> None:
         self.service = service
         self._facets: LRU[dict] = LRU(FACET_CACHE)
-        self._maps: LRU[tuple] = LRU(MAP_CACHE)
-        self._lock = threading.Lock()
-        self._map_locks: dict = {}
 
     def facets(self, name: str, where: str | None) -> dict:
         index = self.service.manager.get(name).index
@@ -245,14 +148,9 @@ class Collection:
         return self._facets.get_or_make(key, lambda: compute_facets(index, where))
 
     def map(self, name: str, method: str) -> dict:
-        if method not in METHODS:
-            raise UsageError(f"map method must be one of {', '.join(METHODS)}, got {method!r}")
+        embmap.check_method(method)  # a 400 for an unknown method or one whose package is not installed
         index = self.service.manager.get(name).index
-        key = (name, index.version, method)
-        with self._lock:
-            lock = self._map_locks.setdefault(key, threading.Lock())
-        with lock:  # concurrent first requests compute it once
-            ids, xy = self._maps.get_or_make(key, lambda: load_or_compute_map(index, method))
+        ids, xy = embmap.get_map(index, method)  # the same cached map a "map within" filter reads
         return map_response(index, ids, xy, method)
 
 
@@ -276,5 +174,5 @@ def register(router, service) -> None:
         return JSONResponse(await service.run_blocking(lambda: coll.map(name, method)))
 
 
-__all__ = ["Collection", "register", "compute_facets", "project", "load_or_compute_map", "map_path", "live_ids",
+__all__ = ["Collection", "register", "compute_facets", "project", "load_or_compute_map", "map_path",
            "MAX_VALUES", "METHODS"]

@@ -4,7 +4,7 @@
 A row is what the API already shows of an item in a search hit: ``id``, ``key``, ``kind``, ``caption``,
 its ``thumbnail`` and ``media`` URLs, and its metadata fields; never the file's path on the server. At
 most ``max_offset + max_k`` rows (what paging through search can reach; ``limit`` defaults to that and may
-not exceed it); ``X-Total-Count`` says how many items match. A filter that does not parse is a 400 before
+not exceed it); ``X-Total-Count`` says how many items match, ``X-Row-Limit`` the most rows sent. A filter that does not parse is a 400 before
 anything is sent. CSV cells that start like a formula are prefixed with ``'``; its columns are the union
 of the rows' (read in a first pass over the same items)."""
 
@@ -78,7 +78,7 @@ def register(router, service) -> None:
                      format: Annotated[str, Query(description="csv (default) or jsonl")] = "csv",
                      limit: Annotated[int | None, Query(description="at most this many rows (the server caps it)")] = None):
         idx, sel, n, total = await service.run_blocking(lambda: prepare(service, name, filter, format, limit))
-        headers = {"X-Total-Count": str(total), "Cache-Control": "no-store",
+        headers = {"X-Total-Count": str(total), "X-Row-Limit": str(n), "Cache-Control": "no-store",
                    "Content-Disposition": f'attachment; filename="export.{format}"'}
         return StreamingResponse(stream(name, idx, sel, n, format), media_type=MEDIA_TYPES[format], headers=headers)
 

@@ -11,6 +11,8 @@ Grammar (keywords case-insensitive)::
                | field ["not"] "in" "(" literal ("," literal)* ")"
                | field ["not"] "contains" string
                | field "is" ["not"] "null"
+               | map "within" "(" number number ("," number number)* ")"
+    map       := "map" | "map.pca" | "map.umap" | "map.tsne"
     literal   := string | number | "true" | "false"
     field     := name ("." name)* | `any text`
 
@@ -25,6 +27,12 @@ null field is *unknown* (neither it nor its ``not`` matches; ``is null`` tests f
 values of different types (a number field with a string literal, a boolean with a number) is false;
 numbers compare as numbers, strings by code point, booleans only with ``=`` / ``!=``; ``contains`` is a
 case-insensitive substring test on string fields; ``in (a, b)`` is ``= a or = b``.
+
+``map within (x1 y1, x2 y2, x3 y3, ...)``: the items whose point on the index's embeddings map
+(``index.embmap``: PCA, or the method after ``map.``; coordinates in [-1, 1]) lies inside the polygon of 3
+to ``MAX_VERTICES`` vertices, or on its boundary (even-odd rule: a self-crossing lasso keeps what it
+encloses an odd number of times). A map is per index version, so the index resolves these predicates to
+ids (``bind_maps``) before the SQL runs; an item the map does not hold (a sampled map) is not inside.
 """
 
 from __future__ import annotations
@@ -33,6 +41,8 @@ import math
 import re
 from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
 
 from mmretrieve.errors import FilterError
 
@@ -44,6 +54,9 @@ BUILTINS = {
 KEYWORDS = {"and", "or", "not", "in", "is", "null", "true", "false", "contains"}
 OPS = ("<=", ">=", "!=", "=", "<", ">")
 MAX_LENGTH = 4096
+#: the most vertices of a ``map within`` polygon (the page simplifies a lasso to fit)
+MAX_VERTICES = 64
+MAP_METHODS = ("pca", "umap", "tsne")
 
 _TOKEN = re.compile(r"""
     (?P<ws>\s+)
@@ -165,6 +178,24 @@ class IsNull:
 
 
 @dataclass(frozen=True)
+class MapWithin:
+    method: str
+    polygon: tuple  # ((x, y), ...)
+
+    def __str__(self) -> str:
+        return f"(map {self.method} ({' '.join(f'({_lit(x)} {_lit(y)})' for x, y in self.polygon)}))"
+
+
+@dataclass(frozen=True)
+class IdSet:
+    """A resolved ``MapWithin``: the sorted ids inside its polygon (``bind_maps``)."""
+    ids: tuple
+
+    def __str__(self) -> str:
+        return f"(ids {len(self.ids)})"
+
+
+@dataclass(frozen=True)
 class Not:
     arg: Any
 
@@ -241,7 +272,41 @@ class _Parser:
             return Field((t.value,), False, t.pos)
         raise self.fail("a field name" + (" (a keyword: quote a field of that name in backticks)" if t.kind == "kw" else ""))
 
+    def map_within(self) -> MapWithin | None:
+        """``map within (x y, ...)`` at this token, else None (``map`` is otherwise a metadata field)."""
+        t, nxt = self.tok, self.toks[min(self.i + 1, len(self.toks) - 1)]
+        methods = {"map": "pca", **{f"map.{m}": m for m in MAP_METHODS}}
+        if t.kind != "name" or t.value.lower() not in methods or nxt.kind != "name" or nxt.value.lower() != "within":
+            return None
+        self.i += 2
+        if not self.take("punct", "("):
+            raise self.fail("'(' after map within")
+        points = [self.vertex()]
+        while self.take("punct", ","):
+            points.append(self.vertex())
+            if len(points) > MAX_VERTICES:
+                raise FilterError(f"filter: map within at position {t.pos + 1} has more than {MAX_VERTICES} vertices "
+                                  "(simplify the polygon)")
+        if not self.take("punct", ")"):
+            raise self.fail("',' or ')' in the polygon (vertices are 'x y' pairs: 'map within (0 0, 1 0, 0 1)')")
+        if len(points) < 3:
+            raise FilterError(f"filter: map within at position {t.pos + 1} needs at least 3 vertices, got {len(points)}")
+        return MapWithin(methods[t.value.lower()], tuple(points))
+
+    def vertex(self) -> tuple[float, float]:
+        xy = []
+        for axis in "xy":
+            t = self.tok
+            if t.kind != "num":
+                raise self.fail(f"a number (the {axis} of a vertex of the map polygon)")
+            self.i += 1
+            xy.append(float(t.value))
+        return xy[0], xy[1]
+
     def predicate(self):
+        m = self.map_within()
+        if m is not None:
+            return m
         f = self.field()
         t = self.tok
         if t.kind == "op":
@@ -347,6 +412,10 @@ def to_sql(e) -> tuple[str, list]:
     if isinstance(e, Not):
         s, p = to_sql(e.arg)
         return f"(NOT {s})", p
+    if isinstance(e, IdSet):  # one parameter, a JSON array: no limit on the ids, no text of the statement
+        return '("id" IN (SELECT value FROM json_each(?)))', ["[" + ",".join(map(str, e.ids)) + "]"]
+    if isinstance(e, MapWithin):
+        raise FilterError(f"filter: {e} needs the index's map: resolve it with bind_maps (Index.select does)")
     val, typ, fp = _operand(e.field)
     if isinstance(e, IsNull):
         return f"({val} IS NULL)", fp
@@ -356,6 +425,49 @@ def to_sql(e) -> tuple[str, list]:
     v = int(e.value) if isinstance(e.value, bool) else e.value
     return (f"(CASE WHEN {val} IS NULL THEN NULL WHEN {typ} IN {_SQL_TYPES[_kind(e.value)]} THEN {val} {e.op} ? ELSE 0 END)",
             [*fp, *fp, *fp, v])
+
+
+def bind_maps(e, inside):
+    """The tree with every ``MapWithin`` replaced by the ``IdSet`` of ``inside(node)`` (its ids)."""
+    if isinstance(e, BoolOp):
+        return BoolOp(e.op, tuple(bind_maps(a, inside) for a in e.args))
+    if isinstance(e, Not):
+        return Not(bind_maps(e.arg, inside))
+    if isinstance(e, MapWithin):
+        return IdSet(tuple(int(i) for i in inside(e)))
+    return e
+
+
+def has_map(e) -> bool:
+    """Whether a tree holds a ``map within`` predicate."""
+    if isinstance(e, BoolOp):
+        return any(has_map(a) for a in e.args)
+    if isinstance(e, Not):
+        return has_map(e.arg)
+    return isinstance(e, MapWithin)
+
+
+def points_in_polygon(xy, polygon) -> np.ndarray:
+    """Whether each point of ``xy`` (n, 2) lies inside ``polygon`` ((x, y), ...) or on its boundary: the
+    even-odd rule, vectorised over the points one edge at a time (points outside its bounding box first out)."""
+    xy = np.asarray(xy, np.float64).reshape(-1, 2)
+    poly = np.asarray(polygon, np.float64).reshape(-1, 2)
+    out = np.zeros(len(xy), bool)
+    lo, hi = poly.min(0), poly.max(0)
+    near = np.flatnonzero((xy[:, 0] >= lo[0]) & (xy[:, 0] <= hi[0]) & (xy[:, 1] >= lo[1]) & (xy[:, 1] <= hi[1]))
+    x, y = xy[near, 0], xy[near, 1]
+    odd = np.zeros(len(near), bool)
+    edge = np.zeros(len(near), bool)
+    for (x1, y1), (x2, y2) in zip(poly, np.roll(poly, -1, 0)):
+        cross = (y1 > y) != (y2 > y)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            at = x1 + (y - y1) * (x2 - x1) / (y2 - y1)
+        odd ^= cross & (x < at)
+        side = (x2 - x1) * (y - y1) - (y2 - y1) * (x - x1)
+        tol = 1e-12 * max(1.0, abs(x2 - x1) + abs(y2 - y1))
+        edge |= (np.abs(side) <= tol) & (x >= min(x1, x2)) & (x <= max(x1, x2)) & (y >= min(y1, y2)) & (y <= max(y1, y2))
+    out[near] = odd | edge
+    return out
 
 
 def sql_contains(haystack: Any, needle: Any) -> int:
@@ -405,6 +517,11 @@ def evaluate(e, rec: dict) -> bool | None:
     if isinstance(e, Not):
         v = evaluate(e.arg, rec)
         return None if v is None else not v
+    if isinstance(e, IdSet):
+        return rec.get("id") in set(e.ids)
+    if isinstance(e, MapWithin):  # the record's point on that map under "map": {method: (x, y)}
+        point = (rec.get("map") or {}).get(e.method)
+        return point is not None and bool(points_in_polygon([point], e.polygon)[0])
     x = _lookup(e.field, rec)
     if isinstance(e, IsNull):
         return x is None
@@ -418,4 +535,5 @@ def evaluate(e, rec: dict) -> bool | None:
 
 
 __all__ = ["parse", "parse_order", "order_sql", "tokenize", "to_sql", "evaluate", "record_of", "sql_contains", "BUILTINS", "Field", "Compare",
-           "Contains", "IsNull", "Not", "BoolOp"]
+           "Contains", "IsNull", "Not", "BoolOp", "MapWithin", "IdSet", "bind_maps", "has_map", "points_in_polygon",
+           "MAX_VERTICES"]

@@ -533,8 +533,10 @@
   }
 
   // ---- the map: every item on two dimensions, drawn into one ImageData (no per-point DOM) -------------------
-  const MAX_MAP_IDS = 300;  // a box becomes "id in (...)": a filter is at most 4096 characters
-  const map = { ids: null, xy: null, base: null, index: null, drag: null };
+  // A box or a lasso becomes "map within (x y, ...)": a polygon in map coordinates that the server tests
+  // against the same cached map (no id list: any number of items, at most MAX_VERTICES vertices).
+  const MAX_VERTICES = 64;
+  const map = { ids: null, xy: null, base: null, index: null, drag: null, lasso: false };
   function b64bytes(b64) {
     const bin = atob(b64), out = new Uint8Array(bin.length);
     for (let i = 0; i < bin.length; i++) out[i] = bin.charCodeAt(i);
@@ -584,6 +586,20 @@
     }
     map.base = img;
   }
+  function drawSelection(ctx) {
+    const d = map.drag;
+    if (!d) return;
+    ctx.strokeStyle = "#0b5cad";
+    ctx.lineWidth = 1.5;
+    if (d.lasso) {
+      ctx.beginPath();
+      d.path.forEach(([x, y], i) => (i ? ctx.lineTo(x, y) : ctx.moveTo(x, y)));
+      ctx.closePath();
+      ctx.stroke();
+    } else {
+      ctx.strokeRect(Math.min(d.x0, d.x1), Math.min(d.y0, d.y1), Math.abs(d.x1 - d.x0), Math.abs(d.y1 - d.y0));
+    }
+  }
   function drawMap() {
     const c = $("map");
     if (!map.ids || !c) return;
@@ -597,53 +613,76 @@
       const [x, y] = toCanvas(c, map.xy[2 * i], map.xy[2 * i + 1]);
       ctx.fillRect(x - 3, y - 3, 7, 7);
     }
-    const d = map.drag;
-    if (d) {
-      ctx.strokeStyle = "#0b5cad";
-      ctx.lineWidth = 1.5;
-      ctx.strokeRect(Math.min(d.x0, d.x1), Math.min(d.y0, d.y1), Math.abs(d.x1 - d.x0), Math.abs(d.y1 - d.y0));
-    }
+    drawSelection(ctx);
+    c.dataset.drawn = String(Number(c.dataset.drawn || 0) + 1);  // a count of redraws (bench map waits on it)
   }
   function canvasPoint(c, e) {
     const r = c.getBoundingClientRect();
     return [((e.clientX - r.left) * c.width) / r.width, ((e.clientY - r.top) * c.height) / r.height];
   }
-  function boxSelect(d) {
+  function fromCanvas(c, x, y) {  // the inverse of toCanvas
+    const pad = 6;
+    return [((x - pad) / (c.width - 2 * pad)) * 2 - 1, 1 - ((y - pad) / (c.height - 2 * pad)) * 2];
+  }
+  function inPolygon(px, py, poly) {  // even-odd, as the server's filter (edges aside: it keeps them)
+    let odd = false;
+    for (let i = 0, j = poly.length - 1; i < poly.length; j = i++) {
+      const [x1, y1] = poly[i], [x2, y2] = poly[j];
+      if ((y1 > py) !== (y2 > py) && px < x1 + ((py - y1) * (x2 - x1)) / (y2 - y1)) odd = !odd;
+    }
+    return odd;
+  }
+  function simplify(path) {  // at most MAX_VERTICES vertices, evenly along the drawn path
+    if (path.length <= MAX_VERTICES) return path;
+    return Array.from({ length: MAX_VERTICES }, (_, i) => path[Math.round((i * (path.length - 1)) / (MAX_VERTICES - 1))]);
+  }
+  function polygonOf(d) {  // the selection in map coordinates, rounded to 3 decimals
     const c = $("map");
-    const x0 = Math.min(d.x0, d.x1), x1 = Math.max(d.x0, d.x1), y0 = Math.min(d.y0, d.y1), y1 = Math.max(d.y0, d.y1);
-    if (x1 - x0 < 3 || y1 - y0 < 3) return;
-    const inside = [];
-    for (let i = 0; i < map.ids.length; i++) {
-      const [x, y] = toCanvas(c, map.xy[2 * i], map.xy[2 * i + 1]);
-      if (x >= x0 && x <= x1 && y >= y0 && y <= y1) inside.push(map.ids[i]);
-    }
-    if (!inside.length) { status("No items in that box.", true); return; }
-    const kept = inside.slice(0, MAX_MAP_IDS);
-    addClause(`id in (${kept.join(",")})`);
-    if (kept.length < inside.length) {
-      status(`The box holds ${inside.length} items; the filter keeps the first ${kept.length} (draw a smaller box).`);
-    }
+    const px = d.lasso ? simplify(d.path)
+      : [[d.x0, d.y0], [d.x1, d.y0], [d.x1, d.y1], [d.x0, d.y1]];
+    return px.map(([x, y]) => fromCanvas(c, x, y).map((v) => Math.round(v * 1000) / 1000));
+  }
+  function mapSelect(d) {
+    const c = $("map");
+    const xs = d.lasso ? d.path.map((p) => p[0]) : [d.x0, d.x1], ys = d.lasso ? d.path.map((p) => p[1]) : [d.y0, d.y1];
+    if (Math.max(...xs) - Math.min(...xs) < 3 || Math.max(...ys) - Math.min(...ys) < 3) return;
+    if (d.lasso && d.path.length < 3) return;
+    const poly = polygonOf(d);
+    let n = 0;
+    for (let i = 0; i < map.ids.length; i++) if (inPolygon(map.xy[2 * i], map.xy[2 * i + 1], poly)) n++;
+    if (!n) { status(`No items in that ${d.lasso ? "lasso" : "box"}.`, true); return; }
+    addClause(`map within (${poly.map(([x, y]) => `${x} ${y}`).join(", ")})`);
+  }
+  function setLasso(on) {
+    map.lasso = on;
+    $("map-mode").setAttribute("aria-pressed", String(on));
+    $("map-mode").textContent = on ? "Lasso" : "Box";
   }
   function wireMap() {
     const c = $("map");
+    $("map-mode").addEventListener("click", () => setLasso(!map.lasso));
     c.addEventListener("pointerdown", (e) => {
       if (!map.ids) return;
       const [x, y] = canvasPoint(c, e);
-      map.drag = { x0: x, y0: y, x1: x, y1: y };
+      map.drag = { x0: x, y0: y, x1: x, y1: y, lasso: map.lasso !== e.shiftKey, path: [[x, y]] };
       c.setPointerCapture(e.pointerId);
     });
     c.addEventListener("pointermove", (e) => {
-      if (!map.drag) return;
-      [map.drag.x1, map.drag.y1] = canvasPoint(c, e);
+      const d = map.drag;
+      if (!d) return;
+      [d.x1, d.y1] = canvasPoint(c, e);
+      const [lx, ly] = d.path[d.path.length - 1];
+      if (Math.hypot(d.x1 - lx, d.y1 - ly) >= 2) d.path.push([d.x1, d.y1]);
       drawMap();
     });
     c.addEventListener("pointerup", (e) => {
-      if (!map.drag) return;
-      [map.drag.x1, map.drag.y1] = canvasPoint(c, e);
       const d = map.drag;
+      if (!d) return;
+      [d.x1, d.y1] = canvasPoint(c, e);
+      d.path.push([d.x1, d.y1]);
       map.drag = null;
       drawMap();
-      boxSelect(d);
+      mapSelect(d);
     });
   }
 
@@ -702,6 +741,24 @@
       download(lines.join("\n") + "\n", `${state.index}-selection.jsonl`, "application/x-ndjson");
     }
   }
+  // the whole filtered view (every item that meets the filter, not only the hits shown), by the API's export
+  async function exportView(format) {
+    const q = new URLSearchParams({ format });
+    if (state.filter) q.set("filter", state.filter);
+    status("Exporting…");
+    try {
+      const r = await fetch(`${API}/indexes/${encodeURIComponent(state.index)}/export?${q}`, { credentials: "same-origin" });
+      if (!r.ok) {
+        let msg = r.statusText;
+        try { msg = (await r.json()).error.message; } catch (e) { /* not JSON */ }
+        throw new Error(msg);
+      }
+      const text = await r.text();
+      const total = Number(r.headers.get("X-Total-Count")), cap = Number(r.headers.get("X-Row-Limit") || total);
+      download(text, `${state.index}-${state.filter ? "filtered" : "all"}.${format}`, r.headers.get("Content-Type") || "text/plain");
+      status(total > cap ? `Exported the first ${cap} of ${total} items (this server's export limit).` : `Exported ${total} items.`);
+    } catch (e) { status(`Export failed: ${e.message}`, true); }
+  }
   function gridKeys(e) {
     const b = e.target.closest(".hit");
     if (!b || !["ArrowLeft", "ArrowRight", "ArrowUp", "ArrowDown"].includes(e.key)) return;
@@ -719,6 +776,8 @@
     $("filter-clear").addEventListener("click", () => { $("filter").value = ""; search(); });
     $("export-csv").addEventListener("click", () => exportSelection("csv"));
     $("export-jsonl").addEventListener("click", () => exportSelection("jsonl"));
+    $("export-view-csv").addEventListener("click", () => exportView("csv"));
+    $("export-view-jsonl").addEventListener("click", () => exportView("jsonl"));
     $("sel-clear").addEventListener("click", () => { selected.clear(); showSelection(); });
     $("results").addEventListener("keydown", gridKeys);
     wireMap();
