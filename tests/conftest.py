@@ -23,7 +23,6 @@ os.environ.setdefault("MMRETRIEVE_DECODER_START", "fork")
 
 from mmretrieve.media.samples import sample_images  # noqa: E402
 
-
 #: under pytest-xdist (``make test`` runs two workers on a 2-core machine) each worker keeps to one thread:
 #: two workers of two threads each would oversubscribe the cores
 XDIST = bool(os.environ.get("PYTEST_XDIST_WORKER"))

@@ -197,7 +197,7 @@ def check_triplets(ds: CIRDataset, group, queries: list[CIRQuery], in_index: set
 def mine(ds: CIRDataset, group, idx, queries: list[CIRQuery], k: int, cache=None) -> dict[str, list[str]]:
     """Each query's coarse ranking (top ``k`` keys, the reference excluded) from the index's own coarse
     stage: the evaluation's, with the sum fusion of the reference image and the text."""
-    from mmretrieve.eval.runner import coarse_batch, query_sides, cached_text_embeddings
+    from mmretrieve.eval.runner import cached_text_embeddings, coarse_batch, query_sides
     from mmretrieve.query import coarse_strategy
 
     if not queries:
