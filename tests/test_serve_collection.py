@@ -205,3 +205,24 @@ def test_nonlinear_maps_are_sampled_with_a_log_line(served, monkeypatch, caplog)
         ids = embmap.live_ids(idx, "tsne")
     assert len(ids) == 50 and "even sample of 50" in caplog.text
     assert len(embmap.live_ids(idx, "pca")) == len(idx.select(None).ids)
+
+
+def test_a_pca_map_holds_every_item_and_the_page_gets_a_sample(served, monkeypatch):
+    """Past MAX_MAP_POINTS the page is sent an even sample, but `map within` selects among every item (the
+    axes fitted on a sample of MAX_FIT_POINTS, every item projected)."""
+    c, svc, _ = served
+    idx = svc.manager.get("coll").index
+    everyone = idx.select(None).ids
+    embmap.clear_cache()
+    full_ids, full_xy = embmap.get_map(idx, "pca")
+    monkeypatch.setattr(embmap, "MAX_MAP_POINTS", 7)
+    monkeypatch.setattr(embmap, "MAX_FIT_POINTS", 20)
+    embmap.clear_cache()
+    monkeypatch.setattr(embmap, "map_path", lambda index, method, real=embmap.map_path: real(index, method).with_name("fit20.npz"))
+    ids, xy = embmap.get_map(idx, "pca")
+    assert ids.tolist() == everyone.tolist() and len(xy) == len(everyone)  # every item is on the map
+    r = c.get("/api/v1/indexes/coll/map").json()
+    assert r["count"] == 7 and r["total"] == len(everyone)
+    whole = "map within (-1.1 -1.1, 1.1 -1.1, 1.1 1.1, -1.1 1.1)"  # the whole square: every item, not the 7 drawn
+    assert idx.select(whole).count == len(everyone)
+    assert full_ids.tolist() == ids.tolist()  # fitted on 20 rows or on all, the map holds the same items

@@ -6,8 +6,11 @@ otherwise, before any vector is read). Coordinates are scaled into [-1, 1] on bo
 float16: in memory (the last ``MAP_CACHE`` maps of this process) and on disk under
 ``$MMRETRIEVE_CACHE/maps`` (keyed by the index's path, its version and the method).
 
-A map holds at most ``MAX_MAP_POINTS`` items (PCA) or ``MAX_NONLINEAR_POINTS`` (UMAP, t-SNE: their cost
-grows faster than linearly); a larger index is sampled evenly by id, and the sample is logged.
+A PCA map holds every live item (its axes fitted on an even sample of at most ``MAX_FIT_POINTS``, every
+item then projected, a block at a time), so ``map within`` selects among all of them; the page is sent an
+even sample of at most ``MAX_MAP_POINTS`` (``sample``). UMAP and t-SNE maps (their cost grows faster than
+linearly, and t-SNE cannot place a point it was not fitted on) hold an even sample of at most
+``MAX_NONLINEAR_POINTS`` items, logged: ``map.umap within`` / ``map.tsne within`` select among those.
 
 The served page draws it (``GET /api/v1/indexes/{name}/map``), and the filter predicate ``map within
 (x y, ...)`` (``store.filters``) selects the items whose point lies inside a polygon of it: ``ids_within``.
@@ -27,8 +30,10 @@ from mmretrieve.lru import LRU
 
 log = logging.getLogger(__name__)
 
-#: the most points a map holds (a larger index is sampled, evenly by id)
+#: the most points of a map sent to draw (a larger map is sampled, evenly by id: ``sample``)
 MAX_MAP_POINTS = 500_000
+#: the most rows a PCA's axes are fitted on (an even sample by id); every live item is then projected
+MAX_FIT_POINTS = 500_000
 #: the most points a UMAP or t-SNE map holds (both grow faster than linearly with the points)
 MAX_NONLINEAR_POINTS = 20_000
 #: rows read at a time to build the projection
@@ -56,25 +61,32 @@ def check_method(method: str) -> None:
 
 
 def live_ids(index, method: str = "pca") -> np.ndarray:
-    """The ids a map of ``index`` holds: every live item, or an even sample of them by id."""
+    """The ids a map of ``index`` holds: every live item (PCA), or an even sample of them by id (UMAP,
+    t-SNE, past ``MAX_NONLINEAR_POINTS``)."""
     ids = index.select(None).ids  # every live item of the snapshot, sorted (the selection's cache)
-    cap = MAX_MAP_POINTS if method == "pca" else MAX_NONLINEAR_POINTS
-    if len(ids) > cap:
+    if method != "pca" and len(ids) > MAX_NONLINEAR_POINTS:
         log.info("map %s of %s: %d items, more than %d: drawing an even sample of %d", method, index.path,
-                 len(ids), cap, cap)
-        ids = ids[np.linspace(0, len(ids) - 1, cap).astype(np.int64)]
+                 len(ids), MAX_NONLINEAR_POINTS, MAX_NONLINEAR_POINTS)
+        ids = sample(ids, MAX_NONLINEAR_POINTS)
     return ids
 
 
+def sample(ids: np.ndarray, cap: int) -> np.ndarray:
+    """At most ``cap`` of ``ids``, evenly spread (all of them when they are fewer)."""
+    return ids if len(ids) <= cap else ids[np.linspace(0, len(ids) - 1, cap).astype(np.int64)]
+
+
 def _pca(index, ids: np.ndarray) -> np.ndarray:
-    """(n, 2) float32: the ids' embeddings on their two principal axes (SVD of the covariance, by blocks)."""
+    """(n, 2) float32: the ids' embeddings on their two principal axes (SVD of the covariance of an even
+    sample of at most ``MAX_FIT_POINTS`` of them, by blocks)."""
     d = index.dim
+    fit = sample(ids, MAX_FIT_POINTS)
     total, cov = np.zeros(d, np.float64), np.zeros((d, d), np.float64)
-    for s in range(0, len(ids), BLOCK):
-        x = index.vectors(ids[s:s + BLOCK]).astype(np.float64)
+    for s in range(0, len(fit), BLOCK):
+        x = index.vectors(fit[s:s + BLOCK]).astype(np.float64)
         total += x.sum(0)
         cov += x.T @ x
-    n = max(len(ids), 1)
+    n = max(len(fit), 1)
     mean = total / n
     cov = cov / n - np.outer(mean, mean)
     u, _, _ = np.linalg.svd(cov)
@@ -164,5 +176,5 @@ def ids_within(index, polygon, method: str = "pca") -> np.ndarray:
     return np.sort(np.asarray(ids, np.int64)[points_in_polygon(xy, polygon)])
 
 
-__all__ = ["METHODS", "MAX_MAP_POINTS", "MAX_NONLINEAR_POINTS", "check_method", "live_ids", "project", "map_path",
+__all__ = ["METHODS", "MAX_MAP_POINTS", "MAX_FIT_POINTS", "sample", "MAX_NONLINEAR_POINTS", "check_method", "live_ids", "project", "map_path",
            "load_or_compute_map", "get_map", "clear_cache", "ids_within"]

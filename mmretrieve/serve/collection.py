@@ -122,9 +122,17 @@ def compute_facets(index, where: str | None) -> dict:
 
 # ---- the map (computed and cached by mmretrieve.index.embmap) ----------------------------------------
 def map_response(index, ids: np.ndarray, xy: np.ndarray, method: str) -> dict:
+    """The map to draw: at most ``embmap.MAX_MAP_POINTS`` of its points (an even sample by id; ``total``
+    says how many the map holds, all of which ``map within`` selects among)."""
+    from mmretrieve.index import embmap
+
+    total = int(len(ids))
+    if total > embmap.MAX_MAP_POINTS:
+        keep = embmap.sample(np.arange(total), embmap.MAX_MAP_POINTS)
+        ids, xy = ids[keep], xy[keep]
     small = not len(ids) or int(ids.max()) < 2**31
     id_bytes = ids.astype("<i4" if small else "<f8").tobytes()
-    return {"version": index.version, "method": method, "count": int(len(ids)),
+    return {"version": index.version, "method": method, "count": int(len(ids)), "total": total,
             "ids_dtype": "int32" if small else "float64", "ids": base64.b64encode(id_bytes).decode(),
             "xy_dtype": "float16", "xy": base64.b64encode(xy.astype("<f2").tobytes()).decode()}
 

@@ -561,7 +561,8 @@
       for (let i = 0; i < raw.length; i++) xy[i] = half(raw[i]);
       Object.assign(map, { ids, xy, index, pos: new Map() });
       for (let i = 0; i < ids.length; i++) map.pos.set(ids[i], i);
-      $("map-info").textContent = `${m.count} items · ${m.method}`;
+      const drawn = m.total > m.count ? `${m.count} of ${m.total} items drawn (an even sample; a selection takes all)` : `${m.count} items`;
+      $("map-info").textContent = `${drawn} · ${m.method}`;
       map.base = null;
       drawMap();
     } catch (e) { $("map-info").textContent = e.message; }
