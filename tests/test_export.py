@@ -195,7 +195,82 @@ def test_api_export_streams_rows_without_server_paths(client, idx, built):
     bad = client.get(url, params={"filter": "odd = = 1"}, headers=AUTH)
     assert bad.status_code == 400 and "position" in bad.json()["error"]["message"]
     assert client.get(url, params={"limit": 56}, headers=AUTH).status_code == 400  # over max_offset + max_k
-    assert client.get(url, params={"format": "wds"}, headers=AUTH).status_code == 400
+    assert client.get(url, params={"format": "tar"}, headers=AUTH).status_code == 400
+
+
+@pytest.fixture()
+def photo_client(tmp_path):
+    """A served index of real image files: PNG and JPEG files, a JPEG inside a shard, one file deleted and
+    one rewritten after indexing (both must be left out of a tar), a hostile key."""
+    pytest.importorskip("httpx", reason="FastAPI's test client needs httpx (the dev extra)")
+    from fastapi.testclient import TestClient
+    from PIL import Image
+
+    from mmretrieve.serve.app import create_app
+    from mmretrieve.serve.config import ServeConfig
+    from mmretrieve.serve.service import Service
+
+    files, rng, items = tmp_path / "files", np.random.default_rng(5), []
+    files.mkdir()
+    for i in range(6):
+        f = files / f"p{i}.{'png' if i % 2 else 'jpg'}"
+        Image.fromarray(rng.integers(0, 255, (40 + i, 30, 3), dtype=np.uint8)).save(f)
+        items.append(Item(id=-1, key=["../x", "a\nb", "p2", "gone", "changed", "p5"][i], uri=str(f),
+                          size=f.stat().st_size, mtime=f.stat().st_mtime, extra={"n": i}))
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(buf, "JPEG")
+    with tarfile.open(tmp_path / "s.tar", "w") as t:
+        info = tarfile.TarInfo("m0.jpg")
+        info.size = len(buf.getvalue())
+        t.addfile(info, io.BytesIO(buf.getvalue()))
+    items.append(Item(id=-1, key="in-shard", uri=f"{tmp_path / 's.tar'}#m0.jpg", extra={"n": 6}))
+    x = rng.standard_normal((len(items), DIM)).astype(np.float32)
+    with IndexWriter(tmp_path / "ix" / "photos", encoder_info=INFO, create=True) as w:
+        w.add(items, x / np.linalg.norm(x, axis=1, keepdims=True))
+    (files / "p3.png").unlink()
+    os.utime(files / "p4.jpg", (1, 1))  # not the file indexed any more
+    svc = Service(ServeConfig(indexes=["photos"], index_dir=str(tmp_path / "ix"), reload_interval_s=0, token=TOKEN,
+                              max_k=50, max_offset=5)).start()
+    try:
+        with TestClient(create_app(svc), base_url="http://127.0.0.1") as c:
+            yield c, files, tmp_path / "s.tar", buf.getvalue()
+    finally:
+        svc.close()
+
+
+@pytest.mark.parametrize("in_memory", [True, False])
+def test_api_export_streams_a_webdataset_tar_of_the_checked_files(photo_client, monkeypatch, in_memory):
+    """format=wds: each readable item's bytes and its row (no server path), plain members; a deleted or
+    rewritten file is left out; files past the in-memory size are sent from their descriptor a chunk at a
+    time (both ways give the same tar)."""
+    import functools
+
+    from mmretrieve.media import readback
+    from mmretrieve.serve import export_api
+
+    c, files, shard, member = photo_client
+    if not in_memory:
+        monkeypatch.setattr(readback, "open_indexed", functools.partial(readback.open_indexed, in_memory_bytes=10))
+        monkeypatch.setattr(export_api, "CHUNK", 7)
+    url = "/api/v1/indexes/photos/export"
+    assert c.get(url, params={"format": "wds"}).status_code == 401
+    r = c.get(url, params={"format": "wds"}, headers=AUTH)
+    assert r.status_code == 200 and r.headers["content-type"] == "application/x-tar"
+    assert r.headers["content-disposition"].endswith('filename="export.tar"') and len(r.content) % 512 == 0
+    with tarfile.open(fileobj=io.BytesIO(r.content)) as t:
+        members = t.getmembers()
+        got = {m.name: t.extractfile(m).read() for m in members}
+    assert all(m.isfile() and m.mode == 0o644 and m.uid == 0 and not m.uname for m in members)
+    assert sorted(got) == sorted(["x.jpg", "x.json", "a_b.png", "a_b.json", "p2.jpg", "p2.json", "p5.png", "p5.json",
+                                  "in-shard.jpg", "in-shard.json"])  # "gone" and "changed" are left out
+    assert got["x.jpg"] == (files / "p0.jpg").read_bytes() and got["p5.png"] == (files / "p5.png").read_bytes()
+    assert got["in-shard.jpg"] == member
+    row = json.loads(got["a_b.json"])
+    assert row["key"] == "a\nb" and row["n"] == 1 and "uri" not in row
+    assert str(files) not in r.content.decode("latin-1") and str(shard) not in r.content.decode("latin-1")
+    r = c.get(url, params={"format": "wds", "filter": "n >= 5"}, headers=AUTH)
+    with tarfile.open(fileobj=io.BytesIO(r.content)) as t:
+        assert sorted(t.getnames()) == ["in-shard.jpg", "in-shard.json", "p5.json", "p5.png"]
 
 
 # ---- clip-retrieval compatible endpoints -------------------------------------------------------------------

@@ -11,6 +11,7 @@ import json
 import os
 import re
 import shutil
+import tarfile
 from urllib.parse import parse_qs, urlencode, urlparse
 
 import pytest
@@ -265,6 +266,16 @@ def test_selection_exports_and_arrow_keys_and_metadata_as_text(site, page):
         pg.locator("#export-jsonl").click()
     lines = [json.loads(x) for x in open(d.value.path(), encoding="utf-8").read().splitlines()]
     assert [x["key"] for x in lines] == keys and all("license" in x["metadata"] for x in lines)
+    # the whole view as a webdataset tar: each item's file bytes and its row, as binary (not text-decoded)
+    with pg.expect_download() as d:
+        pg.locator("#export-view-wds").click()
+    assert d.value.suggested_filename == "photos-all.tar"
+    with tarfile.open(d.value.path()) as t:
+        names = t.getnames()
+        first = next(n for n in names if not n.endswith(".json"))
+        data = t.extractfile(first).read()
+    idx = site[1].manager.get("photos").index
+    assert len(names) == 2 * len(idx) and data[:3] in (b"\xff\xd8\xff", b"\x89PN")  # a JPEG or PNG, byte for byte
     # the value with markup is text, on the card and in the detail view
     evil_filter = "note = '" + EVIL.replace("'", "''") + "'"
     pg.goto(base + "/?" + urlencode({"index": "photos", "q": "a photo", "k": 48, "show": "note", "filter": evil_filter}))

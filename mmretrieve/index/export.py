@@ -101,7 +101,7 @@ def export_index(index, path: str | os.PathLike, *, where=None, format: str | No
     return report
 
 
-def _suffix(uri: str) -> str:
+def media_suffix(uri: str) -> str:
     """``jpg``, ``png`` ... from a file name (``jpeg`` -> ``jpg``), ``bin`` when it has none usable."""
     ext = Path(str(uri).rpartition("#")[2] if ".tar#" in str(uri) else str(uri)).suffix.lower().lstrip(".")
     ext = {"jpeg": "jpg", "tif": "tiff"}.get(ext, ext)
@@ -117,9 +117,10 @@ def _read(uri: str) -> bytes:
         return f.read()
 
 
-def _member(name: str, data: bytes, mtime: float) -> tarfile.TarInfo:
+def tar_member(name: str, size: int, mtime: float) -> tarfile.TarInfo:
+    """A plain file member: owner 0, mode 0644, no user or group names."""
     info = tarfile.TarInfo(name)
-    info.size, info.mtime, info.mode, info.type = len(data), int(mtime), 0o644, tarfile.REGTYPE
+    info.size, info.mtime, info.mode, info.type = int(size), int(mtime), 0o644, tarfile.REGTYPE
     info.uid = info.gid = 0
     info.uname = info.gname = ""
     return info
@@ -137,8 +138,8 @@ def _write_tar(tmp: Path, items, report: ExportReport) -> None:
             name = names(it.key, it.id)
             meta = json.dumps(item_row(it), ensure_ascii=False, default=str).encode()
             mtime = it.mtime or it.added_at or 0
-            tar.addfile(_member(f"{name}.{_suffix(it.uri)}", data, mtime), io.BytesIO(data))
-            tar.addfile(_member(f"{name}.json", meta, mtime), io.BytesIO(meta))
+            tar.addfile(tar_member(f"{name}.{media_suffix(it.uri)}", len(data), mtime), io.BytesIO(data))
+            tar.addfile(tar_member(f"{name}.json", len(meta), mtime), io.BytesIO(meta))
             report.written += 1
 
 
@@ -153,8 +154,8 @@ def _write_links(tmp: Path, items, report: ExportReport) -> None:
         if not target.is_file():
             report.skipped.append((it.key, "the file is missing"))
             continue
-        os.symlink(target, tmp / f"{names(it.key, it.id)}.{_suffix(uri)}")
+        os.symlink(target, tmp / f"{names(it.key, it.id)}.{media_suffix(uri)}")
         report.written += 1
 
 
-__all__ = ["ExportReport", "FORMATS", "export_index", "item_row", "iter_items"]
+__all__ = ["ExportReport", "FORMATS", "export_index", "item_row", "iter_items", "media_suffix", "tar_member"]

@@ -101,9 +101,10 @@ class Selection:
         import faiss
 
         with self._lock:
-            if self._packed is None:
+            if self._packed is None:  # made once: FAISS only reads it, from any thread
                 self._packed = np.packbits(self.bits.astype(np.uint8), bitorder="little")
-        bitmap = faiss.IDSelectorBitmap(len(self.bits), faiss.swig_ptr(self._packed))
+                self._bitmap = faiss.IDSelectorBitmap(len(self.bits), faiss.swig_ptr(self._packed))
+        bitmap = self._bitmap
         if not len(exclude):
             return bitmap, (bitmap, self._packed)
         ex = np.ascontiguousarray(exclude, dtype=np.int64)

@@ -138,7 +138,7 @@ class FaissSearch:
             if view is not None:  # the selection's entries alone: only the exclusions to filter
                 from mmretrieve.index.ivf import DeletionFilter
 
-                vsel, vkeep = DeletionFilter([]).selector(exclude)  # noqa: F841 (vkeep: alive till the end)
+                vsel, vkeep = DeletionFilter([]).selector(exclude) if len(exclude) else (None, None)  # noqa: F841
                 parts.append(_breadth_search(lambda q_, k_, p: view.search(q_, k_, params=p), q, k, min(k, n), vsel,
                                              ivf=ivf.nlist, nprobe=nprobe or base, share=share, view=True))
             elif n:

@@ -754,9 +754,10 @@
         try { msg = (await r.json()).error.message; } catch (e) { /* not JSON */ }
         throw new Error(msg);
       }
-      const text = await r.text();
+      const body = await r.blob();  // bytes as sent (a tar is binary)
       const total = Number(r.headers.get("X-Total-Count")), cap = Number(r.headers.get("X-Row-Limit") || total);
-      download(text, `${state.index}-${state.filter ? "filtered" : "all"}.${format}`, r.headers.get("Content-Type") || "text/plain");
+      const suffix = format === "wds" ? "tar" : format;
+      download(body, `${state.index}-${state.filter ? "filtered" : "all"}.${suffix}`, r.headers.get("Content-Type") || "text/plain");
       status(total > cap ? `Exported the first ${cap} of ${total} items (this server's export limit).` : `Exported ${total} items.`);
     } catch (e) { status(`Export failed: ${e.message}`, true); }
   }
@@ -779,6 +780,7 @@
     $("export-jsonl").addEventListener("click", () => exportSelection("jsonl"));
     $("export-view-csv").addEventListener("click", () => exportView("csv"));
     $("export-view-jsonl").addEventListener("click", () => exportView("jsonl"));
+    $("export-view-wds").addEventListener("click", () => exportView("wds"));
     $("sel-clear").addEventListener("click", () => { selected.clear(); showSelection(); });
     $("results").addEventListener("keydown", gridKeys);
     wireMap();
