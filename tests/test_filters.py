@@ -435,3 +435,27 @@ def test_cli_where_map_within(indexes, capsys, monkeypatch, tmp_path):
                  "--where", where, "--json"]) == 0
     hits = json.loads(capsys.readouterr().out)["hits"]
     assert len(hits) == 5 and all(h["id"] in inside for h in hits)
+
+
+def test_a_view_outlives_its_cache_entry(indexes, data, monkeypatch):
+    """A search holds only the view: evicted from the cache (another thread's selections) while in use, what
+    it points into (its lists, the index owning it) must stay alive with it."""
+    import gc
+    import weakref
+
+    monkeypatch.setattr(filtered, "EXACT_PER_K", 0)
+    monkeypatch.setattr(filtered, "EXACT_SHARE", 0.0)
+    monkeypatch.setattr(filtered, "EXACT_ROWS_PER_VISIT", 0)
+    idx = _open(indexes, "IVF16,PQ16", monkeypatch)
+    where = "bucket < 1000 and year >= 2005"
+    sel = idx.select(where)
+    idx.search_vectors(data[1][:1], K, where=where)
+    logical = filtered._VIEWS.get(sel._token)[0]
+    view = sel.ivf_view(logical, sel.count, 0.1)
+    lists, owner = filtered._VIEWS.get(sel._token)[2]
+    alive = weakref.ref(owner), weakref.ref(lists)
+    del lists, owner
+    filtered._VIEWS.clear()  # evicted (as four other selections' views would)
+    gc.collect()
+    assert alive[0]() is not None and alive[1]() is not None
+    assert view.ntotal == sel.count

@@ -151,6 +151,7 @@ class LogicalIVF:
         out = faiss.extract_index_ivf(owner)
         out.replace_invlists(lists, False)
         out.ntotal = total
+        out.referenced_objects = [lists, owner]  # a caller may hold the view alone (its cache entry evicted)
         return out, (lists, owner)
 
     def search(self, q: np.ndarray, k: int, params) -> tuple[np.ndarray, np.ndarray]:
