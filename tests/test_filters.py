@@ -459,3 +459,33 @@ def test_a_view_outlives_its_cache_entry(indexes, data, monkeypatch):
     gc.collect()
     assert alive[0]() is not None and alive[1]() is not None
     assert view.ntotal == sel.count
+
+
+def test_a_rebuilt_index_at_the_same_path_and_version_gets_its_own_map(tmp_path, monkeypatch):
+    """Versions count from v0001 again when an index is removed and built anew at the same path: its map (on
+    disk and in memory) must be the new index's, not the old one's (the page would draw, and ``map within``
+    select by, another index's points)."""
+    import shutil
+
+    from mmretrieve.index import embmap
+
+    monkeypatch.setenv("MMRETRIEVE_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "idx"
+
+    def build(seed, n):
+        x = np.random.default_rng(seed).standard_normal((n, DIM)).astype(np.float32)
+        with IndexWriter(path, encoder_info=INFO, create=True, auto_compact=False) as w:
+            w.add([Item(id=-1, key=f"k{i}", uri=f"vec://{i}") for i in range(n)], x / np.linalg.norm(x, axis=1, keepdims=True))
+
+    build(0, 50)
+    old = open_index(path, search_device="cpu")
+    assert len(embmap.get_map(old, "pca")[0]) == 50
+    shutil.rmtree(path)
+    build(1, 20)
+    new = open_index(path, search_device="cpu")
+    assert new.version == old.version
+    ids, xy = embmap.get_map(new, "pca")  # in this process's memory
+    assert len(ids) == 20 and np.array_equal(xy, embmap.project(new, ids).astype(np.float16))
+    embmap.clear_cache()
+    ids, xy = embmap.get_map(new, "pca")  # from the disk cache
+    assert len(ids) == 20 and np.array_equal(xy, embmap.project(new, ids).astype(np.float16))
