@@ -4,7 +4,7 @@ PCA by default (numpy's SVD of the embeddings' covariance, read ``BLOCK`` rows a
 ``tsne`` where ``umap-learn`` / ``scikit-learn`` are installed (a ``UsageError`` naming what to install
 otherwise, before any vector is read). Coordinates are scaled into [-1, 1] on both axes and kept as
 float16: in memory (the last ``MAP_CACHE`` maps of this process) and on disk under
-``$MMRETRIEVE_CACHE/maps`` (keyed by the index's path, its version and the method).
+``$MMRETRIEVE_CACHE/maps`` (keyed by the index's path, its version (name and manifest checksum) and the method).
 
 A PCA map holds every live item (its axes fitted on an even sample of at most ``MAX_FIT_POINTS``, every
 item then projected, a block at a time), so ``map within`` selects among all of them; the page is sent an
