@@ -489,3 +489,16 @@ def test_a_rebuilt_index_at_the_same_path_and_version_gets_its_own_map(tmp_path,
     embmap.clear_cache()
     ids, xy = embmap.get_map(new, "pca")  # from the disk cache
     assert len(ids) == 20 and np.array_equal(xy, embmap.project(new, ids).astype(np.float16))
+
+
+def test_the_bitmap_selector_is_sized_in_bytes():
+    """FAISS's ``IDSelectorBitmap(n, bitmap)`` takes the bitmap's size in bytes: given its size in bits, an id
+    past the bitmap (up to 8x) would be tested against memory past the packed array."""
+    import faiss
+
+    s = filtered.Selection("x", [(3, "s", 0), (17, "s", 1)], [])
+    sel, _keep = s.selector(np.zeros(0, np.int64))
+    assert len(s.bits) == 18 and sel.n == 3  # 18 bits: 3 bytes
+    assert [i for i in range(0, 200) if sel.is_member(i)] == [3, 17]
+    dead = filtered.Selection("y", [], [])  # nothing matches (no bits): nothing is a member
+    assert isinstance(dead.selector(np.zeros(0, np.int64))[0], faiss.IDSelector)
