@@ -435,3 +435,70 @@ def test_cli_where_map_within(indexes, capsys, monkeypatch, tmp_path):
                  "--where", where, "--json"]) == 0
     hits = json.loads(capsys.readouterr().out)["hits"]
     assert len(hits) == 5 and all(h["id"] in inside for h in hits)
+
+
+def test_a_view_outlives_its_cache_entry(indexes, data, monkeypatch):
+    """A search holds only the view: evicted from the cache (another thread's selections) while in use, what
+    it points into (its lists, the index owning it) must stay alive with it."""
+    import gc
+    import weakref
+
+    monkeypatch.setattr(filtered, "EXACT_PER_K", 0)
+    monkeypatch.setattr(filtered, "EXACT_SHARE", 0.0)
+    monkeypatch.setattr(filtered, "EXACT_ROWS_PER_VISIT", 0)
+    idx = _open(indexes, "IVF16,PQ16", monkeypatch)
+    where = "bucket < 1000 and year >= 2005"
+    sel = idx.select(where)
+    idx.search_vectors(data[1][:1], K, where=where)
+    logical = filtered._VIEWS.get(sel._token)[0]
+    view = sel.ivf_view(logical, sel.count, 0.1)
+    lists, owner = filtered._VIEWS.get(sel._token)[2]
+    alive = weakref.ref(owner), weakref.ref(lists)
+    del lists, owner
+    filtered._VIEWS.clear()  # evicted (as four other selections' views would)
+    gc.collect()
+    assert alive[0]() is not None and alive[1]() is not None
+    assert view.ntotal == sel.count
+
+
+def test_a_rebuilt_index_at_the_same_path_and_version_gets_its_own_map(tmp_path, monkeypatch):
+    """Versions count from v0001 again when an index is removed and built anew at the same path: its map (on
+    disk and in memory) must be the new index's, not the old one's (the page would draw, and ``map within``
+    select by, another index's points)."""
+    import shutil
+
+    from mmretrieve.index import embmap
+
+    monkeypatch.setenv("MMRETRIEVE_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "idx"
+
+    def build(seed, n):
+        x = np.random.default_rng(seed).standard_normal((n, DIM)).astype(np.float32)
+        with IndexWriter(path, encoder_info=INFO, create=True, auto_compact=False) as w:
+            w.add([Item(id=-1, key=f"k{i}", uri=f"vec://{i}") for i in range(n)], x / np.linalg.norm(x, axis=1, keepdims=True))
+
+    build(0, 50)
+    old = open_index(path, search_device="cpu")
+    assert len(embmap.get_map(old, "pca")[0]) == 50
+    shutil.rmtree(path)
+    build(1, 20)
+    new = open_index(path, search_device="cpu")
+    assert new.version == old.version
+    ids, xy = embmap.get_map(new, "pca")  # in this process's memory
+    assert len(ids) == 20 and np.array_equal(xy, embmap.project(new, ids).astype(np.float16))
+    embmap.clear_cache()
+    ids, xy = embmap.get_map(new, "pca")  # from the disk cache
+    assert len(ids) == 20 and np.array_equal(xy, embmap.project(new, ids).astype(np.float16))
+
+
+def test_the_bitmap_selector_is_sized_in_bytes():
+    """FAISS's ``IDSelectorBitmap(n, bitmap)`` takes the bitmap's size in bytes: given its size in bits, an id
+    past the bitmap (up to 8x) would be tested against memory past the packed array."""
+    import faiss
+
+    s = filtered.Selection("x", [(3, "s", 0), (17, "s", 1)], [])
+    sel, _keep = s.selector(np.zeros(0, np.int64))
+    assert len(s.bits) == 18 and sel.n == 3  # 18 bits: 3 bytes
+    assert [i for i in range(0, 200) if sel.is_member(i)] == [3, 17]
+    dead = filtered.Selection("y", [], [])  # nothing matches (no bits): nothing is a member
+    assert isinstance(dead.selector(np.zeros(0, np.int64))[0], faiss.IDSelector)

@@ -168,7 +168,7 @@ def test_a_row_count_mismatch_names_the_file(tmp_path):
                           metadata=tmp_path / "meta.parquet")
 
 
-@pytest.mark.parametrize("name", ['say "hi"', "tab\there", ""])
+@pytest.mark.parametrize("name", ['say "hi"', "tab\there", "", "back\\slash"])
 def test_a_name_a_filter_cannot_address_is_refused(tmp_path, name):
     cols = {"key": ["a", "b"], "embedding": [list(map(float, v)) for v in _vectors(2)], name: [1, 2]}
     pq.write_table(pa.table(cols), tmp_path / "e.parquet")

@@ -4,7 +4,7 @@ PCA by default (numpy's SVD of the embeddings' covariance, read ``BLOCK`` rows a
 ``tsne`` where ``umap-learn`` / ``scikit-learn`` are installed (a ``UsageError`` naming what to install
 otherwise, before any vector is read). Coordinates are scaled into [-1, 1] on both axes and kept as
 float16: in memory (the last ``MAP_CACHE`` maps of this process) and on disk under
-``$MMRETRIEVE_CACHE/maps`` (keyed by the index's path, its version and the method).
+``$MMRETRIEVE_CACHE/maps`` (keyed by the index's path, its version (name and manifest checksum) and the method).
 
 A PCA map holds every live item (its axes fitted on an even sample of at most ``MAX_FIT_POINTS``, every
 item then projected, a block at a time), so ``map within`` selects among all of them; the page is sent an
@@ -122,12 +122,18 @@ def project(index, ids: np.ndarray, method: str = "pca") -> np.ndarray:
     return (xy / np.where(span > 0, span, 1)).astype(np.float32)
 
 
+def _stamp(index) -> str:
+    """The version's name and its manifest's checksum: versions count from v0001 again in an index removed
+    and built anew at the same path, so the name alone would find the old index's map."""
+    checksum = str((getattr(index, "manifest", None) or {}).get("checksum") or "")[:16]
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in f"{index.version}-{checksum}".rstrip("-"))
+
+
 def map_path(index, method: str) -> Path:
     from mmretrieve import settings
 
     where = hashlib.sha256(str(Path(index.path).resolve()).encode()).hexdigest()[:16]
-    version = "".join(c if c.isalnum() or c in "-_." else "_" for c in str(index.version))
-    return settings.cache_dir() / "maps" / f"{where}-{version}-{method}.npz"
+    return settings.cache_dir() / "maps" / f"{where}-{_stamp(index)}-{method}.npz"
 
 
 def load_or_compute_map(index, method: str) -> tuple[np.ndarray, np.ndarray]:
@@ -156,7 +162,7 @@ def get_map(index, method: str = "pca") -> tuple[np.ndarray, np.ndarray]:
     """(ids, xy float16) of ``index``'s map from this process's memory, else ``load_or_compute_map``;
     concurrent first asks for one map compute it once."""
     check_method(method)
-    key = (str(Path(index.path).resolve()), str(index.version), method)
+    key = (str(Path(index.path).resolve()), _stamp(index), method)
     with _lock:
         lock = _locks.setdefault(key, threading.Lock())
     with lock:

@@ -103,7 +103,7 @@ class Selection:
         with self._lock:
             if self._packed is None:  # made once: FAISS only reads it, from any thread
                 self._packed = np.packbits(self.bits.astype(np.uint8), bitorder="little")
-                self._bitmap = faiss.IDSelectorBitmap(len(self.bits), faiss.swig_ptr(self._packed))
+                self._bitmap = faiss.IDSelectorBitmap(len(self._packed), faiss.swig_ptr(self._packed))  # n: bytes
         bitmap = self._bitmap
         if not len(exclude):
             return bitmap, (bitmap, self._packed)

@@ -51,7 +51,7 @@ class DeletionFilter:
             bits = np.ones(top, np.uint8)
             bits[self.dead] = 0
             self.bitmap = np.packbits(bits, bitorder="little")
-            self.live_sel = faiss.IDSelectorBitmap(top, faiss.swig_ptr(self.bitmap))
+            self.live_sel = faiss.IDSelectorBitmap(len(self.bitmap), faiss.swig_ptr(self.bitmap))  # n: bytes
             self._keep.append(self.bitmap)
         else:
             batch = faiss.IDSelectorBatch(self.dead)
@@ -151,6 +151,7 @@ class LogicalIVF:
         out = faiss.extract_index_ivf(owner)
         out.replace_invlists(lists, False)
         out.ntotal = total
+        out.referenced_objects = [lists, owner]  # a caller may hold the view alone (its cache entry evicted)
         return out, (lists, owner)
 
     def search(self, q: np.ndarray, k: int, params) -> tuple[np.ndarray, np.ndarray]:

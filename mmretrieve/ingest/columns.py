@@ -12,9 +12,9 @@ Names: a column named like a built-in field (``id``, ``key``, ``uri``, ``kind``,
 ``mtime``, ``added_at``, ``score``, ``rank``) or like a field mmretrieve writes itself (``video``,
 ``timestamp``, ``duration``, ``fps``, ``frames``, ``symlink``) is carried as ``meta_<name>`` (a logged
 note says so), since a bare name in a filter means the built-in. Integer ``width`` and ``height`` columns
-fill the items' built-in width and height. A name with a double quote or a control character cannot be
-addressed by a filter (SQLite's JSON paths cannot quote it): refused, naming the column. Other names
-(spaces, dots, unicode, backticks) are kept as they are: a filter reads them in backticks
+fill the items' built-in width and height. A name with a double quote, a backslash (stored escaped in the
+JSON, which SQLite's JSON paths match as written) or a control character cannot be addressed by a filter:
+refused, naming the column. Other names (spaces, dots, unicode, backticks) are kept as they are: a filter reads them in backticks
 (`` `aesthetic score` > 5 ``).
 """
 
@@ -126,9 +126,9 @@ class ColumnPlan:
 
 
 def _check_name(name: str, where: str) -> None:
-    if not name.strip() or '"' in name or any(ord(ch) < 32 or ord(ch) == 127 for ch in name):
+    if not name.strip() or '"' in name or "\\" in name or any(ord(ch) < 32 or ord(ch) == 127 for ch in name):
         raise InputError(f"{where}: column {name!r} cannot be a metadata field (a filter cannot name a field with a "
-                         "double quote or a control character, or an empty one); rename it, or leave it out with "
+                         "double quote, a backslash or a control character, or an empty one); rename it, or leave it out with "
                          "--exclude-columns")
 
 

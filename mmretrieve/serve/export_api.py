@@ -118,9 +118,9 @@ def _member_chunks(info, media):
     a file that shrank since it was opened is padded with zeros to the size its header gives."""
     import tarfile
 
-    yield info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
     sent = 0
-    try:
+    try:  # closed here too when the client leaves right after the header
+        yield info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
         if media.data is not None:
             yield media.data[:media.size]
             sent = min(len(media.data), media.size)
