@@ -450,15 +450,36 @@ def test_a_view_outlives_its_cache_entry(indexes, data, monkeypatch):
     where = "bucket < 1000 and year >= 2005"
     sel = idx.select(where)
     idx.search_vectors(data[1][:1], K, where=where)
-    logical = filtered._VIEWS.get(sel._token)[0]
+    logical = filtered._VIEWS.get(sel._token)[0]()
     view = sel.ivf_view(logical, sel.count, 0.1)
-    lists, owner = filtered._VIEWS.get(sel._token)[2]
+    lists, owner = view.referenced_objects
     alive = weakref.ref(owner), weakref.ref(lists)
-    del lists, owner
+    del lists, owner, logical
     filtered._VIEWS.clear()  # evicted (as four other selections' views would)
     gc.collect()
     assert alive[0]() is not None and alive[1]() is not None
     assert view.ntotal == sel.count
+
+
+def test_a_cached_view_keeps_no_snapshot_alive(indexes, data, monkeypatch):
+    """The views' cache refers to the snapshot's logical IVF weakly: a closed, dropped snapshot is freed (its
+    segment files unmapped) though its view stays cached."""
+    import gc
+    import weakref
+
+    monkeypatch.setattr(filtered, "EXACT_PER_K", 0)
+    monkeypatch.setattr(filtered, "EXACT_SHARE", 0.0)
+    monkeypatch.setattr(filtered, "EXACT_ROWS_PER_VISIT", 0)
+    idx = _open(indexes, "IVF16,Flat", monkeypatch)
+    where = "bucket < 1000"
+    idx.search_vectors(data[1][:1], K, where=where)
+    token = idx.select(where)._token
+    logical = weakref.ref(filtered._VIEWS.get(token)[0]())
+    assert logical() is not None
+    idx.close()
+    del idx
+    gc.collect()
+    assert filtered._VIEWS.get(token) is not None and logical() is None
 
 
 def test_a_rebuilt_index_at_the_same_path_and_version_gets_its_own_map(tmp_path, monkeypatch):

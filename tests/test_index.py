@@ -501,6 +501,10 @@ def test_ivf_training_and_clear_error(tmp_path):
         with pytest.raises(ValueError, match="starts with a vector transform"):
             _vector_index(tmp_path / "pre", 400, factory=factory)
         assert not (tmp_path / "pre").exists() or not any((tmp_path / "pre").rglob("index.faiss"))
+    # fast-scan codes are packed in blocks: a search of such segments crashed the process (std::bad_alloc)
+    for factory in ("IVF16,PQ16x4fs", "PQ16x4fs", "IVF16,PQ16x4fsr"):
+        with pytest.raises(ValueError, match="fast-scan"):
+            _vector_index(tmp_path / "fs", 400, factory=factory)
 
 
 def test_bad_vectors_policy(tmp_path):

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import itertools
 import threading
+import weakref
 
 import numpy as np
 
@@ -135,8 +136,8 @@ class Selection:
             return None
         with self._lock:
             held = _VIEWS.get(self._token)
-            if held is None or held[0] is not logical:
-                held = _VIEWS.put(self._token, (logical, *logical.subset(self.bits)))
+            if held is None or held[0]() is not logical:  # a weak reference: a cached view keeps no snapshot open
+                held = _VIEWS.put(self._token, (weakref.ref(logical), logical.subset(self.bits)[0]))
             return held[1]
 
     def exact(self, live: int, k: int, graph_ef: int = 0) -> bool:

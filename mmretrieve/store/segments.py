@@ -54,6 +54,12 @@ def new_template(dim: int, factory: str, metric: str = "ip"):
         index = faiss.index_factory(int(dim), factory, metric_type(metric))
     except RuntimeError as e:
         raise UsageError(f"invalid FAISS factory string {factory!r}: {str(e).splitlines()[-1]}") from None
+    fast_scan = [n for n in ("IndexFastScan", "IndexIVFFastScan") if hasattr(faiss, n)]
+    if any(isinstance(index, getattr(faiss, n)) for n in fast_scan):
+        # packed 4-bit codes in blocks of 32: the segments' stacked lists and read-back assume one code per entry
+        raise UsageError(f"FAISS factory {factory!r} is a fast-scan index (4-bit PQ codes packed in blocks), which "
+                         "mmretrieve's segments do not support; use 8-bit PQ codes (e.g. "
+                         f"{factory.replace('x4fsr', '').replace('x4fs', '').replace('fsr', '').replace('fs', '')!r})")
     if isinstance(index, faiss.IndexPreTransform):
         # the segments' IVF lists, graphs' storage and stored codes are searched and read back directly, in
         # the input space: a transform in front (PCA, OPQ, random rotation) would give them other vectors
