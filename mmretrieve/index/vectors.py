@@ -180,7 +180,8 @@ def _breadth_search(search, q, k, want, sel, *, ivf: int = 0, nprobe=None, hnsw_
     """``search(q, k, params)`` with the breadth doubled until every query has ``want`` results (or the
     breadth is the whole index). ``ivf``: nlist of an IVF; ``hnsw_rows``: rows of an HNSW graph;
     ``share``: the share of the rows a filter lets through (the starting breadth is raised by it: ``nprobe
-    / share`` on an IVF ``view`` of the matching entries alone, ``nprobe / sqrt(share)`` on the whole IVF)."""
+    / share ** VIEW_PROBE_EXPONENT`` on an IVF ``view`` of the matching entries alone, ``nprobe /
+    sqrt(share)`` on the whole IVF)."""
     import faiss
 
     ef, probe = ef_search or (max(16, 2 * k) if hnsw_rows else None), nprobe
@@ -188,7 +189,9 @@ def _breadth_search(search, q, k, want, sel, *, ivf: int = 0, nprobe=None, hnsw_
         if hnsw_rows:
             ef = int(min(max(4096, ef), ef / max(share, 1e-6)))
         if ivf:
-            raise_by = max(share, 1e-6) if view else np.sqrt(max(share, 1e-6))
+            from mmretrieve.index.filtered import VIEW_PROBE_EXPONENT
+
+            raise_by = max(share, 1e-6) ** (VIEW_PROBE_EXPONENT if view else 0.5)
             probe = int(min(ivf, np.ceil((probe or 1) / raise_by)))
     for _ in range(12):
         p = faiss.SearchParametersHNSW() if hnsw_rows else faiss.SearchParametersIVF() if ivf else faiss.SearchParameters()
