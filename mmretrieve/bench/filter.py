@@ -141,7 +141,7 @@ def _measure_factory(path: Path, factory: str, data: dict, sels: list[float], br
             plain_ms, filt_ms = _interleaved_ms(plain, filtered, q)
             truth = _truth(x, q, match)
             rows.append({"factory": factory, "breadth": kw, "selectivity": s, "where": where, "matches": int(len(match)),
-                         "exact_path": bool(sel.exact(len(x), 10, graph_ef=kw.get("ef_search", 0) if "HNSW" in factory.upper() else 0)), "view": sel.has_ivf_view, "select_ms": select_ms,
+                         "exact_path": bool(sel.exact(len(x), 10, graph_ef=kw.get("ef_search", 0) if "HNSW" in factory.upper() else 0)), "view": sel.has_ivf_view, "all": sel.count == len(x), "select_ms": select_ms,
                          "first_ms": first_ms,
                          "unfiltered_ms": plain_ms, "filtered_ms": filt_ms, "ratio": filt_ms / plain_ms,
                          "recall": _recall(filtered(q)[1], truth), "unfiltered_recall": recall_plain})
@@ -263,6 +263,8 @@ def _f(v, spec: str) -> str:
 
 def _path(r: dict) -> str:
     """How the filtered search ran: an exact scan of the matching rows, a masked Flat scan, a FAISS selector."""
+    if r.get("all"):  # every live row matches: the unfiltered search runs
+        return "all"
     return ("exact" if r["exact_path"] else "mask" if r["factory"].upper() == "FLAT" else "view" if r.get("view")
             else "bitmap")
 

@@ -252,6 +252,8 @@ class SegmentedVectors:
         excl = [] if exclude is None else [int(i) for i in np.asarray(exclude, np.int64).ravel()]
         if not self.live or (allow is not None and not allow.count):
             return np.full((len(q), k), -np.inf, np.float32), np.full((len(q), k), -1, np.int64)
+        if allow is not None and allow.count == self.live and allow.rows.keys() <= self.by_id.keys():
+            allow = None  # every live row of this snapshot matches: the unfiltered search (no bitmap to test)
         if allow is not None and allow.exact(self.live, k, graph_ef=self._graph_ef(ef_search, k)):
             from mmretrieve.index.filtered import exact_search
 
