@@ -35,6 +35,7 @@ def test_bench_filter_smoke_json(capsys, tmp_path):
     t = out["targets"]
     assert t["flat_recall_min"] == 1.0 and t["recall_met"] is True
     assert t["ratio_at_10pct"] > 0 and t["ratio_met"] in (True, False)
+    assert set(t["ratio_at_10pct_by_factory"]) == {"Flat", "IVF16,Flat"}
 
 
 def test_bench_filter_render_notes_the_missing_anchor():
@@ -46,4 +47,4 @@ def test_bench_filter_render_notes_the_missing_anchor():
            "targets": bench_filter._targets([{"rows": [row]}])}
     text = "\n".join(bench_filter.render(res))
     assert "LanceDB anchor: not run (give --lancedb-python" in text
-    assert "worst x1.50 (missed)" in text and "min 1.000 (met)" in text
+    assert "Flat x1.50 (missed)" in text and "min 1.000 (met)" in text
