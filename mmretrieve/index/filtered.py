@@ -135,14 +135,14 @@ class Selection:
 
     def ivf_view(self, logical, rows: int, share: float):
         """The IVF of this selection's entries alone (``LogicalIVF.subset``: built on first use, then kept
-        with the selection), or None where the rule in the module's docstring says no: ``rows`` matching
-        rows, a ``share`` of the IVF's live ones."""
+        in ``_VIEWS``), or None where the rule in the module's docstring says no: ``rows`` matching rows, a
+        ``share`` of the IVF's live ones."""
         if share > VIEW_MAX_SHARE or rows * (logical.code_size + 8) > VIEW_MAX_BYTES:
             return None
         with self._lock:
             held = _VIEWS.get(self._token)
             if held is None or held[0]() is not logical:  # a weak reference: a cached view keeps no snapshot open
-                held = _VIEWS.put(self._token, (weakref.ref(logical), logical.subset(self.bits)[0]))
+                held = _VIEWS.put(self._token, (weakref.ref(logical), logical.subset(self.allowed)))
             return held[1]
 
     def exact(self, live: int, k: int, graph_ef: int = 0) -> bool:

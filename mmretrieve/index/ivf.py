@@ -121,12 +121,13 @@ class LogicalIVF:
         self._keep += [ils, hstack, owner]
         return out
 
-    def subset(self, bits: np.ndarray):
-        """One in-memory IVF of the entries whose id has its bit set in ``bits`` (a filter's matching live
-        ids), gathered from every segment's lists: the same quantizer and list numbers, so its codes stay
-        valid and a search of it scans the matching entries alone. Returns (index, what it points into)."""
+    def subset(self, allowed):
+        """One in-memory IVF of the entries whose id ``allowed(ids)`` keeps (a filter's matching live ids:
+        ``Selection.allowed``), gathered from every segment's lists: the same quantizer and list numbers, so
+        its codes stay valid and a search of it scans the matching entries alone. The index holds what it
+        points into (``referenced_objects``)."""
         faiss = _faiss()
-        cs, top = self.code_size, len(bits)
+        cs = self.code_size
         lists = faiss.ArrayInvertedLists(self.nlist, cs)
         total = 0
         for lno in range(self.nlist):
@@ -137,7 +138,7 @@ class LogicalIVF:
                 if not n:
                     continue
                 ids = faiss.rev_swig_ptr(inv.get_ids(lno), n)
-                keep = bits[np.minimum(ids, top - 1)] & (ids < top) & (ids >= 0)
+                keep = allowed(ids)
                 if keep.any():
                     codes = faiss.rev_swig_ptr(inv.get_codes(lno), n * cs).reshape(n, cs)
                     ids_parts.append(ids[keep])
@@ -152,7 +153,7 @@ class LogicalIVF:
         out.replace_invlists(lists, False)
         out.ntotal = total
         out.referenced_objects = [lists, owner]  # a caller may hold the view alone (its cache entry evicted)
-        return out, (lists, owner)
+        return out
 
     def search(self, q: np.ndarray, k: int, params) -> tuple[np.ndarray, np.ndarray]:
         if len(self.parts) == 1:

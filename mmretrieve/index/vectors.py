@@ -95,6 +95,7 @@ class FaissSearch:
         if len(small) < 2 or sum(s.rows for s, _ in small) > SMALL_SEGMENT_ROWS * 8:
             small = []
         self.others = [s for s in rest if all(s is not t for t, _ in small)]
+        self.has_graph = any(hasattr(inner_index(s.faiss_index()), "hnsw") for s in self.others)
         self._small = None
         if small:
             ids = np.concatenate([np.asarray(s.ids, np.int64) for s, _ in small])
@@ -138,9 +139,9 @@ class FaissSearch:
             if view is not None:  # the selection's entries alone: only the exclusions to filter
                 from mmretrieve.index.ivf import DeletionFilter
 
-                vsel, vkeep = DeletionFilter([]).selector(exclude) if len(exclude) else (None, None)  # noqa: F841
+                vsel, vkeep = DeletionFilter([]).selector(exclude)  # noqa: F841 (vkeep: alive till the end)
                 parts.append(_breadth_search(lambda q_, k_, p: view.search(q_, k_, params=p), q, k, min(k, n), vsel,
-                                             ivf=ivf.nlist, nprobe=nprobe or base, share=share, view=True))
+                                             ivf=ivf.nlist, nprobe=base, share=share, view=True))
             elif n:
                 parts.append(_breadth_search(ivf.search, q, k, min(k, n), sel, ivf=ivf.nlist, nprobe=base, share=share))
         if self._small is not None and self._small[2]:
@@ -267,9 +268,8 @@ class SegmentedVectors:
 
     def _graph_ef(self, ef_search, k: int) -> int:
         """The efSearch an HNSW graph of this snapshot is searched with (0 without a graph searched as one)."""
-        graphs = [s for f in self._searchers if isinstance(f, FaissSearch) for s in f.prepare().others
-                  if hasattr(inner_index(s.faiss_index()), "hnsw")]
-        return int(ef_search or self.ef_search or max(16, 2 * k)) if graphs else 0
+        graph = any(f.prepare().has_graph for f in self._searchers if isinstance(f, FaissSearch))
+        return int(ef_search or self.ef_search or max(16, 2 * k)) if graph else 0
 
     def gpu_searcher(self):
         """The GPU searcher of this snapshot: its live Flat rows as one matrix (copied once, on first use)."""
